@@ -1,0 +1,143 @@
+"""Run metrics: a JSONL log, TensorBoard event files, and the end-of-run report.
+
+A run directory holds ``metrics.jsonl`` (one JSON object per record: ``step``, ``split`` and the
+scalar values), ``tensorboard/`` (event files for ``tensorboard --logdir``) and, at the end,
+``report.md`` with the final table and PNG plots of the curves. Only process 0 of a
+multi-host run writes; the other processes get a logger with ``enabled=False``.
+
+Resuming a run replays the steps after the restored checkpoint, so opening the log with
+``resume_step`` first drops the records past that step: the log then reads as if the run had
+never been interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+REPORT_FILE = "report.md"
+
+
+def _scalar(value) -> float:
+    return float(value.item() if hasattr(value, "item") else value)
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    """Every record of ``run_dir/metrics.jsonl`` in order (an empty list if there is none)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    with path.open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class MetricsLogger:
+    """Appends scalar records to ``metrics.jsonl`` and TensorBoard; a no-op when disabled."""
+
+    def __init__(self, run_dir: str | os.PathLike, *, enabled: bool = True,
+                 resume_step: int | None = None):
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self._file = None
+        self._tb = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / METRICS_FILE
+        if resume_step is not None and path.exists():
+            kept = [r for r in read_metrics(self.run_dir) if r["step"] <= resume_step]
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, path)
+        self._file = path.open("a")
+        # tensorboardX pulls in protobuf; import it only where event files are written.
+        from tensorboardX import SummaryWriter
+
+        self._tb = SummaryWriter(str(self.run_dir / TENSORBOARD_DIR), purge_step=resume_step)
+
+    def log(self, step: int, values: Mapping[str, object], *, split: str = "train") -> dict:
+        """Record ``values`` (scalars or 0-d arrays) at ``step``; returns the record written."""
+        record = {"step": int(step), "split": split}
+        record.update({k: _scalar(v) for k, v in values.items()})
+        if self.enabled:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+            for key, value in record.items():
+                if key not in ("step", "split") and math.isfinite(value):
+                    self._tb.add_scalar(f"{split}/{key}", value, int(step))
+        return record
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._tb.close()
+            self._file = self._tb = None
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _markdown_table(rows: Sequence[Mapping[str, object]]) -> str:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def _plot(records: Sequence[dict], split: str, keys: Sequence[str], path: Path, title: str) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {k: [(r["step"], r[k]) for r in records if r["split"] == split and k in r]
+              for k in keys}
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        return False
+    fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.2), squeeze=False)
+    for ax, (key, points) in zip(axes[0], series.items()):
+        steps, values = zip(*points)
+        ax.plot(steps, values, marker="." if len(steps) < 30 else None)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def write_report(run_dir: str | os.PathLike, title: str,
+                 final_rows: Sequence[Mapping[str, object]], *,
+                 notes: Sequence[str] = ()) -> Path:
+    """Write ``run_dir/report.md``: ``final_rows`` as a table, ``notes`` as bullets, and plots of
+    the train and eval curves in ``metrics.jsonl`` (``train_curves.png``, ``eval_curves.png``)."""
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    parts = [f"# {title}", "", _markdown_table(final_rows), ""]
+    parts += [f"- {note}" for note in notes]
+    plots = (("train", ("loss", "kl_loss", "ce_loss", "tokens_per_s"), "train_curves.png"),
+             ("eval", ("ce_loss", "kl_loss", "top1_agreement"), "eval_curves.png"))
+    for split, keys, name in plots:
+        if _plot(records, split, keys, run_dir / name, f"{split} curves"):
+            parts += ["", f"![{split} curves]({name})"]
+    path = run_dir / REPORT_FILE
+    path.write_text("\n".join(parts) + "\n")
+    return path
