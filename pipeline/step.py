@@ -1,0 +1,362 @@
+"""The jitted distillation step: one optimizer update of a student on a teacher's targets.
+
+``distillation_step`` keeps the name, parameters and defaults of EasyDeL's
+``distillation_trainer._fn.distillation_step`` (see ``shared/seed-distillation-api.txt``), with
+``logits_chunk_size`` as in EasyDeL 0.3. The teacher either runs live inside the step (under
+``stop_gradient``) or its outputs arrive in the batch from the cache, so the same step serves
+both. ``jit_distillation_step`` is its compiled form (configuration static, student state
+donated).
+
+Objective (DESIGN.md), with the KD term given by ``pipeline.losses``::
+
+    loss = kd + hidden_state_weight * hidden + attention_weight * attention
+    kd   = alpha * kl_loss + (1 - alpha) * ce_loss    (ce only with use_hard_labels)
+
+Each term is a masked mean over the whole batch. Gradient accumulation splits the batch into
+microbatches and weights each microbatch's term by its share of the term's denominator: tokens
+``m = attention_mask * (labels != -100)`` for the KD/CE terms, ``sum(attention_mask)`` for
+hidden states, query-key pairs for attentions. Summed over microbatches this is exactly the
+full-batch mean and gradient, whatever the padding of each microbatch. (Averaging the
+microbatch means, as EasyDeL does, over-weights microbatches with few tokens.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from jax.sharding import NamedSharding, PartitionSpec
+
+from pipeline import losses
+from pipeline.errors import ConfigError, DataError, KdpipeError
+from pipeline.fused_head import fused_head_distillation_loss
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DistillLossConfig:
+    """How the KD term is formed (the seed's ``loss_config`` slot; EasyDeL's LossConfig is not ours).
+
+    Attributes:
+      divergence: ``"forward_kl"`` (the seed's), ``"reverse_kl"`` or ``"jsd"`` (generalized JSD),
+        as defined in ``pipeline.losses``.
+      beta: the generalized JSD's mixing weight (0.5 = symmetric); unused by the KLs.
+      use_hard_labels: add ``(1 - alpha) * ce_loss`` on ``batch["labels"]`` (which must exist).
+    """
+
+    divergence: str = "forward_kl"
+    beta: float = 0.5
+    use_hard_labels: bool = False
+
+
+class TrainState(struct.PyTreeNode):
+    """A flax.nnx model split for ``jax.jit``, with its optimizer state.
+
+    Attributes:
+      graphdef: the model's structure (static: part of the pytree definition, not a leaf).
+      params: the ``nnx.Param`` variables, the only ones differentiated and updated.
+      other: every other variable (RNG streams, running statistics), carried through the step.
+      opt_state: ``tx``'s state, or ``None`` for a frozen model such as a live teacher.
+      step: int32 scalar, the number of applied updates (skipped non-finite updates not counted,
+        so it always equals the optimizer's own count and the learning-rate schedule's input).
+      tx: the optax transformation (static), or ``None`` for a frozen model.
+    """
+
+    graphdef: nnx.GraphDef = struct.field(pytree_node=False)
+    params: nnx.State
+    other: nnx.State
+    opt_state: optax.OptState | None
+    step: jax.Array
+    tx: optax.GradientTransformation | None = struct.field(pytree_node=False)
+
+    @classmethod
+    def create(cls, model: nnx.Module, tx: optax.GradientTransformation | None = None) -> "TrainState":
+        """Splits ``model``; ``tx=None`` gives a frozen state (a teacher) with no optimizer."""
+        graphdef, params, other = nnx.split(model, nnx.Param, ...)
+        return cls(graphdef=graphdef, params=params, other=other,
+                   opt_state=None if tx is None else tx.init(params),
+                   step=jnp.zeros((), jnp.int32), tx=tx)
+
+    def model(self) -> nnx.Module:
+        """A fresh ``nnx.Module`` holding this state's variables."""
+        return nnx.merge(self.graphdef, self.params, self.other)
+
+
+@struct.dataclass
+class LossMetrics:
+    """What one step reports; all scalars. ``None`` marks a term that was not computed.
+
+    Attributes:
+      loss: the objective that was differentiated (module docstring).
+      kl_loss: ``T² ·`` mean divergence (the chosen ``divergence``).
+      ce_loss: mean cross-entropy on labels (in the loss only with ``use_hard_labels``);
+        ``None`` when the batch has no labels.
+      hidden_state_loss: unweighted hidden-state term; ``None`` when its weight is 0.
+      attention_loss: unweighted attention term; ``None`` when its weight is 0.
+      teacher_entropy: mean entropy of the teacher distribution at temperature T.
+      top1_agreement: fraction of loss tokens where student and teacher argmax agree.
+      num_tokens: int32, loss tokens ``sum(m)`` in the whole batch.
+      learning_rate: ``learning_rate_fn(step)`` before the update; ``None`` without it.
+      grad_norm: global norm of the accumulated gradient; ``None`` in evaluation.
+      skipped_updates: int32, 1 if a non-finite loss or gradient skipped this update, else 0
+        (sum it over steps for a count); ``None`` in evaluation.
+    """
+
+    loss: jax.Array
+    kl_loss: jax.Array
+    teacher_entropy: jax.Array
+    top1_agreement: jax.Array
+    num_tokens: jax.Array
+    ce_loss: jax.Array | None = None
+    hidden_state_loss: jax.Array | None = None
+    attention_loss: jax.Array | None = None
+    learning_rate: jax.Array | None = None
+    grad_norm: jax.Array | None = None
+    skipped_updates: jax.Array | None = None
+
+    def as_dict(self) -> dict[str, jax.Array]:
+        """The computed metrics by name (``None`` fields left out), e.g. for a metrics logger."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) is not None}
+
+
+# The KD term's metrics, all means over the KD mask (so weighted like the KD term).
+_KD_METRICS = ("kl_loss", "ce_loss", "teacher_entropy", "top1_agreement")
+
+
+def _check_arguments(batch, teacher_state, loss_config, partition_spec, gradient_accumulation_steps,
+                     hidden_state_weight, attention_weight, logits_chunk_size):
+    """Refuses bad step arguments before anything is traced (each error names the argument).
+
+    The loss settings (temperature, alpha, divergence, beta, labels for use_hard_labels, layer
+    indices, widths) are checked by ``pipeline.losses`` when the step is traced.
+    """
+    if not isinstance(loss_config, DistillLossConfig):
+        raise ConfigError(f"loss_config: expected a DistillLossConfig or None, got {type(loss_config).__name__}")
+    if not (isinstance(gradient_accumulation_steps, int) and gradient_accumulation_steps >= 1):
+        raise ConfigError(f"gradient_accumulation_steps: expected an int >= 1, got {gradient_accumulation_steps!r}")
+    for name, weight in (("hidden_state_weight", hidden_state_weight), ("attention_weight", attention_weight)):
+        if not weight >= 0:
+            raise ConfigError(f"{name}: expected >= 0, got {weight}")
+        if weight > 0 and teacher_state is None:
+            raise ConfigError(f"{name}={weight} needs a live teacher (teacher_state), got teacher_state=None")
+    if logits_chunk_size is not None and not (isinstance(logits_chunk_size, int) and logits_chunk_size >= 1):
+        raise ConfigError(f"logits_chunk_size: expected None or an int >= 1, got {logits_chunk_size!r}")
+    if partition_spec is not None and not isinstance(partition_spec, (PartitionSpec, NamedSharding)):
+        raise ConfigError("partition_spec: expected None, a PartitionSpec or a NamedSharding, "
+                          f"got {type(partition_spec).__name__}")
+
+    if "input_ids" not in batch or jnp.ndim(batch["input_ids"]) != 2:
+        raise DataError("batch['input_ids']: expected an int array [batch, seq], got "
+                        + (f"shape {jnp.shape(batch['input_ids'])}" if "input_ids" in batch else "no such key"))
+    shape = jnp.shape(batch["input_ids"])
+    for key in ("attention_mask", "labels"):
+        if key in batch and jnp.shape(batch[key]) != shape:
+            raise DataError(f"batch[{key!r}]: expected shape {shape} like input_ids, got {jnp.shape(batch[key])}")
+    for key, value in batch.items():
+        if jnp.shape(value)[:1] != shape[:1]:
+            raise DataError(f"batch[{key!r}]: expected leading (batch) size {shape[0]}, got shape {jnp.shape(value)}")
+    if shape[0] % gradient_accumulation_steps:
+        raise ConfigError(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must divide the batch "
+                          f"size ({shape[0]})")
+
+    cached = sorted(key for key in batch if key.startswith("teacher_"))
+    if teacher_state is not None and cached:
+        raise ConfigError(f"teacher_state is given and the batch also holds teacher outputs {cached}: "
+                          "give one teacher, live or cached")
+    if teacher_state is None:
+        try:
+            losses.targets_from_batch(batch)
+        except KdpipeError as error:
+            raise ConfigError(f"teacher_state=None needs teacher targets in the batch: {error}") from error
+
+
+def _constrain(tree, partition_spec):
+    """Pins every batch array's leading (batch) axes to ``partition_spec``."""
+    if partition_spec is None:
+        return tree
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, partition_spec), tree)
+
+
+def _microbatches(batch: Mapping[str, jax.Array], steps: int) -> dict[str, jax.Array]:
+    """``[B, ...] -> [steps, B // steps, ...]``, microbatch s holding rows ``s, s + steps, ...``.
+
+    Strided rather than contiguous rows, so each microbatch takes an equal share of every
+    data-parallel shard of the batch axis.
+    """
+    def split(x):
+        x = jnp.asarray(x)
+        return jnp.swapaxes(x.reshape(x.shape[0] // steps, steps, *x.shape[1:]), 0, 1)
+    return {key: split(value) for key, value in batch.items()}
+
+
+def _denominators(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Raw (unclamped) denominators of the three mean terms for ``batch``."""
+    ids = batch["input_ids"]
+    attention_mask = batch.get("attention_mask")
+    valid = jnp.ones(ids.shape, jnp.float32) if attention_mask is None else attention_mask.astype(jnp.float32)
+    row_tokens = jnp.sum(valid, axis=-1)
+    return {
+        "kd": jnp.sum(losses.loss_mask(attention_mask, batch.get("labels"), ids.shape)),
+        "hidden": jnp.sum(row_tokens),
+        "attention": jnp.sum(row_tokens * row_tokens),
+    }
+
+
+def distillation_step(
+    student_state: TrainState,
+    batch: Mapping[str, jax.Array],
+    teacher_state: TrainState | None,
+    loss_config: DistillLossConfig | None = None,
+    learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None,
+    partition_spec: PartitionSpec | NamedSharding | None = None,
+    gradient_accumulation_steps: int = 1,
+    is_training: bool = True,
+    temperature: float = 4.0,
+    alpha: float = 0.9,
+    hidden_state_weight: float = 0.0,
+    hidden_state_layers: tuple[int, ...] | None = None,
+    hidden_state_loss: str = "mse",
+    attention_weight: float = 0.0,
+    attention_layers: tuple[int, ...] | None = None,
+    attention_normalize: bool = False,
+    logits_chunk_size: int | None = None,
+) -> tuple[TrainState, LossMetrics]:
+    """One distillation update (or, with ``is_training=False``, one evaluation) on ``batch``.
+
+    Args:
+      student_state: the student and its optimizer (``TrainState.create(model, tx)``).
+      batch: ``input_ids`` ``[B, L]`` int32, optional ``attention_mask`` ``[B, L]`` and aligned
+        ``labels`` ``[B, L]`` (-100 = no loss), and, without ``teacher_state``, the teacher's
+        targets: ``teacher_logits`` ``[B, L, V]`` or the top-k / sampled keys of CONTRACTS.md.
+      teacher_state: a frozen ``TrainState`` run live under ``stop_gradient``, or ``None``
+        when the targets are in the batch. Hidden-state and attention terms need it.
+      loss_config: ``DistillLossConfig`` (divergence, beta, use_hard_labels); ``None`` = defaults.
+      learning_rate_fn: schedule of the step counter, reported in the metrics only.
+      partition_spec: sharding of the batch axes (e.g. ``PartitionSpec("data")``), applied to
+        the batch and to every microbatch; a bare PartitionSpec needs a current mesh
+        (``jax.set_mesh``), a NamedSharding brings its own.
+      gradient_accumulation_steps: microbatches per update; must divide ``B``.
+      is_training: ``False`` evaluates: same loss metrics, no gradient, state returned as is.
+      temperature, alpha: KD temperature T > 0 and the KD/CE mix alpha in [0, 1].
+      hidden_state_weight, hidden_state_layers, hidden_state_loss: weight (0 = off), indices
+        into both models' ``hidden_states`` (negative allowed) and ``"mse"``/``"cosine"``.
+      attention_weight, attention_layers, attention_normalize: same for attention maps.
+      logits_chunk_size: tokens per chunk of a fused head + loss, so that no ``[tokens, vocab]``
+        student logits exist (``None`` = plain logits). A live teacher still makes its logits.
+
+    Returns:
+      ``(new_state, LossMetrics)``. A non-finite loss or gradient leaves params, other
+      variables, optimizer state and step unchanged and sets ``skipped_updates`` to 1.
+
+    Raises:
+      ConfigError, DataError (both ``ValueError``): bad arguments or batch, at trace time.
+    """
+    loss_config = DistillLossConfig() if loss_config is None else loss_config
+    _check_arguments(batch, teacher_state, loss_config, partition_spec, gradient_accumulation_steps,
+                     hidden_state_weight, attention_weight, logits_chunk_size)
+    batch = _constrain({key: jnp.asarray(value) for key, value in batch.items()}, partition_spec)
+    denominators = _denominators(batch)
+    totals = {key: jnp.maximum(value, 1.0) for key, value in denominators.items()}
+    use_hidden, use_attention = hidden_state_weight > 0, attention_weight > 0
+    kd_options = dict(use_hard_labels=loss_config.use_hard_labels, temperature=temperature, alpha=alpha,
+                      divergence=loss_config.divergence, beta=loss_config.beta)
+
+    def teacher_outputs(micro):
+        if teacher_state is None:
+            return None
+        teacher = teacher_state.model()
+        teacher.eval()
+        out = teacher(micro["input_ids"], attention_mask=micro.get("attention_mask"),
+                      output_hidden_states=use_hidden, output_attentions=use_attention)
+        return jax.lax.stop_gradient(out)
+
+    def objective(params, other, micro, teacher_out):
+        """This microbatch's share of the batch objective, its weighted terms and new ``other``."""
+        student = nnx.merge(student_state.graphdef, params, other)
+        student.train() if is_training else student.eval()
+        out = student(micro["input_ids"], attention_mask=micro.get("attention_mask"),
+                      output_hidden_states=use_hidden, output_attentions=use_attention,
+                      compute_logits=logits_chunk_size is None)
+        targets = (losses.targets_from_batch(micro) if teacher_out is None
+                   else losses.DenseTargets(teacher_out.logits))
+        masks = dict(attention_mask=micro.get("attention_mask"), labels=micro.get("labels"))
+        if logits_chunk_size is None:
+            kd, kd_metrics = losses.targets_distillation_loss(out.logits, targets, **masks, **kd_options)
+        else:
+            kd, kd_metrics = fused_head_distillation_loss(out.last_hidden_state, student.output_head(), targets,
+                                                          **masks, **kd_options, chunk_size=logits_chunk_size)
+        shares = {key: value / totals[key] for key, value in _denominators(micro).items()}
+        terms = {name: kd_metrics[name] * shares["kd"] for name in _KD_METRICS if name in kd_metrics}
+        total = kd * shares["kd"]
+        if use_hidden:
+            terms["hidden_state_loss"] = shares["hidden"] * losses.hidden_state_loss(
+                out.hidden_states, teacher_out.hidden_states, micro.get("attention_mask"),
+                layers=hidden_state_layers, loss=hidden_state_loss)
+            total = total + hidden_state_weight * terms["hidden_state_loss"]
+        if use_attention:
+            terms["attention_loss"] = shares["attention"] * losses.attention_loss(
+                out.attentions, teacher_out.attentions, micro.get("attention_mask"),
+                layers=attention_layers, normalize=attention_normalize)
+            total = total + attention_weight * terms["attention_loss"]
+        terms["loss"] = total
+        return total, (terms, nnx.split(student, nnx.Param, ...)[2])
+
+    def accumulate(carry, micro):
+        grad_sum, other, term_sums = carry
+        micro = _constrain(micro, partition_spec)
+        teacher_out = teacher_outputs(micro)
+        if is_training:
+            grad_fn = jax.grad(objective, has_aux=True)
+            grads, (terms, other) = grad_fn(student_state.params, other, micro, teacher_out)
+            grad_sum = jax.tree.map(lambda acc, g: acc + g.astype(jnp.float32), grad_sum, grads)
+        else:
+            _, (terms, other) = objective(student_state.params, other, micro, teacher_out)
+        term_sums = {name: term_sums[name] + value for name, value in terms.items()}
+        return (grad_sum, other, term_sums), None
+
+    # The carry's metric sums need their structure before the scan; trace one microbatch for it.
+    micro_batches = _microbatches(batch, gradient_accumulation_steps)
+    first = jax.tree.map(lambda x: x[0], micro_batches)
+    term_shapes = jax.eval_shape(
+        lambda m: objective(student_state.params, student_state.other, m, teacher_outputs(m))[1][0], first)
+    zero_terms = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), term_shapes)
+    zero_grads = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), student_state.params)
+                  if is_training else None)
+    (grad_sum, other, term_sums), _ = jax.lax.scan(
+        accumulate, (zero_grads, student_state.other, zero_terms), micro_batches)
+
+    metrics = LossMetrics(
+        num_tokens=denominators["kd"].astype(jnp.int32),
+        learning_rate=None if learning_rate_fn is None else jnp.asarray(learning_rate_fn(student_state.step)),
+        **term_sums)
+    if not is_training:
+        return student_state, metrics
+
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grad_sum, student_state.params)
+    grad_norm = optax.global_norm(grads)
+    # An overflowing norm counts as non-finite too: such an update would be garbage anyway.
+    finite = jnp.isfinite(term_sums["loss"]) & jnp.isfinite(grad_norm)
+    updates, opt_state = student_state.tx.update(grads, student_state.opt_state, student_state.params)
+    proposed = student_state.replace(params=optax.apply_updates(student_state.params, updates), other=other,
+                                     opt_state=opt_state, step=student_state.step + 1)
+    new_state = jax.tree.map(partial(jnp.where, finite), proposed, student_state)
+    return new_state, metrics.replace(grad_norm=grad_norm, skipped_updates=(~finite).astype(jnp.int32))
+
+
+#: ``distillation_step`` compiled: everything but the state, batch and teacher is static
+#: (tuples, not lists, for the layer indices), and the student state is donated, so
+#: ``state, metrics = jit_distillation_step(state, batch, teacher, temperature=2.0)`` updates in place.
+jit_distillation_step = jax.jit(
+    distillation_step,
+    static_argnames=("loss_config", "learning_rate_fn", "partition_spec", "gradient_accumulation_steps",
+                     "is_training", "temperature", "alpha", "hidden_state_weight", "hidden_state_layers",
+                     "hidden_state_loss", "attention_weight", "attention_layers", "attention_normalize",
+                     "logits_chunk_size"),
+    donate_argnames=("student_state",),
+)

@@ -1,0 +1,83 @@
+"""A tiny causal decoder used as a test fixture until the real Llama family lands.
+
+It implements the model protocol of ``pipeline.models`` (``ModelOutput``, ``compute_logits``,
+``output_head``) with as little as possible: token embeddings, ``num_layers`` pre-norm blocks
+of causal multi-head attention plus a small MLP, a final norm, and a tied or untied head. There
+are no positions besides the causal mask; that is enough for the step's tests, which only need a
+differentiable function of the tokens whose hidden states and attentions are meaningful.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pipeline.models import ModelOutput
+
+
+def _rms_norm(x: jax.Array, scale: nnx.Param) -> jax.Array:
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6) * scale[...]
+
+
+class ToyBlock(nnx.Module):
+    """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+
+    def __init__(self, hidden: int, heads: int, *, rngs: nnx.Rngs):
+        self.heads = heads
+        self.attn_norm = nnx.Param(jnp.ones((hidden,)))
+        self.qkv = nnx.Linear(hidden, 3 * hidden, use_bias=False, rngs=rngs)
+        self.out = nnx.Linear(hidden, hidden, use_bias=False, rngs=rngs)
+        self.mlp_norm = nnx.Param(jnp.ones((hidden,)))
+        self.up = nnx.Linear(hidden, 2 * hidden, rngs=rngs)
+        self.down = nnx.Linear(2 * hidden, hidden, rngs=rngs)
+
+    def __call__(self, x: jax.Array, allowed: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x: ``[B, L, D]``; allowed: ``[B, 1, L, L]`` bool. Returns (``[B, L, D]``, ``[B, H, L, L]``)."""
+        batch, seq, hidden = x.shape
+        q, k, v = jnp.split(self.qkv(_rms_norm(x, self.attn_norm)), 3, axis=-1)
+        q, k, v = (t.reshape(batch, seq, self.heads, hidden // self.heads) for t in (q, k, v))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(hidden // self.heads)
+        # A finite fill keeps rows with no visible key (left padding) finite; they are masked out.
+        probs = jax.nn.softmax(jnp.where(allowed, scores, -1e9), axis=-1)
+        mixed = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(batch, seq, hidden)
+        x = x + self.out(mixed)
+        x = x + self.down(jax.nn.gelu(self.up(_rms_norm(x, self.mlp_norm))))
+        return x, probs
+
+
+class ToyDecoder(nnx.Module):
+    """Tiny decoder LM following ``pipeline.models``' protocol (see its docstring)."""
+
+    def __init__(self, vocab: int = 32, hidden: int = 16, num_layers: int = 2, heads: int = 2,
+                 *, tie_embeddings: bool = False, rngs: nnx.Rngs):
+        self.embed = nnx.Embed(vocab, hidden, rngs=rngs)
+        self.blocks = nnx.List([ToyBlock(hidden, heads, rngs=rngs) for _ in range(num_layers)])
+        self.final_norm = nnx.Param(jnp.ones((hidden,)))
+        self.head = None if tie_embeddings else nnx.Param(
+            jax.random.normal(rngs.params(), (vocab, hidden)) / jnp.sqrt(hidden))
+
+    def output_head(self) -> jax.Array:
+        """``[vocab, hidden]``: the tied embedding table or the separate head."""
+        return self.embed.embedding[...] if self.head is None else self.head[...]
+
+    def __call__(self, input_ids, attention_mask=None, output_hidden_states=False,
+                 output_attentions=False, compute_logits=True) -> ModelOutput:
+        batch, seq = input_ids.shape
+        allowed = jnp.tril(jnp.ones((seq, seq), bool))[None, None]
+        if attention_mask is not None:
+            allowed = allowed & (attention_mask[:, None, None, :] > 0)
+        x = self.embed(input_ids)
+        hidden_states, attentions = [x], []
+        for block in self.blocks:
+            x, probs = block(x, allowed)
+            hidden_states.append(x)
+            attentions.append(probs)
+        last = _rms_norm(x, self.final_norm)
+        hidden_states[-1] = last  # transformers' convention: the last entry is the normed state
+        return ModelOutput(
+            last_hidden_state=last,
+            logits=last @ self.output_head().T if compute_logits else None,
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+        )
