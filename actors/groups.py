@@ -1,0 +1,448 @@
+"""A group of host actors: exactly one ``HostActor`` per host, placed with a placement group.
+
+``HostGroup.create(spec)`` reserves one bundle per host (STRICT_SPREAD across the nodes of a
+cluster; PACK for N hosts side by side on one machine; a ``ray.util.tpu`` slice placement group
+on TPU pods), starts one actor in each bundle (bundle i = rank i; rank 0 is the JAX
+coordinator) and waits until every actor answers. Calls fan out to all ranks and are collected
+with ``ray.wait``; failures come back grouped: ranks that failed the same way are reported
+once, with their ranks, in one ``HostGroupError``. The driver decides what to do with it (retry,
+re-form the group): this module never retries.
+
+Keeping teacher and student groups apart is a matter of resources: give the teacher hosts a
+custom resource (``ray start --resources '{"teacher": 1}'``) or a node label and ask for it in
+``GroupSpec.resources_per_host`` / ``GroupSpec.label_selector``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import re
+import time
+import uuid
+from typing import Any, Callable, Mapping
+
+import ray
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from actors.hosts import CONTROL_GROUP, HostActor, HostEnv, HostInfo, JaxInfo
+from pipeline.errors import KdpipeError
+
+logger = logging.getLogger(__name__)
+
+# Reserving hosts on an autoscaling cluster can take minutes (a TPU VM boots in ~3-5 min).
+PLACEMENT_TIMEOUT_S = 600.0
+# Actor start (a fresh Python process per host) and jax.distributed.initialize.
+START_TIMEOUT_S = 120.0
+# After the first failure, how long to keep collecting the other ranks' outcomes, so that a
+# failure shared by all ranks (or a peer dying with its collective partner) is reported once.
+FAILURE_GRACE_S = 3.0
+# jax.distributed.shutdown and friends on teardown; past it the actors are killed anyway.
+TEARDOWN_TIMEOUT_S = 15.0
+
+# Ray rejects a bundle whose resources are all zero. Hosts side by side on one machine only
+# need concurrency, not cores, so each reserves this sliver of a CPU.
+LOCAL_HOST_CPU = 0.01
+
+
+class InsufficientResourcesError(KdpipeError):
+    """The cluster could not place the requested hosts within the timeout."""
+
+
+class HostTimeoutError(TimeoutError):
+    """Some hosts did not finish a call within its timeout."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuSlice:
+    """A TPU slice reserved through ``ray.util.tpu.slice_placement_group`` (one bundle per
+    TPU VM host, all on one pod, host 0 = the pod's worker 0)."""
+
+    topology: str  # "2x2x2" (v4), "4x4" (v5e)
+    accelerator_version: str  # Ray's names: "v4", "v5litepod" (v5e), "v5p", "v6e"
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupSpec:
+    """What one group asks of the cluster.
+
+    Attributes:
+      name: the group's name ("teacher", "student"); used in errors and the placement group.
+      num_hosts: how many hosts (= actors = bundles).
+      resources_per_host: one bundle, e.g. {"TPU": 4}, {"GPU": 8, "CPU": 8}, {"CPU": 1,
+        "student": 1}. The actor holds the whole bundle.
+      strategy: "STRICT_SPREAD" (one host per node: real clusters), "PACK" / "STRICT_PACK"
+        (several hosts on one machine), "SPREAD".
+      head_resources: extra resources for host 0 only, e.g. {"TPU-v4-16-head": 1} so that
+        rank 0 lands on a pod's worker 0.
+      label_selector: node labels every host must carry, e.g. {"kdpipe-role": "teacher"}.
+      env: the process setup of every host (JAX platform, XLA flags, core pinning).
+      tpu: reserve a TPU slice with ray.util.tpu instead; num_hosts and resources_per_host
+        must then be what ``GroupSpec.for_tpu_slice`` computed.
+    """
+
+    name: str
+    num_hosts: int
+    resources_per_host: Mapping[str, float]
+    strategy: str = "STRICT_SPREAD"
+    head_resources: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    label_selector: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    env: HostEnv = HostEnv()
+    tpu: TpuSlice | None = None
+
+    def __post_init__(self):
+        if self.num_hosts < 1:
+            raise KdpipeError(f"{self.name} group: num_hosts: expected >= 1, got {self.num_hosts}")
+        if not any(v > 0 for v in self.resources_per_host.values()):
+            raise KdpipeError(
+                f"{self.name} group: resources_per_host: expected at least one resource > 0 "
+                f"(Ray cannot reserve an empty bundle), got {dict(self.resources_per_host)}"
+            )
+        if any(v < 0 for v in self.resources_per_host.values()):
+            raise KdpipeError(
+                f"{self.name} group: resources_per_host: expected amounts >= 0, "
+                f"got {dict(self.resources_per_host)}"
+            )
+
+    @classmethod
+    def local(cls, name: str, num_hosts: int, env: HostEnv = HostEnv()) -> "GroupSpec":
+        """``num_hosts`` hosts side by side on this machine (laptop demo, tests)."""
+        return cls(name, num_hosts, {"CPU": LOCAL_HOST_CPU}, strategy="PACK", env=env)
+
+    @classmethod
+    def for_tpu_slice(
+        cls, name: str, topology: str, accelerator_version: str, env: HostEnv = HostEnv("tpu")
+    ) -> "GroupSpec":
+        """One host per TPU VM of a slice: the host count and per-host chips follow from the
+        topology (ray.util.tpu's arithmetic, e.g. v4 2x2x2 -> 2 hosts of 4 chips)."""
+        try:
+            num_hosts, resources = ray.util.tpu.get_tpu_worker_resources(topology, accelerator_version)
+        except ValueError as err:
+            raise KdpipeError(
+                f"{name} group: tpu topology {topology!r} / accelerator_version "
+                f"{accelerator_version!r}: {err}"
+            ) from err
+        return cls(
+            name, num_hosts, resources, strategy="SPREAD", env=env,
+            tpu=TpuSlice(topology, accelerator_version),
+        )
+
+    def bundles(self) -> list[dict[str, float]]:
+        bundles = [dict(self.resources_per_host) for _ in range(self.num_hosts)]
+        for key, amount in self.head_resources.items():
+            bundles[0][key] = bundles[0].get(key, 0) + amount
+        return bundles
+
+
+class HostGroupError(RuntimeError):
+    """A call failed on some hosts of a group.
+
+    Attributes:
+      group, call: which group, which call ("run", "setup", "start", ...).
+      failures: rank -> the exception (RayTaskError wrapping the host's exception, or
+        RayActorError when the host's process or node died).
+      unfinished: ranks that were still busy when the group stopped waiting.
+    """
+
+    def __init__(self, group: str, call: str, failures: dict[int, BaseException],
+                 unfinished: list[int], num_hosts: int):
+        self.group = group
+        self.call = call
+        self.failures = dict(sorted(failures.items()))
+        self.unfinished = sorted(unfinished)
+        super().__init__(_describe_failures(group, call, self.failures, self.unfinished, num_hosts))
+
+    @property
+    def lost_ranks(self) -> list[int]:
+        """Ranks whose actor is gone (process killed, node lost or preempted), as opposed to
+        ranks where the work function raised: the driver's two retry budgets."""
+        return [r for r, e in self.failures.items() if isinstance(e, ray.exceptions.RayActorError)]
+
+
+def _error_summary(err: BaseException) -> str:
+    """One line per kind of failure, the same for every rank that failed the same way."""
+    if isinstance(err, ray.exceptions.RayTaskError):
+        cause = err.cause if err.cause is not None else err
+        return f"{type(cause).__name__}: {cause}".splitlines()[0]
+    if isinstance(err, ray.exceptions.RayActorError):
+        return f"{type(err).__name__}: the host's actor process died (killed, out of memory, or its node was lost)"
+    return f"{type(err).__name__}: {err}".splitlines()[0]
+
+
+# Ray's tracebacks name the pid and ip of the worker; strip them to compare ranks.
+_WORKER_TAG = re.compile(r"\(pid=\d+, ip=[^)]*\)")
+
+
+def _describe_failures(group: str, call: str, failures: dict[int, BaseException],
+                       unfinished: list[int], num_hosts: int) -> str:
+    by_kind: dict[str, list[int]] = collections.defaultdict(list)
+    for rank, err in failures.items():
+        by_kind[_error_summary(err)].append(rank)
+    lines = [f"{group} group: {call} failed on {len(failures)} of {num_hosts} hosts"
+             + (f"; ranks {unfinished} had not finished" if unfinished else "")]
+    for summary, ranks in by_kind.items():
+        label = "rank" if len(ranks) == 1 else "ranks"
+        lines.append(f"  {label} {', '.join(map(str, ranks))}: {summary}")
+        detail = str(failures[ranks[0]])
+        if isinstance(failures[ranks[0]], ray.exceptions.RayTaskError):
+            # The full remote traceback once per kind, not once per rank.
+            lines.extend("    " + line for line in _WORKER_TAG.sub("", detail).splitlines())
+    return "\n".join(lines)
+
+
+def _cluster_census(spec: GroupSpec) -> str:
+    """What the alive nodes offer of the resources the spec asks for, one line per node."""
+    wanted = set(spec.resources_per_host) | set(spec.head_resources) | {"CPU"}
+    bundle = dict(spec.resources_per_host)
+    lines, fitting = [], 0
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    for node in nodes:
+        total = node.get("Resources", {})
+        labels = node.get("Labels", {}) or {}
+        fits = all(total.get(k, 0) >= v for k, v in bundle.items()) and all(
+            labels.get(k) == v for k, v in spec.label_selector.items())
+        fitting += fits
+        shown = {k: total[k] for k in sorted(wanted) if k in total}
+        own_labels = {k: v for k, v in labels.items() if k in spec.label_selector}
+        lines.append(f"    {node.get('NodeManagerAddress')}: {shown}"
+                     + (f" labels {own_labels}" if spec.label_selector else "")
+                     + ("" if fits else "  (cannot hold one host)"))
+    head = (f"  the cluster has {len(nodes)} alive node(s), {fitting} of which could hold one host "
+            "(by total resources; other groups may hold some of them):")
+    return "\n".join([head] + lines)
+
+
+def _placement_name(spec: GroupSpec) -> str:
+    # Readable in the dashboard; unique because names must be, and a re-formed group's
+    # reservation can overlap the removal of the previous one.
+    return f"kdpipe-{spec.name}-{uuid.uuid4().hex[:8]}"
+
+
+def _remote_host_class():
+    # One control thread next to the default (work) thread: see actors.hosts.
+    return ray.remote(concurrency_groups={CONTROL_GROUP: 1})(HostActor)
+
+
+class HostGroup:
+    """One actor per host of a placement group; see the module docstring.
+
+    Use ``HostGroup.create(spec)``, then ``setup_jax``, ``run``/``submit``+``gather``, and
+    ``shutdown`` (or ``with HostGroup.create(spec) as group:``).
+    """
+
+    def __init__(self, spec: GroupSpec, pg, actors: list, tpu_handle=None):
+        self.spec = spec
+        self._pg = pg
+        self._actors = actors
+        self._tpu_handle = tpu_handle
+        self._closed = False
+
+    # ---- placement ---------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, spec: GroupSpec, *, placement_timeout_s: float = PLACEMENT_TIMEOUT_S,
+               start_timeout_s: float = START_TIMEOUT_S) -> "HostGroup":
+        """Reserve one bundle per host, start one actor in each, wait until all answer.
+
+        Raises:
+          InsufficientResourcesError: the hosts could not be placed within
+            ``placement_timeout_s`` (the message states the request and the cluster).
+          HostGroupError: an actor failed to start.
+        """
+        pg, tpu_handle = cls._reserve(spec, placement_timeout_s)
+        ready, _ = ray.wait([pg.ready()], timeout=placement_timeout_s)
+        if not ready:
+            census = _cluster_census(spec)
+            cls._release(pg, tpu_handle)
+            raise InsufficientResourcesError(
+                f"{spec.name} group: could not place {spec.num_hosts} host(s) of "
+                f"{dict(spec.resources_per_host)} each"
+                + (f" (+{dict(spec.head_resources)} on host 0)" if spec.head_resources else "")
+                + (f" on nodes labelled {dict(spec.label_selector)}" if spec.label_selector else "")
+                + f" with strategy {spec.strategy} within {placement_timeout_s:g} s;\n{census}"
+            )
+        if tpu_handle is not None:
+            tpu_handle.release_head_pgs()
+
+        node_of_bundle = placement_group_table(pg)["bundles_to_node_id"]
+        seen_on_node: dict[str, int] = collections.Counter()
+        local_index = []
+        for rank in range(spec.num_hosts):
+            local_index.append(seen_on_node[node_of_bundle[rank]])
+            seen_on_node[node_of_bundle[rank]] += 1
+
+        remote_host = _remote_host_class()
+        actors = []
+        for rank, bundle in enumerate(pg.bundle_specs):
+            extra = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
+            actors.append(remote_host.options(
+                num_cpus=bundle.get("CPU", 0),
+                num_gpus=bundle.get("GPU", 0),
+                resources=extra,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=pg, placement_group_bundle_index=rank),
+                max_restarts=0,  # a replaced host would silently miss the JAX program; the driver re-forms the group
+            ).remote(spec.name, rank, spec.num_hosts, spec.env, local_index[rank]))
+        group = cls(spec, pg, actors, tpu_handle)
+        try:
+            group.gather({r: a.healthy.remote() for r, a in enumerate(actors)},
+                         timeout_s=start_timeout_s, call="start")
+        except BaseException:
+            group.shutdown()
+            raise
+        return group
+
+    @staticmethod
+    def _reserve(spec: GroupSpec, timeout_s: float):
+        if spec.tpu is None:
+            bundles = spec.bundles()
+            pg = placement_group(
+                bundles, strategy=spec.strategy, name=_placement_name(spec),
+                bundle_label_selector=[dict(spec.label_selector)] * len(bundles)
+                if spec.label_selector else None,
+            )
+            return pg, None
+        try:
+            handle = ray.util.tpu.slice_placement_group(
+                spec.tpu.topology, spec.tpu.accelerator_version,
+                resources_per_bundle=dict(spec.resources_per_host),
+                strategy=spec.strategy, name=_placement_name(spec),
+                head_reservation_timeout_s=timeout_s,
+            )
+        except RuntimeError as err:  # ray.util.tpu could not reserve a slice head in time
+            raise InsufficientResourcesError(
+                f"{spec.name} group: no free TPU slice {spec.tpu.accelerator_version} "
+                f"{spec.tpu.topology} within {timeout_s:g} s ({err});\n{_cluster_census(spec)}"
+            ) from err
+        if handle.num_hosts != spec.num_hosts:
+            handle.shutdown()
+            raise KdpipeError(
+                f"{spec.name} group: num_hosts: the TPU slice {spec.tpu.topology} has "
+                f"{handle.num_hosts} hosts, the spec asked for {spec.num_hosts}"
+            )
+        return handle.placement_group, handle
+
+    @staticmethod
+    def _release(pg, tpu_handle) -> None:
+        if tpu_handle is not None:
+            tpu_handle.shutdown()
+        else:
+            remove_placement_group(pg)
+
+    # ---- fan-out -------------------------------------------------------------------------------
+
+    @property
+    def num_hosts(self) -> int:
+        return self.spec.num_hosts
+
+    def actor(self, rank: int):
+        """The actor handle of one host (for the driver's own per-rank calls)."""
+        return self._actors[rank]
+
+    def submit(self, fn: Callable[..., Any], *args, ranks: list[int] | None = None,
+               **kwargs) -> dict[int, ray.ObjectRef]:
+        """Start ``fn(host_context, *args, **kwargs)`` on the given ranks (default: all);
+        returns rank -> reference. The call is ``ray.put`` once and shared by all ranks."""
+        call = ray.put((fn, args, kwargs))
+        chosen = range(self.num_hosts) if ranks is None else ranks
+        return {rank: self._actors[rank].run.remote(call) for rank in chosen}
+
+    def gather(self, refs: Mapping[int, ray.ObjectRef], *, timeout_s: float | None = None,
+               call: str = "run") -> dict[int, Any]:
+        """Wait for rank -> reference results with ``ray.wait``.
+
+        Returns rank -> result when all succeed. On the first failure it keeps collecting for
+        FAILURE_GRACE_S (so ranks failing together are reported together) and raises
+        HostGroupError; ranks still running are listed, not cancelled.
+
+        Raises:
+          HostGroupError: some rank failed (its exception or RayActorError).
+          HostTimeoutError: ``timeout_s`` passed with ranks still running.
+        """
+        rank_of = {ref: rank for rank, ref in refs.items()}
+        results: dict[int, Any] = {}
+        failures: dict[int, BaseException] = {}
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        give_up_at = deadline
+        while rank_of:
+            wait_s = None if give_up_at is None else max(0.0, give_up_at - time.monotonic())
+            ready, _ = ray.wait(list(rank_of), num_returns=1, timeout=wait_s)
+            if not ready:
+                break
+            for ref in ready:
+                rank = rank_of.pop(ref)
+                try:
+                    results[rank] = ray.get(ref)  # already complete: does not block
+                except ray.exceptions.RayError as err:
+                    failures[rank] = err
+            if failures and (give_up_at is None or give_up_at > time.monotonic() + FAILURE_GRACE_S):
+                give_up_at = time.monotonic() + FAILURE_GRACE_S
+        if failures:
+            err = HostGroupError(self.spec.name, call, failures, list(rank_of.values()), self.num_hosts)
+            logger.error("%s", err)
+            raise err
+        if rank_of:
+            raise HostTimeoutError(
+                f"{self.spec.name} group: {call} did not finish within {timeout_s:g} s on ranks "
+                f"{sorted(rank_of.values())} of {self.num_hosts}"
+            )
+        return dict(sorted(results.items()))
+
+    def run(self, fn: Callable[..., Any], *args, timeout_s: float | None = None,
+            **kwargs) -> list[Any]:
+        """``fn(host_context, *args, **kwargs)`` on every host; the results in rank order."""
+        return list(self.gather(self.submit(fn, *args, **kwargs), timeout_s=timeout_s).values())
+
+    def setup_jax(self, *, distributed: bool, timeout_s: float = START_TIMEOUT_S) -> list[JaxInfo]:
+        """Start JAX on every host. ``distributed``: the hosts form one JAX program
+        (jax.distributed, coordinator on host 0, all ranks initialise concurrently); otherwise
+        each host is its own single-process JAX (teacher hosts)."""
+        coordinator = None
+        if distributed and self.num_hosts > 1:
+            coordinator = ray.get(self._actors[0].coordinator_address.remote(), timeout=timeout_s)
+        refs = {r: a.setup.remote(coordinator) for r, a in enumerate(self._actors)}
+        return list(self.gather(refs, timeout_s=timeout_s, call="setup").values())
+
+    def info(self, timeout_s: float = START_TIMEOUT_S) -> list[HostInfo]:
+        """Each host's placement and process setup, in rank order (answered while busy)."""
+        refs = {r: a.info.remote() for r, a in enumerate(self._actors)}
+        return list(self.gather(refs, timeout_s=timeout_s, call="info").values())
+
+    def unhealthy(self, timeout_s: float = 10.0) -> list[int]:
+        """Ranks that did not answer a health check within ``timeout_s`` (dead or hung)."""
+        rank_of = {a.healthy.remote(): r for r, a in enumerate(self._actors)}
+        ready, _ = ray.wait(list(rank_of), num_returns=len(rank_of), timeout=timeout_s)
+        bad = {r for ref, r in rank_of.items() if ref not in ready}
+        for ref in ready:
+            try:
+                ray.get(ref)  # already complete: does not block
+            except ray.exceptions.RayError:
+                bad.add(rank_of[ref])
+        return sorted(bad)
+
+    def request_stop(self) -> None:
+        """Ask every host's running function to stop at its next check (HostContext)."""
+        for actor in self._actors:
+            actor.request_stop.remote()
+
+    # ---- teardown ------------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Leave jax.distributed (bounded wait), kill the actors, release the reservation.
+        Safe to call twice and after hosts died."""
+        if self._closed:
+            return
+        self._closed = True
+        teardown = [a.teardown.remote() for a in self._actors]
+        ray.wait(teardown, num_returns=len(teardown), timeout=TEARDOWN_TIMEOUT_S)
+        for actor in self._actors:
+            ray.kill(actor, no_restart=True)
+        self._release(self._pg, self._tpu_handle)
+
+    def __enter__(self) -> "HostGroup":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
