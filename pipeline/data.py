@@ -1,0 +1,683 @@
+"""Token datasets: prepare them from raw text, read them back in a deterministic global order.
+
+Preparing (``prepare_dataset``, what ``kdpipe prepare-data`` runs):
+
+1. Read documents from ``data.sources``: ``.jsonl`` (an object a line with ``text``, or
+   ``prompt`` + ``completion``), ``.parquet`` and ``.arrow`` (Hugging Face ``datasets`` files,
+   read with pyarrow) with a ``text`` column or ``prompt``/``completion`` columns, and any other
+   file as one UTF-8 text document.
+2. Tokenize with a local ``tokenizer.json`` (the ``tokenizers`` library) and append ``eos_token``.
+3. Send each document to the train or the held-out split by the hash of its text (see
+   ``is_held_out``).
+4. Pack each split into rows of ``seq_len`` tokens: ``input_ids`` ``[L]``, ``attention_mask``
+   ``[L]`` (1 real, 0 padding) and ``labels`` ``[L]`` already aligned, ``labels[t]`` being the
+   token after ``input_ids[t]``, or -100 where there is no loss (padding, prompt tokens, the end
+   of the stream). Row r holds stream tokens ``[r L, r L + L)`` and their successors, so every
+   stream token after the first is a target exactly once.
+5. Write ``<prepared_dir>/{train,eval}/part-NNNNN.parquet`` and ``metadata.json``, which holds
+   each split's fingerprint: the SHA-256 of its rows' contents, so it depends on the data and
+   never on paths or on how the rows are split into files.
+
+Reading (``TokenDataset``, ``HostBatches``): the order of a split is a permutation fixed by
+``(seed, epoch)``. A run's position is ONE integer, the global sample offset o: global sample
+o is row ``permutation(seed, o // N)[o % N]`` of a split of N rows. The step with offset o
+consumes global samples ``[o, o + G)``; host h of H takes the h-th contiguous block of
+``G / H`` of them. The global batches therefore do not depend on H, and a run resumed at offset
+o on any number of hosts sees each example exactly once per epoch.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import DataConfig
+from pipeline.errors import DataError
+
+IGNORE_INDEX = -100
+FORMAT_NAME = "kdpipe-tokens"
+FORMAT_VERSION = 1
+METADATA_FILE = "metadata.json"
+SPLITS = ("train", "eval")
+# A parquet row group is the unit of random access when reading a shuffled batch: small enough
+# that a batch scattered over many groups does not read much more than it needs.
+ROW_GROUP_ROWS = 256
+# Documents tokenized per `encode_batch` call (tokenizers parallelises inside one call).
+ENCODE_BATCH_DOCS = 256
+_TABLE_EXTENSIONS = (".jsonl", ".parquet", ".arrow")
+_DIRECTORY_EXTENSIONS = _TABLE_EXTENSIONS + (".txt",)
+
+
+# ------------------------------------------------------------------------------------------
+# Tokenizers
+# ------------------------------------------------------------------------------------------
+
+def load_tokenizer(path: str | os.PathLike):
+    """A ``tokenizers.Tokenizer`` from a ``tokenizer.json`` file or a directory holding one."""
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise DataError(f"data.tokenizer: no tokenizer file at {path} (expected a Hugging Face "
+                        f"tokenizer.json)")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for malformed files
+        raise DataError(f"data.tokenizer: {path} is not a valid tokenizer.json ({e})") from e
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """SHA-256 (16 hex characters) of the tokenizer's canonical JSON, so two files with the
+    same vocabulary, merges and normalisation compare equal wherever they live."""
+    canonical = json.dumps(json.loads(tokenizer.to_str()), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def train_bpe_tokenizer(files: Sequence[str | os.PathLike], vocab_size: int,
+                        out_path: str | os.PathLike, *,
+                        special_tokens: Sequence[str] = ("<|endoftext|>",),
+                        min_frequency: int = 2):
+    """Train a byte-level BPE tokenizer (GPT-2 style) on UTF-8 text files; save it to
+    ``out_path`` (a ``tokenizer.json``) and return it.
+
+    Byte-level pre-tokenisation means any text can be encoded with no unknown token. Special
+    tokens get the first ids, in the order given. Training is deterministic for the same files.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size <= 256 + len(special_tokens):
+        raise DataError(f"vocab_size: expected > {256 + len(special_tokens)} (256 byte tokens plus "
+                        f"the special tokens), got {vocab_size}")
+    if not files:
+        raise DataError("files: no text files to train the tokenizer on")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=list(special_tokens), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator((_read_text_file(Path(f)) for f in files), trainer)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(out_path))
+    return tokenizer
+
+
+# ------------------------------------------------------------------------------------------
+# Reading documents
+# ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Document:
+    """One input document. ``prompt`` is None for plain text (loss on every token); otherwise
+    the loss covers only ``text``, the completion that follows the prompt."""
+
+    text: str
+    prompt: str | None = None
+
+    def key(self) -> bytes:
+        """Bytes that identify the document's content (the held-out split hashes them)."""
+        if self.prompt is None:
+            return self.text.encode()
+        return self.prompt.encode() + b"\x00" + self.text.encode()
+
+
+def is_held_out(document: Document, eval_fraction: float) -> bool:
+    """The split rule: held out iff ``int(sha256(content)[:8]) / 2**64 < eval_fraction``.
+
+    It depends on the document's content only, so it survives renaming, reordering and
+    appending data, and a document never moves between splits.
+    """
+    digest = hashlib.sha256(document.key()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64 < eval_fraction
+
+
+def resolve_sources(sources: Sequence[str]) -> list[Path]:
+    """Expand files, directories and glob patterns into the ordered list of files to read."""
+    if not sources:
+        raise DataError("data.sources: no input files given")
+    files: list[Path] = []
+    for i, source in enumerate(sources):
+        path = Path(source)
+        if any(ch in source for ch in "*?["):
+            matches = sorted(Path(m) for m in glob.glob(source, recursive=True) if Path(m).is_file())
+        elif path.is_dir():
+            matches = sorted(p for p in path.rglob("*")
+                             if p.is_file() and p.suffix in _DIRECTORY_EXTENSIONS)
+        elif path.is_file():
+            matches = [path]
+        else:
+            raise DataError(f"data.sources[{i}]: {source} does not exist")
+        if not matches:
+            raise DataError(f"data.sources[{i}]: {source} matches no input files")
+        files.extend(matches)
+    return files
+
+
+def _read_text_file(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e})") from e
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (invalid byte {raw[e.start]:#04x} at byte offset "
+                        f"{e.start}); convert it to UTF-8 or drop it") from None
+
+
+def _document_from_fields(record: dict, where: str, data: DataConfig) -> Document:
+    def text_of(field: str) -> str:
+        value = record[field]
+        if not isinstance(value, str):
+            raise DataError(f"{where}: field {field!r} must be a string, got "
+                            f"{type(value).__name__}")
+        return value
+
+    if data.text_field in record:
+        return Document(text_of(data.text_field))
+    if data.prompt_field in record and data.completion_field in record:
+        return Document(text_of(data.completion_field), prompt=text_of(data.prompt_field))
+    raise DataError(f"{where}: missing column {data.text_field!r} (or {data.prompt_field!r} + "
+                    f"{data.completion_field!r}); found {sorted(record)}")
+
+
+def _read_jsonl(path: Path, data: DataConfig) -> Iterator[Document]:
+    for number, line in enumerate(_read_text_file(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        yield _document_from_fields(record, f"{path}:{number}", data)
+
+
+def _record_batches(path: Path) -> Iterator[pa.RecordBatch]:
+    try:
+        if path.suffix == ".parquet":
+            yield from pq.ParquetFile(path).iter_batches(batch_size=1024)
+            return
+        # `datasets` writes the IPC streaming format; plain Arrow files use the file format.
+        with pa.memory_map(str(path)) as source:
+            try:
+                reader = pa.ipc.open_stream(source)
+            except pa.ArrowInvalid:
+                source.seek(0)
+                reader = pa.ipc.open_file(source)
+                for i in range(reader.num_record_batches):
+                    yield reader.get_batch(i)
+                return
+            yield from reader
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: cannot read as {path.suffix[1:]} ({e})") from e
+
+
+def _read_table_file(path: Path, data: DataConfig) -> Iterator[Document]:
+    row = 0
+    for batch in _record_batches(path):
+        names = batch.schema.names
+        if data.text_field in names:
+            columns = [data.text_field]
+        elif data.prompt_field in names and data.completion_field in names:
+            columns = [data.prompt_field, data.completion_field]
+        else:
+            raise DataError(f"{path}: missing column {data.text_field!r} (or {data.prompt_field!r}"
+                            f" + {data.completion_field!r}); found {names}")
+        values = [batch.column(name).to_pylist() for name in columns]
+        for i in range(batch.num_rows):
+            record = {name: column[i] for name, column in zip(columns, values)}
+            yield _document_from_fields(record, f"{path} row {row}", data)
+            row += 1
+
+
+def read_documents(path: Path, data: DataConfig) -> Iterator[Document]:
+    """The documents of one input file, in file order. Raises ``DataError`` naming the file (and
+    line or row) for unreadable, non-UTF-8, empty or malformed input."""
+    if path.suffix == ".jsonl":
+        documents = _read_jsonl(path, data)
+    elif path.suffix in (".parquet", ".arrow"):
+        documents = _read_table_file(path, data)
+    else:
+        text = _read_text_file(path)
+        documents = iter([Document(text)] if text.strip() else [])
+    count = 0
+    for document in documents:
+        count += 1
+        yield document
+    if count == 0:
+        raise DataError(f"{path}: empty file (no documents)")
+
+
+# ------------------------------------------------------------------------------------------
+# Packing
+# ------------------------------------------------------------------------------------------
+
+def pack_rows(tokens: np.ndarray, targets: np.ndarray, seq_len: int, *, final: bool):
+    """Cut a token stream into rows with aligned labels.
+
+    Args:
+      tokens: ``[n]`` int32 stream.
+      targets: ``[n]`` bool, whether a token is trained on when it is the next token.
+      seq_len: L.
+      final: also emit the last, partial row (padded with ``attention_mask`` 0).
+
+    Returns ``(rows, rest)``: ``rows`` a dict of ``input_ids``, ``attention_mask``, ``labels``,
+    each ``[r, L]`` int32, with ``labels[i, t] = tokens[i L + t + 1]`` where that token is a
+    target and -100 elsewhere; ``rest`` the ``(tokens, targets)`` still to be packed (the next
+    row's tokens, starting with the previous row's last target).
+    """
+    n = len(tokens)
+    full = (n - 1) // seq_len if n > 0 else 0
+    take = full
+    if final and n - full * seq_len >= 2:
+        take += 1
+    size = take * seq_len
+    padded = np.zeros(size + 1, np.int32)
+    flags = np.zeros(size + 1, bool)
+    used = min(n, size + 1)
+    padded[:used] = tokens[:used]
+    flags[:used] = targets[:used]
+    real = np.zeros(size, np.int32)
+    real[:min(n, size)] = 1
+    labels = np.where(flags[1:], padded[1:], IGNORE_INDEX).astype(np.int32)
+    rows = {"input_ids": padded[:size].reshape(take, seq_len),
+            "attention_mask": real.reshape(take, seq_len),
+            "labels": labels.reshape(take, seq_len)}
+    if final:
+        rest = (tokens[:0], targets[:0])
+    else:
+        rest = (tokens[full * seq_len:], targets[full * seq_len:])
+    return rows, rest
+
+
+class _SplitWriter:
+    """Writes one split's rows into parquet shards and hashes their contents."""
+
+    def __init__(self, directory: Path, name: str, seq_len: int, rows_per_shard: int):
+        self.directory, self.name, self.seq_len = directory, name, seq_len
+        self.rows_per_shard = rows_per_shard
+        self.pending: list[dict[str, np.ndarray]] = []
+        self.pending_rows = 0
+        self.shards: list[dict] = []
+        self.hasher = hashlib.sha256(f"{FORMAT_NAME}/{FORMAT_VERSION}/seq_len={seq_len}".encode())
+        self.num_rows = self.num_tokens = self.num_targets = 0
+        self.max_token_id = -1
+        (directory / name).mkdir(parents=True)
+
+    def add(self, rows: dict[str, np.ndarray]) -> None:
+        count = len(rows["input_ids"])
+        if count == 0:
+            return
+        for key in ("input_ids", "attention_mask", "labels"):
+            self.hasher.update(np.ascontiguousarray(rows[key], "<i4").tobytes())
+        self.num_rows += count
+        self.num_tokens += int(rows["attention_mask"].sum())
+        self.num_targets += int((rows["labels"] != IGNORE_INDEX).sum())
+        self.max_token_id = max(self.max_token_id, int(rows["input_ids"].max()),
+                                int(rows["labels"].max()))
+        self.pending.append(rows)
+        self.pending_rows += count
+        while self.pending_rows >= self.rows_per_shard:
+            self._flush(self.rows_per_shard)
+
+    def _flush(self, count: int) -> None:
+        merged = {k: np.concatenate([r[k] for r in self.pending]) for k in self.pending[0]}
+        first = self.num_rows - self.pending_rows
+        shard = {k: v[:count] for k, v in merged.items()}
+        rest = {k: v[count:] for k, v in merged.items()}
+        self.pending = [rest] if len(rest["input_ids"]) else []
+        self.pending_rows -= count
+        relative = f"{self.name}/part-{len(self.shards):05d}.parquet"
+
+        def column(values: np.ndarray, dtype) -> pa.Array:
+            return pa.FixedSizeListArray.from_arrays(pa.array(values.ravel(), dtype), self.seq_len)
+
+        table = pa.table({
+            "example_id": pa.array(np.arange(first, first + count, dtype=np.int64)),
+            "input_ids": column(shard["input_ids"], pa.int32()),
+            "attention_mask": column(shard["attention_mask"].astype(np.int8), pa.int8()),
+            "labels": column(shard["labels"], pa.int32()),
+        })
+        pq.write_table(table, self.directory / relative, row_group_size=ROW_GROUP_ROWS,
+                       compression="zstd")
+        self.shards.append({"file": relative, "rows": count})
+
+    def finish(self) -> dict:
+        if self.pending_rows:
+            self._flush(self.pending_rows)
+        return {"num_rows": self.num_rows, "num_tokens": self.num_tokens,
+                "num_target_tokens": self.num_targets, "max_token_id": self.max_token_id,
+                "fingerprint": self.hasher.hexdigest()[:16], "shards": self.shards}
+
+
+# ------------------------------------------------------------------------------------------
+# prepare-data
+# ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """The metadata of a prepared dataset (``metadata.json``).
+
+    ``splits[name]`` holds ``num_rows``, ``num_tokens`` (real tokens), ``num_target_tokens``
+    (labels != -100), ``max_token_id``, ``fingerprint`` and ``shards``.
+    """
+
+    seq_len: int
+    pack: bool
+    vocab_size: int
+    eos_token_id: int | None
+    tokenizer_fingerprint: str
+    splits: dict
+
+    def fingerprint(self, split: str = "train") -> str:
+        """The split's content fingerprint (what a teacher cache records)."""
+        return self.splits[split]["fingerprint"]
+
+
+def _progress(enabled: bool, total: int):
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    return Progress(TextColumn("prepare-data"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("files, {task.fields[docs]} docs, {task.fields[tokens]} tokens"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled)
+
+
+def _document_batches(files: list[Path], data: DataConfig, on_file_done) -> Iterator[list[Document]]:
+    batch: list[Document] = []
+    for path in files:
+        for document in read_documents(path, data):
+            batch.append(document)
+            if len(batch) == ENCODE_BATCH_DOCS:
+                yield batch
+                batch = []
+        on_file_done()
+    if batch:
+        yield batch
+
+
+def _encode(tokenizer, documents: list[Document], eos: list[int]):
+    """Per document: (token ids, target flags) with the eos appended; prompt tokens are not
+    targets. A completion is encoded without special tokens: any BOS belongs before the prompt."""
+    texts = tokenizer.encode_batch([d.prompt if d.prompt is not None else d.text for d in documents])
+    paired = [i for i, d in enumerate(documents) if d.prompt is not None]
+    completions = dict(zip(paired, tokenizer.encode_batch(
+        [documents[i].text for i in paired], add_special_tokens=False)))
+    for i, encoding in enumerate(texts):
+        if i in completions:
+            prompt = encoding.ids
+            rest = completions[i].ids + eos
+            ids = np.asarray(prompt + rest, np.int32)
+            flags = np.concatenate([np.zeros(len(prompt), bool), np.ones(len(rest), bool)])
+        else:
+            ids = np.asarray(encoding.ids + eos, np.int32)
+            flags = np.ones(len(ids), bool)
+        yield ids, flags
+
+
+def prepare_dataset(data: DataConfig, *, overwrite: bool = False, progress: bool = True) -> DatasetInfo:
+    """Tokenize, split and pack ``data.sources`` into ``data.prepared_dir`` (see the module doc).
+
+    The dataset is written to a temporary sibling directory and moved into place at the end,
+    so a failure leaves no partial output. An existing ``prepared_dir`` is refused (left as it
+    is) unless ``overwrite``. Returns the ``DatasetInfo`` also written to ``metadata.json``.
+    Raises ``DataError`` for bad input, naming the file and line or row.
+    """
+    out_dir = Path(data.prepared_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise DataError(f"data.prepared_dir: {out_dir} already exists and is not empty; pass "
+                        f"--overwrite to replace it, or choose another directory")
+    tokenizer = load_tokenizer(data.tokenizer)
+    eos: list[int] = []
+    if data.eos_token is not None:
+        eos_id = tokenizer.token_to_id(data.eos_token)
+        if eos_id is None:
+            raise DataError(f"data.eos_token: {data.eos_token!r} is not in the tokenizer "
+                            f"{data.tokenizer}; set it to one of its special tokens or null")
+        eos = [eos_id]
+    files = resolve_sources(data.sources)
+
+    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+    try:
+        writers = {name: _SplitWriter(tmp_dir, name, data.seq_len, data.rows_per_shard)
+                   for name in SPLITS}
+        streams = {name: (np.zeros(0, np.int32), np.zeros(0, bool)) for name in SPLITS}
+        counts = {"docs": 0, "tokens": 0}
+        with _progress(progress, len(files)) as bar:
+            task = bar.add_task("prepare", total=len(files), docs=0, tokens=0)
+            for documents in _document_batches(files, data, lambda: bar.advance(task)):
+                for document, (ids, flags) in zip(documents, _encode(tokenizer, documents, eos)):
+                    split = "eval" if is_held_out(document, data.eval_fraction) else "train"
+                    tokens, targets = streams[split]
+                    if data.pack:
+                        tokens, targets = np.concatenate([tokens, ids]), np.concatenate([targets, flags])
+                        rows, streams[split] = pack_rows(tokens, targets, data.seq_len, final=False)
+                    else:
+                        rows, _ = pack_rows(ids, flags, data.seq_len, final=True)
+                    writers[split].add(rows)
+                    counts["docs"] += 1
+                    counts["tokens"] += len(ids)
+                bar.update(task, docs=counts["docs"], tokens=counts["tokens"])
+        for split, (tokens, targets) in streams.items():
+            writers[split].add(pack_rows(tokens, targets, data.seq_len, final=True)[0])
+        splits = {name: writer.finish() for name, writer in writers.items()}
+        if splits["train"]["num_rows"] == 0:
+            raise DataError(f"data.sources: no training rows (every document was held out, or "
+                            f"none has 2 tokens); lower data.eval_fraction or add data")
+        info = DatasetInfo(seq_len=data.seq_len, pack=data.pack,
+                           vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
+                           eos_token_id=eos[0] if eos else None,
+                           tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), splits=splits)
+        metadata = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **info.__dict__}
+        (tmp_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=1))
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+            out_dir.rename(old)
+            tmp_dir.rename(out_dir)
+            shutil.rmtree(old)
+        else:
+            tmp_dir.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return info
+
+
+def read_info(prepared_dir: str | os.PathLike) -> DatasetInfo:
+    """The ``DatasetInfo`` of a prepared dataset; ``DataError`` if missing or not ours."""
+    path = Path(prepared_dir) / METADATA_FILE
+    try:
+        metadata = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"data.prepared_dir: {path} does not exist; run `kdpipe prepare-data` "
+                        f"first") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"data.prepared_dir: {path} is unreadable or not JSON ({e})") from None
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_NAME:
+        raise DataError(f"data.prepared_dir: {path} is not a kdpipe token dataset")
+    if metadata.get("version") != FORMAT_VERSION:
+        raise DataError(f"data.prepared_dir: {path} has format version {metadata.get('version')}; "
+                        f"this kdpipe reads version {FORMAT_VERSION} (prepare the data again)")
+    fields = DatasetInfo.__dataclass_fields__
+    return DatasetInfo(**{k: metadata[k] for k in fields})
+
+
+# ------------------------------------------------------------------------------------------
+# Reading: global order and host batches
+# ------------------------------------------------------------------------------------------
+
+@lru_cache(maxsize=4)
+def _permutation(num_rows: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(num_rows)
+
+
+def global_order(num_rows: int, seed: int, offsets: np.ndarray) -> np.ndarray:
+    """Row ids of global samples ``offsets``: ``permutation(seed, o // N)[o % N]``."""
+    offsets = np.asarray(offsets, np.int64)
+    rows = np.empty_like(offsets)
+    epochs = offsets // num_rows
+    for epoch in np.unique(epochs):
+        where = epochs == epoch
+        rows[where] = _permutation(num_rows, seed, int(epoch))[offsets[where] % num_rows]
+    return rows
+
+
+def host_offsets(offset: int, global_batch: int, host_index: int, host_count: int) -> np.ndarray:
+    """Global sample offsets that host ``host_index`` of ``host_count`` reads for the step that
+    starts at ``offset``: the host's contiguous block of the global batch. ``[G / H]`` int64."""
+    if host_count <= 0 or global_batch % host_count:
+        raise DataError(f"global batch size ({global_batch}) must be divisible by the host "
+                        f"count ({host_count})")
+    if not 0 <= host_index < host_count:
+        raise DataError(f"host_index: expected 0 <= host_index < {host_count}, got {host_index}")
+    per_host = global_batch // host_count
+    return offset + host_index * per_host + np.arange(per_host, dtype=np.int64)
+
+
+class TokenDataset:
+    """Random access to the rows of one split of a prepared dataset.
+
+    ``vocab_size`` (the model's) is checked against the dataset's largest token id when given.
+    """
+
+    def __init__(self, prepared_dir: str | os.PathLike, split: str = "train", *,
+                 vocab_size: int | None = None):
+        self.directory = Path(prepared_dir)
+        self.info = read_info(self.directory)
+        if split not in self.info.splits:
+            raise DataError(f"split: expected one of {sorted(self.info.splits)}, got {split!r}")
+        self.split = split
+        meta = self.info.splits[split]
+        self.num_rows: int = meta["num_rows"]
+        self.seq_len = self.info.seq_len
+        self.fingerprint: str = meta["fingerprint"]
+        self.vocab_size = vocab_size
+        if vocab_size is not None and meta["max_token_id"] >= vocab_size:
+            raise DataError(f"{self.directory} ({split}): token id {meta['max_token_id']} >= the "
+                            f"model's vocab size {vocab_size}; the data was tokenized with a "
+                            f"larger vocabulary than the model's")
+        self._files = [self.directory / shard["file"] for shard in meta["shards"]]
+        self._starts = np.cumsum([0] + [shard["rows"] for shard in meta["shards"]])
+        self._groups: list[tuple[int, int]] = []  # (file, row group) in row order
+        group_starts = []
+        for file_index, path in enumerate(self._files):
+            try:
+                metadata = pq.ParquetFile(path).metadata
+            except (pa.ArrowException, OSError) as e:
+                raise DataError(f"{path}: cannot read the token shard ({e})") from e
+            first = self._starts[file_index]
+            for g in range(metadata.num_row_groups):
+                self._groups.append((file_index, g))
+                group_starts.append(first)
+                first += metadata.row_group(g).num_rows
+            if first != self._starts[file_index + 1]:
+                raise DataError(f"{path}: holds {first - self._starts[file_index]} rows, "
+                                f"metadata.json says {meta['shards'][file_index]['rows']}")
+        self._group_starts = np.asarray(group_starts + [self.num_rows], np.int64)
+        self._read_group = lru_cache(maxsize=32)(self._load_group)
+
+    def _load_group(self, group: int) -> dict[str, np.ndarray]:
+        file_index, g = self._groups[group]
+        path = self._files[file_index]
+        try:
+            table = pq.ParquetFile(path).read_row_group(g)
+            out = {}
+            for name in ("input_ids", "attention_mask", "labels"):
+                flat = table.column(name).combine_chunks().flatten().to_numpy()
+                out[name] = flat.astype(np.int32).reshape(-1, self.seq_len)
+        except (pa.ArrowException, OSError, KeyError, ValueError) as e:
+            raise DataError(f"{path}: malformed token shard (row group {g}: {e})") from e
+        if self.vocab_size is not None:
+            top = max(out["input_ids"].max(), out["labels"].max())
+            if top >= self.vocab_size:
+                raise DataError(f"{path}: token id {top} >= the model's vocab size {self.vocab_size}")
+        return out
+
+    def read_rows(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Rows by id: ``input_ids``, ``attention_mask``, ``labels``, each ``[len(rows), L]``
+        int32 (the batch dict of CONTRACTS.md)."""
+        rows = np.asarray(rows, np.int64)
+        out = {k: np.empty((len(rows), self.seq_len), np.int32)
+               for k in ("input_ids", "attention_mask", "labels")}
+        groups = np.searchsorted(self._group_starts, rows, side="right") - 1
+        for group in np.unique(groups):
+            where = np.nonzero(groups == group)[0]
+            data = self._read_group(int(group))
+            local = rows[where] - self._group_starts[group]
+            for key in out:
+                out[key][where] = data[key][local]
+        return out
+
+
+class HostBatches:
+    """This host's batches in the global order, resumable from one global sample offset.
+
+    ``offset`` is the whole iterator state: save it in the checkpoint, pass it back as
+    ``offset=`` (on any number of hosts with the same ``global_batch``) to resume.
+
+    ``next()`` returns ``(example_ids [G/H] int64, batch)``; ``batch`` is the dict of
+    CONTRACTS.md with arrays ``[G/H, L]`` int32.
+    """
+
+    def __init__(self, dataset: TokenDataset, *, seed: int, global_batch: int,
+                 host_index: int = 0, host_count: int = 1, offset: int = 0):
+        host_offsets(0, global_batch, host_index, host_count)  # validates the split
+        if offset < 0:
+            raise DataError(f"offset: expected >= 0, got {offset}")
+        self.dataset, self.seed, self.global_batch = dataset, seed, global_batch
+        self.host_index, self.host_count = host_index, host_count
+        self.offset = offset
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next batch starts in."""
+        return self.offset // self.dataset.num_rows
+
+    def __iter__(self) -> HostBatches:
+        return self
+
+    def __next__(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        offsets = host_offsets(self.offset, self.global_batch, self.host_index, self.host_count)
+        rows = global_order(self.dataset.num_rows, self.seed, offsets)
+        batch = self.dataset.read_rows(rows)
+        self.offset += self.global_batch
+        return rows, batch
+
+
+def eval_batches(dataset: TokenDataset, batch_size: int, *, host_index: int = 0,
+                 host_count: int = 1, max_batches: int | None = None
+                 ) -> Iterable[dict[str, np.ndarray]]:
+    """The split in row order, ``batch_size`` rows per global batch, this host's block of each.
+
+    The last batch is padded with empty rows (``attention_mask`` 0, ``labels`` -100) so every
+    batch has the same shape ``[batch_size / host_count, L]`` (one compile).
+    """
+    count = -(-dataset.num_rows // batch_size)
+    if max_batches is not None:
+        count = min(count, max_batches)
+    for step in range(count):
+        offsets = host_offsets(step * batch_size, batch_size, host_index, host_count)
+        real = offsets < dataset.num_rows
+        batch = dataset.read_rows(np.where(real, offsets, 0))
+        batch["input_ids"][~real] = 0
+        batch["attention_mask"][~real] = 0
+        batch["labels"][~real] = IGNORE_INDEX
+        yield batch
