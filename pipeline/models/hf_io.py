@@ -1,0 +1,346 @@
+"""Hugging Face checkpoint directories <-> ``Llama`` models.
+
+A checkpoint directory holds ``config.json`` and the weights as safetensors: one
+``model.safetensors``, or several files listed by ``model.safetensors.index.json``. kdpipe
+reads safetensors only; pickle-based weights (``pytorch_model.bin``) are refused, never
+unpickled. ``_NAME_TABLE`` is the one place that maps Hugging Face tensor names to our
+parameter paths, with the layout change between them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from pipeline.errors import ConfigError, ModelLoadError
+from pipeline.models.llama import Llama, LlamaConfig
+from pipeline.models.sharding import DEFAULT_RULES, Rules, param_path, spec_for
+
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# transformers' own default shard size ("5GB" in v4).
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+_SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Tensors transformers itself drops at load time: the RoPE cache that old Llama checkpoints saved.
+_IGNORED_TENSOR = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+_PARAM_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class _Layout(NamedTuple):
+    """How one tensor's Hugging Face layout relates to ours (``s`` is our shape)."""
+
+    hf_shape: Callable[[tuple], tuple]
+    to_ours: Callable[[np.ndarray, tuple], np.ndarray]  # (hf tensor, our shape) -> view
+    to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+_SAME = _Layout(lambda s: s, lambda w, s: w, lambda x: x)
+# torch Linear weights are [out, in]; ours are [in, out].
+_LINEAR = _Layout(lambda s: (s[1], s[0]), lambda w, s: w.T, lambda x: x.T)
+# q/k/v: [heads*head_dim, hidden] <-> [hidden, heads, head_dim]
+_HEADS_IN = _Layout(
+    lambda s: (s[1] * s[2], s[0]),
+    lambda w, s: w.reshape(s[1], s[2], s[0]).transpose(2, 0, 1),
+    lambda x: x.transpose(1, 2, 0).reshape(x.shape[1] * x.shape[2], x.shape[0]),
+)
+# o: [hidden, heads*head_dim] <-> [heads, head_dim, hidden]
+_HEADS_OUT = _Layout(
+    lambda s: (s[2], s[0] * s[1]),
+    lambda w, s: w.reshape(s[2], s[0], s[1]).transpose(1, 2, 0),
+    lambda x: x.transpose(2, 0, 1).reshape(x.shape[2], x.shape[0] * x.shape[1]),
+)
+# q/k/v bias: [heads*head_dim] <-> [heads, head_dim]
+_HEAD_BIAS = _Layout(lambda s: (s[0] * s[1],), lambda w, s: w.reshape(s), lambda x: x.reshape(-1))
+
+# Hugging Face name -> (our parameter path, layout); {i} is the layer index. A row applies when
+# the model has that parameter (biases for qwen2, q/k norms for qwen3, lm_head when untied).
+_NAME_TABLE = (
+    ("model.embed_tokens.weight", "embedder/embedding_vd", _SAME),
+    ("model.norm.weight", "final_norm/scale", _SAME),
+    ("lm_head.weight", "lm_head_vd", _SAME),
+    ("model.layers.{i}.input_layernorm.weight", "layers/{i}/input_norm/scale", _SAME),
+    ("model.layers.{i}.self_attn.q_proj.weight", "layers/{i}/attn/q_dnh", _HEADS_IN),
+    ("model.layers.{i}.self_attn.k_proj.weight", "layers/{i}/attn/k_dkh", _HEADS_IN),
+    ("model.layers.{i}.self_attn.v_proj.weight", "layers/{i}/attn/v_dkh", _HEADS_IN),
+    ("model.layers.{i}.self_attn.q_proj.bias", "layers/{i}/attn/q_bias_nh", _HEAD_BIAS),
+    ("model.layers.{i}.self_attn.k_proj.bias", "layers/{i}/attn/k_bias_kh", _HEAD_BIAS),
+    ("model.layers.{i}.self_attn.v_proj.bias", "layers/{i}/attn/v_bias_kh", _HEAD_BIAS),
+    ("model.layers.{i}.self_attn.q_norm.weight", "layers/{i}/attn/q_norm/scale", _SAME),
+    ("model.layers.{i}.self_attn.k_norm.weight", "layers/{i}/attn/k_norm/scale", _SAME),
+    ("model.layers.{i}.self_attn.o_proj.weight", "layers/{i}/attn/o_nhd", _HEADS_OUT),
+    ("model.layers.{i}.post_attention_layernorm.weight", "layers/{i}/post_attn_norm/scale", _SAME),
+    ("model.layers.{i}.mlp.gate_proj.weight", "layers/{i}/mlp/gate_df", _LINEAR),
+    ("model.layers.{i}.mlp.up_proj.weight", "layers/{i}/mlp/up_df", _LINEAR),
+    ("model.layers.{i}.mlp.down_proj.weight", "layers/{i}/mlp/down_fd", _LINEAR),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+    """One parameter: where it lives in our model and in the checkpoint."""
+
+    path: tuple  # nnx state path
+    hf_name: str
+    layout: _Layout
+    shape: tuple  # ours
+    hf_shape: tuple
+
+
+def _tensor_plan(state: nnx.State, num_layers: int) -> list[_Tensor]:
+    """Every parameter of ``state`` with its Hugging Face name, in transformers' order."""
+    names = {}
+    for hf_template, our_template, layout in _NAME_TABLE:
+        layers = range(num_layers) if "{i}" in hf_template else [None]
+        for i in layers:
+            names[our_template.format(i=i)] = (hf_template.format(i=i), layout)
+    plan = []
+    for path, var in nnx.to_flat_state(state):
+        hf_name, layout = names[param_path(path)]
+        shape = tuple(var.shape)
+        plan.append(_Tensor(path, hf_name, layout, shape, tuple(layout.hf_shape(shape))))
+    order = {hf_name: rank for rank, (hf_name, _) in enumerate(names.values())}
+    return sorted(plan, key=lambda t: order[t.hf_name])
+
+
+def read_config(path: str | Path) -> LlamaConfig:
+    """The ``LlamaConfig`` of checkpoint directory ``path`` (its ``config.json``).
+
+    Raises:
+      ModelLoadError: no directory, no or unreadable config.json, or an unsupported config.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"model path {str(path)!r}: expected a checkpoint directory")
+    config_file = path / CONFIG_FILE
+    if not config_file.is_file():
+        raise ModelLoadError(f"{str(path)!r}: no {CONFIG_FILE}")
+    try:
+        hf = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelLoadError(f"{config_file}: not valid JSON ({err})") from err
+    if not isinstance(hf, dict):
+        raise ModelLoadError(f"{config_file}: expected a JSON object, got {type(hf).__name__}")
+    try:
+        return LlamaConfig.from_hf_config(hf)
+    except ModelLoadError as err:
+        raise ModelLoadError(f"{path}/{err}") from err
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The safetensors files of checkpoint ``path`` (index file first, else model.safetensors)."""
+    index_file = path / INDEX_FILE
+    if index_file.is_file():
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ModelLoadError(f"{index_file}: expected JSON with a 'weight_map' ({err})") from err
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise ModelLoadError(f"{index_file} lists files that do not exist: {absent}")
+        return files
+    if (path / SINGLE_FILE).is_file():
+        return [path / SINGLE_FILE]
+    pickles = sorted(f.name for f in path.iterdir() if f.name.endswith(_PICKLE_SUFFIXES))
+    if pickles:
+        raise ModelLoadError(
+            f"{str(path)!r} holds only pickle-based weights ({', '.join(pickles)}); kdpipe reads "
+            f"safetensors only and never unpickles. Convert them first, e.g. with transformers: "
+            f"model.save_pretrained(dir, safe_serialization=True)"
+        )
+    raise ModelLoadError(f"{str(path)!r}: no {SINGLE_FILE} and no {INDEX_FILE}")
+
+
+@contextlib.contextmanager
+def _open_tensors(files: list[Path]):
+    """Yields ``{tensor name: open safetensors file}`` over ``files``; a name may occur once."""
+    with contextlib.ExitStack() as stack:
+        where, handles = {}, {}
+        for file in files:
+            try:
+                handle = stack.enter_context(safe_open(file, framework="numpy"))
+            except Exception as err:  # safetensors raises its own error types for bad headers
+                raise ModelLoadError(f"{file}: not a readable safetensors file ({err})") from err
+            for name in handle.keys():
+                if name in where:
+                    raise ModelLoadError(
+                        f"tensor {name!r} is stored twice: in {where[name].name} and {file.name}")
+                where[name], handles[name] = file, handle
+        yield handles
+
+
+def _param_dtype(dtype) -> jnp.dtype:
+    dtype = jnp.dtype(dtype)
+    if dtype.name not in _PARAM_DTYPES:
+        raise ConfigError(f"dtype: expected one of {_PARAM_DTYPES}, got {dtype.name!r}")
+    return dtype
+
+
+def load_pretrained(path: str | Path, *, dtype=jnp.float32, mesh: Mesh | None = None,
+                    rules: Rules = DEFAULT_RULES) -> Llama:
+    """Loads a Hugging Face checkpoint directory into a ``Llama`` with ``dtype`` parameters.
+
+    With a ``mesh``, each parameter is created directly with its ``NamedSharding`` under
+    ``rules``: a device receives only its own slice, and the host holds one checkpoint tensor at
+    a time. Without one, parameters go to the default device.
+
+    Raises:
+      ModelLoadError: unsupported config, no safetensors weights (pickle-only directories are
+        refused unread), or tensors missing, unexpected or of the wrong shape (all listed).
+      ConfigError: ``dtype`` is not a float parameter dtype, or ``rules`` do not cover the model.
+    """
+    path = Path(path)
+    config = read_config(path)
+    dtype = _param_dtype(dtype)
+    abstract = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    plan = _tensor_plan(abstract_state, config.num_hidden_layers)
+    with _open_tensors(_weight_files(path)) as handles:
+        _check_tensors(path, config, plan, handles)
+        values = {}
+        for tensor in plan:
+            host = tensor.layout.to_ours(handles[tensor.hf_name].get_tensor(tensor.hf_name),
+                                         tensor.shape)
+            if mesh is None:
+                value = jax.device_put(np.asarray(host, dtype))
+            else:
+                spec = spec_for(param_path(tensor.path), tensor.shape, mesh, rules)
+                value = jax.make_array_from_callback(
+                    tensor.shape, NamedSharding(mesh, spec),
+                    lambda index, host=host: np.asarray(host[index], dtype))
+            values[tensor.path] = value
+    state = nnx.from_flat_state([
+        (param, var.replace(values[param])) for param, var in nnx.to_flat_state(abstract_state)
+    ])
+    return nnx.merge(graphdef, state)
+
+
+def _check_tensors(path: Path, config: LlamaConfig, plan: list[_Tensor], handles: dict) -> None:
+    """Raises one ModelLoadError listing every missing, unexpected and mis-shaped tensor."""
+    expected = {tensor.hf_name for tensor in plan}
+    ignored = {name for name in handles if _IGNORED_TENSOR.fullmatch(name)}
+    if config.tie_word_embeddings:
+        # Some tied checkpoints also store the head; transformers ties over it, and so do we.
+        ignored |= {"lm_head.weight"} & set(handles)
+    missing = sorted(expected - set(handles))
+    unexpected = sorted(set(handles) - expected - ignored)
+    found = {t.hf_name: tuple(handles[t.hf_name].get_slice(t.hf_name).get_shape())
+             for t in plan if t.hf_name in handles}
+    misshaped = [f"{t.hf_name}: expected {t.hf_shape}, found {found[t.hf_name]}"
+                 for t in plan if found.get(t.hf_name, t.hf_shape) != t.hf_shape]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(unexpected)}")
+    if misshaped:
+        problems.append(f"tensors of the wrong shape: {'; '.join(misshaped)}")
+    if problems:
+        raise ModelLoadError(
+            f"{str(path)!r} does not match its config.json (model_type {config.model_type!r}, "
+            f"{config.num_hidden_layers} layers): " + ". ".join(problems)
+        )
+
+
+def _to_host(value: jax.Array) -> np.ndarray:
+    """The whole array on this host (gathered from all processes when sharded across hosts)."""
+    if value.is_fully_addressable:
+        return np.asarray(jax.device_get(value))
+    return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+
+
+def save_pretrained(model: Llama, path: str | Path, *,
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+    """Writes ``model`` as a Hugging Face checkpoint that transformers loads unchanged.
+
+    ``config.json`` plus ``model.safetensors``, or, when the weights exceed ``max_shard_bytes``,
+    ``model-0000i-of-0000n.safetensors`` files and ``model.safetensors.index.json``. Weight files
+    of an earlier save into ``path`` that this one does not rewrite are removed, so the directory
+    never mixes two saves. In a multi-process run every process must call this (the parameters
+    are gathered); process 0 writes.
+    """
+    if max_shard_bytes <= 0:
+        raise ConfigError(f"max_shard_bytes: expected > 0, got {max_shard_bytes}")
+    path = Path(path)
+    config = model.config
+    plan = _tensor_plan(nnx.state(model), config.num_hidden_layers)
+    leaves = dict(nnx.to_flat_state(nnx.state(model)))
+    shards: list[list[_Tensor]] = [[]]
+    shard_bytes = 0
+    for tensor in plan:
+        nbytes = leaves[tensor.path].get_value().nbytes
+        if shards[-1] and shard_bytes + nbytes > max_shard_bytes:
+            shards.append([])
+            shard_bytes = 0
+        shards[-1].append(tensor)
+        shard_bytes += nbytes
+    if len(shards) == 1:
+        file_names = [SINGLE_FILE]
+    else:
+        file_names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+
+    writer = jax.process_index() == 0
+    if writer:
+        path.mkdir(parents=True, exist_ok=True)
+        for old in path.iterdir():
+            stale = old.name in (SINGLE_FILE, INDEX_FILE) or _SHARD_FILE.fullmatch(old.name)
+            if stale and old.name not in file_names:
+                old.unlink()
+    weight_map, total_bytes = {}, 0
+    for file_name, shard in zip(file_names, shards):
+        tensors = {
+            t.hf_name: np.ascontiguousarray(t.layout.to_hf(_to_host(leaves[t.path].get_value())))
+            for t in shard
+        }
+        if writer:
+            save_file(tensors, path / file_name, metadata={"format": "pt"})
+        weight_map.update({name: file_name for name in tensors})
+        total_bytes += sum(array.nbytes for array in tensors.values())
+    if not writer:
+        return
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+        (path / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    dtype_name = model.embedder.embedding_vd.get_value().dtype.name
+    # transformers v5 reads "dtype", v4 and vLLM "torch_dtype".
+    hf = {**config.to_hf_config(), "dtype": dtype_name, "torch_dtype": dtype_name}
+    (path / CONFIG_FILE).write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+
+
+def teacher_fingerprint(path: str | Path) -> str:
+    """``"sha256:<hex>"`` over a checkpoint's architecture and weights, for the cache manifest.
+
+    Hashes the interpreted ``LlamaConfig`` (not config.json's bytes, so bookkeeping keys such
+    as ``transformers_version`` do not count) and every stored tensor in name order (name,
+    dtype, shape, bytes), so it does not depend on how the weights are split into files.
+    Reads every weight once.
+    """
+    path = Path(path)
+    config = read_config(path)
+    architecture = dataclasses.asdict(config)
+    for bookkeeping in ("extra_hf_fields", "initializer_range", "max_position_embeddings"):
+        del architecture[bookkeeping]
+    digest = hashlib.sha256(json.dumps(architecture, sort_keys=True).encode())
+    with _open_tensors(_weight_files(path)) as handles:
+        for name in sorted(handles):
+            array = np.ascontiguousarray(handles[name].get_tensor(name))
+            digest.update(json.dumps([name, array.dtype.name, list(array.shape)]).encode())
+            digest.update(array.tobytes())
+    return f"sha256:{digest.hexdigest()}"
