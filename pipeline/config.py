@@ -573,9 +573,9 @@ class ClusterConfig(_Section):
 class RunConfig(_Section):
     """A whole run."""
 
+    model: ModelConfig = _field(doc="Teacher and student models (required: at least the student).")
     run_dir: str = _field("runs/run", "Directory of checkpoints, metrics, report and export.",
                           hashed=False)
-    model: ModelConfig = _field(doc="Teacher and student models.", factory=ModelConfig)
     data: DataConfig = _field(doc="Dataset preparation and order.", factory=DataConfig)
     cache: CacheConfig | None = _field(None, "Teacher-output cache; null/absent: no cache (the "
                                        "teacher must then be live or remote).")
@@ -583,10 +583,10 @@ class RunConfig(_Section):
     optimizer: OptimizerConfig = _field(doc="Optimizer and schedule.", factory=OptimizerConfig)
     train: TrainConfig = _field(doc="Steps and batch sizes.", factory=TrainConfig)
     mesh: MeshConfig = _field(doc="Student device mesh.", factory=MeshConfig, hashed=False)
-    checkpoint: CheckpointConfig = _field(doc="Checkpointing.", factory=CheckpointConfig)
-    eval: EvalConfig = _field(doc="Held-out evaluation.", factory=EvalConfig)
-    logging: LoggingConfig = _field(doc="Metrics and progress.", factory=LoggingConfig)
-    cluster: ClusterConfig = _field(doc="Hosts and teacher source.", factory=ClusterConfig)
+    checkpoint: CheckpointConfig = _field(doc="Checkpointing.", factory=CheckpointConfig, hashed=False)
+    eval: EvalConfig = _field(doc="Held-out evaluation.", factory=EvalConfig, hashed=False)
+    logging: LoggingConfig = _field(doc="Metrics and progress.", factory=LoggingConfig, hashed=False)
+    cluster: ClusterConfig = _field(doc="Hosts and teacher source.", factory=ClusterConfig, hashed=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -739,12 +739,14 @@ def config_hash(config: RunConfig) -> str:
 
 
 def _default_text(f: dataclasses.Field) -> str:
+    if dataclasses.is_dataclass(f.default_factory):
+        return "(section)"
     if f.default_factory is not dataclasses.MISSING:
         value = f.default_factory()
-        if dataclasses.is_dataclass(value):
-            return "(section)"
     else:
         value = f.default
+    if value is dataclasses.MISSING:
+        return "required"
     return "null" if value is None else json.dumps(config_to_dict(value))
 
 
@@ -761,7 +763,10 @@ def render_reference() -> str:
              "Fields marked *hashed* are part of the config hash that a checkpoint must match "
              "to be resumed.", ""]
 
-    def section(cls: type, path: str, title_doc: str) -> None:
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    def section(cls: type, path: str, title_doc: str, parent_hashed: bool) -> None:
         hints = typing.get_type_hints(cls)
         lines.extend([f"## `{path or 'top level'}`", "", title_doc.strip(), "",
                       "| key | type | default | range | hashed | description |",
@@ -772,18 +777,17 @@ def render_reference() -> str:
             tp = hints[f.name]
             inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
             sub = tp if dataclasses.is_dataclass(tp) else (inner[0] if inner else None)
+            hashed = parent_hashed and f.metadata.get("hashed", True)
             if sub is not None:
-                nested.append((sub, key, f.metadata.get("doc", "")))
-            type_text = _type_name(tp).replace("|", "\\|")
-            default = _default_text(f).replace("|", "\\|")
-            hashed = "yes" if f.metadata.get("hashed", True) else "no"
-            lines.append(f"| `{key}` | {type_text} | `{default}` | {_bound_text(f)} | {hashed} | "
-                         f"{f.metadata.get('doc', '')} |")
+                nested.append((sub, key, f.metadata.get("doc", ""), hashed))
+            lines.append(f"| `{key}` | {cell(_type_name(tp))} | `{cell(_default_text(f))}` | "
+                         f"{_bound_text(f)} | {'yes' if hashed else 'no'} | "
+                         f"{cell(f.metadata.get('doc', ''))} |")
         lines.append("")
-        for sub, key, doc in nested:
-            section(sub, key, f"{sub.__doc__.strip()} {doc}")
+        for sub, key, doc, hashed in nested:
+            section(sub, key, f"{sub.__doc__.strip()} {doc}", hashed)
 
-    section(RunConfig, "", RunConfig.__doc__)
+    section(RunConfig, "", RunConfig.__doc__, True)
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -1,0 +1,264 @@
+"""Checkpoints: the train state plus the run's position, written by Orbax.
+
+A checkpoint directory (``<run_dir>/checkpoints``) holds one sub-directory per saved step, each
+with two Orbax items:
+
+- ``state``: the train state, any pytree of ``jax.Array`` (``StandardSave``; every process of
+  a multi-host run calls ``save`` with its shards);
+- ``meta``: JSON (``JsonSave``) with the ``TrainPosition`` (step, global sample offset, RNG seed
+  and key data), the ``RunIdentity`` it belongs to, and the state's signature (each leaf's
+  path, shape and dtype).
+
+``Checkpoints`` opens the directory and refuses it, with ``CheckpointError`` naming what
+differs, if any checkpoint there belongs to another config, model or dataset, and before it
+writes anything: a refusal leaves every file as it was. A checkpoint Orbax cannot read is
+reported as corrupt; it is never skipped in favour of starting over.
+
+Restoring takes an explicit target (leaves ``jax.ShapeDtypeStruct`` with a ``sharding``, or
+arrays whose sharding is reused), so a run saved on one mesh resumes on another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from pipeline.errors import CheckpointError
+
+META_VERSION = 1
+_MAX_LISTED = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainPosition:
+    """Where a run stands: enough, with the state, to continue it exactly.
+
+    Attributes:
+      step: optimizer steps taken.
+      global_sample_offset: global samples consumed (``pipeline.data.HostBatches.offset``).
+      rng_seed: the seed the run's RNG was made from.
+      rng_key_data: ``jax.random.key_data`` of the current key, as plain ints.
+    """
+
+    step: int
+    global_sample_offset: int
+    rng_seed: int
+    rng_key_data: tuple[int, ...] = ()
+
+    @classmethod
+    def from_key(cls, step: int, global_sample_offset: int, rng_seed: int,
+                 key: jax.Array) -> TrainPosition:
+        """A position holding ``key`` (a typed or raw uint32 JAX PRNG key)."""
+        data = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+        return cls(step, global_sample_offset, rng_seed, tuple(int(x) for x in np.asarray(data).ravel()))
+
+    def rng_key(self) -> jax.Array:
+        """The saved key as a typed JAX PRNG key (default implementation)."""
+        return jax.random.wrap_key_data(np.asarray(self.rng_key_data, np.uint32))
+
+
+@dataclasses.dataclass(frozen=True)
+class RunIdentity:
+    """What a checkpoint must match to be resumed.
+
+    Attributes:
+      config_hash: ``pipeline.config.config_hash`` of the run.
+      config: ``pipeline.config.config_to_dict(cfg, hashed_only=True)``, so that a refusal can
+        name the fields that differ.
+      model_fingerprint: identifies the student's architecture (and its initial weights' source).
+      dataset_fingerprint: ``DatasetInfo.fingerprint("train")``; empty when not applicable.
+    """
+
+    config_hash: str
+    config: Mapping[str, Any]
+    model_fingerprint: str
+    dataset_fingerprint: str = ""
+
+
+def tree_signature(tree: Any) -> list[list]:
+    """``[[path, shape, dtype], ...]`` of every leaf of ``tree`` (arrays or ShapeDtypeStructs)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [[jax.tree_util.keystr(path), list(np.shape(leaf)), str(leaf.dtype)]
+            for path, leaf in leaves]
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, Mapping):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: data}
+
+
+def _differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    a, b = _flatten(saved), _flatten(current)
+    missing = object()
+    return [f"{key}: checkpoint has {a.get(key, missing)!r}, this run has {b.get(key, missing)!r}"
+            .replace(repr(missing), "(absent)")
+            for key in sorted(set(a) | set(b)) if a.get(key, missing) != b.get(key, missing)]
+
+
+def _listing(items: list[str]) -> str:
+    more = f"; and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
+    return "; ".join(items[:_MAX_LISTED]) + more
+
+
+def _abstract(target: Any) -> Any:
+    def leaf(x):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return x
+        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None))
+    return jax.tree.map(leaf, target)
+
+
+class Checkpoints:
+    """Save, find and restore the checkpoints of one run directory.
+
+    ``keep`` newest checkpoints are kept. With ``async_save`` a save returns once the arrays
+    are copied off the devices and the files are written in the background; ``wait()`` (and
+    ``close()``) blocks until they are committed. Use as a context manager or call ``close()``.
+    All processes of a multi-host run construct it on the same shared directory and call
+    ``save``/``restore`` together.
+    """
+
+    def __init__(self, directory: str | os.PathLike, identity: RunIdentity, *, keep: int = 3,
+                 async_save: bool = True):
+        if keep < 1:
+            raise CheckpointError(f"checkpoint.keep: expected >= 1, got {keep}")
+        self.directory = Path(directory).absolute()
+        self.identity = identity
+        if self.directory.exists() and not self.directory.is_dir():
+            raise CheckpointError(f"{self.directory}: exists and is not a directory")
+        # Opening an existing directory reads only; nothing is created until the first save.
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=False,
+                                                 enable_async_checkpointing=async_save))
+        try:
+            for step in self._manager.all_steps():
+                self._check_identity(step, self.read_meta(step))
+        except BaseException:
+            self._manager.close()
+            raise
+
+    def __enter__(self) -> Checkpoints:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def all_steps(self) -> list[int]:
+        """Steps of the committed checkpoints, ascending (a save still in flight is not listed)."""
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        """The newest committed step, or None when the directory holds no checkpoint."""
+        return self._manager.latest_step()
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        """The JSON metadata of ``step`` (``position``, ``identity``, ``signature``)."""
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            meta = restored.meta
+        except Exception as e:  # Orbax raises many types for unreadable files; all mean corrupt
+            raise CheckpointError(f"{self.directory / str(step)}: corrupt checkpoint, its metadata "
+                                  f"cannot be read ({type(e).__name__}: {e}); move it away to "
+                                  f"resume from an earlier one") from e
+        if not isinstance(meta, dict) or meta.get("version") != META_VERSION or not all(
+                k in meta for k in ("position", "identity", "signature")):
+            raise CheckpointError(f"{self.directory / str(step)}: corrupt checkpoint or not a kdpipe "
+                                  f"checkpoint (metadata without version {META_VERSION}, position, "
+                                  f"identity and signature)")
+        return meta
+
+    def _check_identity(self, step: int, meta: Mapping[str, Any]) -> None:
+        saved, current = meta["identity"], self.identity
+        where = self.directory / str(step)
+        if saved.get("model_fingerprint") != current.model_fingerprint:
+            raise CheckpointError(f"{where}: checkpoint is from another model (model fingerprint "
+                                  f"{saved.get('model_fingerprint')!r}, this run's is "
+                                  f"{current.model_fingerprint!r}); use another run_dir")
+        if saved.get("dataset_fingerprint") != current.dataset_fingerprint:
+            raise CheckpointError(f"{where}: checkpoint was trained on another dataset (dataset "
+                                  f"fingerprint {saved.get('dataset_fingerprint')!r}, this run's is "
+                                  f"{current.dataset_fingerprint!r}); use another run_dir")
+        if saved.get("config_hash") != current.config_hash:
+            changed = _differences(saved.get("config", {}), current.config)
+            raise CheckpointError(f"{where}: checkpoint is from another config (hash "
+                                  f"{saved.get('config_hash')!r}, this run's is "
+                                  f"{current.config_hash!r}): {_listing(changed) or 'unknown fields'}"
+                                  f"; restore those values or use another run_dir")
+
+    def save(self, position: TrainPosition, state: Any) -> None:
+        """Save ``state`` (a pytree of arrays) as checkpoint ``position.step``.
+
+        Refuses a step that is already saved (``CheckpointError``); deletes the oldest
+        checkpoints beyond ``keep`` once this one is committed.
+        """
+        if position.step in self._manager.all_steps():
+            raise CheckpointError(f"{self.directory / str(position.step)}: a checkpoint of step "
+                                  f"{position.step} already exists; it is not overwritten")
+        identity = dataclasses.asdict(self.identity)
+        identity["config"] = dict(identity["config"])
+        meta = {"version": META_VERSION, "position": dataclasses.asdict(position),
+                "identity": identity, "signature": tree_signature(state)}
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._manager.save(position.step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+
+    def restore(self, target: Any, step: int | None = None) -> tuple[Any, TrainPosition]:
+        """Restore checkpoint ``step`` (default: the latest) into the layout of ``target``.
+
+        Args:
+          target: a pytree matching the saved state whose leaves are ``jax.ShapeDtypeStruct``
+            with the wanted ``sharding`` (or arrays, whose sharding is reused): the restored
+            arrays are laid out on that mesh, whatever mesh they were saved from.
+          step: which checkpoint; None: the latest.
+
+        Returns ``(state, position)``. Raises ``CheckpointError`` if there is no such checkpoint,
+        if the state's structure, shapes or dtypes differ from ``target`` (naming the leaves),
+        or if the checkpoint is corrupt.
+        """
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise CheckpointError(f"{self.directory}: no checkpoint to restore")
+        elif step not in self._manager.all_steps():
+            raise CheckpointError(f"{self.directory}: no checkpoint of step {step} "
+                                  f"(have {self.all_steps()})")
+        meta = self.read_meta(step)
+        self._check_identity(step, meta)
+        abstract = _abstract(target)
+        saved = {path: (shape, dtype) for path, shape, dtype in meta["signature"]}
+        wanted = {path: (shape, dtype) for path, shape, dtype in tree_signature(abstract)}
+        mismatched = [f"{p}: checkpoint {saved.get(p, '(absent)')}, target {wanted.get(p, '(absent)')}"
+                      for p in sorted(set(saved) | set(wanted)) if saved.get(p) != wanted.get(p)]
+        if mismatched:
+            raise CheckpointError(f"{self.directory / str(step)}: the saved state does not match "
+                                  f"the target state: {_listing(mismatched)}")
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract)))
+        except Exception as e:  # Orbax/TensorStore raise many types for damaged files
+            raise CheckpointError(f"{self.directory / str(step)}: corrupt checkpoint, its state "
+                                  f"cannot be read ({type(e).__name__}: {str(e)[:300]}); move it "
+                                  f"away to resume from an earlier one") from e
+        position = meta["position"]
+        position["rng_key_data"] = tuple(position.get("rng_key_data", ()))
+        return restored.state, TrainPosition(**position)
+
+    def wait(self) -> None:
+        """Block until every save in flight is committed."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Finish saves in flight and release the manager."""
+        self._manager.close()
