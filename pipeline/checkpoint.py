@@ -16,6 +16,17 @@ reported as corrupt; it is never skipped in favour of starting over.
 
 Restoring takes an explicit target (leaves ``jax.ShapeDtypeStruct`` with a ``sharding``, or
 arrays whose sharding is reused), so a run saved on one mesh resumes on another.
+
+Typical use in a training loop::
+
+    identity = RunIdentity(config_hash(cfg), config_to_dict(cfg, hashed_only=True),
+                           model_fingerprint, dataset.fingerprint)
+    with Checkpoints(cfg.checkpoint_dir, identity, keep=cfg.checkpoint.keep,
+                     async_save=cfg.checkpoint.async_save) as checkpoints:
+        if checkpoints.latest_step() is not None:
+            state, position = checkpoints.restore(abstract_state_with_shardings)
+        ...
+        checkpoints.save(TrainPosition.from_key(step, batches.offset, seed, key), state)
 """
 
 from __future__ import annotations

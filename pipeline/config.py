@@ -761,7 +761,8 @@ def render_reference() -> str:
              "`pipeline/config.py`; do not edit by hand.", "",
              "Unknown keys, wrong types and out-of-range values are refused with the key's path. "
              "Fields marked *hashed* are part of the config hash that a checkpoint must match "
-             "to be resumed.", ""]
+             "to be resumed. Relative paths are relative to the directory the command runs in.",
+             ""]
 
     def cell(text: str) -> str:
         return text.replace("|", "\\|")

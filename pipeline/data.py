@@ -24,6 +24,15 @@ o is row ``permutation(seed, o // N)[o % N]`` of a split of N rows. The step wit
 consumes global samples ``[o, o + G)``; host h of H takes the h-th contiguous block of
 ``G / H`` of them. The global batches therefore do not depend on H, and a run resumed at offset
 o on any number of hosts sees each example exactly once per epoch.
+
+Typical use::
+
+    info = prepare_dataset(cfg.data)                       # once, before training
+    train = TokenDataset(cfg.data.prepared_dir, "train", vocab_size=model_vocab)
+    batches = HostBatches(train, seed=cfg.data.seed, global_batch=cfg.train.global_batch_size,
+                          host_index=jax.process_index(), host_count=jax.process_count(),
+                          offset=position.global_sample_offset)   # 0 for a fresh run
+    example_ids, batch = next(batches)                     # batches.offset goes in the checkpoint
 """
 
 from __future__ import annotations
@@ -480,8 +489,8 @@ def prepare_dataset(data: DataConfig, *, overwrite: bool = False, progress: bool
             writers[split].add(pack_rows(tokens, targets, data.seq_len, final=True)[0])
         splits = {name: writer.finish() for name, writer in writers.items()}
         if splits["train"]["num_rows"] == 0:
-            raise DataError(f"data.sources: no training rows (every document was held out, or "
-                            f"none has 2 tokens); lower data.eval_fraction or add data")
+            raise DataError("data.sources: no training rows (every document was held out, or "
+                            "none has 2 tokens); lower data.eval_fraction or add data")
         info = DatasetInfo(seq_len=data.seq_len, pack=data.pack,
                            vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
                            eos_token_id=eos[0] if eos else None,

@@ -140,7 +140,6 @@ def test_all_formats_give_the_same_rows_and_fingerprint(tmp_path, tokenizer_path
     # The content round-trips: the rows' real tokens decode to the documents joined by EOS.
     rows = all_rows(tmp_path / "jsonl" / "prepared")
     tokenizer = load_tokenizer(tokenizer_path)
-    eos = tokenizer.token_to_id(EOS)
     stream = rows["input_ids"][rows["attention_mask"] == 1]
     final_position = np.nonzero(rows["attention_mask"][-1])[0][-1]
     if rows["labels"][-1, final_position] != IGNORE_INDEX:  # the final token is only a label
