@@ -347,7 +347,6 @@ class _SplitWriter:
 
     def _flush(self, count: int) -> None:
         merged = {k: np.concatenate([r[k] for r in self.pending]) for k in self.pending[0]}
-        first = self.num_rows - self.pending_rows
         shard = {k: v[:count] for k, v in merged.items()}
         rest = {k: v[count:] for k, v in merged.items()}
         self.pending = [rest] if len(rest["input_ids"]) else []
@@ -358,7 +357,6 @@ class _SplitWriter:
             return pa.FixedSizeListArray.from_arrays(pa.array(values.ravel(), dtype), self.seq_len)
 
         table = pa.table({
-            "example_id": pa.array(np.arange(first, first + count, dtype=np.int64)),
             "input_ids": column(shard["input_ids"], pa.int32()),
             "attention_mask": column(shard["attention_mask"].astype(np.int8), pa.int8()),
             "labels": column(shard["labels"], pa.int32()),
@@ -649,6 +647,8 @@ class HostBatches:
     def __init__(self, dataset: TokenDataset, *, seed: int, global_batch: int,
                  host_index: int = 0, host_count: int = 1, offset: int = 0):
         host_offsets(0, global_batch, host_index, host_count)  # validates the split
+        if dataset.num_rows == 0:
+            raise DataError(f"{dataset.directory} ({dataset.split}): the split has no rows")
         if offset < 0:
             raise DataError(f"offset: expected >= 0, got {offset}")
         self.dataset, self.seed, self.global_batch = dataset, seed, global_batch

@@ -352,6 +352,10 @@ def test_existing_output_is_refused_untouched_or_replaced(tmp_path, tokenizer_pa
     src.write_text("alpha beta gamma " * 20)
     cfg = config(tmp_path, tokenizer_path, [src])
     first = prepare_dataset(cfg, progress=False)
+    empty_eval = TokenDataset(cfg.prepared_dir, "eval")  # eval_fraction 0: nothing held out
+    assert empty_eval.num_rows == 0 and list(eval_batches(empty_eval, 2)) == []
+    with pytest.raises(DataError, match=r"\(eval\): the split has no rows"):
+        HostBatches(empty_eval, seed=0, global_batch=2)
     before = snapshot(Path(cfg.prepared_dir))
     src.write_text("omega psi chi " * 20)
     with pytest.raises(DataError, match="already exists and is not empty; pass --overwrite"):
