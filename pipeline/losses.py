@@ -21,6 +21,7 @@ checked at trace time and must be Python values when they select code (``diverge
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
@@ -33,6 +34,7 @@ from pipeline.errors import ConfigError, KdpipeError
 IGNORE_INDEX = -100
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 _F32 = jnp.float32
+_TAIL_FLOOR = float(jnp.finfo(jnp.float32).eps)  # smallest student tail mass resolved (top-k)
 
 
 # --------------------------------------------------------------------------- teacher targets
@@ -186,13 +188,30 @@ def masked_token_mean(x: jax.Array, mask: jax.Array | None) -> jax.Array:
 
 
 # --------------------------------------------------------------------------- per-token terms
+#
+# The student-side functions below carry closed-form VJPs. Autodiff of the plain formulas
+# leaves XLA a chain of [tokens, vocab] intermediates (a GiB or more at 8192 x 32768); each VJP
+# here is one elementwise pass over the logits (plus a k-sized scatter for sparse ids), so
+# forward and backward need only per-token temporaries.
 
 
-def _scaled_log_softmax(logits: jax.Array, temperature) -> jax.Array:
-    # The f32 upcast is elementwise and feeds reductions only, so XLA fuses it instead of
-    # materialising an f32 copy of bf16 logits.
-    z = logits.astype(_F32) / temperature
-    return z - jax.nn.logsumexp(z, axis=-1, keepdims=True)
+def _scaled(logits: jax.Array, temperature) -> jax.Array:
+    # Elementwise, so XLA fuses the f32 upcast into its consumers instead of materialising an
+    # f32 copy of bf16 logits.
+    return logits.astype(_F32) / temperature
+
+
+def _logsumexp(z: jax.Array) -> jax.Array:
+    return jax.nn.logsumexp(z, axis=-1)
+
+
+def _resolve_divergence(divergence: str, beta: float) -> str:
+    # GKD's convention (its reference code special-cases the endpoints the same way).
+    if divergence == "jsd" and beta == 0.0:
+        return "forward_kl"
+    if divergence == "jsd" and beta == 1.0:
+        return "reverse_kl"
+    return divergence
 
 
 def _xlogx_ratio(log_a: jax.Array, log_b: jax.Array) -> jax.Array:
@@ -230,10 +249,7 @@ def token_divergence(student_logprobs: jax.Array, teacher_logprobs: jax.Array,
     Returns:
       ``[...]`` float32.
     """
-    if divergence == "jsd" and beta == 0.0:
-        divergence = "forward_kl"
-    if divergence == "jsd" and beta == 1.0:
-        divergence = "reverse_kl"
+    divergence = _resolve_divergence(divergence, beta)
     if divergence == "forward_kl":
         return jnp.sum(_xlogx_ratio(teacher_logprobs, student_logprobs), axis=-1)
     if divergence == "reverse_kl":
@@ -242,6 +258,120 @@ def token_divergence(student_logprobs: jax.Array, teacher_logprobs: jax.Array,
                             math.log1p(-beta) + student_logprobs)
     return jnp.sum(beta * _xlogx_ratio(teacher_logprobs, log_mix)
                    + (1.0 - beta) * _xlogx_ratio(student_logprobs, log_mix), axis=-1)
+
+
+def _dense_terms(z_s, z_t, lse_s, lse_t, divergence, beta):
+    """Elementwise pieces shared by the dense forward and backward passes."""
+    log_q = z_s - lse_s[..., None]
+    log_p = z_t - lse_t[..., None]
+    if divergence == "forward_kl":
+        return log_q, log_p, None
+    if divergence == "reverse_kl":
+        return log_q, log_p, log_p
+    return log_q, log_p, jnp.logaddexp(math.log(beta) + log_p, math.log1p(-beta) + log_q)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _dense_divergence(student_logits, teacher_logits, temperature, divergence, beta):
+    return _dense_divergence_fwd(student_logits, teacher_logits, temperature, divergence,
+                                 beta)[0]
+
+
+def _dense_divergence_fwd(student_logits, teacher_logits, temperature, divergence, beta):
+    z_s, z_t = _scaled(student_logits, temperature), _scaled(teacher_logits, temperature)
+    lse_s, lse_t = _logsumexp(z_s), _logsumexp(z_t)
+    log_q, log_p, log_ref = _dense_terms(z_s, z_t, lse_s, lse_t, divergence, beta)
+    if divergence == "forward_kl":
+        div = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+        student_side = None
+    else:
+        # Σ q (log q − log r), r = p (reverse KL) or the mixture m (JSD); the backward needs it.
+        student_side = jnp.sum(jnp.exp(log_q) * (log_q - log_ref), axis=-1)
+        div = student_side
+        if divergence == "jsd":
+            teacher_side = jnp.sum(jnp.exp(log_p) * (log_p - log_ref), axis=-1)
+            div = beta * teacher_side + (1.0 - beta) * student_side
+    residuals = (student_logits, teacher_logits, temperature, lse_s, lse_t, student_side)
+    return div, residuals
+
+
+def _dense_divergence_bwd(divergence, beta, residuals, cotangent):
+    # d/dz_v for z = s/T, with q = softmax(z):
+    #   forward KL:  q_v − p_v
+    #   reverse KL:  q_v (log q_v − log p_v − KL(q‖p))
+    #   JSD_β:       (1−β) q_v (log q_v − log m_v − KL(q‖m))
+    student_logits, teacher_logits, temperature, lse_s, lse_t, student_side = residuals
+    z_s, z_t = _scaled(student_logits, temperature), _scaled(teacher_logits, temperature)
+    log_q, log_p, log_ref = _dense_terms(z_s, z_t, lse_s, lse_t, divergence, beta)
+    q = jnp.exp(log_q)
+    if divergence == "forward_kl":
+        grad = q - jnp.exp(log_p)
+    else:
+        grad = q * (log_q - log_ref - student_side[..., None])
+        if divergence == "jsd":
+            grad = (1.0 - beta) * grad
+    grad = grad * (cotangent / temperature)[..., None]
+    return grad.astype(student_logits.dtype), None, jnp.zeros_like(temperature)
+
+
+_dense_divergence.defvjp(_dense_divergence_fwd, _dense_divergence_bwd)
+
+
+def _log1mexp(x: jax.Array) -> jax.Array:
+    """``log(1 − exp(x))`` for ``x < 0``, accurate on both sides of −log 2 (Mächler, 2012)."""
+    return jnp.where(x > -math.log(2.0), jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
+
+
+def _scatter_add_last(dense: jax.Array, ids: jax.Array, updates: jax.Array) -> jax.Array:
+    """``dense[..., ids] += updates`` along the last axis (duplicate ids accumulate)."""
+    lead = dense.shape[:-1]
+    flat = jax.vmap(lambda row, i, u: row.at[i].add(u))(
+        dense.reshape(-1, dense.shape[-1]), ids.reshape(-1, ids.shape[-1]),
+        updates.reshape(-1, updates.shape[-1]))
+    return flat.reshape(*lead, dense.shape[-1])
+
+
+@jax.custom_vjp
+def _logprobs_at(logits, ids, has_tail, temperature):
+    return _logprobs_at_fwd(logits, ids, has_tail, temperature)[0]
+
+
+def _logprobs_at_fwd(logits, ids, has_tail, temperature):
+    z = _scaled(logits, temperature)
+    lse = _logsumexp(z)
+    at_ids = jnp.take_along_axis(z, ids, axis=-1) - lse[..., None]
+    if has_tail is None:
+        return at_ids, (logits, ids, None, temperature, lse, at_ids, None)
+    covered = _logsumexp(at_ids)
+    # Rounding can put the covered mass at (or above) 1: floor the tail at ~eps of the mass,
+    # and treat it as constant there (zero gradient), as the floor does.
+    tail_active = has_tail & (covered < -_TAIL_FLOOR)
+    floor = jnp.where(has_tail, math.log(_TAIL_FLOOR), -jnp.inf)
+    tail = jnp.where(tail_active, _log1mexp(jnp.where(tail_active, covered, -1.0)), floor)
+    out = jnp.concatenate([at_ids, tail[..., None]], axis=-1)
+    return out, (logits, ids, tail_active, temperature, lse, at_ids, tail)
+
+
+def _logprobs_at_bwd(residuals, cotangent):
+    # log q_j = z_{id_j} − lse, so d/dz_v = δ(v = id_j) − q_v; the tail
+    # log(1 − Σ_j q_j) has d/dz_v = [v ∉ ids] q_v / q_tail − q_v. Hence, with a the cotangent,
+    #   grad_v = q_v (c − Σ a) + Σ_j δ(v = id_j) (a_j − c q_v),   c = a_tail / q_tail.
+    logits, ids, tail_active, temperature, lse, at_ids, tail = residuals
+    if tail is None:
+        a_ids, total, tail_coef = cotangent, jnp.sum(cotangent, axis=-1), 0.0
+    else:
+        a_ids, a_tail = cotangent[..., :-1], jnp.where(tail_active, cotangent[..., -1], 0.0)
+        total = jnp.sum(a_ids, axis=-1) + a_tail
+        tail_coef = jnp.where(tail_active, a_tail * jnp.exp(-jnp.where(tail_active, tail, 0.0)),
+                              0.0)
+    q = jnp.exp(_scaled(logits, temperature) - lse[..., None])
+    dense = q * ((tail_coef - total) / temperature)[..., None]
+    sparse = (a_ids - jnp.asarray(tail_coef)[..., None] * jnp.exp(at_ids)) / temperature
+    grad = _scatter_add_last(dense, ids, sparse)
+    return grad.astype(logits.dtype), None, None, jnp.zeros_like(temperature)
+
+
+_logprobs_at.defvjp(_logprobs_at_fwd, _logprobs_at_bwd)
 
 
 def token_entropy(logprobs: jax.Array) -> jax.Array:
@@ -263,14 +393,8 @@ def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """
     ignored = labels == IGNORE_INDEX
     safe = jnp.where(ignored, 0, labels).astype(jnp.int32)
-    logit_at_label = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0].astype(_F32)
-    ce = jax.nn.logsumexp(logits.astype(_F32), axis=-1) - logit_at_label
-    return jnp.where(ignored, 0.0, ce)
-
-
-def _log1mexp(x: jax.Array) -> jax.Array:
-    """``log(1 − exp(x))`` for ``x < 0``, accurate on both sides of −log 2 (Mächler, 2012)."""
-    return jnp.where(x > -math.log(2.0), jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
+    log_q = _logprobs_at(logits, safe[..., None], None, jnp.float32(1.0))[..., 0]
+    return jnp.where(ignored, 0.0, -log_q)
 
 
 def topk_bucket_logprobs(student_logits: jax.Array, targets: TopKTargets,
@@ -285,9 +409,10 @@ def topk_bucket_logprobs(student_logits: jax.Array, targets: TopKTargets,
             = \operatorname{log1mexp}\Bigl(\operatorname{logsumexp}_{j\in K} \log q_j\Bigr)
 
     The student's tail is a difference of two masses, so it is resolved to about float32
-    epsilon of the total mass; smaller tails are floored there. A teacher tail of −inf means
-    the ids cover the whole vocabulary (k = V): the tail bucket is then empty on both sides, so
-    the student's rounding residue there counts for nothing and the loss equals the dense one.
+    epsilon of the total mass; smaller tails are floored there (with zero gradient). A teacher
+    tail of −inf means the ids cover the whole vocabulary (k = V): the tail bucket is then
+    empty on both sides, so the student's rounding residue there counts for nothing and the
+    loss equals the dense one.
 
     Args:
       student_logits: ``[..., vocab]``.
@@ -296,16 +421,9 @@ def topk_bucket_logprobs(student_logits: jax.Array, targets: TopKTargets,
     Returns:
       ``(student, teacher)`` log-probabilities, each ``[..., k+1]`` float32 (tail last).
     """
-    z = student_logits.astype(_F32) / temperature
-    lse = jax.nn.logsumexp(z, axis=-1, keepdims=True)
-    at_ids = jnp.take_along_axis(z, targets.ids.astype(jnp.int32), axis=-1) - lse
-    covered = jax.nn.logsumexp(at_ids, axis=-1)
     tail_logmass = targets.tail_logmass.astype(_F32)
-    has_tail = tail_logmass > -jnp.inf
-    # The floor keeps log1mexp finite when rounding puts the covered mass at (or above) 1.
-    safe_covered = jnp.minimum(jnp.where(has_tail, covered, -1.0), -jnp.finfo(_F32).eps)
-    student_tail = jnp.where(has_tail, _log1mexp(safe_covered), -jnp.inf)
-    student = jnp.concatenate([at_ids, student_tail[..., None]], axis=-1)
+    student = _logprobs_at(student_logits, targets.ids.astype(jnp.int32),
+                           tail_logmass > -jnp.inf, jnp.asarray(temperature, _F32))
     teacher = jnp.concatenate([targets.logprobs.astype(_F32), tail_logmass[..., None]], axis=-1)
     return student, teacher
 
@@ -342,18 +460,22 @@ def token_losses(student_logits: jax.Array, targets: Targets, labels=None, *,
 
       whose expectation over the draws is the forward KL, in value and in gradient
       (:math:`\mathbb{E}[c_j/n] = p_{y_j}`); entropy = the stored one; top id = the most drawn.
+      Unlike the exact divergences (clamped at 0 against float32 rounding), one draw's
+      estimate can be negative.
 
-    Teacher terms are under ``stop_gradient``. Returns a :class:`TokenLosses`; its
-    ``cross_entropy`` is ``None`` when ``labels`` is ``None``.
+    Teacher terms are under ``stop_gradient``; logits must be finite. Returns a
+    :class:`TokenLosses`; its ``cross_entropy`` is ``None`` when ``labels`` is ``None``.
     """
-    student_logprobs = _scaled_log_softmax(student_logits, temperature)
+    divergence = _resolve_divergence(divergence, beta)
+    temperature = jnp.asarray(temperature, _F32)
     student_top = jnp.argmax(student_logits, axis=-1)
     if isinstance(targets, DenseTargets):
-        teacher_logprobs = jax.lax.stop_gradient(_scaled_log_softmax(targets.logits, temperature))
-        div = jnp.maximum(token_divergence(student_logprobs, teacher_logprobs, divergence, beta),
-                          0.0)
-        entropy = token_entropy(teacher_logprobs)
-        teacher_top = jnp.argmax(targets.logits, axis=-1)
+        teacher_logits = jax.lax.stop_gradient(targets.logits)
+        div = jnp.maximum(
+            _dense_divergence(student_logits, teacher_logits, temperature, divergence, beta), 0.0)
+        z_t = _scaled(teacher_logits, temperature)
+        entropy = token_entropy(z_t - _logsumexp(z_t)[..., None])
+        teacher_top = jnp.argmax(teacher_logits, axis=-1)
     elif isinstance(targets, TopKTargets):
         targets = jax.lax.stop_gradient(targets)
         student_buckets, teacher_buckets = topk_bucket_logprobs(student_logits, targets,
@@ -367,7 +489,7 @@ def token_losses(student_logits: jax.Array, targets: Targets, labels=None, *,
         counts = targets.counts.astype(_F32)
         total = jnp.sum(counts, axis=-1, keepdims=True)
         weights = jnp.where(total > 0, counts / jnp.maximum(total, 1e-30), 0.0)
-        at_ids = jnp.take_along_axis(student_logprobs, targets.ids.astype(jnp.int32), axis=-1)
+        at_ids = _logprobs_at(student_logits, targets.ids.astype(jnp.int32), None, temperature)
         entropy = targets.entropy.astype(_F32)
         div = -jnp.sum(weights * at_ids, axis=-1) - entropy
         teacher_top = _id_of_max(targets.ids, counts)
