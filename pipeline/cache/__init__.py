@@ -1,0 +1,21 @@
+"""Teacher-output cache: compressed teacher targets in sharded zarr3 arrays (TensorStore).
+
+Write with :class:`CacheWriter` (declare a :class:`CacheManifest` with its :class:`TargetSpec`),
+read with :class:`CacheReader` (declare the run as a :class:`RunDeclaration`). The format,
+the modes and what may change after caching (temperature) are documented in
+:mod:`pipeline.cache.format`.
+"""
+
+from pipeline.cache.format import (CacheManifest, RunDeclaration, ShardCommit, TargetSpec,
+                                   check_compatible, load_manifest, open_kvstore)
+from pipeline.cache.reader import CacheReader
+from pipeline.cache.writer import CacheWriter
+
+
+def read_manifest(location) -> CacheManifest:
+    """The manifest of the cache at ``location`` (header plus current commit states)."""
+    return load_manifest(open_kvstore(location), str(location))
+
+
+__all__ = ["CacheManifest", "CacheReader", "CacheWriter", "RunDeclaration", "ShardCommit",
+           "TargetSpec", "check_compatible", "read_manifest"]

@@ -1,0 +1,228 @@
+"""Pure, jittable encode/decode of teacher targets (no I/O).
+
+``encode(logits [B, L, V], sequence_indices [B], spec)`` returns the stored arrays of
+:func:`pipeline.cache.format.array_layout` (each ``[B, L, *trailing]``) and
+``decode(stored, spec)`` returns the batch keys of CONTRACTS.md. ``spec`` is static.
+
+Codes, per token:
+
+- teacher distribution: p = softmax(logits / T_cache) over the real ids (ids >=
+  tokenizer_vocab_size get probability 0 before anything is chosen or drawn).
+- ids, ``packed``: each id in ceil(log2 V) bits, concatenated LSB-first into a byte row.
+- ids, ``gap``: ids sorted ascending, gaps g_i = id_i - id_{i-1} - 1 (id_{-1} = -1). Each gap is
+  stored as its bit length b_i (a byte, ``id_gap_lengths``, which zstd entropy-codes) and its
+  b_i - 1 bits below the leading one (``id_stream``), as DEFLATE codes distances: a bucket plus
+  extra bits. Decoding is parallel because the lengths give every code's offset.
+- topk values (log-probs, in the ids' order): float32, bfloat16, or ``q8``: q = round(-lp / s)
+  in [0, 255] with s = -min(lp) / 255 per token (stored as bf16). The tail log-mass
+  log(sum_{v not in top k} p_v) is summed directly (so it is exactly -inf when k covers the
+  vocab). Lossy values are renormalised at decode so that the k values and the tail sum to 1.
+- sampled: n ids drawn i.i.d. from p by inverse CDF with a key per (seed, sequence, position),
+  so a re-run draws the same ids; stored as sorted unique ids, counts (uint8, unused slots 0
+  with id 0) and the teacher entropy H(p) in f32. (A cumulative sum in f32 resolves
+  probabilities down to about 1e-7; rarer ids are drawn with a slightly wrong probability.)
+- full: the logits (padded ids set to PADDED_LOGIT) in float32 or bfloat16.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pipeline.cache.format import PADDED_LOGIT, TargetSpec, id_bits, mantissa_bytes
+
+# q8 log-probs are clamped here so that the per-token scale stays finite (e^-100 ~ 0 in f32).
+Q8_LOGPROB_FLOOR = -100.0
+
+
+def teacher_logprobs(logits: jax.Array, spec: TargetSpec) -> jax.Array:
+    """log softmax(logits / T_cache) in f32 with padded ids at -inf. [..., V] -> [..., V]."""
+    x = logits.astype(jnp.float32) / spec.temperature
+    if spec.tokenizer_vocab_size < spec.vocab_size:
+        x = jnp.where(jnp.arange(spec.vocab_size) < spec.tokenizer_vocab_size, x, -jnp.inf)
+    return jax.nn.log_softmax(x, axis=-1)
+
+
+def pack_bits(values: jax.Array, widths: jax.Array, num_bytes: int) -> jax.Array:
+    """Concatenate values[t, i] (widths[t, i] <= 25 bits each) LSB-first into bytes.
+
+    [T, m] uint32, [T, m] int32 -> [T, num_bytes] uint8 (num_bytes * 8 >= sum of widths).
+    """
+    offsets = jnp.cumsum(widths, axis=-1) - widths
+    shifted = values.astype(jnp.uint32) << (offsets % 8).astype(jnp.uint32)
+    # a code of <= 25 bits starting at bit offset%8 <= 7 touches at most 4 bytes
+    byte_index = (offsets // 8)[..., None] + jnp.arange(4)
+    byte_value = (shifted[..., None] >> (8 * jnp.arange(4, dtype=jnp.uint32))) & 0xFF
+
+    def row(index, value):
+        # codes never overlap, so adding their bytes is OR-ing them
+        out = jnp.zeros(num_bytes + 4, jnp.uint32).at[index.reshape(-1)].add(value.reshape(-1))
+        return out[:num_bytes].astype(jnp.uint8)
+
+    return jax.vmap(row)(byte_index, byte_value)
+
+
+def unpack_bits(packed: jax.Array, widths: jax.Array) -> jax.Array:
+    """Inverse of :func:`pack_bits`: [T, C] uint8, [T, m] int32 -> [T, m] uint32."""
+    offsets = jnp.cumsum(widths, axis=-1) - widths
+    padded = jnp.pad(packed.astype(jnp.uint32), ((0, 0), (0, 4)))
+    index = (offsets // 8)[..., None] + jnp.arange(4)
+    window_bytes = jnp.take_along_axis(padded, index.reshape(index.shape[0], -1), axis=-1)
+    window_bytes = window_bytes.reshape(index.shape) << (8 * jnp.arange(4, dtype=jnp.uint32))
+    window = window_bytes[..., 0] | window_bytes[..., 1] | window_bytes[..., 2] | window_bytes[..., 3]
+    mask = (jnp.uint32(1) << widths.astype(jnp.uint32)) - 1
+    return (window >> (offsets % 8).astype(jnp.uint32)) & mask
+
+
+def _bit_length(x: jax.Array) -> jax.Array:
+    return (32 - jax.lax.clz(x.astype(jnp.uint32))).astype(jnp.int32)
+
+
+def encode_ids(ids: jax.Array, used: jax.Array, spec: TargetSpec) -> dict[str, jax.Array]:
+    """[T, m] int32 ids (ascending where used for "gap"; unused slots last) -> stored arrays."""
+    capacity = mantissa_bytes(spec)
+    if spec.id_encoding == "packed":
+        widths = jnp.full(ids.shape, id_bits(spec.vocab_size), jnp.int32)
+        return {"id_stream": pack_bits(jnp.where(used, ids, 0), widths, capacity)}
+    previous = jnp.concatenate([jnp.full_like(ids[:, :1], -1), ids[:, :-1]], axis=-1)
+    gaps = jnp.where(used, ids - previous - 1, 0).astype(jnp.uint32)
+    lengths = _bit_length(gaps)
+    leading_one = jnp.where(lengths > 0, jnp.uint32(1) << jnp.maximum(lengths - 1, 0), 0)
+    stream = pack_bits(gaps - leading_one, jnp.maximum(lengths - 1, 0), capacity)
+    return {"id_gap_lengths": lengths.astype(jnp.uint8), "id_stream": stream}
+
+
+def decode_ids(stored: dict[str, jax.Array], spec: TargetSpec) -> jax.Array:
+    """Stored id arrays [T, ...] -> [T, m] int32 ids (unused slots: whatever the code gives)."""
+    if spec.id_encoding == "packed":
+        shape = (stored["id_stream"].shape[0], spec.slots)
+        widths = jnp.full(shape, id_bits(spec.vocab_size), jnp.int32)
+        return unpack_bits(stored["id_stream"], widths).astype(jnp.int32)
+    lengths = stored["id_gap_lengths"].astype(jnp.int32)
+    extra = unpack_bits(stored["id_stream"], jnp.maximum(lengths - 1, 0))
+    leading_one = jnp.where(lengths > 0, jnp.uint32(1) << jnp.maximum(lengths - 1, 0), 0)
+    gaps = (leading_one + extra).astype(jnp.int32)
+    return jnp.cumsum(gaps + 1, axis=-1) - 1
+
+
+def quantize_logprobs(logprobs: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """[T, k] f32 log-probs (<= 0) -> ([T, k] uint8 q, [T] bf16 scale), lp ~ -q * scale."""
+    lp = jnp.maximum(logprobs, Q8_LOGPROB_FLOOR)
+    scale = (jnp.maximum(-jnp.min(lp, axis=-1), 1e-30) / 255.0).astype(jnp.bfloat16)
+    q = jnp.clip(jnp.round(-lp / scale.astype(jnp.float32)[:, None]), 0, 255)
+    return q.astype(jnp.uint8), scale
+
+
+def dequantize_logprobs(q: jax.Array, scale: jax.Array) -> jax.Array:
+    """Inverse of :func:`quantize_logprobs` up to rounding: -> [T, k] f32."""
+    return -q.astype(jnp.float32) * scale.astype(jnp.float32)[:, None]
+
+
+def _encode_topk(logp: jax.Array, spec: TargetSpec) -> dict[str, jax.Array]:
+    values, ids = jax.lax.top_k(logp, spec.k)
+    in_top = jax.vmap(lambda i: jnp.zeros(spec.vocab_size, bool).at[i].set(True))(ids)
+    tail = jax.nn.logsumexp(jnp.where(in_top, -jnp.inf, logp), axis=-1)
+    if spec.id_encoding == "gap":
+        order = jnp.argsort(ids, axis=-1)
+        ids = jnp.take_along_axis(ids, order, axis=-1)
+        values = jnp.take_along_axis(values, order, axis=-1)
+    out = encode_ids(ids, jnp.ones(ids.shape, bool), spec)
+    if spec.value_dtype == "q8":
+        out["values"], out["value_scale"] = quantize_logprobs(values)
+        out["tail_logmass"] = tail.astype(jnp.bfloat16)
+    else:
+        out["values"] = values.astype(spec.value_dtype)
+        out["tail_logmass"] = tail.astype(spec.value_dtype)
+    return out
+
+
+def _decode_topk(stored: dict[str, jax.Array], spec: TargetSpec) -> dict[str, jax.Array]:
+    ids = decode_ids(stored, spec)
+    tail = stored["tail_logmass"].astype(jnp.float32)
+    if spec.value_dtype == "q8":
+        values = dequantize_logprobs(stored["values"], stored["value_scale"])
+    else:
+        values = stored["values"].astype(jnp.float32)
+    if spec.value_dtype != "float32":
+        # rounding moved mass in or out of the top k: rescale the k values so that with the
+        # stored tail they sum to 1 (the tail itself is the more precise figure)
+        top_mass = jnp.log1p(-jnp.exp(tail))
+        values = values + (top_mass - jax.nn.logsumexp(values, axis=-1))[:, None]
+    return {"teacher_topk_ids": ids, "teacher_topk_logprobs": values,
+            "teacher_tail_logmass": tail}
+
+
+def _token_keys(sequence_indices: jax.Array, seq_len: int, seed: int) -> jax.Array:
+    base = jax.random.key(seed)
+    per_seq = jax.vmap(lambda s: jax.random.fold_in(base, s))(sequence_indices)
+    positions = jnp.arange(seq_len)
+    return jax.vmap(lambda k: jax.vmap(lambda p: jax.random.fold_in(k, p))(positions))(per_seq)
+
+
+def _encode_sampled(logp: jax.Array, keys: jax.Array, spec: TargetSpec) -> dict[str, jax.Array]:
+    n = spec.n_draws
+    p = jnp.exp(logp)
+    entropy = -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)
+    cdf = jnp.cumsum(p, axis=-1)
+    u = jax.vmap(lambda k: jax.random.uniform(k, (n,)))(keys) * cdf[:, -1:]
+    # side="right": the first id whose cdf exceeds u, so ids of probability 0 are never drawn
+    draws = jax.vmap(lambda c, x: jnp.searchsorted(c, x, side="right"))(cdf, u)
+    draws = jnp.sort(jnp.minimum(draws, spec.tokenizer_vocab_size - 1), axis=-1)
+    is_new = jnp.concatenate([jnp.ones_like(draws[:, :1], bool),
+                              draws[:, 1:] != draws[:, :-1]], axis=-1)
+    slot = jnp.cumsum(is_new, axis=-1) - 1
+    ids = jax.vmap(lambda s, d: jnp.zeros(n, jnp.int32).at[s].max(d))(slot, draws)
+    counts = jax.vmap(lambda s: jnp.zeros(n, jnp.int32).at[s].add(1))(slot)
+    out = encode_ids(ids, counts > 0, spec)
+    out["counts"] = counts.astype(jnp.uint8)
+    out["entropy"] = entropy
+    return out
+
+
+def _decode_sampled(stored: dict[str, jax.Array], spec: TargetSpec) -> dict[str, jax.Array]:
+    counts = stored["counts"].astype(jnp.float32)
+    ids = jnp.where(counts > 0, decode_ids(stored, spec), 0)
+    return {"teacher_sample_ids": ids, "teacher_sample_counts": counts,
+            "teacher_entropy": stored["entropy"].astype(jnp.float32)}
+
+
+@functools.partial(jax.jit, static_argnames="spec")
+def encode(logits: jax.Array, sequence_indices: jax.Array, spec: TargetSpec) -> dict[str, jax.Array]:
+    """Teacher logits [B, L, V] of sequences ``sequence_indices`` [B] -> stored arrays
+    {name: [B, L, *trailing]} (names and dtypes of ``array_layout(spec)``)."""
+    batch, seq_len, _ = logits.shape
+    if spec.mode == "full":
+        real = jnp.arange(spec.vocab_size) < spec.tokenizer_vocab_size
+        return {"logits": jnp.where(real, logits, PADDED_LOGIT).astype(spec.value_dtype)}
+    logp = teacher_logprobs(logits, spec).reshape(batch * seq_len, -1)
+    if spec.mode == "topk":
+        flat = _encode_topk(logp, spec)
+    else:
+        keys = _token_keys(sequence_indices, seq_len, spec.seed).reshape(-1)
+        flat = _encode_sampled(logp, keys, spec)
+    return {name: a.reshape(batch, seq_len, *a.shape[1:]) for name, a in flat.items()}
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "vocab_size"))
+def decode(stored: dict[str, jax.Array], spec: TargetSpec,
+           vocab_size: int | None = None) -> dict[str, jax.Array]:
+    """Stored arrays {name: [B, L, *trailing]} -> the batch's teacher keys (CONTRACTS.md).
+
+    vocab_size (full mode only): the run's logit width; padding columns are cut or added
+    (with PADDED_LOGIT) to reach it. Ids of the other modes are real ids, valid for any width.
+    """
+    if spec.mode == "full":
+        logits = stored["logits"]
+        width = vocab_size or spec.vocab_size
+        if width < spec.vocab_size:
+            logits = logits[..., :width]
+        elif width > spec.vocab_size:
+            pad = [(0, 0)] * (logits.ndim - 1) + [(0, width - spec.vocab_size)]
+            logits = jnp.pad(logits, pad, constant_values=PADDED_LOGIT)
+        return {"teacher_logits": logits}
+    batch, seq_len = next(iter(stored.values())).shape[:2]
+    flat = {name: a.reshape(batch * seq_len, *a.shape[2:]) for name, a in stored.items()}
+    out = _decode_topk(flat, spec) if spec.mode == "topk" else _decode_sampled(flat, spec)
+    return {name: a.reshape(batch, seq_len, *a.shape[1:]) for name, a in out.items()}

@@ -1,0 +1,436 @@
+"""The teacher-output cache format: what is stored, where, and when two runs may share it.
+
+A cache is a kvstore prefix (a local directory or any TensorStore kvstore URL such as
+``gs://bucket/run/``) holding:
+
+- ``manifest.json``: the header (:class:`CacheManifest` without its commits), written once by
+  whichever writer creates the cache (a conditional write, so two writers never race on it);
+- one zarr3 array per stored field (:func:`array_layout`), all shaped
+  ``[num_sequences, seq_len, *trailing]``, with the ``sharding_indexed`` codec: a shard holds
+  ``shard_sequences`` whole sequences (the write unit, owned by one writer) and an inner chunk
+  ``chunk_sequences`` of them (the read unit, crc32c-checked on every read);
+- ``commits/shard-XXXXXXXX.json``: one commit record per finished shard with the size and
+  crc32 of each of its files. A shard exists for readers only once its record does; the
+  manifest's commit states are derived from these records, never rewritten in place.
+
+The layout depends only on (sequence index, position), never on how many hosts wrote or read.
+
+Modes (``TargetSpec.mode``), with the batch keys the reader produces (CONTRACTS.md):
+
+- ``topk``: the k largest teacher log-probs at ``temperature`` with their ids, and the log of the
+  mass outside them -> ``teacher_topk_ids``, ``teacher_topk_logprobs``, ``teacher_tail_logmass``.
+- ``sampled``: ``n_draws`` ids drawn with replacement from the teacher distribution at
+  ``temperature`` (Anshumann et al. 2025), stored as unique ids with counts, plus the teacher
+  entropy -> ``teacher_sample_ids``, ``teacher_sample_counts``, ``teacher_entropy``.
+- ``full``: the dense logits -> ``teacher_logits``.
+
+Temperature after caching (enforced by :func:`check_compatible`):
+
+- ``topk`` and ``sampled`` store log-probs / draws of softmax(logits / T_cache). The tail of a
+  top-k target is one number, and draws were made at T_cache, so no other temperature can be
+  recovered exactly: a loss temperature T != T_cache is refused.
+- ``full`` stores the logits themselves (a per-token constant shift at most), so any loss
+  temperature is served exactly; its manifest temperature is ``None``.
+- Everything else (student model, alpha, hard labels, divergence, batch size, host counts) may
+  change freely after caching.
+
+Padded vocabularies: ``vocab_size`` is the teacher's logit width and ``tokenizer_vocab_size``
+the real tokenizer's (ids >= it are padding rows of the embedding). The padded ids are given
+probability zero before anything is stored, so top-k and sampled ids are always real ids, and
+full-mode logits hold :data:`PADDED_LOGIT` there. A run with another padded width (151936 vs
+152064) may read the cache when both declare the same real tokenizer vocab; full-mode logits
+are then padded with :data:`PADDED_LOGIT` or cut (only padding columns) to the run's width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+from pipeline.errors import CacheError
+
+FORMAT_VERSION = 1
+MANIFEST_KEY = "manifest.json"
+COMMIT_PREFIX = "commits/"
+
+MODES = ("topk", "sampled", "full")
+VALUE_DTYPES = ("float32", "bfloat16", "q8")
+ID_ENCODINGS = ("gap", "packed")
+# Finite on purpose: softmax gives these ids probability exactly 0, and p * log p stays 0
+# where -inf would make it nan in a dense loss.
+PADDED_LOGIT = -1.0e9
+# Widest id the bit unpacker reads from one 32-bit window (25 bits + a 7-bit byte offset).
+MAX_ID_BITS = 25
+
+
+def id_bits(vocab_size: int) -> int:
+    """Bits of a packed id: ceil(log2(vocab_size)), at least 1."""
+    return max(1, math.ceil(math.log2(vocab_size)))
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetSpec:
+    """What is stored per token; hashable, so it is a static argument of the jitted codecs.
+
+    mode: "topk" | "sampled" | "full". k: ids per token (topk). n_draws: draws per token
+    (sampled). value_dtype: topk values / full logits as "float32" | "bfloat16" | "q8" (8-bit
+    log-probs with a per-token scale; topk only); default q8 (topk), float32 (full); None in
+    sampled mode. id_encoding: "gap" (sorted ids, gap
+    lengths + extra bits) or "packed" (ceil(log2 V) bits each). temperature: T_cache (None in
+    full mode). seed: key of the sampled draws, one stream per (sequence, position).
+    """
+
+    mode: str
+    vocab_size: int
+    tokenizer_vocab_size: int
+    k: int | None = None
+    n_draws: int | None = None
+    value_dtype: str | None = None
+    id_encoding: str = "gap"
+    temperature: float | None = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        def bad(field, expected, seen):
+            raise CacheError(f"cache target spec: {field} expected {expected}, got {seen!r}")
+
+        if self.mode not in MODES:
+            bad("mode", f"one of {MODES}", self.mode)
+        if not (isinstance(self.vocab_size, int) and self.vocab_size >= 2):
+            bad("vocab_size", "an int >= 2", self.vocab_size)
+        if id_bits(self.vocab_size) > MAX_ID_BITS:
+            bad("vocab_size", f"<= 2**{MAX_ID_BITS}", self.vocab_size)
+        if not (isinstance(self.tokenizer_vocab_size, int)
+                and 2 <= self.tokenizer_vocab_size <= self.vocab_size):
+            bad("tokenizer_vocab_size", f"an int in [2, vocab_size={self.vocab_size}]",
+                self.tokenizer_vocab_size)
+        if self.mode == "sampled":
+            # sampled mode stores counts, not values (entropy is always f32)
+            if self.value_dtype is not None:
+                bad("value_dtype", "None in sampled mode", self.value_dtype)
+        elif self.value_dtype is None:
+            object.__setattr__(self, "value_dtype", "q8" if self.mode == "topk" else "float32")
+        elif self.value_dtype not in VALUE_DTYPES:
+            bad("value_dtype", f"one of {VALUE_DTYPES}", self.value_dtype)
+        if self.id_encoding not in ID_ENCODINGS:
+            bad("id_encoding", f"one of {ID_ENCODINGS}", self.id_encoding)
+        if self.mode == "topk":
+            if not (isinstance(self.k, int) and 1 <= self.k <= self.tokenizer_vocab_size):
+                bad("k", f"an int in [1, tokenizer_vocab_size={self.tokenizer_vocab_size}]",
+                    self.k)
+        elif self.k is not None:
+            bad("k", f"None in {self.mode} mode", self.k)
+        if self.mode == "sampled":
+            if not (isinstance(self.n_draws, int) and 1 <= self.n_draws <= 255):
+                bad("n_draws", "an int in [1, 255]", self.n_draws)
+        elif self.n_draws is not None:
+            bad("n_draws", f"None in {self.mode} mode", self.n_draws)
+        if self.mode == "full":
+            if self.temperature is not None:
+                bad("temperature", "None in full mode (logits serve any temperature)",
+                    self.temperature)
+            if self.value_dtype == "q8":
+                bad("value_dtype", "float32 or bfloat16 in full mode", self.value_dtype)
+        elif not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+            bad("temperature", "a number > 0", self.temperature)
+
+    @property
+    def slots(self) -> int:
+        """Ids stored per token: k (topk), n_draws (sampled)."""
+        return self.k if self.mode == "topk" else self.n_draws
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayLayout:
+    """One stored zarr3 array: dtype and the shape after [num_sequences, seq_len]."""
+
+    name: str
+    dtype: str
+    trailing: tuple[int, ...]
+    codec: str  # "zstd" (values), "bitshuffle" (ids/counts), or "zstd_transposed"
+
+
+def mantissa_bytes(spec: TargetSpec) -> int:
+    """Capacity of one token's bit-packed id row: every id at its widest possible code."""
+    bits = id_bits(spec.vocab_size)
+    per_id = bits - 1 if spec.id_encoding == "gap" else bits
+    return max(1, math.ceil(spec.slots * per_id / 8))
+
+
+def array_layout(spec: TargetSpec) -> tuple[ArrayLayout, ...]:
+    """The arrays a spec stores; the only place the on-disk names and dtypes are defined."""
+    if spec.mode == "full":
+        return (ArrayLayout("logits", spec.value_dtype, (spec.vocab_size,), "zstd"),)
+    m = spec.slots
+    ids = [ArrayLayout("id_stream", "uint8", (mantissa_bytes(spec),), "zstd_transposed")]
+    if spec.id_encoding == "gap":
+        ids.insert(0, ArrayLayout("id_gap_lengths", "uint8", (m,), "zstd_transposed"))
+    if spec.mode == "sampled":
+        return (*ids, ArrayLayout("counts", "uint8", (m,), "zstd_transposed"),
+                ArrayLayout("entropy", "float32", (), "zstd"))
+    if spec.value_dtype == "q8":
+        values = [ArrayLayout("values", "uint8", (m,), "zstd_transposed"),
+                  ArrayLayout("value_scale", "bfloat16", (), "zstd")]
+        tail_dtype = "bfloat16"
+    else:
+        values = [ArrayLayout("values", spec.value_dtype, (m,), "zstd_transposed")]
+        tail_dtype = spec.value_dtype
+    return (*ids, *values, ArrayLayout("tail_logmass", tail_dtype, (), "zstd"))
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardCommit:
+    """A committed shard: per stored array, the size and crc32 of the shard's file."""
+
+    shard: int
+    files: tuple[tuple[str, int, int], ...]  # (array name, bytes, crc32)
+
+    def to_json(self) -> dict:
+        return {"shard": self.shard,
+                "files": [{"array": a, "bytes": b, "crc32": c} for a, b, c in self.files]}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "ShardCommit":
+        return cls(int(obj["shard"]),
+                   tuple((f["array"], int(f["bytes"]), int(f["crc32"])) for f in obj["files"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheManifest:
+    """Everything needed to refuse a wrong pairing of cache and run, plus commit states.
+
+    Fingerprints are opaque strings chosen by the caller (teacher: config + weights hash;
+    tokenizer; dataset: a path-independent hash of the token ids). ``commits`` is derived
+    from the commit records and is not part of manifest.json.
+    """
+
+    target: TargetSpec
+    teacher_fingerprint: str
+    tokenizer_fingerprint: str
+    dataset_fingerprint: str
+    seq_len: int
+    num_sequences: int
+    shard_sequences: int
+    chunk_sequences: int = 1
+    format_version: int = FORMAT_VERSION
+    commits: tuple[ShardCommit, ...] = ()
+
+    def __post_init__(self):
+        for field in ("seq_len", "num_sequences", "shard_sequences", "chunk_sequences"):
+            value = getattr(self, field)
+            if not (isinstance(value, int) and value >= 1):
+                raise CacheError(f"cache manifest: {field} expected an int >= 1, got {value!r}")
+        if self.shard_sequences % self.chunk_sequences:
+            raise CacheError(
+                f"cache manifest: shard_sequences ({self.shard_sequences}) must be a multiple "
+                f"of chunk_sequences ({self.chunk_sequences})")
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_sequences // self.shard_sequences)
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        """Sequence indices [start, stop) of a shard (the last one may be short)."""
+        start = shard * self.shard_sequences
+        return start, min(start + self.shard_sequences, self.num_sequences)
+
+    def shard_of(self, sequence_index: int) -> int:
+        return sequence_index // self.shard_sequences
+
+    @property
+    def committed(self) -> frozenset[int]:
+        return frozenset(c.shard for c in self.commits)
+
+    def header_json(self) -> dict:
+        """manifest.json contents: all fields but the commits."""
+        obj = dataclasses.asdict(self)
+        del obj["commits"]
+        return obj
+
+    @classmethod
+    def from_header_json(cls, obj: dict, commits: tuple[ShardCommit, ...] = ()) -> "CacheManifest":
+        version = obj.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise CacheError(
+                f"cache manifest: format_version {version!r} is newer than this kdpipe reads "
+                f"(<= {FORMAT_VERSION}); upgrade kdpipe")
+        fields = dict(obj)
+        fields["target"] = TargetSpec(**fields["target"])
+        return cls(**fields, commits=commits)
+
+    def header_bytes(self) -> bytes:
+        return json.dumps(self.header_json(), indent=1, sort_keys=True).encode()
+
+
+def _mismatch(field: str, cached: Any, declared: Any) -> CacheError:
+    return CacheError(
+        f"cache does not match the run: {field} is {cached!r} in the cache but the run "
+        f"declares {declared!r}")
+
+
+def check_same_header(existing: CacheManifest, ours: CacheManifest) -> None:
+    """A writer joining an existing cache must declare exactly its header."""
+    a, b = existing.header_json(), ours.header_json()
+    for field in sorted(a):
+        if field == "target":
+            for sub in sorted(a["target"]):
+                if a["target"][sub] != b["target"][sub]:
+                    raise _mismatch(f"target.{sub}", a["target"][sub], b["target"][sub])
+        elif a[field] != b[field]:
+            raise _mismatch(field, a[field], b[field])
+
+
+@dataclasses.dataclass(frozen=True)
+class RunDeclaration:
+    """What a student run declares when it opens a cache (None = not checked).
+
+    temperature is the loss temperature; vocab_size the student's logit width.
+    """
+
+    tokenizer_fingerprint: str
+    dataset_fingerprint: str
+    vocab_size: int
+    seq_len: int
+    temperature: float
+    tokenizer_vocab_size: int | None = None
+    teacher_fingerprint: str | None = None
+
+
+def check_compatible(manifest: CacheManifest, run: RunDeclaration) -> None:
+    """Refuse a cache that cannot serve ``run``, naming the field and both values."""
+    for field in ("tokenizer_fingerprint", "dataset_fingerprint", "seq_len"):
+        if getattr(manifest, field) != getattr(run, field):
+            raise _mismatch(field, getattr(manifest, field), getattr(run, field))
+    if run.teacher_fingerprint is not None and (
+            manifest.teacher_fingerprint != run.teacher_fingerprint):
+        raise _mismatch("teacher_fingerprint", manifest.teacher_fingerprint,
+                        run.teacher_fingerprint)
+    target = manifest.target
+    if run.tokenizer_vocab_size is not None and (
+            target.tokenizer_vocab_size != run.tokenizer_vocab_size):
+        raise _mismatch("tokenizer_vocab_size", target.tokenizer_vocab_size,
+                        run.tokenizer_vocab_size)
+    if target.vocab_size != run.vocab_size:
+        # Only padding may differ, and only when the real vocab is declared equal.
+        if run.tokenizer_vocab_size is None or run.vocab_size < run.tokenizer_vocab_size:
+            raise CacheError(
+                f"cache does not match the run: vocab_size is {target.vocab_size} in the cache "
+                f"but the run declares {run.vocab_size}; padded sizes may differ only when the "
+                f"run declares tokenizer_vocab_size (cache: {target.tokenizer_vocab_size}) and "
+                f"vocab_size >= it")
+    if target.mode != "full" and float(run.temperature) != float(target.temperature):
+        raise CacheError(
+            f"cache does not match the run: temperature is {target.temperature} in the cache "
+            f"but the run declares {run.temperature}; a {target.mode} cache holds the teacher "
+            f"distribution at its own temperature only (full-mode caches serve any temperature)")
+
+
+def zarr3_spec(kvstore: dict, manifest: CacheManifest, array: ArrayLayout) -> dict:
+    """TensorStore spec of one stored array under the cache's kvstore spec (a dict)."""
+    ndim = 2 + len(array.trailing)
+    shape = [manifest.num_sequences, manifest.seq_len, *array.trailing]
+    inner = [manifest.chunk_sequences, manifest.seq_len, *array.trailing]
+    codecs = []
+    if array.codec == "zstd_transposed":
+        # Slot-major bytes: each slot's bytes of all tokens sit together (similar statistics,
+        # and the unused tail of bit-packed rows becomes one long zero run).
+        codecs.append({"name": "transpose",
+                       "configuration": {"order": [ndim - 1, *range(ndim - 1)]}})
+    codecs.append({"name": "bytes", "configuration": {"endian": "little"}})
+    codecs.append({"name": "zstd", "configuration": {"level": 5}})
+    codecs.append({"name": "crc32c"})
+    sub = dict(kvstore)
+    sub["path"] = sub.get("path", "") + array.name + "/"
+    return {
+        "driver": "zarr3",
+        "kvstore": sub,
+        # every inner chunk is written even when it equals the fill value, so a committed
+        # shard always has all of its files and a missing one is an error, not zeros
+        "store_data_equal_to_fill_value": True,
+        "metadata": {
+            "shape": shape,
+            "data_type": array.dtype,
+            "chunk_grid": {"name": "regular", "configuration": {
+                "chunk_shape": [manifest.shard_sequences, manifest.seq_len, *array.trailing]}},
+            "chunk_key_encoding": {"name": "default"},
+            "fill_value": 0,
+            "codecs": [{"name": "sharding_indexed", "configuration": {
+                "chunk_shape": inner,
+                "codecs": codecs,
+                "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
+                                 {"name": "crc32c"}],
+                "index_location": "end",
+            }}],
+            "dimension_names": ["sequence", "position", *(["slot"] * len(array.trailing))],
+        },
+    }
+
+
+def shard_file_key(array: ArrayLayout, shard: int) -> str:
+    """kvstore key (under the cache root) of one array's file for one shard."""
+    zeros = "/0" * len(array.trailing)
+    return f"{array.name}/c/{shard}/0{zeros}"
+
+
+def commit_key(shard: int) -> str:
+    return f"{COMMIT_PREFIX}shard-{shard:08d}.json"
+
+
+def kvstore_spec(location: str | dict) -> dict:
+    """A cache location (local path, kvstore URL, or kvstore spec dict) as a spec dict whose
+    path ends with '/'."""
+    import tensorstore as ts
+
+    if isinstance(location, dict):
+        spec = dict(location)
+    elif "://" in location:
+        spec = ts.KvStore.Spec(location).to_json()
+    else:
+        import os
+        spec = {"driver": "file", "path": os.path.abspath(location)}
+    path = spec.get("path", "")
+    if path and not path.endswith("/"):
+        spec["path"] = path + "/"
+    return spec
+
+
+def open_kvstore(location: str | dict):
+    """The cache root as a TensorStore KvStore (local path, kvstore URL or spec dict)."""
+    import tensorstore as ts
+
+    return ts.KvStore.open(kvstore_spec(location)).result()
+
+
+def read_commits(kvstore) -> tuple[ShardCommit, ...]:
+    """All commit records under the cache root, sorted by shard."""
+    keys = kvstore.list(ts_key_range(COMMIT_PREFIX)).result()
+    records = [kvstore.read(key).result() for key in keys]
+    commits = [ShardCommit.from_json(json.loads(r.value)) for r in records if r.state == "value"]
+    return tuple(sorted(commits, key=lambda c: c.shard))
+
+
+def ts_key_range(prefix: str):
+    import tensorstore as ts
+
+    return ts.KvStore.KeyRange(prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1))
+
+
+def load_manifest(kvstore, location: str) -> CacheManifest:
+    """Header from manifest.json plus the commit states of all committed shards."""
+    record = kvstore.read(MANIFEST_KEY).result()
+    if record.state != "value":
+        raise CacheError(f"cache {location}: no {MANIFEST_KEY} (not a kdpipe cache, or nothing "
+                         f"written yet)")
+    return CacheManifest.from_header_json(json.loads(record.value), read_commits(kvstore))
+
+
+def open_array(root_spec: dict, manifest: CacheManifest, array: ArrayLayout, *, create: bool):
+    """Open (or create, if missing) one stored array as a TensorStore."""
+    import tensorstore as ts
+
+    spec = zarr3_spec(root_spec, manifest, array)
+    if create:
+        return ts.open(spec, open=True, create=True).result()
+    return ts.open(spec, open=True).result()

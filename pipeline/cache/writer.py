@@ -1,0 +1,181 @@
+"""Writes teacher targets into a cache, one whole shard at a time, without stalling the teacher.
+
+The teacher calls :meth:`CacheWriter.write` with a batch of logits ``[B, L, V]`` and the
+sequence indices ``[B]`` they belong to. ``write`` only dispatches the jitted encoder
+(asynchronously on the device) and queues the result; a background thread copies the encoded
+rows into per-shard buffers and, once a shard is complete, writes its arrays, reads their files
+back for the crc32, and writes the shard's commit record last.
+
+Exactly-once at shard granularity: a shard is visible only through its commit record, which
+exists only after all of its files are durable; a shard being rewritten has its stale files
+deleted first. Encoding is deterministic (sampled draws use a key per (sequence, position)),
+so a writer killed at any moment and re-run produces the same bytes as an uninterrupted one,
+and disjoint shard sets written by several processes equal one process writing them all.
+Sequences of already committed shards are dropped; :meth:`CacheWriter.pending_shards` lets
+the teacher loop skip their forward passes altogether.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import zlib
+from collections.abc import Iterable
+
+import jax.numpy as jnp
+import numpy as np
+
+from pipeline.cache import compress
+from pipeline.cache.format import (MANIFEST_KEY, CacheManifest, ShardCommit, array_layout,
+                                   check_same_header, commit_key, kvstore_spec, load_manifest,
+                                   open_array, open_kvstore, read_commits, shard_file_key)
+from pipeline.errors import CacheError
+
+_STOP = object()
+
+
+def create_or_join(location: str | dict, manifest: CacheManifest):
+    """Write manifest.json if absent (conditionally, so concurrent creators cannot race);
+    otherwise require that the existing header equals ``manifest``'s. Returns the kvstore."""
+    kvstore = open_kvstore(location)
+    current = kvstore.read(MANIFEST_KEY).result()
+    if current.state != "value":
+        # if_equal=the "missing" generation: only the first of several creators succeeds
+        kvstore.write(MANIFEST_KEY, manifest.header_bytes(),
+                      if_equal=current.stamp.generation).result()
+    check_same_header(load_manifest(kvstore, str(location)), manifest)
+    return kvstore
+
+
+class CacheWriter:
+    """Background writer of whole shards. Use as a context manager, or call :meth:`close`.
+
+    location: local directory or TensorStore kvstore URL / spec dict. manifest: the header
+    this writer declares (commits ignored); an existing cache must have the same header.
+    max_queued_batches: encoded batches waiting for the writer thread before ``write`` blocks.
+    """
+
+    def __init__(self, location: str | dict, manifest: CacheManifest, *,
+                 max_queued_batches: int = 8):
+        self.location = location
+        self._kvstore = create_or_join(location, manifest)
+        self.manifest = manifest
+        self._root = kvstore_spec(location)
+        self._layout = array_layout(manifest.target)
+        self._arrays = {a.name: open_array(self._root, manifest, a, create=True)
+                        for a in self._layout}
+        self._committed = {c.shard for c in read_commits(self._kvstore)}
+        self._buffers: dict[int, dict[str, np.ndarray]] = {}
+        self._filled: dict[int, np.ndarray] = {}
+        self._queue: queue.Queue = queue.Queue(max_queued_batches)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="kdpipe-cache-writer", daemon=True)
+        self._thread.start()
+
+    @property
+    def committed_shards(self) -> frozenset[int]:
+        return frozenset(self._committed)
+
+    def pending_shards(self, shards: Iterable[int]) -> list[int]:
+        """Those of ``shards`` not committed when this writer opened or since."""
+        return [s for s in shards if s not in self._committed]
+
+    def write(self, logits, sequence_indices) -> None:
+        """Queue teacher logits [B, L, V] of sequences ``sequence_indices`` [B] for caching.
+
+        Returns once the encoder is dispatched; blocks only while ``max_queued_batches``
+        batches wait for storage. Rows of committed shards are dropped.
+        """
+        self._raise_background_error()
+        m, target = self.manifest, self.manifest.target
+        indices = np.asarray(sequence_indices)
+        expected = (len(indices), m.seq_len, target.vocab_size)
+        if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
+            raise CacheError(f"cache write: sequence_indices expected a 1-D int array, got "
+                             f"shape {indices.shape} dtype {indices.dtype}")
+        if tuple(logits.shape) != expected:
+            raise CacheError(f"cache write: logits expected shape [batch, seq_len, vocab] = "
+                             f"{list(expected)}, got {list(logits.shape)}")
+        if len(indices) and (indices.min() < 0 or indices.max() >= m.num_sequences):
+            raise CacheError(f"cache write: sequence_indices expected in [0, "
+                             f"{m.num_sequences}), got [{indices.min()}, {indices.max()}]")
+        encoded = compress.encode(logits, jnp.asarray(indices, jnp.int32), target)
+        self._queue.put((encoded, indices))
+
+    def flush(self) -> None:
+        """Wait until every queued batch is in a shard buffer or written."""
+        self._queue.join()
+        self._raise_background_error()
+
+    def close(self) -> None:
+        """Finish queued work and stop the thread. Incomplete shards stay uncommitted."""
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join()
+        self._raise_background_error()
+
+    @property
+    def incomplete_shards(self) -> list[int]:
+        """Shards that received some sequences but not all of them (not committed)."""
+        return sorted(self._buffers)
+
+    def __enter__(self) -> "CacheWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _raise_background_error(self) -> None:
+        if self._error is not None:
+            raise CacheError(f"cache {self.location}: background write failed: "
+                             f"{self._error!r}") from self._error
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is _STOP:
+                    return
+                if self._error is None:
+                    self._absorb(*item)
+            except BaseException as e:  # surfaced to the teacher on its next call
+                self._error = e
+            finally:
+                self._queue.task_done()
+
+    def _absorb(self, encoded: dict, indices: np.ndarray) -> None:
+        host = {name: np.asarray(a) for name, a in encoded.items()}
+        for row, sequence in enumerate(indices.tolist()):
+            shard = self.manifest.shard_of(sequence)
+            if shard in self._committed:
+                continue
+            start, stop = self.manifest.shard_range(shard)
+            if shard not in self._buffers:
+                self._buffers[shard] = {name: np.zeros((stop - start, *a.shape[1:]), a.dtype)
+                                        for name, a in host.items()}
+                self._filled[shard] = np.zeros(stop - start, bool)
+            for name, a in host.items():
+                self._buffers[shard][name][sequence - start] = a[row]
+            self._filled[shard][sequence - start] = True
+            if self._filled[shard].all():
+                self._write_shard(shard, self._buffers.pop(shard))
+                del self._filled[shard]
+
+    def _write_shard(self, shard: int, data: dict[str, np.ndarray]) -> None:
+        start, stop = self.manifest.shard_range(shard)
+        keys = {a.name: shard_file_key(a, shard) for a in self._layout}
+        # a killed earlier run may have left files of this shard: remove them so the new
+        # shard never merges with stale inner chunks
+        for f in [self._kvstore.write(k, None) for k in keys.values()]:
+            f.result()
+        writes = [self._arrays[name][start:stop].write(data[name]) for name in keys]
+        for w in writes:
+            w.result()
+        files = []
+        for name, key in keys.items():
+            record = self._kvstore.read(key).result()
+            files.append((name, len(record.value), zlib.crc32(record.value)))
+        commit = ShardCommit(shard, tuple(files))
+        self._kvstore.write(commit_key(shard), json.dumps(commit.to_json()).encode()).result()
+        self._committed.add(shard)
