@@ -348,22 +348,44 @@ class DataConfig(_Section):
 
 @dataclasses.dataclass(frozen=True)
 class CacheConfig(_Section):
-    """The teacher-output cache (omit the section for a live teacher only)."""
+    """The teacher-output cache (omit the section for a live or remote teacher only). Field names
+    follow ``pipeline.cache.format.TargetSpec`` and ``CacheManifest``."""
 
     PATH: ClassVar[str] = "cache"
-    path: str = _field("cache", "Cache directory (a local path).", hashed=False)
+    path: str = _field("cache", "Cache location: a local directory or a TensorStore kvstore URL "
+                       "(gs://bucket/prefix/).", hashed=False)
     mode: Literal["full", "topk", "sampled"] = _field("topk", "What is stored per token: all "
                                                       "logits, the top k log-probabilities plus "
-                                                      "the tail mass, or n sampled ids with counts.")
+                                                      "the tail mass, or n_draws sampled ids with "
+                                                      "counts and the teacher entropy.")
     k: int = _field(64, "Top-k size (mode topk).", gt=0)
-    num_samples: int = _field(64, "Draws per token (mode sampled).", gt=0)
+    n_draws: int = _field(64, "Draws per token (mode sampled).", gt=0, le=255)
+    value_dtype: Literal["q8", "bfloat16", "float32"] | None = _field(
+        None, "Stored values: q8 (8-bit log-probs with a per-token scale; topk only), bfloat16 or "
+        "float32. null: q8 for topk, float32 for full; must stay null for sampled.")
+    id_encoding: Literal["gap", "packed"] = _field("gap", "Token ids as sorted gaps (smaller) or "
+                                                   "fixed-width packed bits.")
     temperature: float | None = _field(None, "T_cache: the teacher temperature the topk/sampled "
                                        "targets are taken at; such a cache only serves "
                                        "loss.temperature == T_cache. null: loss.temperature.",
                                        gt=0.0)
-    dtype: Literal["float32", "bfloat16", "float16"] = _field("bfloat16", "Dtype of stored values.")
-    rows_per_shard: int = _field(256, "Sequences per cache shard (the unit a teacher host writes "
-                                 "and commits).", gt=0, hashed=False)
+    seed: int = _field(0, "Seed of the sampled draws (mode sampled).")
+    shard_sequences: int = _field(256, "Sequences per cache shard: the unit one teacher host "
+                                  "writes and commits.", gt=0, hashed=False)
+    chunk_sequences: int = _field(1, "Sequences per inner chunk: the unit a reader fetches; must "
+                                  "divide shard_sequences.", gt=0, hashed=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mode == "sampled" and self.value_dtype is not None:
+            raise ConfigError(f"cache.value_dtype: must be null in mode sampled (it stores counts), "
+                              f"got {self.value_dtype!r}")
+        if self.mode == "full" and self.value_dtype == "q8":
+            raise ConfigError("cache.value_dtype: q8 is for mode topk; use bfloat16 or float32 "
+                              "in mode full")
+        if self.shard_sequences % self.chunk_sequences:
+            raise ConfigError(f"cache.chunk_sequences ({self.chunk_sequences}) must divide "
+                              f"cache.shard_sequences ({self.shard_sequences})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -605,6 +627,21 @@ class RunConfig(_Section):
         if self.cache is None or self.cache.temperature is None:
             return self.loss.temperature
         return self.cache.temperature
+
+    def cache_target_fields(self) -> dict[str, Any]:
+        """Keyword arguments of ``pipeline.cache.format.TargetSpec`` for the configured cache
+        (all but ``vocab_size`` and ``tokenizer_vocab_size``, which come from the model and the
+        tokenizer); fields of other modes are None, as TargetSpec requires."""
+        if self.cache is None:
+            raise ConfigError("cache: no cache section is configured")
+        cache = self.cache
+        return {"mode": cache.mode,
+                "k": cache.k if cache.mode == "topk" else None,
+                "n_draws": cache.n_draws if cache.mode == "sampled" else None,
+                "value_dtype": cache.value_dtype,
+                "id_encoding": cache.id_encoding,
+                "temperature": None if cache.mode == "full" else self.cache_temperature,
+                "seed": cache.seed}
 
     @property
     def checkpoint_dir(self) -> str:

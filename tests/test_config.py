@@ -78,6 +78,11 @@ def test_defaults_and_types():
     (["model.student.num_attention_heads=5"], "model.student.num_attention_heads (5) must divide"),
     (["model.student.num_key_value_heads=3"], "model.student.num_key_value_heads (3) must divide"),
     (["model.teacher.hidden_size=8"], "model.teacher.intermediate_size: required to initialise"),
+    (["cache.mode=sampled", "cache.value_dtype=q8"], "cache.value_dtype: must be null in mode "
+                                                     "sampled"),
+    (["cache.mode=full", "cache.value_dtype=q8"], "cache.value_dtype: q8 is for mode topk"),
+    (["cache.n_draws=256"], "cache.n_draws: expected <= 255, got 256"),
+    (["cache.chunk_sequences=3"], "cache.chunk_sequences (3) must divide cache.shard_sequences"),
     (["mesh.data=-1", "mesh.fsdp=-1"], "mesh: at most one axis may be -1"),
     (["mesh.tensor=0"], "mesh.tensor: expected >= 1 or -1"),
     (["optimizer.warmup_steps=2000"], "optimizer.warmup_steps (2000) must not exceed"),
@@ -134,6 +139,19 @@ def test_config_hash_covers_semantics_not_layout():
         assert config_hash(make(*different)) != base, different
     view = config_to_dict(make(), hashed_only=True)
     assert "cluster" not in view and "run_dir" not in view and "path" not in view["cache"]
+
+
+def test_cache_target_fields_follow_the_mode():
+    topk = make("loss.temperature=2").cache_target_fields()
+    assert topk == {"mode": "topk", "k": 64, "n_draws": None, "value_dtype": None,
+                    "id_encoding": "gap", "temperature": 2.0, "seed": 0}
+    sampled = make("cache.mode=sampled", "cache.n_draws=32").cache_target_fields()
+    assert (sampled["k"], sampled["n_draws"], sampled["temperature"]) == (None, 32, 4.0)
+    full = make("cache.mode=full", "cache.temperature=1").cache_target_fields()
+    assert full["temperature"] is None and full["k"] is None
+    with pytest.raises(ConfigError, match="cache: no cache section"):
+        make("cache=null", "cluster.teacher_source=remote",
+             "model.teacher.path=/t").cache_target_fields()
 
 
 def test_student_host_counts_and_mesh_shape():
