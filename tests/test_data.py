@@ -120,6 +120,12 @@ def write_formats(root: Path, docs: list[str]) -> dict[str, Path]:
     paths["arrow_file"] = root / "file-format.arrow"
     with pa.OSFile(str(paths["arrow_file"]), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
         w.write_table(table, max_chunksize=4)
+    hf_dir = root / "save_to_disk"  # `datasets.Dataset.save_to_disk` layout: JSON beside Arrow
+    hf_dir.mkdir()
+    (hf_dir / paths["arrow"].name).write_bytes(paths["arrow"].read_bytes())
+    (hf_dir / "state.json").write_text('{"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}')
+    (hf_dir / "dataset_info.json").write_text("{}")
+    paths["hf_dir"] = hf_dir
     text_dir = root / "text"
     text_dir.mkdir()
     for i, d in enumerate(docs):
