@@ -1,0 +1,246 @@
+"""Hugging Face checkpoint load/save: round trips, sharded files, refused directories, fingerprint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from pipeline.errors import ConfigError, ModelLoadError
+from pipeline.models.hf_io import (INDEX_FILE, SINGLE_FILE, load_pretrained, read_config,
+                                   save_pretrained, teacher_fingerprint)
+from pipeline.models.llama import Llama, LlamaConfig
+
+FIXTURES = Path(__file__).parent / "fixtures" / "hf"
+NAMES = sorted(p.name for p in FIXTURES.iterdir() if p.is_dir())
+
+
+def _params(model) -> dict:
+    return {path: np.asarray(var.get_value()) for path, var in nnx.to_flat_state(nnx.state(model))}
+
+
+def _assert_same_params(a, b):
+    pa, pb = _params(a), _params(b)
+    assert pa.keys() == pb.keys()
+    for path in pa:
+        assert pa[path].dtype == pb[path].dtype, path
+        np.testing.assert_array_equal(pa[path], pb[path], err_msg=str(path))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_save_then_load_gives_identical_params(name, tmp_path):
+    model = load_pretrained(FIXTURES / name)
+    save_pretrained(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", SINGLE_FILE]
+    reloaded = load_pretrained(tmp_path)
+    assert reloaded.config == model.config
+    _assert_same_params(model, reloaded)
+    # the same tensors, under the same names, as transformers wrote them
+    ours, theirs = load_file(tmp_path / SINGLE_FILE), load_file(FIXTURES / name / SINGLE_FILE)
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        np.testing.assert_array_equal(ours[key], theirs[key].astype(np.float32), err_msg=key)
+
+
+def test_bfloat16_round_trip(tmp_path):
+    model = load_pretrained(FIXTURES / "qwen2_bias", dtype=jnp.bfloat16)
+    assert all(v.dtype == jnp.bfloat16 for v in _params(model).values())
+    save_pretrained(model, tmp_path)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    assert hf["dtype"] == hf["torch_dtype"] == "bfloat16"
+    # the fixture is stored in bfloat16 too: byte-identical tensors
+    ours, theirs = load_file(tmp_path / SINGLE_FILE), load_file(FIXTURES / "qwen2_bias" / SINGLE_FILE)
+    for key in theirs:
+        assert ours[key].dtype == theirs[key].dtype
+        np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
+    _assert_same_params(model, load_pretrained(tmp_path, dtype="bfloat16"))
+
+
+def test_sharded_save_writes_an_index_and_loads_back(tmp_path):
+    model = load_pretrained(FIXTURES / "qwen3_qk_norm")
+    save_pretrained(model, tmp_path, max_shard_bytes=30_000)
+    files = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    index = json.loads((tmp_path / INDEX_FILE).read_text())
+    stored = {}
+    for file in files:
+        tensors = load_file(tmp_path / file)
+        assert sum(a.nbytes for a in tensors.values()) <= 30_000 or len(tensors) == 1
+        stored.update({name: (file, array) for name, array in tensors.items()})
+    assert index["weight_map"] == {name: file for name, (file, _) in stored.items()}
+    assert index["metadata"]["total_size"] == sum(a.nbytes for _, a in stored.values())
+    _assert_same_params(model, load_pretrained(tmp_path))
+
+    # Saving again in one file removes the shards and the index, so no stale weights remain.
+    save_pretrained(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", SINGLE_FILE]
+    _assert_same_params(model, load_pretrained(tmp_path))
+
+
+def test_fresh_model_saves_and_loads(tmp_path):
+    config = LlamaConfig(model_type="mistral", vocab_size=64, hidden_size=32, intermediate_size=48,
+                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+                         head_dim=8, sliding_window=16)
+    model = Llama(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(3))
+    save_pretrained(model, tmp_path / "a" / "b")
+    reloaded = load_pretrained(tmp_path / "a" / "b", dtype=jnp.bfloat16)
+    assert reloaded.config == config
+    _assert_same_params(model, reloaded)
+
+
+# ---- directories that must be refused, with a message naming the problem ----
+
+def _copy(name, tmp_path) -> Path:
+    target = tmp_path / name
+    shutil.copytree(FIXTURES / name, target)
+    return target
+
+
+def _rewrite_weights(model_dir: Path, edit):
+    tensors = load_file(model_dir / SINGLE_FILE)
+    edit(tensors)
+    save_file(tensors, model_dir / SINGLE_FILE, metadata={"format": "pt"})
+
+
+def _edit_config(model_dir: Path, **changes):
+    hf = json.loads((model_dir / "config.json").read_text())
+    hf.update(changes)
+    (model_dir / "config.json").write_text(json.dumps(hf))
+
+
+def test_missing_tensors_are_listed(tmp_path):
+    model_dir = _copy("qwen2_bias", tmp_path)
+    _rewrite_weights(model_dir, lambda t: [t.pop("model.layers.1.self_attn.k_proj.bias"),
+                                           t.pop("model.norm.weight")])
+    with pytest.raises(ModelLoadError, match="missing tensors: model.layers.1.self_attn.k_proj.bias, "
+                                             "model.norm.weight"):
+        load_pretrained(model_dir)
+
+
+def test_unexpected_tensors_are_listed(tmp_path):
+    model_dir = _copy("llama3_rope_scaling", tmp_path)
+    _rewrite_weights(model_dir, lambda t: t.update({
+        "model.layers.0.self_attn.q_proj.bias": np.ones(32, np.float32),  # llama has no bias
+        "model.layers.2.mlp.up_proj.weight": np.ones((64, 32), np.float32),  # only 2 layers
+    }))
+    with pytest.raises(ModelLoadError, match="unexpected tensors: model.layers.0.self_attn.q_proj.bias, "
+                                             "model.layers.2.mlp.up_proj.weight"):
+        load_pretrained(model_dir)
+
+
+def test_wrong_shapes_name_tensor_expected_and_found(tmp_path):
+    model_dir = _copy("qwen3_qk_norm", tmp_path)
+    _rewrite_weights(model_dir, lambda t: t.update({
+        "model.layers.0.self_attn.q_norm.weight": np.ones(8, np.float32)}))
+    with pytest.raises(ModelLoadError, match=r"model.layers.0.self_attn.q_norm.weight: expected "
+                                             r"\(16,\), found \(8,\)"):
+        load_pretrained(model_dir)
+
+
+def test_config_that_disagrees_with_the_weights(tmp_path):
+    model_dir = _copy("llama_gqa_tied", tmp_path)
+    _edit_config(model_dir, num_key_value_heads=4)
+    with pytest.raises(ModelLoadError, match=r"k_proj.weight: expected \(32, 32\), found \(16, 32\)"):
+        load_pretrained(model_dir)
+    _edit_config(model_dir, num_key_value_heads=2, tie_word_embeddings=False)
+    with pytest.raises(ModelLoadError, match="missing tensors: lm_head.weight"):
+        load_pretrained(model_dir)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(model_type="gpt_neox"), "model_type 'gpt_neox' is not supported"),
+    (dict(intermediate_size=None), "missing required field.*'intermediate_size'"),
+])
+def test_bad_config_json(tmp_path, changes, message):
+    model_dir = _copy("mistral_sliding_window", tmp_path)
+    _edit_config(model_dir, **changes)
+    with pytest.raises(ModelLoadError, match=message):
+        load_pretrained(model_dir)
+
+
+def test_pickle_only_directory_is_refused_unread(tmp_path):
+    model_dir = _copy("llama_gqa_tied", tmp_path)
+    (model_dir / SINGLE_FILE).unlink()
+    # Not a valid pickle: the loader must refuse it by name, never open it.
+    (model_dir / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(ModelLoadError, match=r"only pickle-based weights \(pytorch_model.bin\).*"
+                                             "never unpickles"):
+        load_pretrained(model_dir)
+    (model_dir / "pytorch_model.bin").unlink()
+    with pytest.raises(ModelLoadError, match="no model.safetensors and no model.safetensors.index"):
+        load_pretrained(model_dir)
+
+
+def test_unusable_paths_and_files(tmp_path):
+    with pytest.raises(ModelLoadError, match="expected a checkpoint directory"):
+        load_pretrained(tmp_path / "absent")
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="config.json: not valid JSON"):
+        read_config(tmp_path)
+    model_dir = _copy("llama_gqa_tied", tmp_path)
+    (model_dir / SINGLE_FILE).write_bytes(b"\x00" * 16)
+    with pytest.raises(ModelLoadError, match="not a readable safetensors file"):
+        load_pretrained(model_dir)
+
+
+def test_bad_shard_indexes(tmp_path):
+    model = load_pretrained(FIXTURES / "llama_gqa_tied")
+    save_pretrained(model, tmp_path, max_shard_bytes=30_000)
+    index = json.loads((tmp_path / INDEX_FILE).read_text())
+    # the same tensor in two shards
+    second = sorted(tmp_path.glob("model-*.safetensors"))[1]
+    tensors = load_file(second)
+    tensors["model.norm.weight"] = np.ones(32, np.float32)
+    save_file(tensors, second, metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="'model.norm.weight' is stored twice"):
+        load_pretrained(tmp_path)
+    index["weight_map"]["model.norm.weight"] = "model-00009-of-00009.safetensors"
+    (tmp_path / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(ModelLoadError, match="lists files that do not exist: "
+                                             r"\['model-00009-of-00009.safetensors'\]"):
+        load_pretrained(tmp_path)
+
+
+def test_tensors_transformers_also_ignores(tmp_path):
+    """Old Llama checkpoints store RoPE caches; tied ones sometimes store the head too."""
+    model_dir = _copy("llama_gqa_tied", tmp_path)
+    _rewrite_weights(model_dir, lambda t: t.update({
+        "model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(4, np.float32),
+        "lm_head.weight": t["model.embed_tokens.weight"].copy()}))
+    _assert_same_params(load_pretrained(model_dir), load_pretrained(FIXTURES / "llama_gqa_tied"))
+
+
+def test_bad_arguments():
+    with pytest.raises(ConfigError, match="dtype: expected one of .*got 'int32'"):
+        load_pretrained(FIXTURES / "llama_gqa_tied", dtype=jnp.int32)
+    model = nnx.eval_shape(lambda: Llama(read_config(FIXTURES / "llama_gqa_tied"), rngs=nnx.Rngs(0)))
+    with pytest.raises(ConfigError, match="max_shard_bytes: expected > 0, got 0"):
+        save_pretrained(model, "/nonexistent", max_shard_bytes=0)
+
+
+# ---- teacher fingerprint ----
+
+def test_fingerprint_follows_weights_and_architecture_only(tmp_path):
+    original = teacher_fingerprint(FIXTURES / "qwen3_qk_norm")
+    assert original.startswith("sha256:") and len(original) == 7 + 64
+    # the same tensors split into shards, with bookkeeping fields changed: same fingerprint
+    model_dir = _copy("qwen3_qk_norm", tmp_path)
+    model = load_pretrained(model_dir)
+    save_pretrained(model, tmp_path / "sharded", max_shard_bytes=30_000)
+    _edit_config(tmp_path / "sharded", transformers_version="0.0.1", eos_token_id=7)
+    assert teacher_fingerprint(tmp_path / "sharded") == original
+    # one weight changed
+    _rewrite_weights(model_dir, lambda t: t["model.layers.1.mlp.up_proj.weight"].__setitem__(
+        (0, 0), 0.5))
+    assert teacher_fingerprint(model_dir) != original
+    # the architecture changed, weights identical
+    _edit_config(tmp_path / "sharded", rms_norm_eps=1e-3)
+    assert teacher_fingerprint(tmp_path / "sharded") != original
