@@ -110,7 +110,9 @@ def decode_ids(stored: dict[str, jax.Array], spec: TargetSpec) -> jax.Array:
 def quantize_logprobs(logprobs: jax.Array) -> tuple[jax.Array, jax.Array]:
     """[T, k] f32 log-probs (<= 0) -> ([T, k] uint8 q, [T] bf16 scale), lp ~ -q * scale."""
     lp = jnp.maximum(logprobs, Q8_LOGPROB_FLOOR)
-    scale = (jnp.maximum(-jnp.min(lp, axis=-1), 1e-30) / 255.0).astype(jnp.bfloat16)
+    # bf16 keeps 8 significant bits: inflating by 2**-7 before rounding makes the stored
+    # scale >= the exact one, so -min(lp) / scale <= 255 and nothing is clipped
+    scale = (jnp.maximum(-jnp.min(lp, axis=-1), 1e-30) / 255.0 * (1 + 2**-7)).astype(jnp.bfloat16)
     q = jnp.clip(jnp.round(-lp / scale.astype(jnp.float32)[:, None]), 0, 255)
     return q.astype(jnp.uint8), scale
 
