@@ -114,6 +114,9 @@ def _chunk_loop(hidden, head, aux, config, *, with_grad):
     divergence, beta, chunk = config
     tokens = hidden.shape[0]
     num_chunks = -(-tokens // chunk)
+    hidden_bits = _to_bits(hidden)
+    targets_bits = tuple(_to_bits(x) for x in targets)
+    target_dtypes = tuple(x.dtype for x in targets)
 
     def chunk_loss(logits, targets_c, labels_c, div_w, ce_w):
         terms = losses.token_losses(logits, targets_c, labels_c, temperature=temperature,
@@ -127,10 +130,13 @@ def _chunk_loop(hidden, head, aux, config, *, with_grad):
         # The last chunk may overlap its predecessor; `fresh` masks the rows already done.
         start = jnp.minimum(i * chunk, tokens - chunk)
         fresh = (start + jnp.arange(chunk)) >= i * chunk
-        take = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=start,
-                                 slice_size=chunk, axis=0)
-        h_c = take(hidden)
-        targets_c = type(targets)(*(take(x) for x in targets))
+
+        def take(x):
+            return jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=0)
+
+        h_c = _from_bits(take(hidden_bits), hidden.dtype)
+        targets_c = type(targets)(*(_from_bits(take(x), dtype)
+                                    for x, dtype in zip(targets_bits, target_dtypes)))
         labels_c = None if labels is None else take(labels)
         div_w = jnp.where(fresh, take(div_weight), 0.0)
         ce_w = jnp.where(fresh, take(ce_weight), 0.0)
@@ -159,3 +165,20 @@ def _chunk_loop(hidden, head, aux, config, *, with_grad):
     if with_grad:
         grads = (grads[0].astype(hidden.dtype), grads[1].astype(head.dtype))
     return (loss, *per_token), grads
+
+
+# XLA on CPU computes in f32 what it cannot do in bf16, and its loop-invariant code motion
+# then upcasts a whole bf16 loop input (the [tokens, vocab] teacher logits, the hidden states)
+# once before the loop, recreating the big array this module avoids. Passing 16-bit floats
+# into the loop as raw bits and reinterpreting each chunk inside keeps the upcast per chunk.
+# Bitcasts are free on every backend.
+
+
+def _to_bits(x: jax.Array) -> jax.Array:
+    if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize == 2:
+        return jax.lax.bitcast_convert_type(x, jnp.uint16)
+    return x
+
+
+def _from_bits(x: jax.Array, dtype) -> jax.Array:
+    return jax.lax.bitcast_convert_type(x, dtype) if x.dtype != dtype else x

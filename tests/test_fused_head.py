@@ -1,0 +1,137 @@
+"""pipeline.fused_head against the unchunked loss on materialised logits (and float64)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pipeline import losses
+from pipeline.errors import ConfigError, KdpipeError
+from pipeline.fused_head import fused_head_distillation_loss
+
+BATCH, SEQ, HIDDEN, VOCAB = 2, 7, 8, 30  # 14 tokens: chunks of 4 leave a ragged last chunk
+
+
+def make_case(seed=0, dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    hidden = jnp.asarray(rng.normal(size=(BATCH, SEQ, HIDDEN)), dtype)
+    head = jnp.asarray(rng.normal(size=(VOCAB, HIDDEN)) * 0.7, dtype)
+    teacher = jnp.asarray(rng.normal(size=(BATCH, SEQ, VOCAB)) * 3, jnp.float32)
+    labels = rng.integers(0, VOCAB, (BATCH, SEQ)).astype(np.int32)
+    labels[0, 1] = labels[1, 3] = -100
+    attention = np.ones((BATCH, SEQ), np.int32)
+    attention[1, 5:] = 0
+    return hidden, head, teacher, jnp.asarray(attention), jnp.asarray(labels)
+
+
+def all_targets(teacher, temperature):
+    log_p = jax.nn.log_softmax(teacher / temperature)
+    ids = jnp.argsort(-log_p, axis=-1)[..., :5].astype(jnp.int32)
+    logprobs = jnp.take_along_axis(log_p, ids, -1)
+    topk = losses.TopKTargets(ids, logprobs, jnp.log1p(-jnp.exp(logprobs).sum(-1)))
+    counts = jnp.asarray(np.random.default_rng(1).integers(0, 4, ids.shape), jnp.float32)
+    sampled = losses.SampledTargets(ids, counts.at[..., 0].add(1.0),
+                                    -(jnp.exp(log_p) * log_p).sum(-1))
+    return [losses.DenseTargets(teacher), topk, sampled]
+
+
+CASES = [(kind, divergence) for kind in range(3)
+         for divergence in (("forward_kl", "reverse_kl", "jsd") if kind < 2 else ("forward_kl",))]
+
+
+@pytest.mark.parametrize("kind,divergence", CASES)
+def test_fused_equals_unchunked_in_value_and_gradients(kind, divergence):
+    hidden, head, teacher, attention, labels = make_case()
+    temperature = 2.0
+    targets = all_targets(teacher, temperature)[kind]
+
+    def unchunked(h, w):
+        return losses.targets_distillation_loss(h @ w.T, targets, attention, labels, True,
+                                                temperature, 0.7, divergence=divergence)
+
+    def fused(h, w, chunk_size):
+        return fused_head_distillation_loss(h, w, targets, attention, labels, True, temperature,
+                                            0.7, divergence=divergence, chunk_size=chunk_size)
+
+    (want, want_metrics), want_grads = jax.value_and_grad(unchunked, (0, 1), has_aux=True)(
+        hidden, head)
+    for chunk_size in (4, 14, 64):  # ragged last chunk, exact, larger than the token count
+        (got, got_metrics), got_grads = jax.jit(
+            jax.value_and_grad(fused, (0, 1), has_aux=True), static_argnums=2)(
+                hidden, head, chunk_size)
+        np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+        assert set(got_metrics) == set(want_metrics)
+        for key in want_metrics:
+            np.testing.assert_allclose(float(got_metrics[key]), float(want_metrics[key]),
+                                       rtol=1e-5, atol=1e-6, err_msg=key)
+        for g, w in zip(got_grads, want_grads):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6)
+
+
+def test_fused_forward_only_and_without_labels():
+    hidden, head, teacher, attention, _ = make_case(2)
+    targets = losses.DenseTargets(teacher)
+    got, metrics = jax.jit(lambda h, w: fused_head_distillation_loss(
+        h, w, targets, attention, chunk_size=3))(hidden, head)
+    want, want_metrics = losses.distillation_loss(hidden @ head.T, teacher, attention)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    assert "ce_loss" not in metrics and set(metrics) == set(want_metrics)
+
+
+def test_fused_bf16_inputs_match_float64_head():
+    """bf16 hidden/head: logits are formed in f32, so the loss matches f64 logits closely."""
+    hidden, head, teacher, attention, labels = make_case(3, jnp.bfloat16)
+    targets = losses.DenseTargets(teacher)
+    got, grads = jax.value_and_grad(lambda h, w: fused_head_distillation_loss(
+        h, w, targets, attention, labels, True, 1.0, 0.5, chunk_size=4)[0], (0, 1))(hidden, head)
+    logits = (np.asarray(hidden, np.float64) @ np.asarray(head, np.float64).T).astype(np.float32)
+    want = losses.distillation_loss(logits, teacher, attention, labels, True, 1.0, 0.5)[0]
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-4)
+    assert grads[0].dtype == jnp.bfloat16 and grads[1].dtype == jnp.bfloat16
+    assert all(np.all(np.isfinite(np.asarray(g, np.float32))) for g in grads)
+
+
+def test_fused_never_holds_the_logits():
+    """XLA temp memory stays far below one [tokens, vocab] f32 logits array."""
+    tokens, hidden_size, vocab = 512, 64, 4096
+    h = jax.ShapeDtypeStruct((1, tokens, hidden_size), jnp.float32)
+    w = jax.ShapeDtypeStruct((vocab, hidden_size), jnp.float32)
+    t = jax.ShapeDtypeStruct((1, tokens, vocab), jnp.float32)
+
+    def fused(h, w, t):
+        return fused_head_distillation_loss(h, w, losses.DenseTargets(t), chunk_size=64)[0]
+
+    def materialised(h, w, t):
+        return losses.distillation_loss(h @ w.T, t)[0]
+
+    def temp_bytes(f):
+        compiled = jax.jit(jax.value_and_grad(f, (0, 1))).lower(h, w, t).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    fused_bytes = temp_bytes(fused)
+    assert fused_bytes < tokens * vocab * 4
+    assert fused_bytes < temp_bytes(materialised) / 4
+
+
+def test_fused_bad_inputs():
+    hidden, head, teacher, attention, labels = make_case()
+    targets = losses.DenseTargets(teacher)
+    cases = [
+        (lambda: fused_head_distillation_loss(hidden, head[:, :5], targets), KdpipeError,
+         r"hidden width 5.*width 8"),
+        (lambda: fused_head_distillation_loss(hidden, head[:20], targets), KdpipeError,
+         r"teacher_logits.*vocab 20"),
+        (lambda: fused_head_distillation_loss(hidden[0], head, targets), KdpipeError,
+         r"\[batch, seq, hidden\]"),
+        (lambda: fused_head_distillation_loss(hidden, head, targets, chunk_size=0), ConfigError,
+         r"chunk_size.*0"),
+        (lambda: fused_head_distillation_loss(hidden, head, targets, temperature=0.0),
+         ConfigError, r"temperature"),
+        (lambda: fused_head_distillation_loss(hidden, head, targets, use_hard_labels=True),
+         KdpipeError, r"labels"),
+    ]
+    for call, error, pattern in cases:
+        with pytest.raises(error, match=pattern):
+            call()
