@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import logging
 import re
 import time
 import uuid
@@ -29,8 +28,6 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.hosts import CONTROL_GROUP, HostActor, HostEnv, HostInfo, JaxInfo
 from pipeline.errors import KdpipeError
-
-logger = logging.getLogger(__name__)
 
 # Reserving hosts on an autoscaling cluster can take minutes (a TPU VM boots in ~3-5 min).
 PLACEMENT_TIMEOUT_S = 600.0
@@ -171,8 +168,7 @@ def _error_summary(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}".splitlines()[0]
 
 
-# Ray's tracebacks name the pid and ip of the worker; strip them to compare ranks.
-_WORKER_TAG = re.compile(r"\(pid=\d+, ip=[^)]*\)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the task name in its tracebacks
 
 
 def _describe_failures(group: str, call: str, failures: dict[int, BaseException],
@@ -185,10 +181,13 @@ def _describe_failures(group: str, call: str, failures: dict[int, BaseException]
     for summary, ranks in by_kind.items():
         label = "rank" if len(ranks) == 1 else "ranks"
         lines.append(f"  {label} {', '.join(map(str, ranks))}: {summary}")
-        detail = str(failures[ranks[0]])
-        if isinstance(failures[ranks[0]], ray.exceptions.RayTaskError):
-            # The full remote traceback once per kind, not once per rank.
-            lines.extend("    " + line for line in _WORKER_TAG.sub("", detail).splitlines())
+        first = failures[ranks[0]]
+        if isinstance(first, ray.exceptions.RayTaskError):
+            # The remote traceback once per kind of failure, not once per rank.
+            detail = _ANSI.sub("", str(first)).splitlines()
+            # detail[0] is "ray::HostActor.run() (pid=.., ip=..)"; caret-only lines are left
+            # over from the Ray-internal frames Ray drops.
+            lines.extend("    " + line for line in detail[1:] if line.strip(" ^"))
     return "\n".join(lines)
 
 
@@ -380,9 +379,7 @@ class HostGroup:
             if failures and (give_up_at is None or give_up_at > time.monotonic() + FAILURE_GRACE_S):
                 give_up_at = time.monotonic() + FAILURE_GRACE_S
         if failures:
-            err = HostGroupError(self.spec.name, call, failures, list(rank_of.values()), self.num_hosts)
-            logger.error("%s", err)
-            raise err
+            raise HostGroupError(self.spec.name, call, failures, list(rank_of.values()), self.num_hosts)
         if rank_of:
             raise HostTimeoutError(
                 f"{self.spec.name} group: {call} did not finish within {timeout_s:g} s on ranks "
