@@ -130,6 +130,35 @@ def _abstract(target: Any) -> Any:
     return jax.tree.map(leaf, target)
 
 
+def _read_meta(manager: ocp.CheckpointManager, directory: Path, step: int) -> dict[str, Any]:
+    try:
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    except Exception as e:  # Orbax raises many types for unreadable files; all mean corrupt
+        raise CheckpointError(f"{directory / str(step)}: corrupt checkpoint, its metadata "
+                              f"cannot be read ({type(e).__name__}: {e}); move it away to "
+                              f"resume from an earlier one") from e
+    if not isinstance(meta, dict) or meta.get("version") != META_VERSION or not all(
+            k in meta for k in ("position", "identity", "signature")):
+        raise CheckpointError(f"{directory / str(step)}: corrupt checkpoint or not a kdpipe "
+                              f"checkpoint (metadata without version {META_VERSION}, position, "
+                              f"identity and signature)")
+    return meta
+
+
+def read_checkpoint_metas(directory: str | os.PathLike) -> dict[int, dict[str, Any]]:
+    """``{step: metadata}`` of every committed checkpoint in ``directory``, read-only and
+    without identity checks (for ``kdpipe inspect``); ``{}`` when there is none."""
+    directory = Path(directory).absolute()
+    if not directory.is_dir():
+        return {}
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+        create=False, read_only=True))
+    try:
+        return {step: _read_meta(manager, directory, step) for step in sorted(manager.all_steps())}
+    finally:
+        manager.close()
+
+
 class Checkpoints:
     """Save, find and restore the checkpoints of one run directory.
 
@@ -176,19 +205,7 @@ class Checkpoints:
 
     def read_meta(self, step: int) -> dict[str, Any]:
         """The JSON metadata of ``step`` (``position``, ``identity``, ``signature``)."""
-        try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-            meta = restored.meta
-        except Exception as e:  # Orbax raises many types for unreadable files; all mean corrupt
-            raise CheckpointError(f"{self.directory / str(step)}: corrupt checkpoint, its metadata "
-                                  f"cannot be read ({type(e).__name__}: {e}); move it away to "
-                                  f"resume from an earlier one") from e
-        if not isinstance(meta, dict) or meta.get("version") != META_VERSION or not all(
-                k in meta for k in ("position", "identity", "signature")):
-            raise CheckpointError(f"{self.directory / str(step)}: corrupt checkpoint or not a kdpipe "
-                                  f"checkpoint (metadata without version {META_VERSION}, position, "
-                                  f"identity and signature)")
-        return meta
+        return _read_meta(self._manager, self.directory, step)
 
     def _check_identity(self, step: int, meta: Mapping[str, Any]) -> None:
         saved, current = meta["identity"], self.identity

@@ -592,6 +592,20 @@ class ClusterConfig(_Section):
 
 
 @dataclasses.dataclass(frozen=True)
+class DemoConfig(_Section):
+    """What only ``kdpipe demo`` uses: its corpus, tokenizer and teacher pretraining."""
+
+    PATH: ClassVar[str] = "demo"
+    max_files: int = _field(80, "Python standard-library .py files of the running interpreter, "
+                            "taken evenly spaced from the sorted list (a fixed selection).", gt=0)
+    tokenizer_vocab_size: int = _field(2048, "Vocabulary of the byte-level BPE tokenizer trained "
+                                       "on the selection.", gt=256)
+    teacher_steps: int = _field(400, "Hard-label pretraining steps of the teacher.", gt=0)
+    teacher_learning_rate: float = _field(3e-3, "Peak learning rate of the teacher pretraining "
+                                          "(same schedule shape as optimizer).", gt=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig(_Section):
     """A whole run."""
 
@@ -609,6 +623,8 @@ class RunConfig(_Section):
     eval: EvalConfig = _field(doc="Held-out evaluation.", factory=EvalConfig, hashed=False)
     logging: LoggingConfig = _field(doc="Metrics and progress.", factory=LoggingConfig, hashed=False)
     cluster: ClusterConfig = _field(doc="Hosts and teacher source.", factory=ClusterConfig, hashed=False)
+    demo: DemoConfig | None = _field(None, "Settings of `kdpipe demo` (ignored by other verbs).",
+                                     hashed=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -654,11 +670,21 @@ class RunConfig(_Section):
         return tuple(n for n in range(group.fewest_hosts, group.most_hosts + 1)
                      if train.global_batch_size % (n * train.grad_accum_steps) == 0)
 
+    @property
+    def hard_labels_only(self) -> bool:
+        """True when the loss is the cross-entropy on the labels alone (``loss.alpha == 0`` with
+        ``loss.use_hard_labels``): training needs no teacher targets."""
+        return self.loss.alpha == 0.0 and self.loss.use_hard_labels
+
     def _check_teacher_source(self) -> None:
         source = self.cluster.teacher_source
+        if source is None and self.cache is None and self.hard_labels_only:
+            return  # a plain language-model run (the demo's teacher pretraining and baseline)
         if source is None and self.cache is None:
             raise ConfigError("cache: neither a cache nor a live teacher is configured; add a "
-                              "`cache:` section, or set cluster.teacher_source: live (or remote)")
+                              "`cache:` section, or set cluster.teacher_source: live (or remote), "
+                              "or train on hard labels alone (loss.alpha: 0 with "
+                              "loss.use_hard_labels: true)")
         if self.teacher_source in ("offline", "hybrid") and self.cache is None:
             raise ConfigError(f"cache: cluster.teacher_source '{self.teacher_source}' reads teacher "
                               f"targets from a cache, but there is no `cache:` section")

@@ -40,7 +40,7 @@ class MetricsLogger:
     """Appends scalar records to ``metrics.jsonl`` and TensorBoard; a no-op when disabled."""
 
     def __init__(self, run_dir: str | os.PathLike, *, enabled: bool = True,
-                 resume_step: int | None = None):
+                 tensorboard: bool = True, resume_step: int | None = None):
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self._file = None
@@ -55,10 +55,11 @@ class MetricsLogger:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
             os.replace(tmp, path)
         self._file = path.open("a")
-        # tensorboardX pulls in protobuf; import it only where event files are written.
-        from tensorboardX import SummaryWriter
+        if tensorboard:
+            # tensorboardX pulls in protobuf; import it only where event files are written.
+            from tensorboardX import SummaryWriter
 
-        self._tb = SummaryWriter(str(self.run_dir / TENSORBOARD_DIR), purge_step=resume_step)
+            self._tb = SummaryWriter(str(self.run_dir / TENSORBOARD_DIR), purge_step=resume_step)
 
     def log(self, step: int, values: Mapping[str, object], *, split: str = "train") -> dict:
         """Record ``values`` (scalars or 0-d arrays) at ``step``; returns the record written."""
@@ -68,21 +69,35 @@ class MetricsLogger:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
             for key, value in record.items():
-                if key not in ("step", "split") and math.isfinite(value):
+                if self._tb is not None and key not in ("step", "split") and math.isfinite(value):
                     self._tb.add_scalar(f"{split}/{key}", value, int(step))
         return record
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+            self._file = None
+        if self._tb is not None:
             self._tb.close()
-            self._file = self._tb = None
+            self._tb = None
 
     def __enter__(self) -> "MetricsLogger":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def progress_bar(label: str, *, enabled: bool = True, unit: str = "steps") -> "Progress":
+    """A live progress bar (rich): label, bar, done/total ``unit``, a free-text ``status``
+    field, elapsed time and ETA. Use as a context manager; ``add_task(label, total=...,
+    completed=..., status="")`` then ``update(task, advance=1, status=...)``."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    return Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
+                    TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+                    TimeRemainingColumn(), disable=not enabled)
 
 
 def _markdown_table(rows: Sequence[Mapping[str, object]]) -> str:

@@ -1,0 +1,192 @@
+"""The ``kdpipe`` command line.
+
+Each verb loads and checks the config, then calls one function of ``pipeline`` (one host) or of
+the driver (a Ray cluster). A problem with what the user gave (``KdpipeError``: config, data,
+model, cache, checkpoint) prints one paragraph and exits with code 2; ``--debug`` shows the
+traceback instead. SIGTERM during ``train`` saves a checkpoint and exits with code 143, and
+running the same command again resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+USER_ERROR = 2
+PREEMPTED = 128 + 15  # the shell's code for a process ended by SIGTERM
+
+DESCRIPTION = """\
+Distil a large language model into a small one: prepare token data, fill a compressed
+teacher-output cache, train the student from it (or from a live teacher), evaluate, export
+to a Hugging Face directory. `kdpipe demo` runs the whole thing on this machine in minutes."""
+
+EPILOG = """\
+typical flow:
+  kdpipe prepare-data run.yaml    # text/JSONL/parquet -> packed token shards
+  kdpipe cache run.yaml           # teacher -> <cache.path>/{train,eval}
+  kdpipe train run.yaml           # student from the cache; resumes from run_dir
+  kdpipe export run.yaml          # student -> <run_dir>/student (Hugging Face format)
+every field of run.yaml: docs/config-reference.md"""
+
+
+def _load(args):
+    from pipeline.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _teacher(config):
+    from pipeline.errors import ConfigError
+    from pipeline.models.hf_io import load_pretrained
+
+    spec = config.model.teacher
+    if not spec.from_pretrained:
+        raise ConfigError("model.teacher.path: this verb needs the teacher's Hugging Face "
+                          "directory (config.json + *.safetensors)")
+    return load_pretrained(spec.path, dtype=spec.dtype)
+
+
+def cmd_prepare_data(args) -> int:
+    from pipeline.data import prepare_dataset
+
+    config = _load(args)
+    info = prepare_dataset(config.data, overwrite=args.overwrite, progress=True)
+    for split, meta in info.splits.items():
+        print(f"{split}: {meta['num_rows']} rows of {info.seq_len} tokens, "
+              f"{meta['num_target_tokens']} target tokens, fingerprint {meta['fingerprint']}")
+    print(f"written to {config.data.prepared_dir}")
+    return 0
+
+
+def cmd_cache(args) -> int:
+    from pipeline.errors import ConfigError
+    from pipeline.models.hf_io import teacher_fingerprint
+    from pipeline.teacher import fill_cache
+
+    config = _load(args)
+    if config.cache is None:
+        raise ConfigError("cache: the config has no `cache:` section to fill")
+    teacher = _teacher(config)
+    fingerprint = teacher_fingerprint(config.model.teacher.path)
+    for split in (("train", "eval") if args.split == "all" else (args.split,)):
+        result = fill_cache(config, teacher, split, teacher_fp=fingerprint, progress=True)
+        print(f"{split}: wrote {len(result.shards_written)} shards, "
+              f"{len(result.shards_skipped)} already committed, "
+              f"{result.tokens_per_s:,.0f} tokens/s")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from pipeline.train import train
+
+    result = train(_load(args))
+    print(json.dumps({"step": result.step, "eval": result.final_eval,
+                      "tokens_per_s": round(result.tokens_per_s, 1),
+                      "export": str(result.run_dir / "student")}, indent=1))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from pipeline.train import evaluate_checkpoint
+
+    step, values = evaluate_checkpoint(_load(args), step=args.step)
+    print(json.dumps({"step": step, **values}, indent=1))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from pipeline.train import export_checkpoint
+
+    step, path = export_checkpoint(_load(args), out=args.out, step=args.step)
+    print(f"step {step} exported to {path}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from actors.inspect import describe
+
+    print(describe(Path(args.path)))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from actors.demo import run_demo
+
+    run_demo(args.config, args.overrides)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdpipe", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def verb(name, func, help_text, *, config=True):
+        sub = verbs.add_parser(name, help=help_text, description=help_text)
+        if config:
+            sub.add_argument("config", help="run config YAML (see configs/ and docs/config-reference.md)")
+        sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a config field, e.g. --set loss.temperature=2 (repeatable)")
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help="show tracebacks of user errors")
+        sub.set_defaults(func=func)
+        return sub
+
+    sub = verb("prepare-data", cmd_prepare_data,
+               "tokenize data.sources with data.tokenizer and pack them into parquet token shards "
+               "in data.prepared_dir (train and held-out splits)")
+    sub.add_argument("--overwrite", action="store_true",
+                     help="replace an existing prepared dataset (refused otherwise)")
+    sub = verb("cache", cmd_cache,
+               "run the teacher (model.teacher.path) over the prepared data and write its compressed "
+               "targets to cache.path; committed shards are skipped, so a rerun resumes")
+    sub.add_argument("--split", choices=("train", "eval", "all"), default="all",
+                     help="which split to cache (default: both)")
+    verb("train", cmd_train,
+         "train the student on this host from the cache (offline) or a live teacher; resumes from "
+         "the latest checkpoint in run_dir; exports the student and writes report.md at the end")
+    sub = verb("eval", cmd_eval,
+               "evaluate a checkpoint on the held-out split: CE on hard labels, KL to the teacher, "
+               "top-1 agreement")
+    sub.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    sub = verb("export", cmd_export,
+               "write a checkpoint's student as a Hugging Face directory (config.json + safetensors)")
+    sub.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    sub.add_argument("--out", help="output directory (default: <run_dir>/student)")
+    sub = verb("inspect", cmd_inspect,
+               "describe a cache (manifest, size, bytes/token, completeness), a run directory or a "
+               "checkpoint directory (steps, position)", config=False)
+    sub.add_argument("path", help="a cache directory, a run directory or its checkpoints/")
+    sub = verb("demo", cmd_demo,
+               "the whole pipeline on this machine: tokenizer, teacher, top-k cache, a distilled "
+               "student and a hard-label student, compared on held-out Python stdlib sources",
+               config=False)
+    sub.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"),
+                     help="demo config (default: configs/demo.yaml)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from pipeline.errors import KdpipeError
+    from pipeline.train import Preempted
+
+    try:
+        return args.func(args)
+    except KdpipeError as error:
+        if args.debug:
+            raise
+        message = textwrap.fill(str(error), width=100, subsequent_indent="  ")
+        print(f"kdpipe {args.verb}: error: {message}", file=sys.stderr)
+        return USER_ERROR
+    except Preempted as stop:
+        print(f"kdpipe {args.verb}: {stop}", file=sys.stderr)
+        return PREEMPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

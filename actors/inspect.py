@@ -1,0 +1,91 @@
+"""``kdpipe inspect``: what a cache, a run directory or a checkpoint directory holds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline.errors import KdpipeError
+
+MANIFEST = "manifest.json"
+
+
+def _cache_split(location: Path) -> list[str]:
+    from pipeline.cache import read_manifest
+
+    manifest = read_manifest(str(location))
+    target = manifest.target
+    committed = sorted(manifest.committed)
+    sequences = sum(manifest.shard_range(s)[1] - manifest.shard_range(s)[0] for s in committed)
+    stored = sum(size for commit in manifest.commits for _, size, _ in commit.files)
+    tokens = sequences * manifest.seq_len
+    what = {"topk": f"top-{target.k} log-probs + tail mass",
+            "sampled": f"{target.n_draws} sampled draws (ids + counts) + teacher entropy",
+            "full": "full logits"}[target.mode]
+    lines = [
+        f"cache {location}",
+        f"  stores      {what}; values {target.value_dtype or '-'}, ids {target.id_encoding}, "
+        f"T_cache {target.temperature if target.temperature is not None else 'any (full)'}",
+        f"  vocab       {target.vocab_size} (tokenizer {target.tokenizer_vocab_size}), "
+        f"seq_len {manifest.seq_len}, {manifest.num_sequences} sequences",
+        f"  shards      {len(committed)} of {manifest.num_shards} committed "
+        f"({manifest.shard_sequences} sequences each)"
+        + ("" if len(committed) == manifest.num_shards else "  INCOMPLETE"),
+        f"  size        {stored / 2**20:.2f} MiB committed"
+        + (f", {stored / tokens:.1f} bytes/token" if tokens else ""),
+        f"  teacher     {manifest.teacher_fingerprint}",
+        f"  tokenizer   {manifest.tokenizer_fingerprint}",
+        f"  dataset     {manifest.dataset_fingerprint}",
+        f"  format      version {manifest.format_version}",
+    ]
+    return lines
+
+
+def _checkpoints(directory: Path) -> list[str]:
+    from pipeline.checkpoint import read_checkpoint_metas
+
+    metas = read_checkpoint_metas(directory)
+    if not metas:
+        return [f"checkpoints {directory}: none"]
+    lines = [f"checkpoints {directory}: steps {sorted(metas)}"]
+    latest = metas[max(metas)]
+    position, identity = latest["position"], latest["identity"]
+    lines += [f"  latest      step {position['step']}, global sample offset "
+              f"{position['global_sample_offset']}",
+              f"  config      hash {identity['config_hash']}",
+              f"  student     {identity['model_fingerprint']}",
+              f"  dataset     {identity['dataset_fingerprint']}"]
+    return lines
+
+
+def _run_dir(directory: Path) -> list[str]:
+    from pipeline.metrics import read_metrics
+
+    lines = [f"run {directory}"]
+    records = read_metrics(directory)
+    for split in ("train", "eval"):
+        last = [r for r in records if r["split"] == split]
+        if last:
+            values = {k: round(v, 4) for k, v in last[-1].items() if k not in ("split",)}
+            lines.append(f"  last {split:<6}{json.dumps(values)}")
+    for name in ("student", "report.md"):
+        if (directory / name).exists():
+            lines.append(f"  {name:<12}{directory / name}")
+    return lines + _checkpoints(directory / "checkpoints")
+
+
+def describe(path: Path) -> str:
+    """A human summary of ``path``: a cache split, a cache with train/eval splits, a run
+    directory or a checkpoint directory. KdpipeError when it is none of these."""
+    if (path / MANIFEST).exists():
+        return "\n".join(_cache_split(path))
+    splits = [path / s for s in ("train", "eval") if (path / s / MANIFEST).exists()]
+    if splits:
+        return "\n".join(line for split in splits for line in _cache_split(split))
+    if (path / "checkpoints").is_dir() or (path / "metrics.jsonl").exists():
+        return "\n".join(_run_dir(path))
+    if path.is_dir() and any(p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists()
+                             for p in path.iterdir()):
+        return "\n".join(_checkpoints(path))
+    raise KdpipeError(f"path: {path} is not a cache (no {MANIFEST}), a run directory (no "
+                      f"checkpoints/ or metrics.jsonl) or a checkpoint directory")

@@ -1,0 +1,96 @@
+"""One teacher host's work: run the teacher over a split and write its targets to the cache.
+
+``fill_cache(config, teacher, split)`` is what ``kdpipe cache`` runs for each split, and what a
+teacher actor of a multi-host run calls with the shards the driver hands it. The teacher's
+forward pass is jitted once; the cache writer compresses on the device and writes in the
+background, so the loop here only feeds batches. Shards already committed are skipped without
+running the teacher, which makes a fill resumable after any interruption.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterable
+
+import jax
+import numpy as np
+
+from pipeline.cache import CacheManifest, CacheWriter, TargetSpec
+from pipeline.config import RunConfig
+from pipeline.data import DatasetInfo, TokenDataset, read_info
+from pipeline.metrics import progress_bar
+from pipeline.models.llama import Llama
+from pipeline.step import TrainState
+from pipeline.train import cache_location
+
+
+def cache_manifest(config: RunConfig, info: DatasetInfo, split: str, *, vocab_size: int,
+                   teacher_fp: str) -> CacheManifest:
+    """The manifest a teacher declares for ``split`` of the prepared dataset."""
+    spec = TargetSpec(vocab_size=vocab_size, tokenizer_vocab_size=info.vocab_size,
+                      **config.cache_target_fields())
+    return CacheManifest(target=spec, teacher_fingerprint=teacher_fp,
+                         tokenizer_fingerprint=info.tokenizer_fingerprint,
+                         dataset_fingerprint=info.fingerprint(split), seq_len=info.seq_len,
+                         num_sequences=info.splits[split]["num_rows"],
+                         shard_sequences=config.cache.shard_sequences,
+                         chunk_sequences=config.cache.chunk_sequences)
+
+
+def _teacher_logits(teacher: TrainState, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    return teacher.model()(input_ids, attention_mask=attention_mask).logits
+
+
+_jit_teacher_logits = jax.jit(_teacher_logits)
+
+
+@dataclasses.dataclass(frozen=True)
+class FillResult:
+    """What one ``fill_cache`` call did."""
+
+    split: str
+    shards_written: tuple[int, ...]
+    shards_skipped: tuple[int, ...]
+    tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def fill_cache(config: RunConfig, teacher: Llama, split: str, *, teacher_fp: str,
+               shards: Iterable[int] | None = None, batch_size: int | None = None,
+               progress: bool = False) -> FillResult:
+    """Write the teacher targets of ``split``'s ``shards`` (default: all) into the cache.
+
+    Committed shards are skipped; every other shard is computed in full and committed by the
+    writer. Rows go through the teacher in batches of ``batch_size`` (default: the student's
+    microbatch, ``train.global_batch_size / train.grad_accum_steps``), in row order; the
+    stored bytes do not depend on the batch size or on which host writes which shard.
+    """
+    info = read_info(config.data.prepared_dir)
+    vocab_size = teacher.config.vocab_size
+    dataset = TokenDataset(config.data.prepared_dir, split, vocab_size=vocab_size)
+    manifest = cache_manifest(config, info, split, vocab_size=vocab_size, teacher_fp=teacher_fp)
+    batch_size = batch_size or config.train.global_batch_size // config.train.grad_accum_steps
+    state = TrainState.create(teacher)
+    start = time.perf_counter()
+    with CacheWriter(cache_location(config.cache, split), manifest) as writer:
+        wanted = range(manifest.num_shards) if shards is None else shards
+        pending = writer.pending_shards(wanted)
+        skipped = tuple(sorted(set(wanted) - set(pending)))
+        rows = [np.arange(*manifest.shard_range(s)) for s in pending]
+        rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        with progress_bar(f"cache {split}", enabled=progress, unit="sequences") as bar:
+            task = bar.add_task(split, total=len(rows), status=f"{len(skipped)} shards done before")
+            for first in range(0, len(rows), batch_size):
+                indices = rows[first:first + batch_size]
+                batch = dataset.read_rows(indices)
+                logits = _jit_teacher_logits(state, batch["input_ids"], batch["attention_mask"])
+                writer.write(logits, indices)
+                bar.update(task, advance=len(indices))
+            writer.flush()
+    return FillResult(split=split, shards_written=tuple(pending), shards_skipped=skipped,
+                      tokens=len(rows) * info.seq_len, seconds=time.perf_counter() - start)

@@ -1,0 +1,461 @@
+"""One student host's run: data -> teacher targets -> jitted step -> checkpoints, metrics.
+
+``train(config)`` is what ``kdpipe train`` runs on one host, and what each student actor of a
+multi-host run calls with its ``Host`` (the JAX processes then form one program; the batch is
+split by ``pipeline.data.HostBatches`` and assembled into global arrays here). It
+
+1. opens the prepared dataset and builds (or loads) the student, on a mesh from ``config.mesh``;
+2. restores the latest checkpoint of ``run_dir`` when there is one (explicit target shardings,
+   so the mesh may differ from the one that saved it) and resumes at its global sample offset;
+3. takes the teacher targets of every batch from the cache (``offline``) or runs the teacher
+   inside the step (``live``);
+4. logs metrics every ``logging.every_steps``, evaluates every ``eval.every_steps``, saves every
+   ``checkpoint.every_steps``, and on SIGTERM saves a checkpoint and raises ``Preempted``;
+5. at the end evaluates, saves, exports the student as a Hugging Face directory and writes
+   ``report.md``.
+
+A run whose loss is the hard-label cross-entropy alone (``loss.alpha == 0`` with
+``loss.use_hard_labels``) needs no teacher for training; it still evaluates against the
+teacher's held-out targets when a cache or a live teacher is there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from pipeline.cache import CacheReader, RunDeclaration
+from pipeline.checkpoint import Checkpoints, RunIdentity, TrainPosition
+from pipeline.config import (CacheConfig, ModelSpec, RunConfig, build_optimizer, build_schedule,
+                             config_hash, config_to_dict, stable_hash)
+from pipeline.data import DatasetInfo, HostBatches, TokenDataset, eval_batches, read_info
+from pipeline.errors import ConfigError
+from pipeline.metrics import MetricsLogger, progress_bar, write_report
+from pipeline.models.hf_io import load_pretrained, save_pretrained, teacher_fingerprint
+from pipeline.models.llama import Llama, LlamaConfig
+from pipeline.models.sharding import BATCH_SPEC, make_mesh, shard_model
+from pipeline.step import DistillLossConfig, TrainState, jit_distillation_step
+
+EXPORT_DIR = "student"
+# Eval metrics are token-weighted means of the per-batch values (each batch's num_tokens).
+EVAL_KEYS = ("ce_loss", "kl_loss", "top1_agreement", "teacher_entropy")
+
+
+class Preempted(Exception):
+    """The run received SIGTERM; a checkpoint of ``step`` was saved before stopping."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped by SIGTERM after saving the checkpoint of step {step}; "
+                         f"run the same command again to resume")
+        self.step = step
+
+
+@dataclasses.dataclass(frozen=True)
+class Host:
+    """This process's place in the student group (``jax.process_index/count`` in a group)."""
+
+    index: int = 0
+    count: int = 1
+
+    @property
+    def is_primary(self) -> bool:
+        return self.index == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """How a run ended."""
+
+    step: int
+    global_sample_offset: int
+    final_eval: dict
+    final_train: dict
+    tokens_per_s: float
+    skipped_updates: int
+    run_dir: Path
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+
+def build_model(spec: ModelSpec, vocab_size: int, seed: int) -> Llama:
+    """The model of ``spec``: loaded from ``spec.path``, or initialised from ``seed`` with the
+    architecture of the spec and ``vocab_size`` (the tokenizer's unless the spec sets one)."""
+    if spec.from_pretrained:
+        return load_pretrained(spec.path, dtype=spec.dtype)
+    config = LlamaConfig.from_hf_config(spec.hf_config(vocab_size))
+    return Llama(config, dtype=jnp.dtype(spec.dtype), rngs=nnx.Rngs(seed))
+
+
+def model_fingerprint(spec: ModelSpec, vocab_size: int, seed: int) -> str:
+    """Identifies a model's architecture and initial weights, for checkpoint identity: the
+    weights' hash for a loaded model, the architecture and seed for an initialised one."""
+    if spec.from_pretrained:
+        return teacher_fingerprint(spec.path)
+    return "init:" + stable_hash({"architecture": spec.hf_config(vocab_size), "seed": seed})
+
+
+# --------------------------------------------------------------------------------------------
+# Teacher targets
+# --------------------------------------------------------------------------------------------
+
+def cache_location(cache: CacheConfig, split: str) -> str:
+    """Where a split's targets live: ``<cache.path>/<split>`` (a path or kvstore URL)."""
+    return f"{cache.path.rstrip('/')}/{split}"
+
+
+def open_cache(config: RunConfig, info: DatasetInfo, split: str, vocab_size: int, *,
+               teacher_fp: str | None = None) -> CacheReader:
+    """The cache reader of ``split``, checked against what this run declares (CacheError on
+    any mismatch, naming the field)."""
+    declaration = RunDeclaration(
+        tokenizer_fingerprint=info.tokenizer_fingerprint,
+        dataset_fingerprint=info.fingerprint(split),
+        vocab_size=vocab_size,
+        seq_len=info.seq_len,
+        temperature=config.loss.temperature,
+        tokenizer_vocab_size=info.vocab_size,
+        teacher_fingerprint=teacher_fp,
+    )
+    return CacheReader(cache_location(config.cache, split), declaration)
+
+
+# --------------------------------------------------------------------------------------------
+# The step
+# --------------------------------------------------------------------------------------------
+
+def step_options(config: RunConfig, *, is_training: bool = True) -> dict:
+    """The static keyword arguments of ``distillation_step`` that ``config`` sets."""
+    loss = config.loss
+    return dict(
+        loss_config=DistillLossConfig(divergence=loss.divergence, beta=loss.beta,
+                                      use_hard_labels=loss.use_hard_labels),
+        learning_rate_fn=build_schedule(config.optimizer, config.train.steps) if is_training else None,
+        gradient_accumulation_steps=config.train.grad_accum_steps if is_training else 1,
+        is_training=is_training,
+        temperature=loss.temperature,
+        alpha=loss.alpha,
+        hidden_state_weight=loss.hidden_state_weight,
+        hidden_state_layers=loss.hidden_state_layers,
+        hidden_state_loss=loss.hidden_state_loss,
+        attention_weight=loss.attention_weight,
+        attention_layers=loss.attention_layers,
+        attention_normalize=loss.attention_normalize,
+        logits_chunk_size=config.train.logits_chunk_size or None,
+    )
+
+
+def global_batch(local: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """This host's rows of a batch -> global arrays split over the mesh's batch axes."""
+    return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+            for key, value in local.items()}
+
+
+def _to_host(values: Mapping[str, jax.Array]) -> dict[str, float]:
+    return {key: float(value) for key, value in jax.device_get(dict(values)).items()}
+
+
+def evaluate(config: RunConfig, state: TrainState, dataset: TokenDataset, *, host: Host,
+             sharding: NamedSharding, reader: CacheReader | None = None,
+             teacher: TrainState | None = None) -> dict[str, float]:
+    """Held-out metrics of ``state``: student CE on the hard labels and, when a teacher's
+    targets are available (``reader`` or ``teacher``), KL to the teacher and top-1 agreement.
+
+    Each is a token-weighted mean over the eval batches (the same as one batch of all of them).
+    """
+    with_teacher = reader is not None or teacher is not None
+    eval_config = config if with_teacher else _ce_only(config)
+    options = step_options(eval_config, is_training=False)
+    rows_per_host = config.eval.batch_size // host.count
+    totals: dict[str, float] = {}
+    tokens = 0.0
+    for index, batch in enumerate(eval_batches(dataset, config.eval.batch_size, host_index=host.index,
+                                               host_count=host.count,
+                                               max_batches=config.eval.max_batches)):
+        if reader is not None:
+            start = index * config.eval.batch_size + host.index * rows_per_host
+            rows = np.minimum(np.arange(start, start + rows_per_host), dataset.num_rows - 1)
+            batch = {**batch, **jax.device_get(reader.read(rows))}
+        _, metrics = jit_distillation_step(state, global_batch(batch, sharding), teacher, **options)
+        values = _to_host(metrics.as_dict())
+        weight = values["num_tokens"]
+        tokens += weight
+        for key in EVAL_KEYS:
+            if key in values:
+                totals[key] = totals.get(key, 0.0) + values[key] * weight
+    result = {key: total / max(tokens, 1.0) for key, total in totals.items()}
+    result["num_tokens"] = tokens
+    return result
+
+
+def _ce_only(config: RunConfig) -> RunConfig:
+    loss = dataclasses.replace(config.loss, alpha=0.0, use_hard_labels=True, hidden_state_weight=0.0,
+                               attention_weight=0.0)
+    return dataclasses.replace(config, loss=loss)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpointed state
+# --------------------------------------------------------------------------------------------
+
+def _saved_tree(state: TrainState) -> dict:
+    """What a checkpoint holds of a TrainState: its arrays (graphdef and tx are rebuilt)."""
+    return {"params": state.params, "other": state.other, "opt_state": state.opt_state,
+            "step": state.step}
+
+
+def _from_saved_tree(template: TrainState, tree: dict) -> TrainState:
+    return template.replace(params=tree["params"], other=tree["other"],
+                            opt_state=tree["opt_state"], step=tree["step"])
+
+
+class _StopOnSigterm:
+    """Turns SIGTERM into a flag the loop checks between steps (main thread only)."""
+
+    def __init__(self):
+        self.requested = threading.Event()
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, lambda *_: self.requested.set())
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+# --------------------------------------------------------------------------------------------
+# Setting a run up
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class RunSetup:
+    """Everything a student host builds before its first step (``prepare_run``)."""
+
+    info: DatasetInfo
+    vocab_size: int
+    train_data: TokenDataset
+    eval_data: TokenDataset | None
+    sharding: NamedSharding
+    state: TrainState
+    teacher_state: TrainState | None
+    train_reader: CacheReader | None
+    eval_reader: CacheReader | None
+    identity: RunIdentity
+
+
+def prepare_run(config: RunConfig, *, host: Host = Host(), teacher: Llama | None = None,
+                train_targets: bool = True) -> RunSetup:
+    """Open the data, build the student (fresh, on the mesh of ``config.mesh``), and find the
+    teacher targets: the cache readers (``offline``; the train cache only when
+    ``train_targets``) or the live teacher (``teacher``, else ``model.teacher.path``).
+    Every mismatch between config, data, cache and teacher is refused here, before a step."""
+    source = config.teacher_source
+    if source in ("remote", "hybrid"):
+        raise ConfigError(f"cluster.teacher_source: '{source}' needs teacher actors; run it with "
+                          f"`kdpipe run`, which starts them (`kdpipe train` runs offline or live)")
+    info = read_info(config.data.prepared_dir)
+    vocab_size = config.model.student.vocab_size or info.vocab_size
+    train_data = TokenDataset(config.data.prepared_dir, "train", vocab_size=vocab_size)
+    eval_data = (TokenDataset(config.data.prepared_dir, "eval", vocab_size=vocab_size)
+                 if info.splits.get("eval", {}).get("num_rows") else None)
+
+    mesh = make_mesh(**dict(zip(("data", "fsdp", "tensor"), config.mesh.shape(jax.device_count()))))
+    student = build_model(config.model.student, vocab_size, config.train.seed)
+    shard_model(student, mesh)
+    state = TrainState.create(student, build_optimizer(config.optimizer, config.train.steps))
+
+    teacher_state = None
+    if source == "live" and teacher is None and config.model.teacher.from_pretrained:
+        teacher = load_pretrained(config.model.teacher.path, dtype=config.model.teacher.dtype)
+    if teacher is not None:
+        shard_model(teacher, mesh)
+        teacher_state = TrainState.create(teacher)
+    if source == "live" and teacher_state is None and not config.hard_labels_only:
+        raise ConfigError("model.teacher.path: a live teacher is needed (cluster.teacher_source: "
+                          "live) but none is given")
+    train_reader = eval_reader = None
+    if source == "offline" and config.cache is not None:
+        teacher_fp = (teacher_fingerprint(config.model.teacher.path)
+                      if config.model.teacher.from_pretrained else None)
+        if train_targets and not config.hard_labels_only:
+            train_reader = open_cache(config, info, "train", vocab_size, teacher_fp=teacher_fp)
+            _require_complete(train_reader, "train")
+        if eval_data is not None and teacher_state is None:
+            eval_reader = open_cache(config, info, "eval", vocab_size, teacher_fp=teacher_fp)
+            _require_complete(eval_reader, "eval")
+    identity = RunIdentity(config_hash(config), config_to_dict(config, hashed_only=True),
+                           model_fingerprint(config.model.student, vocab_size, config.train.seed),
+                           train_data.fingerprint)
+    return RunSetup(info=info, vocab_size=vocab_size, train_data=train_data, eval_data=eval_data,
+                    sharding=NamedSharding(mesh, BATCH_SPEC), state=state,
+                    teacher_state=teacher_state, train_reader=train_reader,
+                    eval_reader=eval_reader, identity=identity)
+
+
+def restore_checkpoint(config: RunConfig, setup: RunSetup, step: int | None = None
+                       ) -> tuple[TrainState, TrainPosition]:
+    """The student state of checkpoint ``step`` (default: the latest) of ``config.run_dir``."""
+    with Checkpoints(config.checkpoint_dir, setup.identity, keep=config.checkpoint.keep,
+                     async_save=False) as checkpoints:
+        saved, position = checkpoints.restore(_saved_tree(setup.state), step)
+    return _from_saved_tree(setup.state, saved), position
+
+
+def evaluate_checkpoint(config: RunConfig, *, step: int | None = None) -> tuple[int, dict[str, float]]:
+    """``(step, held-out metrics)`` of a checkpoint (``kdpipe eval``)."""
+    setup = prepare_run(config, train_targets=False)
+    if setup.eval_data is None:
+        raise ConfigError(f"data.eval_fraction: the prepared dataset {config.data.prepared_dir} has "
+                          f"no held-out rows to evaluate on")
+    state, position = restore_checkpoint(config, setup, step)
+    return position.step, evaluate(config, state, setup.eval_data, host=Host(),
+                                   sharding=setup.sharding, reader=setup.eval_reader,
+                                   teacher=setup.teacher_state)
+
+
+def export_checkpoint(config: RunConfig, *, out: str | None = None,
+                      step: int | None = None) -> tuple[int, Path]:
+    """Write a checkpoint's student as a Hugging Face directory (``kdpipe export``); returns
+    ``(step, path)``. Default path: ``<run_dir>/student``."""
+    setup = prepare_run(config, train_targets=False)
+    state, position = restore_checkpoint(config, setup, step)
+    path = Path(out) if out else Path(config.run_dir) / EXPORT_DIR
+    save_pretrained(state.model(), path)
+    return position.step, path
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+def train(config: RunConfig, *, host: Host = Host(), teacher: Llama | None = None,
+          stop: threading.Event | None = None,
+          on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
+    """Run (or resume) the distillation of ``config`` on this host; see the module docstring.
+
+    Args:
+      config: the run.
+      host: this process's index and the student group's size.
+      teacher: a live teacher already in memory (else loaded from ``model.teacher.path`` when
+        the run is ``live``).
+      stop: set by another thread to stop after the current step, as SIGTERM does.
+      on_step: called after every step with ``(step, metrics)`` (metrics on logging steps
+        only, else ``{}``), e.g. to log example ids in tests.
+
+    Raises:
+      Preempted: after SIGTERM (or ``stop``), once the checkpoint is saved.
+      KdpipeError: bad config, data, cache or checkpoint.
+    """
+    setup = prepare_run(config, host=host, teacher=teacher)
+    info, train_data, eval_data, sharding = setup.info, setup.train_data, setup.eval_data, setup.sharding
+    state, teacher_state = setup.state, setup.teacher_state
+    train_reader, eval_reader = setup.train_reader, setup.eval_reader
+    source, run_dir = config.teacher_source, Path(config.run_dir)
+    train_teacher = teacher_state if source == "live" and not config.hard_labels_only else None
+    options = step_options(_ce_only(config) if config.hard_labels_only else config)
+    primary = host.is_primary
+    with Checkpoints(config.checkpoint_dir, setup.identity, keep=config.checkpoint.keep,
+                     async_save=config.checkpoint.async_save) as checkpoints:
+        offset, start = 0, 0
+        if checkpoints.latest_step() is not None:
+            saved, position = checkpoints.restore(_saved_tree(state))
+            state = _from_saved_tree(state, saved)
+            offset, start = position.global_sample_offset, position.step
+        logger = MetricsLogger(run_dir, enabled=primary, tensorboard=config.logging.tensorboard,
+                               resume_step=start if start else None)
+        batches = HostBatches(train_data, seed=config.data.seed,
+                              global_batch=config.train.global_batch_size,
+                              host_index=host.index, host_count=host.count, offset=offset)
+        batch_tokens = config.train.global_batch_size * info.seq_len
+
+        def save(step: int) -> None:
+            if step not in checkpoints.all_steps():
+                checkpoints.save(TrainPosition.from_key(step, batches.offset, config.train.seed,
+                                                        jax.random.key(config.train.seed)),
+                                 _saved_tree(state))
+
+        def run_eval(step: int) -> dict:
+            if eval_data is None or not config.eval.every_steps:
+                return {}
+            values = evaluate(config, state, eval_data, host=host, sharding=sharding,
+                              reader=eval_reader, teacher=teacher_state)
+            logger.log(step, values, split="eval")
+            return values
+
+        progress = progress_bar("train", enabled=primary and config.logging.progress)
+        task = progress.add_task("train", total=config.train.steps, completed=start, status="")
+        skipped = 0
+        last_train: dict = {}
+        last_eval: dict = {}
+        tick, tick_step, tokens_per_s = time.perf_counter(), start, 0.0
+        with _StopOnSigterm() as sigterm, progress:
+            for step in range(start + 1, config.train.steps + 1):
+                rows, local = next(batches)
+                if train_reader is not None:
+                    local = {**local, **jax.device_get(train_reader.read(rows))}
+                state, metrics = jit_distillation_step(state, global_batch(local, sharding),
+                                                       train_teacher, **options)
+                logged = {}
+                if step % config.logging.every_steps == 0 or step == config.train.steps:
+                    logged = _to_host(metrics.as_dict())
+                    now = time.perf_counter()
+                    tokens_per_s = batch_tokens * (step - tick_step) / (now - tick)
+                    tick, tick_step = now, step
+                    logged["tokens_per_s"] = tokens_per_s
+                    skipped += int(logged.get("skipped_updates", 0))
+                    last_train = logger.log(step, logged)
+                    progress.update(task, status=f"loss {logged['loss']:.4f}  "
+                                                 f"{tokens_per_s:,.0f} tok/s")
+                progress.update(task, advance=1)
+                if on_step is not None:
+                    on_step(step, {"example_ids": rows, **logged})
+                if config.eval.every_steps and step % config.eval.every_steps == 0:
+                    last_eval = run_eval(step)
+                if step % config.checkpoint.every_steps == 0:
+                    save(step)
+                if sigterm.requested.is_set() or (stop is not None and stop.is_set()):
+                    save(step)
+                    checkpoints.wait()
+                    logger.close()
+                    raise Preempted(step)
+        final_step = max(start, config.train.steps)
+        if config.eval.every_steps and final_step % config.eval.every_steps:
+            last_eval = run_eval(final_step)
+        save(final_step)
+        checkpoints.wait()
+        save_pretrained(state.model(), run_dir / EXPORT_DIR)
+        if primary and config.logging.report:
+            rows_out = [{"split": "train", **{k: last_train.get(k, float("nan"))
+                                              for k in ("loss", "kl_loss", "ce_loss", "tokens_per_s")}},
+                        {"split": "eval", **last_eval}]
+            write_report(run_dir, f"kdpipe run: {run_dir.name}", rows_out,
+                         notes=[f"steps: {final_step}", f"teacher source: {source}",
+                                f"skipped non-finite updates: {skipped}",
+                                f"student exported to {run_dir / EXPORT_DIR}"])
+        logger.close()
+    return TrainResult(step=final_step, global_sample_offset=batches.offset, final_eval=last_eval,
+                       final_train=last_train, tokens_per_s=tokens_per_s, skipped_updates=skipped,
+                       run_dir=run_dir)
+
+
+def _require_complete(reader: CacheReader, split: str) -> None:
+    missing = reader.manifest.num_shards - len(reader.committed_shards)
+    if missing:
+        raise ConfigError(
+            f"cache.path: the {split} cache at {reader.location} has {missing} of "
+            f"{reader.manifest.num_shards} shards not written yet; run `kdpipe cache` to finish it "
+            f"(or `kdpipe run`, which trains while the teacher group writes)")
