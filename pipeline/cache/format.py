@@ -47,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from typing import Any
 
 from pipeline.errors import CacheError
@@ -378,25 +379,29 @@ def commit_key(shard: int) -> str:
     return f"{COMMIT_PREFIX}shard-{shard:08d}.json"
 
 
-def kvstore_spec(location: str | dict) -> dict:
+def kvstore_spec(location: str | os.PathLike | dict) -> dict:
     """A cache location (local path, kvstore URL, or kvstore spec dict) as a spec dict whose
     path ends with '/'."""
     import tensorstore as ts
 
     if isinstance(location, dict):
         spec = dict(location)
-    elif "://" in location:
-        spec = ts.KvStore.Spec(location).to_json()
+    elif isinstance(location, (str, os.PathLike)):
+        location = os.fspath(location)
+        if "://" in location:
+            spec = ts.KvStore.Spec(location).to_json()
+        else:
+            spec = {"driver": "file", "path": os.path.abspath(location)}
     else:
-        import os
-        spec = {"driver": "file", "path": os.path.abspath(location)}
+        raise CacheError(f"cache location: expected a path, a kvstore URL or a kvstore spec "
+                         f"dict, got {type(location).__name__}")
     path = spec.get("path", "")
     if path and not path.endswith("/"):
         spec["path"] = path + "/"
     return spec
 
 
-def open_kvstore(location: str | dict):
+def open_kvstore(location: str | os.PathLike | dict):
     """The cache root as a TensorStore KvStore (local path, kvstore URL or spec dict)."""
     import tensorstore as ts
 
