@@ -5,21 +5,23 @@
 - ``address`` or RAY_ADDRESS (what ``ray job submit`` sets for the job's entrypoint): join that
   cluster's GCS ("10.0.0.2:6379", "auto").
 
-Token authentication stays on. A head started with ``ray start --head`` (Ray 2.60) requires a
-token, and a client sends it only in token mode; so when joining a cluster with RAY_AUTH_MODE
-unset, this module sets it to "token". An embedded Ray enables token auth by itself. Nothing
-here ever sets it to "disabled": a user who runs an unauthenticated cluster must say so.
+Token authentication stays on and is never turned off here. An embedded Ray enables it by
+itself; a driver joining a cluster sends the token Ray finds (RAY_AUTH_TOKEN,
+RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) when RAY_AUTH_MODE is unset. This module does not
+force RAY_AUTH_MODE=token on a driver: a driver in token mode cannot join a cluster running
+without authentication (its workers fail to start). The HTTP clients of the job server
+(`ray job submit`) do need RAY_AUTH_MODE=token against a Ray 2.60 head: deploy/submit.sh sets it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import ray
 
 from pipeline.errors import ConfigError
 
-AUTH_MODE_ENV = "RAY_AUTH_MODE"
 LOOPBACK = "127.0.0.1"
 
 
@@ -39,9 +41,17 @@ def resolve_address(address: str | None) -> str | None:
     return chosen
 
 
+@dataclasses.dataclass(frozen=True)
+class Connection:
+    """Where the driver is connected: ``address`` is None for an embedded Ray."""
+
+    address: str | None
+    dashboard_url: str | None
+
+
 def connect(address: str | None = None, *, num_cpus: int | None = None,
-            dashboard: bool = True, namespace: str = "kdpipe") -> str | None:
-    """Start or join Ray for this driver process; returns the address joined (None: embedded).
+            dashboard: bool = True, namespace: str = "kdpipe") -> Connection:
+    """Start or join Ray for this driver process.
 
     Args:
       address: a GCS address to join; None falls back to RAY_ADDRESS, then to an embedded Ray.
@@ -51,9 +61,11 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
     """
     chosen = resolve_address(address)
     if chosen is None:
-        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host=LOOPBACK,
-                 namespace=namespace)
-        return None
-    os.environ.setdefault(AUTH_MODE_ENV, "token")
-    ray.init(address=chosen, namespace=namespace)
-    return chosen
+        # "local": always a new Ray in this process, even when another one (a `ray start`, a
+        # test cluster) left its address in Ray's temp dir, which a bare ray.init() would join.
+        context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
+                           dashboard_host=LOOPBACK, namespace=namespace)
+    else:
+        context = ray.init(address=chosen, namespace=namespace)
+    url = context.dashboard_url or None
+    return Connection(chosen, f"http://{url}" if url and "://" not in url else url)

@@ -107,7 +107,7 @@ JOB_CODE = textwrap.dedent("""
     import importlib.metadata, shutil
     from actors.cluster import connect
     from actors.groups import GroupSpec, HostGroup
-    joined = connect()
+    joined = connect().address
     with HostGroup.create(GroupSpec.local("job", 2), placement_timeout_s=60) as group:
         ranks = group.run(lambda host: host.rank * 10)
     print("KDPIPE_JOB", importlib.metadata.version("kdpipe"), shutil.which("kdpipe") is not None,

@@ -6,6 +6,7 @@ one "teacher" node, each with its custom resource and a matching node label.
 
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -13,9 +14,10 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
+from actors.cluster import connect, resolve_address
 from actors.groups import GroupSpec, HostGroup, HostGroupError, InsufficientResourcesError
 from actors.hosts import HostEnv
-from pipeline.errors import KdpipeError
+from pipeline.errors import ConfigError, KdpipeError
 
 # The work functions below travel to the actors by value: this test module is not importable
 # in Ray's worker processes.
@@ -30,7 +32,7 @@ def cluster():
     nodes = {}
     for name, role in (("s0", "student"), ("s1", "student"), ("t0", "teacher")):
         nodes[name] = c.add_node(num_cpus=1, resources={role: 1}, labels={ROLE: role})
-    ray.init(address=c.address)
+    connect(c.address)
     c.wait_for_nodes()
     yield {name: node.node_id for name, node in nodes.items()}
     ray.shutdown()
@@ -174,3 +176,25 @@ def test_tpu_slice_spec_follows_the_topology():
     assert (v5e.num_hosts, v5e.resources_per_host["TPU"]) == (4, 4)
     with pytest.raises(KdpipeError, match="accelerator_version 'v5e'.*v5litepod"):
         GroupSpec.for_tpu_slice("student", "4x4", "v5e")
+
+
+def test_connect_without_address_starts_a_loopback_embedded_ray():
+    # A fresh process: this one is attached to the module's cluster.
+    code = ("from actors.cluster import connect; c = connect(num_cpus=1); "
+            "import ray; print('CONNECTED', c.address, c.dashboard_url, ray.cluster_resources()['CPU'])")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(l for l in out.stdout.splitlines() if l.startswith("CONNECTED"))
+    assert line.startswith("CONNECTED None http://127.0.0.1:") and line.endswith(" 1.0"), line
+
+
+def test_resolve_address(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert resolve_address(None) is None
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.2:6379")
+    assert resolve_address(None) == "10.0.0.2:6379"
+    assert resolve_address("auto") == "auto"
+    with pytest.raises(ConfigError, match="address: expected a Ray GCS address .* got 'http://h:8265'"):
+        resolve_address("http://h:8265")
