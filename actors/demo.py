@@ -146,7 +146,8 @@ def run_demo(config_path: str, overrides: list[str]) -> dict:
              "wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()),
              f"corpus: {len(sources)} Python stdlib files; KL and top-1 agreement are measured "
              f"against the teacher's cached held-out targets"]
-    write_report(run_dir, "kdpipe demo: distilled vs hard-label student", rows, notes=notes)
+    write_report(run_dir, "kdpipe demo: distilled vs hard-label student", rows, notes=notes,
+                 runs={name: runs[name].run_dir for name in ("teacher", "distilled", "hard-labels")})
 
     table = Table(title="kdpipe demo: held-out Python stdlib modules")
     for column in rows[0]:

@@ -114,24 +114,33 @@ def _markdown_table(rows: Sequence[Mapping[str, object]]) -> str:
     return "\n".join(lines)
 
 
-def _plot(records: Sequence[dict], split: str, keys: Sequence[str], path: Path, title: str) -> bool:
+def _plot(runs: Mapping[str, Sequence[dict]], split: str, keys: Sequence[str], path: Path,
+          title: str) -> bool:
+    """One panel per key with one line per run; False (nothing written) if no data."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = {k: [(r["step"], r[k]) for r in records if r["split"] == split and k in r]
-              for k in keys}
-    series = {k: v for k, v in series.items() if v}
-    if not series:
+    panels = {}
+    for key in keys:
+        lines = {name: [(r["step"], r[key]) for r in records if r["split"] == split and key in r]
+                 for name, records in runs.items()}
+        lines = {name: points for name, points in lines.items() if points}
+        if lines:
+            panels[key] = lines
+    if not panels:
         return False
-    fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.2), squeeze=False)
-    for ax, (key, points) in zip(axes[0], series.items()):
-        steps, values = zip(*points)
-        ax.plot(steps, values, marker="." if len(steps) < 30 else None)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.2), squeeze=False)
+    for ax, (key, lines) in zip(axes[0], panels.items()):
+        for name, points in lines.items():
+            steps, values = zip(*points)
+            ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=name)
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
+        if len(lines) > 1:
+            ax.legend(fontsize="small")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -141,11 +150,14 @@ def _plot(records: Sequence[dict], split: str, keys: Sequence[str], path: Path, 
 
 def write_report(run_dir: str | os.PathLike, title: str,
                  final_rows: Sequence[Mapping[str, object]], *,
-                 notes: Sequence[str] = ()) -> Path:
-    """Write ``run_dir/report.md``: ``final_rows`` as a table, ``notes`` as bullets, and plots of
-    the train and eval curves in ``metrics.jsonl`` (``train_curves.png``, ``eval_curves.png``)."""
+                 notes: Sequence[str] = (),
+                 runs: Mapping[str, str | os.PathLike] | None = None) -> Path:
+    """Write ``run_dir/report.md``: ``final_rows`` as a table, ``notes`` as bullets, and plots
+    of the train and eval curves (``train_curves.png``, ``eval_curves.png``) of the
+    ``metrics.jsonl`` of ``run_dir``, or of each named run directory in ``runs`` side by side."""
     run_dir = Path(run_dir)
-    records = read_metrics(run_dir)
+    sources = {"": run_dir} if runs is None else runs
+    records = {name: read_metrics(path) for name, path in sources.items()}
     parts = [f"# {title}", "", _markdown_table(final_rows), ""]
     parts += [f"- {note}" for note in notes]
     plots = (("train", ("loss", "kl_loss", "ce_loss", "tokens_per_s"), "train_curves.png"),

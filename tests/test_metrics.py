@@ -47,3 +47,12 @@ def test_report_has_table_and_plots(tmp_path):
     for name in ("train_curves.png", "eval_curves.png"):
         assert f"({name})" in text
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_overlays_named_runs(tmp_path):
+    _log_steps(tmp_path / "a", range(1, 5))
+    _log_steps(tmp_path / "b", range(1, 7))
+    path = write_report(tmp_path, "Two runs", [{"run": "a"}, {"run": "b"}],
+                        runs={"a": tmp_path / "a", "b": tmp_path / "b"})
+    assert "(eval_curves.png)" in path.read_text()
+    assert (tmp_path / "train_curves.png").stat().st_size > 0
