@@ -144,6 +144,20 @@ class HostContext:
         return self._stop.is_set()
 
 
+def _pin_process(cores: list[int]) -> None:
+    """Pin every thread of this process to ``cores``.
+
+    Affinity is per thread on Linux (new threads inherit their creator's), and Ray has started
+    its own threads (gRPC, I/O) before this constructor runs: all of them are pinned, so that a
+    1-core host uses one core, whatever thread does the work.
+    """
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cores)
+        except ProcessLookupError:  # the thread ended meanwhile
+            pass
+
+
 class HostActor:
     """The actor body; see the module docstring. Constructed by ``actors.groups.HostGroup``."""
 
@@ -159,7 +173,7 @@ class HostActor:
         os.environ.update(self._env)
         cores = env.cores_for(local_index, sorted(os.sched_getaffinity(0)))
         if cores is not None:
-            os.sched_setaffinity(0, cores)
+            _pin_process(cores)
         self._ctx = HostContext(group, rank, num_hosts)
         self._busy = threading.Event()
         self._jax_started = False

@@ -147,6 +147,9 @@ def test_hosts_on_one_machine_get_distinct_cores(local_pair):
     if len(cores) >= 2:
         assert len({h.cpu_affinity for h in infos}) == 2
     assert all(len(h.cpu_affinity) == 1 for h in infos)
+    # The work thread (where XLA starts its pools) is pinned too, not only the control thread.
+    work_threads = local_pair.run(lambda host: tuple(sorted(os.sched_getaffinity(0))))
+    assert work_threads == [h.cpu_affinity for h in infos]
     assert all("--xla_cpu_multi_thread_eigen=false" in h.env["XLA_FLAGS"] for h in infos)
     assert all(h.env["JAX_PLATFORMS"] == "cpu" for h in infos)
 
