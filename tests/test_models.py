@@ -324,6 +324,8 @@ def test_qwen_sliding_window_is_refused():
 def test_direct_construction_is_checked():
     with pytest.raises(ConfigError, match="sliding_window: only model_type 'mistral'"):
         _config(sliding_window=4)
+    with pytest.raises(ConfigError, match="sliding_window: expected a positive integer or None"):
+        _config(model_type="mistral", sliding_window=0)
     with pytest.raises(ConfigError, match="head_dim: RoPE needs an even head_dim"):
         _config(head_dim=7)
     with pytest.raises(ConfigError, match="rope_theta: expected > 0"):

@@ -75,6 +75,14 @@ def test_sharded_save_writes_an_index_and_loads_back(tmp_path):
         stored.update({name: (file, array) for name, array in tensors.items()})
     assert index["weight_map"] == {name: file for name, (file, _) in stored.items()}
     assert index["metadata"]["total_size"] == sum(a.nbytes for _, a in stored.values())
+    # transformers' order: embedding first, then layer by layer, final norm last
+    assert stored["model.embed_tokens.weight"][0] == files[0]
+    assert stored["model.norm.weight"][0] == files[-1]
+    first_file_of_layer = [min(file for name, (file, _) in stored.items()
+                               if name.startswith(f"model.layers.{i}.")) for i in range(2)]
+    last_file_of_layer = [max(file for name, (file, _) in stored.items()
+                              if name.startswith(f"model.layers.{i}.")) for i in range(2)]
+    assert last_file_of_layer[0] <= first_file_of_layer[1]
     _assert_same_params(model, load_pretrained(tmp_path))
 
     # Saving again in one file removes the shards and the index, so no stale weights remain.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -132,6 +133,62 @@ _TWO_DEVICES = textwrap.dedent("""
     report["fresh"] = dict(wrong=wrong, split=int(split), round_trip_identical=same)
     print("REPORT" + json.dumps(report))
 """)
+
+
+_TWO_PROCESSES = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    import jax, numpy as np
+    from flax import nnx
+    from jax.sharding import NamedSharding
+    from safetensors.numpy import load_file
+    from pipeline.models.hf_io import load_pretrained, save_pretrained
+    from pipeline.models.sharding import BATCH_SPEC, make_mesh
+
+    coordinator, process_id, fixture, out_dir = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator, num_processes=2, process_id=process_id,
+                               initialization_timeout=120)
+    mesh = make_mesh(fsdp=2)  # one device per process
+    model = load_pretrained(fixture, mesh=mesh)
+    ref = np.load(fixture + ".npz")
+    batch = NamedSharding(mesh, BATCH_SPEC)
+    ids, mask = (jax.make_array_from_callback(ref[key].shape, batch, lambda i, key=key: ref[key][i])
+                 for key in ("input_ids", "attention_mask"))
+    logits = jax.jit(lambda g, s, i, m: nnx.merge(g, s)(i, m).logits)(*nnx.split(model), ids, mask)
+    (shard,) = logits.addressable_shards  # this process's row of the batch
+    real = ref["attention_mask"][shard.index[0]].astype(bool)
+    diff = np.abs(np.asarray(shard.data) - ref["logits"][shard.index])[real].max()
+    assert diff <= 1e-4, diff
+    save_pretrained(model, out_dir)  # gathers across both processes; process 0 writes
+    if process_id == 0:
+        ours, theirs = load_file(Path(out_dir) / "model.safetensors"), load_file(Path(fixture) / "model.safetensors")
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
+    print("OK", process_id, diff)
+""")
+
+
+def test_two_processes_load_and_save(tmp_path):
+    """Two JAX processes (as two hosts): each builds only its own slices of the parameters,
+    runs its row of the batch, and the save gathers the whole model into one checkpoint."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        coordinator = f"127.0.0.1:{sock.getsockname()[1]}"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    fixture = str(FIXTURES / "llama_gqa_tied")
+    procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESSES, coordinator, str(i), fixture,
+                               str(tmp_path / "saved")], env=env, cwd=Path(__file__).parents[1],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    for proc, (stdout, stderr) in zip(procs, outputs):
+        assert proc.returncode == 0, stderr[-3000:]
+        assert stdout.splitlines()[-1].startswith("OK")
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == ["config.json",
+                                                                      "model.safetensors"]
 
 
 def test_two_device_mesh_loads_sharded_and_matches_transformers():

@@ -71,10 +71,9 @@ _HEAD_BIAS = _Layout(lambda s: (s[0] * s[1],), lambda w, s: w.reshape(s), lambda
 
 # Hugging Face name -> (our parameter path, layout); {i} is the layer index. A row applies when
 # the model has that parameter (biases for qwen2, q/k norms for qwen3, lm_head when untied).
+# Rows are in transformers' order, which is the order of a save (layer by layer).
 _NAME_TABLE = (
     ("model.embed_tokens.weight", "embedder/embedding_vd", _SAME),
-    ("model.norm.weight", "final_norm/scale", _SAME),
-    ("lm_head.weight", "lm_head_vd", _SAME),
     ("model.layers.{i}.input_layernorm.weight", "layers/{i}/input_norm/scale", _SAME),
     ("model.layers.{i}.self_attn.q_proj.weight", "layers/{i}/attn/q_dnh", _HEADS_IN),
     ("model.layers.{i}.self_attn.k_proj.weight", "layers/{i}/attn/k_dkh", _HEADS_IN),
@@ -89,6 +88,8 @@ _NAME_TABLE = (
     ("model.layers.{i}.mlp.gate_proj.weight", "layers/{i}/mlp/gate_df", _LINEAR),
     ("model.layers.{i}.mlp.up_proj.weight", "layers/{i}/mlp/up_df", _LINEAR),
     ("model.layers.{i}.mlp.down_proj.weight", "layers/{i}/mlp/down_fd", _LINEAR),
+    ("model.norm.weight", "final_norm/scale", _SAME),
+    ("lm_head.weight", "lm_head_vd", _SAME),
 )
 
 
@@ -104,19 +105,23 @@ class _Tensor:
 
 
 def _tensor_plan(state: nnx.State, num_layers: int) -> list[_Tensor]:
-    """Every parameter of ``state`` with its Hugging Face name, in transformers' order."""
-    names = {}
-    for hf_template, our_template, layout in _NAME_TABLE:
-        layers = range(num_layers) if "{i}" in hf_template else [None]
+    """Every parameter of ``state`` with its Hugging Face name, in transformers' order
+    (embedding, then layer by layer, then the final norm and head)."""
+    first_layer_row = next(r for r, row in enumerate(_NAME_TABLE) if "{i}" in row[0])
+    names = {}  # our path -> (hf name, layout, order)
+    for row, (hf_template, our_template, layout) in enumerate(_NAME_TABLE):
+        if "{i}" in hf_template:
+            layers = range(num_layers)
+        else:
+            layers = [-1 if row < first_layer_row else num_layers]
         for i in layers:
-            names[our_template.format(i=i)] = (hf_template.format(i=i), layout)
+            names[our_template.format(i=i)] = (hf_template.format(i=i), layout, (i, row))
     plan = []
     for path, var in nnx.to_flat_state(state):
-        hf_name, layout = names[param_path(path)]
+        hf_name, layout, order = names[param_path(path)]
         shape = tuple(var.shape)
-        plan.append(_Tensor(path, hf_name, layout, shape, tuple(layout.hf_shape(shape))))
-    order = {hf_name: rank for rank, (hf_name, _) in enumerate(names.values())}
-    return sorted(plan, key=lambda t: order[t.hf_name])
+        plan.append((order, _Tensor(path, hf_name, layout, shape, tuple(layout.hf_shape(shape)))))
+    return [tensor for _, tensor in sorted(plan, key=lambda entry: entry[0])]
 
 
 def read_config(path: str | Path) -> LlamaConfig:

@@ -115,9 +115,8 @@ class LlamaConfig:
                 f"model_type: expected one of {sorted(ARCHITECTURES)}, got {self.model_type!r}"
             )
         for name in (*_REQUIRED_HF_FIELDS, "num_key_value_heads", "head_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
+            if not _is_positive_int(getattr(self, name)):
+                raise ConfigError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_key_value_heads ({self.num_key_value_heads}) must divide "
@@ -134,8 +133,7 @@ class LlamaConfig:
                     f"sliding_window: only model_type 'mistral' has one here, got "
                     f"{self.sliding_window!r} for {self.model_type!r}"
                 )
-            if isinstance(self.sliding_window, bool) or not isinstance(self.sliding_window, int) \
-                    or self.sliding_window <= 0:
+            if not _is_positive_int(self.sliding_window):
                 raise ConfigError(
                     f"sliding_window: expected a positive integer or None, got {self.sliding_window!r}"
                 )
@@ -172,6 +170,10 @@ class LlamaConfig:
                 f"config.json: missing required field(s) {', '.join(map(repr, missing))} "
                 f"for model_type {model_type!r}"
             )
+        for name in _REQUIRED_HF_FIELDS:  # checked here too: the defaults below compute with them
+            if not _is_positive_int(hf[name]):
+                raise ModelLoadError(
+                    f"config.json: {name}: expected a positive integer, got {hf[name]!r}")
         consumed = {"model_type", *_REQUIRED_HF_FIELDS}
 
         def read(key, default):
@@ -269,6 +271,10 @@ class LlamaConfig:
         if self.model_type == "llama":
             hf["mlp_bias"] = False
         return hf
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _read_rope(hf, max_positions, consumed) -> tuple[float, Llama3RopeScaling | None]:
