@@ -5,7 +5,7 @@
 ``logits_chunk_size`` as in EasyDeL 0.3. The teacher either runs live inside the step (under
 ``stop_gradient``) or its outputs arrive in the batch from the cache, so the same step serves
 both. ``jit_distillation_step`` is its compiled form (configuration static, student state
-donated).
+donated when training).
 
 Objective (DESIGN.md), with the KD term given by ``pipeline.losses``::
 
@@ -23,6 +23,7 @@ microbatch means, as EasyDeL does, over-weights microbatches with few tokens.)
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
@@ -129,13 +130,16 @@ class LossMetrics:
 _KD_METRICS = ("kl_loss", "ce_loss", "teacher_entropy", "top1_agreement")
 
 
-def _check_arguments(batch, teacher_state, loss_config, partition_spec, gradient_accumulation_steps,
-                     hidden_state_weight, attention_weight, logits_chunk_size):
+def _check_arguments(student_state, batch, teacher_state, loss_config, partition_spec, gradient_accumulation_steps,
+                     is_training, hidden_state_weight, attention_weight, logits_chunk_size):
     """Refuses bad step arguments before anything is traced (each error names the argument).
 
     The loss settings (temperature, alpha, divergence, beta, labels for use_hard_labels, layer
     indices, widths) are checked by ``pipeline.losses`` when the step is traced.
     """
+    if is_training and student_state.tx is None:
+        raise ConfigError("student_state: training needs an optimizer, got a state made with tx=None "
+                          "(TrainState.create(model, tx)); or pass is_training=False")
     if not isinstance(loss_config, DistillLossConfig):
         raise ConfigError(f"loss_config: expected a DistillLossConfig or None, got {type(loss_config).__name__}")
     if not (isinstance(gradient_accumulation_steps, int) and gradient_accumulation_steps >= 1):
@@ -177,9 +181,25 @@ def _check_arguments(batch, teacher_state, loss_config, partition_spec, gradient
 
 
 def _constrain(tree, partition_spec):
-    """Pins every batch array's leading (batch) axes to ``partition_spec``."""
+    """Hints XLA to lay every batch array's leading axes out as ``partition_spec`` says.
+
+    The mesh axes must be of type Auto (as ``pipeline.models.sharding.make_mesh`` makes them):
+    on Explicit axes every op of the model would need its own sharding annotation.
+    """
     if partition_spec is None:
         return tree
+    if isinstance(partition_spec, NamedSharding):
+        mesh, spec = partition_spec.mesh, partition_spec.spec
+    else:
+        mesh, spec = jax.sharding.get_abstract_mesh(), partition_spec
+    axis_types = dict(zip(mesh.axis_names, mesh.axis_types))
+    for entry in spec:
+        for name in (entry if isinstance(entry, tuple) else (entry,)) if entry is not None else ():
+            if axis_types.get(name) != jax.sharding.AxisType.Auto:
+                raise ConfigError(
+                    f"partition_spec {spec}: axis {name!r} must be an Auto axis of the mesh "
+                    f"(a NamedSharding's or the current one, jax.set_mesh), got mesh axes "
+                    f"{dict(zip(mesh.axis_names, map(str, mesh.axis_types)))}")
     return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, partition_spec), tree)
 
 
@@ -258,8 +278,8 @@ def distillation_step(
       ConfigError, DataError (both ``ValueError``): bad arguments or batch, at trace time.
     """
     loss_config = DistillLossConfig() if loss_config is None else loss_config
-    _check_arguments(batch, teacher_state, loss_config, partition_spec, gradient_accumulation_steps,
-                     hidden_state_weight, attention_weight, logits_chunk_size)
+    _check_arguments(student_state, batch, teacher_state, loss_config, partition_spec, gradient_accumulation_steps,
+                     is_training, hidden_state_weight, attention_weight, logits_chunk_size)
     batch = _constrain({key: jnp.asarray(value) for key, value in batch.items()}, partition_spec)
     denominators = _denominators(batch)
     totals = {key: jnp.maximum(value, 1.0) for key, value in denominators.items()}
@@ -339,7 +359,7 @@ def distillation_step(
         return student_state, metrics
 
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grad_sum, student_state.params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     # An overflowing norm counts as non-finite too: such an update would be garbage anyway.
     finite = jnp.isfinite(term_sums["loss"]) & jnp.isfinite(grad_norm)
     updates, opt_state = student_state.tx.update(grads, student_state.opt_state, student_state.params)
@@ -349,14 +369,26 @@ def distillation_step(
     return new_state, metrics.replace(grad_norm=grad_norm, skipped_updates=(~finite).astype(jnp.int32))
 
 
-#: ``distillation_step`` compiled: everything but the state, batch and teacher is static
-#: (tuples, not lists, for the layer indices), and the student state is donated, so
-#: ``state, metrics = jit_distillation_step(state, batch, teacher, temperature=2.0)`` updates in place.
-jit_distillation_step = jax.jit(
-    distillation_step,
-    static_argnames=("loss_config", "learning_rate_fn", "partition_spec", "gradient_accumulation_steps",
-                     "is_training", "temperature", "alpha", "hidden_state_weight", "hidden_state_layers",
-                     "hidden_state_loss", "attention_weight", "attention_layers", "attention_normalize",
-                     "logits_chunk_size"),
-    donate_argnames=("student_state",),
-)
+#: The arguments of ``distillation_step`` that select code: static under ``jax.jit``.
+STATIC_ARGNAMES = ("loss_config", "learning_rate_fn", "partition_spec", "gradient_accumulation_steps",
+                   "is_training", "temperature", "alpha", "hidden_state_weight", "hidden_state_layers",
+                   "hidden_state_loss", "attention_weight", "attention_layers", "attention_normalize",
+                   "logits_chunk_size")
+_jit_update = jax.jit(distillation_step, static_argnames=STATIC_ARGNAMES, donate_argnames=("student_state",))
+_jit_evaluate = jax.jit(distillation_step, static_argnames=STATIC_ARGNAMES)
+
+
+_PARAMETERS = inspect.signature(distillation_step)
+
+
+def jit_distillation_step(*args: Any, **kwargs: Any) -> tuple[TrainState, LossMetrics]:
+    """``distillation_step`` compiled (same arguments), one executable per configuration and
+    batch shape.
+
+    Every argument but the student state, the batch and the teacher state is static (pass layer
+    indices as tuples). Training donates ``student_state``: its buffers are reused for the new
+    state, so only the returned state may be used afterwards. Evaluation (``is_training=False``)
+    donates nothing, so the state stays usable.
+    """
+    is_training = _PARAMETERS.bind(*args, **kwargs).arguments.get("is_training", True)
+    return (_jit_update if is_training else _jit_evaluate)(*args, **kwargs)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from pipeline.models import ModelOutput
@@ -20,29 +21,34 @@ def _rms_norm(x: jax.Array, scale: nnx.Param) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6) * scale[...]
 
 
+def _param(rng: np.random.Generator, *shape: int) -> nnx.Param:
+    # numpy initialisation: eager jax.random calls would each compile, slowing every test.
+    return nnx.Param(jnp.asarray(rng.standard_normal(shape, np.float32) / np.sqrt(shape[0])))
+
+
 class ToyBlock(nnx.Module):
     """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
 
-    def __init__(self, hidden: int, heads: int, *, rngs: nnx.Rngs):
+    def __init__(self, hidden: int, heads: int, rng: np.random.Generator):
         self.heads = heads
         self.attn_norm = nnx.Param(jnp.ones((hidden,)))
-        self.qkv = nnx.Linear(hidden, 3 * hidden, use_bias=False, rngs=rngs)
-        self.out = nnx.Linear(hidden, hidden, use_bias=False, rngs=rngs)
+        self.qkv = _param(rng, hidden, 3 * hidden)
+        self.out = _param(rng, hidden, hidden)
         self.mlp_norm = nnx.Param(jnp.ones((hidden,)))
-        self.up = nnx.Linear(hidden, 2 * hidden, rngs=rngs)
-        self.down = nnx.Linear(2 * hidden, hidden, rngs=rngs)
+        self.up = _param(rng, hidden, 2 * hidden)
+        self.down = _param(rng, 2 * hidden, hidden)
 
     def __call__(self, x: jax.Array, allowed: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x: ``[B, L, D]``; allowed: ``[B, 1, L, L]`` bool. Returns (``[B, L, D]``, ``[B, H, L, L]``)."""
         batch, seq, hidden = x.shape
-        q, k, v = jnp.split(self.qkv(_rms_norm(x, self.attn_norm)), 3, axis=-1)
+        q, k, v = jnp.split(_rms_norm(x, self.attn_norm) @ self.qkv[...], 3, axis=-1)
         q, k, v = (t.reshape(batch, seq, self.heads, hidden // self.heads) for t in (q, k, v))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(hidden // self.heads)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(hidden // self.heads)
         # A finite fill keeps rows with no visible key (left padding) finite; they are masked out.
         probs = jax.nn.softmax(jnp.where(allowed, scores, -1e9), axis=-1)
         mixed = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(batch, seq, hidden)
-        x = x + self.out(mixed)
-        x = x + self.down(jax.nn.gelu(self.up(_rms_norm(x, self.mlp_norm))))
+        x = x + mixed @ self.out[...]
+        x = x + jax.nn.gelu(_rms_norm(x, self.mlp_norm) @ self.up[...]) @ self.down[...]
         return x, probs
 
 
@@ -50,16 +56,16 @@ class ToyDecoder(nnx.Module):
     """Tiny decoder LM following ``pipeline.models``' protocol (see its docstring)."""
 
     def __init__(self, vocab: int = 32, hidden: int = 16, num_layers: int = 2, heads: int = 2,
-                 *, tie_embeddings: bool = False, rngs: nnx.Rngs):
-        self.embed = nnx.Embed(vocab, hidden, rngs=rngs)
-        self.blocks = nnx.List([ToyBlock(hidden, heads, rngs=rngs) for _ in range(num_layers)])
+                 *, tie_embeddings: bool = False, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.embedding = nnx.Param(jnp.asarray(rng.standard_normal((vocab, hidden), np.float32)))
+        self.blocks = nnx.List([ToyBlock(hidden, heads, rng) for _ in range(num_layers)])
         self.final_norm = nnx.Param(jnp.ones((hidden,)))
-        self.head = None if tie_embeddings else nnx.Param(
-            jax.random.normal(rngs.params(), (vocab, hidden)) / jnp.sqrt(hidden))
+        self.head = None if tie_embeddings else _param(rng, vocab, hidden)
 
     def output_head(self) -> jax.Array:
         """``[vocab, hidden]``: the tied embedding table or the separate head."""
-        return self.embed.embedding[...] if self.head is None else self.head[...]
+        return self.embedding[...] if self.head is None else self.head[...]
 
     def __call__(self, input_ids, attention_mask=None, output_hidden_states=False,
                  output_attentions=False, compute_logits=True) -> ModelOutput:
@@ -67,7 +73,7 @@ class ToyDecoder(nnx.Module):
         allowed = jnp.tril(jnp.ones((seq, seq), bool))[None, None]
         if attention_mask is not None:
             allowed = allowed & (attention_mask[:, None, None, :] > 0)
-        x = self.embed(input_ids)
+        x = self.embedding[...][input_ids]
         hidden_states, attentions = [x], []
         for block in self.blocks:
             x, probs = block(x, allowed)
