@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from pipeline.errors import ConfigError, ModelLoadError
@@ -155,7 +155,8 @@ def _weight_files(path: Path) -> list[Path]:
         try:
             weight_map = json.loads(index_file.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ModelLoadError(f"{index_file}: expected JSON with a 'weight_map' ({err})") from err
+            raise ModelLoadError(
+                f"{index_file}: expected JSON with a 'weight_map' ({err})") from err
         files = [path / name for name in sorted(set(weight_map.values()))]
         absent = [f.name for f in files if not f.is_file()]
         if absent:
@@ -181,7 +182,7 @@ def _open_tensors(files: list[Path]):
         for file in files:
             try:
                 handle = stack.enter_context(safe_open(file, framework="numpy"))
-            except Exception as err:  # safetensors raises its own error types for bad headers
+            except (SafetensorError, OSError) as err:
                 raise ModelLoadError(f"{file}: not a readable safetensors file ({err})") from err
             for name in handle.keys():
                 if name in where:
@@ -299,7 +300,8 @@ def save_pretrained(model: Llama, path: str | Path, *,
     if len(shards) == 1:
         file_names = [SINGLE_FILE]
     else:
-        file_names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        file_names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                      for i in range(len(shards))]
 
     writer = jax.process_index() == 0
     if writer:

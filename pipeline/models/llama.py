@@ -115,8 +115,9 @@ class LlamaConfig:
                 f"model_type: expected one of {sorted(ARCHITECTURES)}, got {self.model_type!r}"
             )
         for name in (*_REQUIRED_HF_FIELDS, "num_key_value_heads", "head_dim"):
-            if not _is_positive_int(getattr(self, name)):
-                raise ConfigError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not _is_positive_int(value):
+                raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_key_value_heads ({self.num_key_value_heads}) must divide "
@@ -135,7 +136,8 @@ class LlamaConfig:
                 )
             if not _is_positive_int(self.sliding_window):
                 raise ConfigError(
-                    f"sliding_window: expected a positive integer or None, got {self.sliding_window!r}"
+                    f"sliding_window: expected a positive integer or None, got "
+                    f"{self.sliding_window!r}"
                 )
 
     @property
@@ -305,7 +307,8 @@ def _read_rope(hf, max_positions, consumed) -> tuple[float, Llama3RopeScaling | 
         factor=rope["factor"],
         low_freq_factor=rope["low_freq_factor"],
         high_freq_factor=rope["high_freq_factor"],
-        original_max_position_embeddings=rope.get("original_max_position_embeddings", max_positions),
+        original_max_position_embeddings=rope.get(
+            "original_max_position_embeddings", max_positions),
     )
 
 
