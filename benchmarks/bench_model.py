@@ -33,16 +33,17 @@ DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--hidden", type=int, default=768)
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--intermediate", type=int, default=2048)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--vocab", type=int, default=32000, help="vocabulary size")
+    parser.add_argument("--hidden", type=int, default=768, help="hidden size")
+    parser.add_argument("--layers", type=int, default=12, help="decoder layers")
+    parser.add_argument("--heads", type=int, default=12, help="query heads")
+    parser.add_argument("--kv-heads", type=int, default=4, help="key/value heads (GQA)")
+    parser.add_argument("--intermediate", type=int, default=2048, help="MLP size")
     parser.add_argument("--untied", action="store_true", help="separate output head")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=2, help="sequences per step")
+    parser.add_argument("--seq", type=int, default=256, help="tokens per sequence")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per case (median)")
     parser.add_argument("--dtypes", default="f32,bf16", help="comma list of f32, bf16")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
