@@ -114,6 +114,7 @@ def _chunk_loop(hidden, head, aux, config, *, with_grad):
     divergence, beta, chunk = config
     tokens = hidden.shape[0]
     num_chunks = -(-tokens // chunk)
+    vocab_block = min(_VOCAB_BLOCK, head.shape[0])
     hidden_bits = _to_bits(hidden)
     targets_bits = tuple(_to_bits(x) for x in targets)
     target_dtypes = tuple(x.dtype for x in targets)
@@ -154,7 +155,7 @@ def _chunk_loop(hidden, head, aux, config, *, with_grad):
             d_h_c = jnp.dot(d_logits, head, preferred_element_type=_F32)
             d_h_c = jnp.where(fresh[:, None], d_h_c, take(d_hidden))
             d_hidden = jax.lax.dynamic_update_slice_in_dim(d_hidden, d_h_c, start, axis=0)
-            d_head = d_head + jnp.dot(d_logits.T, h_c, preferred_element_type=_F32)
+            d_head = _add_outer_product(d_head, d_logits, h_c, vocab_block)
             grads = (d_hidden, d_head)
         return loss + loss_c, per_token_all, grads
 
@@ -165,6 +166,32 @@ def _chunk_loop(hidden, head, aux, config, *, with_grad):
     if with_grad:
         grads = (grads[0].astype(hidden.dtype), grads[1].astype(head.dtype))
     return (loss, *per_token), grads
+
+
+# Rows of the head gradient updated per step: XLA cannot add a matmul into an existing buffer,
+# so each update's [rows, hidden] product is a temporary; a whole [vocab, hidden] one per chunk
+# would cost as much as the accumulator itself.
+_VOCAB_BLOCK = 8192
+
+
+def _add_outer_product(acc, d_logits, h_c, block):
+    """``acc + d_logits.T @ h_c``, ``block`` rows of ``acc`` ``[vocab, hidden]`` at a time.
+
+    A vocab size that ``block`` does not divide gets a last block overlapping the previous
+    one, its already-updated rows masked out.
+    """
+    vocab = acc.shape[0]
+
+    def body(j, acc):
+        start = jnp.minimum(j * block, vocab - block)
+        fresh = (start + jnp.arange(block)) >= j * block
+        d_block = jax.lax.dynamic_slice_in_dim(d_logits, start, block, axis=1)
+        update = jnp.dot(jnp.where(fresh[None, :], d_block, 0.0).T, h_c,
+                         preferred_element_type=_F32)
+        rows = jax.lax.dynamic_slice_in_dim(acc, start, block, axis=0)
+        return jax.lax.dynamic_update_slice_in_dim(acc, rows + update, start, axis=0)
+
+    return jax.lax.fori_loop(0, -(-vocab // block), body, acc)
 
 
 # XLA on CPU computes in f32 what it cannot do in bf16, and its loop-invariant code motion

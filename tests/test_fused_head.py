@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pipeline import losses
+from pipeline import fused_head, losses
 from pipeline.errors import ConfigError, KdpipeError
 from pipeline.fused_head import fused_head_distillation_loss
 
@@ -68,6 +68,22 @@ def test_fused_equals_unchunked_in_value_and_gradients(kind, divergence):
                                        rtol=1e-5, atol=1e-6, err_msg=key)
         for g, w in zip(got_grads, want_grads):
             np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6)
+
+
+def test_fused_head_gradient_in_ragged_vocab_blocks(monkeypatch):
+    """The head gradient is accumulated in vocab blocks; 30 = 4 x 7 + 2 leaves a ragged one."""
+    monkeypatch.setattr(fused_head, "_VOCAB_BLOCK", 7)
+    hidden, head, teacher, attention, labels = make_case(4)
+    targets = all_targets(teacher, 1.0)[1]
+
+    def loss(fn):
+        return jax.grad(lambda w: fn(w)[0])(head)
+
+    got = loss(lambda w: fused_head.fused_head_distillation_loss(
+        hidden, w, targets, attention, labels, True, 1.0, 0.5, chunk_size=5))
+    want = loss(lambda w: losses.targets_distillation_loss(
+        hidden @ w.T, targets, attention, labels, True, 1.0, 0.5))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6)
 
 
 def test_fused_forward_only_and_without_labels():
