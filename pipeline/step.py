@@ -84,8 +84,12 @@ class TrainState(struct.PyTreeNode):
                    step=jnp.zeros((), jnp.int32), tx=tx)
 
     def model(self) -> nnx.Module:
-        """A fresh ``nnx.Module`` holding this state's variables."""
-        return nnx.merge(self.graphdef, self.params, self.other)
+        """A fresh ``nnx.Module`` holding copies of this state's variables.
+
+        Copies, so that the module may update its variables (an RNG stream's counter) inside
+        any trace, and so that doing so never changes this state.
+        """
+        return nnx.merge(self.graphdef, self.params, self.other, copy=True)
 
 
 @struct.dataclass
@@ -298,7 +302,7 @@ def distillation_step(
 
     def objective(params, other, micro, teacher_out):
         """This microbatch's share of the batch objective, its weighted terms and new ``other``."""
-        student = nnx.merge(student_state.graphdef, params, other)
+        student = student_state.replace(params=params, other=other).model()
         student.train() if is_training else student.eval()
         out = student(micro["input_ids"], attention_mask=micro.get("attention_mask"),
                       output_hidden_states=use_hidden, output_attentions=use_attention,

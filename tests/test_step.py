@@ -60,7 +60,7 @@ def make_batch(seed: int, lengths=(6, 3, 5, 1), seq: int = 6, left_padded_rows=(
 
 def fresh(state: TrainState) -> TrainState:
     """A copy, since the jitted step donates (deletes) the state it is given."""
-    return jax.tree.map(jnp.array, state)
+    return jax.tree.map(lambda x: x.copy(), state)
 
 
 def assert_trees_close(actual, expected, rtol=1e-5, atol=1e-6):
@@ -278,6 +278,17 @@ def test_non_finite_loss_skips_the_update_and_is_counted():
     assert not np.allclose(applied_state.params["head"][...], before.params["head"][...])
 
 
+def test_rng_state_advances_once_per_microbatch_and_evaluation_is_deterministic():
+    state = TrainState.create(ToyDecoder(VOCAB, HIDDEN, 1, dropout=0.5, seed=4), SGD)
+    batch = make_batch(6)
+    batch["teacher_logits"] = random_teacher_logits(6, batch)
+    count = lambda s: int(s.other["dropout"]["rngs"]["count"][...])
+    trained, metrics = jit_distillation_step(fresh(state), batch, None, gradient_accumulation_steps=2)
+    assert (count(state), count(trained)) == (0, 2)  # a fresh dropout mask for every microbatch
+    evaluations = [jit_distillation_step(state, batch, None, is_training=False)[1].loss for _ in range(2)]
+    assert float(evaluations[0]) == float(evaluations[1]) != float(metrics.loss)
+
+
 def test_one_compile_across_steps_and_the_state_is_donated(teacher, caplog):
     state = student_state(ADAM, seed=7)
     schedule = optax.cosine_decay_schedule(0.01, 100)  # a new static argument: this test compiles afresh
@@ -411,9 +422,11 @@ def test_bad_input_under_jit_leaves_the_state_alive(teacher):
 
 def test_train_state_round_trips_the_model_and_a_teacher_has_no_optimizer(teacher):
     model = ToyDecoder(VOCAB, HIDDEN, seed=3)
-    state = TrainState.create(model, optax.sgd(0.1))
-    ids = make_batch(0)["input_ids"]
-    np.testing.assert_array_equal(state.model()(ids).logits, model(ids).logits)
+    state = TrainState.create(model, SGD)
+    merged = state.model()
+    assert merged is not model and type(merged) is ToyDecoder and merged.head is not None
+    assert_trees_close(nnx.state(merged), nnx.state(model), rtol=0, atol=0)
+    assert int(state.step) == 0 and state.step.dtype == jnp.int32
     assert teacher.opt_state is None and teacher.tx is None
     with pytest.raises(ConfigError, match="student_state: training needs an optimizer"):
         distillation_step(teacher, make_batch(0), teacher)

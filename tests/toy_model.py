@@ -56,9 +56,11 @@ class ToyDecoder(nnx.Module):
     """Tiny decoder LM following ``pipeline.models``' protocol (see its docstring)."""
 
     def __init__(self, vocab: int = 32, hidden: int = 16, num_layers: int = 2, heads: int = 2,
-                 *, tie_embeddings: bool = False, seed: int = 0):
+                 *, tie_embeddings: bool = False, dropout: float = 0.0, seed: int = 0):
         rng = np.random.default_rng(seed)
         self.embedding = nnx.Param(jnp.asarray(rng.standard_normal((vocab, hidden), np.float32)))
+        # Dropout gives the model non-parameter state (an RNG stream) for the step to carry.
+        self.dropout = nnx.Dropout(dropout, rngs=nnx.Rngs(dropout=seed)) if dropout else None
         self.blocks = nnx.List([ToyBlock(hidden, heads, rng) for _ in range(num_layers)])
         self.final_norm = nnx.Param(jnp.ones((hidden,)))
         self.head = None if tie_embeddings else _param(rng, vocab, hidden)
@@ -74,6 +76,8 @@ class ToyDecoder(nnx.Module):
         if attention_mask is not None:
             allowed = allowed & (attention_mask[:, None, None, :] > 0)
         x = self.embedding[...][input_ids]
+        if self.dropout is not None:
+            x = self.dropout(x)
         hidden_states, attentions = [x], []
         for block in self.blocks:
             x, probs = block(x, allowed)
