@@ -23,6 +23,7 @@ import uuid
 from typing import Any, Callable, Mapping
 
 import ray
+from ray.util import tpu as ray_tpu
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -42,6 +43,8 @@ TEARDOWN_TIMEOUT_S = 15.0
 # Ray rejects a bundle whose resources are all zero. Hosts side by side on one machine only
 # need concurrency, not cores, so each reserves this sliver of a CPU.
 LOCAL_HOST_CPU = 0.01
+
+STRATEGIES = frozenset({"PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"})  # Ray's placement strategies
 
 
 class InsufficientResourcesError(KdpipeError):
@@ -90,6 +93,9 @@ class GroupSpec:
     tpu: TpuSlice | None = None
 
     def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise KdpipeError(f"{self.name} group: strategy: expected one of {sorted(STRATEGIES)}, "
+                              f"got {self.strategy!r}")
         if self.num_hosts < 1:
             raise KdpipeError(f"{self.name} group: num_hosts: expected >= 1, got {self.num_hosts}")
         if not any(v > 0 for v in self.resources_per_host.values()):
@@ -115,7 +121,7 @@ class GroupSpec:
         """One host per TPU VM of a slice: the host count and per-host chips follow from the
         topology (ray.util.tpu's arithmetic, e.g. v4 2x2x2 -> 2 hosts of 4 chips)."""
         try:
-            num_hosts, resources = ray.util.tpu.get_tpu_worker_resources(topology, accelerator_version)
+            num_hosts, resources = ray_tpu.get_tpu_worker_resources(topology, accelerator_version)
         except ValueError as err:
             raise KdpipeError(
                 f"{name} group: tpu topology {topology!r} / accelerator_version "
@@ -304,7 +310,7 @@ class HostGroup:
             )
             return pg, None
         try:
-            handle = ray.util.tpu.slice_placement_group(
+            handle = ray_tpu.slice_placement_group(
                 spec.tpu.topology, spec.tpu.accelerator_version,
                 resources_per_bundle=dict(spec.resources_per_host),
                 strategy=spec.strategy, name=_placement_name(spec),

@@ -168,6 +168,8 @@ def test_host_env_and_group_spec_checks():
         GroupSpec("student", 0, {"CPU": 1})
     with pytest.raises(KdpipeError, match="cannot reserve an empty bundle"):
         GroupSpec("student", 2, {"CPU": 0})
+    with pytest.raises(KdpipeError, match="strategy: expected one of .* got 'SPREADED'"):
+        GroupSpec("student", 2, {"CPU": 1}, strategy="SPREADED")
     spec = GroupSpec("teacher", 2, {"TPU": 4}, head_resources={"TPU-v4-16-head": 1})
     assert spec.bundles() == [{"TPU": 4, "TPU-v4-16-head": 1}, {"TPU": 4}]
 
