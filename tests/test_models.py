@@ -305,6 +305,9 @@ _DROP = object()
     (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0}), "rope_type='yarn' is not supported"),
     (dict(rope_parameters={"rope_type": "llama3", "factor": 8.0}),
      "missing 'low_freq_factor', 'high_freq_factor'"),
+    (dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0,
+                           "high_freq_factor": 1.0}),
+     "rope_scaling: expected factor > 0, 0 < low_freq_factor < high_freq_factor"),
     (dict(num_key_value_heads=3), r"num_key_value_heads \(3\) must divide num_attention_heads"),
     (dict(num_hidden_layers="2"), "num_hidden_layers: expected a positive integer, got '2'"),
 ])

@@ -11,12 +11,13 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from pipeline.errors import ConfigError
-from pipeline.models.hf_io import read_config
+from pipeline.models.hf_io import load_pretrained, read_config
 from pipeline.models.llama import Llama
 from pipeline.models.sharding import (DEFAULT_RULES, MESH_AXES, make_mesh, param_path,
                                       spec_for)
@@ -61,6 +62,21 @@ def test_bad_rules():
     with pytest.raises(ConfigError, match=r"rule 'q_dnh\$' gives .* of rank 2 for parameter "
                                           r"'layers/0/attn/q_dnh' of shape \(32, 8, 16\)"):
         spec_for("layers/0/attn/q_dnh", (32, 8, 16), MESH, rules)
+
+
+def test_load_refuses_rules_that_miss_a_parameter():
+    rules = tuple(rule for rule in DEFAULT_RULES if "mlp" not in rule[0])
+    with pytest.raises(ConfigError, match="no rule matches parameter 'layers/0/mlp/"):
+        load_pretrained(FIXTURES / "llama_gqa_tied", mesh=make_mesh(), rules=rules)
+
+
+def test_one_device_mesh_load_matches_plain_load():
+    plain = load_pretrained(FIXTURES / "qwen2_bias")
+    sharded = load_pretrained(FIXTURES / "qwen2_bias", mesh=make_mesh())
+    for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(plain)),
+                                 nnx.to_flat_state(nnx.state(sharded))):
+        np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()),
+                                      err_msg=str(path))
 
 
 def test_make_mesh_checks_sizes():

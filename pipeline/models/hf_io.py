@@ -218,6 +218,10 @@ def load_pretrained(path: str | Path, *, dtype=jnp.float32, mesh: Mesh | None = 
     abstract = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
     plan = _tensor_plan(abstract_state, config.num_hidden_layers)
+    shardings = {}  # decided before any weight is read, so bad rules fail fast
+    if mesh is not None:
+        shardings = {t.path: NamedSharding(mesh, spec_for(param_path(t.path), t.shape, mesh, rules))
+                     for t in plan}
     with _open_tensors(_weight_files(path)) as handles:
         _check_tensors(path, config, plan, handles)
         values = {}
@@ -227,9 +231,8 @@ def load_pretrained(path: str | Path, *, dtype=jnp.float32, mesh: Mesh | None = 
             if mesh is None:
                 value = jax.device_put(np.asarray(host, dtype))
             else:
-                spec = spec_for(param_path(tensor.path), tensor.shape, mesh, rules)
                 value = jax.make_array_from_callback(
-                    tensor.shape, NamedSharding(mesh, spec),
+                    tensor.shape, shardings[tensor.path],
                     lambda index, host=host: np.asarray(host[index], dtype))
             values[tensor.path] = value
     state = nnx.from_flat_state([

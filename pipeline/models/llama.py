@@ -128,6 +128,14 @@ class LlamaConfig:
         for name in ("rms_norm_eps", "rope_theta"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}: expected > 0, got {getattr(self, name)!r}")
+        scaling = self.rope_scaling
+        if scaling is not None and not (
+                scaling.factor > 0 and 0 < scaling.low_freq_factor < scaling.high_freq_factor
+                and _is_positive_int(scaling.original_max_position_embeddings)):
+            raise ConfigError(
+                f"rope_scaling: expected factor > 0, 0 < low_freq_factor < high_freq_factor and "
+                f"a positive original_max_position_embeddings, got {scaling}"
+            )
         if self.sliding_window is not None:
             if self.model_type != "mistral":
                 raise ConfigError(
