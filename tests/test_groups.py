@@ -15,7 +15,8 @@ import ray
 from ray.cluster_utils import Cluster
 
 from actors.cluster import connect, resolve_address
-from actors.groups import GroupSpec, HostGroup, HostGroupError, InsufficientResourcesError
+from actors.groups import (GroupSpec, HostGroup, HostGroupError, HostTimeoutError,
+                           InsufficientResourcesError)
 from actors.hosts import HostEnv
 from pipeline.errors import ConfigError, KdpipeError
 
@@ -122,6 +123,14 @@ def _work_until_stopped(host):
     while not host.stop_requested():
         time.sleep(0.05)
     return host.rank
+
+
+def test_timeout_names_the_busy_ranks_and_stop_ends_the_work(local_pair):
+    refs = local_pair.submit(_work_until_stopped)
+    with pytest.raises(HostTimeoutError, match=r"pair group: run did not finish within 0.5 s on ranks \[0, 1\] of 2"):
+        local_pair.gather(refs, timeout_s=0.5)
+    local_pair.request_stop()
+    assert local_pair.gather(refs, timeout_s=30) == {0: 0, 1: 1}
 
 
 def test_host_killed_mid_work_surfaces_as_actor_error_by_rank(local_pair):
