@@ -229,6 +229,8 @@ def test_tensors_transformers_also_ignores(tmp_path):
 def test_bad_arguments():
     with pytest.raises(ConfigError, match="dtype: expected one of .*got 'int32'"):
         load_pretrained(FIXTURES / "llama_gqa_tied", dtype=jnp.int32)
+    with pytest.raises(ConfigError, match="dtype: expected one of .*got 'half-float'"):
+        load_pretrained(FIXTURES / "llama_gqa_tied", dtype="half-float")
     model = nnx.eval_shape(lambda: Llama(read_config(FIXTURES / "llama_gqa_tied"), rngs=nnx.Rngs(0)))
     with pytest.raises(ConfigError, match="max_shard_bytes: expected > 0, got 0"):
         save_pretrained(model, "/nonexistent", max_shard_bytes=0)

@@ -193,7 +193,10 @@ def _open_tensors(files: list[Path]):
 
 
 def _param_dtype(dtype) -> jnp.dtype:
-    dtype = jnp.dtype(dtype)
+    try:
+        dtype = jnp.dtype(dtype)
+    except TypeError as err:
+        raise ConfigError(f"dtype: expected one of {_PARAM_DTYPES}, got {dtype!r}") from err
     if dtype.name not in _PARAM_DTYPES:
         raise ConfigError(f"dtype: expected one of {_PARAM_DTYPES}, got {dtype.name!r}")
     return dtype
