@@ -163,18 +163,25 @@ def test_sampled_roundtrip_and_determinism(encoding):
     np.testing.assert_allclose(out["teacher_entropy"],
                                -(np.where(p > 0, p * np.nan_to_num(ref, neginf=0), 0)).sum(-1),
                                rtol=1e-5)
-    # the draws of a token depend on (seed, sequence, position) only, not on the batch
+    # the stored bytes of a sequence depend on (seed, sequence index, logits) only, not on
+    # the batch it came in (its size or its order)
     swapped = compress.encode(jnp.asarray(logits[::-1]), seqs[::-1], spec)
-    for name in ("id_stream", "counts"):
+    alone = compress.encode(jnp.asarray(logits[1:]), seqs[1:], spec)
+    for name in stored:
         np.testing.assert_array_equal(np.asarray(swapped[name])[::-1], np.asarray(stored[name]))
+        np.testing.assert_array_equal(np.asarray(alone[name])[0], np.asarray(stored[name])[1])
 
 
 def test_sampled_counts_are_unbiased_for_p_and_for_the_loss():
     draws, vocab, n = 3000, 12, 8
-    teacher = np.broadcast_to(_logits(11, (1, 2, vocab), 1.5), (draws, 2, vocab))
-    student = _logits(12, (1, 2, vocab))
+    # two teacher tokens, each repeated at every position of its own sequence: each position
+    # has its own key, so each is an independent set of n draws
+    tokens = _logits(11, (2, 1, vocab), 1.5)
     spec = TargetSpec("sampled", vocab, vocab, n_draws=n, temperature=2.0)
-    _, out = _roundtrip(np.ascontiguousarray(teacher), spec)
+    _, out = _roundtrip(np.repeat(tokens, draws, axis=1), spec)
+    out = {k: np.swapaxes(v, 0, 1) for k, v in out.items()}  # [draws, 2 tokens, ...]
+    teacher = np.swapaxes(tokens, 0, 1)  # [1, 2, vocab]
+    student = _logits(12, (1, 2, vocab))
     p = np.exp(_ref_logprobs(teacher[0], 2.0, vocab))
     freq = np.zeros((draws, 2, vocab))
     for t in range(2):

@@ -2,7 +2,8 @@
 
 ``encode(logits [B, L, V], sequence_indices [B], spec)`` returns the stored arrays of
 :func:`pipeline.cache.format.array_layout` (each ``[B, L, *trailing]``) and
-``decode(stored, spec)`` returns the batch keys of CONTRACTS.md. ``spec`` is static.
+``decode(stored, spec)`` returns the batch keys of CONTRACTS.md. ``spec`` is static. Both are
+jitted (encode one sequence per compiled call, see :func:`encode`).
 
 Codes, per token:
 
@@ -191,20 +192,32 @@ def _decode_sampled(stored: dict[str, jax.Array], spec: TargetSpec) -> dict[str,
 
 
 @functools.partial(jax.jit, static_argnames="spec")
-def encode(logits: jax.Array, sequence_indices: jax.Array, spec: TargetSpec) -> dict[str, jax.Array]:
-    """Teacher logits [B, L, V] of sequences ``sequence_indices`` [B] -> stored arrays
-    {name: [B, L, *trailing]} (names and dtypes of ``array_layout(spec)``)."""
-    batch, seq_len, _ = logits.shape
+def encode_sequence(logits: jax.Array, sequence_index: jax.Array,
+                    spec: TargetSpec) -> dict[str, jax.Array]:
+    """Teacher logits [L, V] of sequence ``sequence_index`` -> stored arrays {name: [L, ...]}."""
     if spec.mode == "full":
         real = jnp.arange(spec.vocab_size) < spec.tokenizer_vocab_size
         return {"logits": jnp.where(real, logits, PADDED_LOGIT).astype(spec.value_dtype)}
-    logp = teacher_logprobs(logits, spec).reshape(batch * seq_len, -1)
+    logp = teacher_logprobs(logits, spec)
     if spec.mode == "topk":
-        flat = _encode_topk(logp, spec)
-    else:
-        keys = _token_keys(sequence_indices, seq_len, spec.seed).reshape(-1)
-        flat = _encode_sampled(logp, keys, spec)
-    return {name: a.reshape(batch, seq_len, *a.shape[1:]) for name, a in flat.items()}
+        return _encode_topk(logp, spec)
+    keys = _token_keys(sequence_index[None], logits.shape[0], spec.seed)[0]
+    return _encode_sampled(logp, keys, spec)
+
+
+def encode(logits: jax.Array, sequence_indices, spec: TargetSpec) -> dict[str, jax.Array]:
+    """Teacher logits [B, L, V] of sequences ``sequence_indices`` [B] -> stored arrays
+    {name: [B, L, *trailing]} (names and dtypes of ``array_layout(spec)``).
+
+    Each sequence goes through the same compiled program (:func:`encode_sequence`, dispatched
+    asynchronously), so the stored bytes of a sequence do not depend on the batch it came in:
+    XLA may order the float reductions of a [B * L, V] program differently for each B, and
+    a batched ``lax.map`` is simplified away when B == 1.
+    """
+    sequence_indices = jnp.asarray(sequence_indices, jnp.int32)
+    per_sequence = [encode_sequence(logits[b], sequence_indices[b], spec)
+                    for b in range(logits.shape[0])]
+    return {name: jnp.stack([p[name] for p in per_sequence]) for name in per_sequence[0]}
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "vocab_size"))

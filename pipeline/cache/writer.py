@@ -8,9 +8,10 @@ back for the crc32, and writes the shard's commit record last.
 
 Exactly-once at shard granularity: a shard is visible only through its commit record, which
 exists only after all of its files are durable; a shard being rewritten has its stale files
-deleted first. Encoding is deterministic (sampled draws use a key per (sequence, position)),
-so a writer killed at any moment and re-run produces the same bytes as an uninterrupted one,
-and disjoint shard sets written by several processes equal one process writing them all.
+deleted first. Encoding is deterministic and independent of the batching (sampled draws use a
+key per (sequence, position); see ``compress.encode``), so a writer killed at any moment and
+re-run produces the same bytes as an uninterrupted one, and disjoint shard sets written by
+several processes equal one process writing them all.
 Sequences of already committed shards are dropped; :meth:`CacheWriter.pending_shards` lets
 the teacher loop skip their forward passes altogether.
 """
@@ -100,7 +101,7 @@ class CacheWriter:
         if len(indices) and (indices.min() < 0 or indices.max() >= m.num_sequences):
             raise CacheError(f"cache write: sequence_indices expected in [0, "
                              f"{m.num_sequences}), got [{indices.min()}, {indices.max()}]")
-        encoded = compress.encode(logits, jnp.asarray(indices, jnp.int32), target)
+        encoded = compress.encode(logits, indices, target)
         self._queue.put((encoded, indices))
 
     def flush(self) -> None:
