@@ -160,8 +160,24 @@ class HostGroupError(RuntimeError):
     @property
     def lost_ranks(self) -> list[int]:
         """Ranks whose actor is gone (process killed, node lost or preempted), as opposed to
-        ranks where the work function raised: the driver's two retry budgets."""
-        return [r for r, e in self.failures.items() if isinstance(e, ray.exceptions.RayActorError)]
+        ranks where the work function or the actor's start raised: the driver's two retry
+        budgets."""
+        return [r for r, e in self.failures.items() if _is_lost(e)]
+
+
+def _is_lost(err: BaseException) -> bool:
+    return isinstance(err, ray.exceptions.RayActorError) and not err.actor_init_failed
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the task name in its tracebacks
+
+
+def _remote_traceback(err: BaseException) -> list[str]:
+    """The remote traceback lines of a RayTaskError or of an actor whose __init__ raised."""
+    lines = _ANSI.sub("", str(err)).splitlines()
+    # lines[0] ends with "ray::HostActor.run() (pid=.., ip=..)"; caret-only lines are left over
+    # from the Ray-internal frames that Ray drops.
+    return [line for line in lines[1:] if line.strip(" ^")]
 
 
 def _error_summary(err: BaseException) -> str:
@@ -170,11 +186,12 @@ def _error_summary(err: BaseException) -> str:
         cause = err.cause if err.cause is not None else err
         return f"{type(cause).__name__}: {cause}".splitlines()[0]
     if isinstance(err, ray.exceptions.RayActorError):
-        return f"{type(err).__name__}: the host's actor process died (killed, out of memory, or its node was lost)"
+        if err.actor_init_failed:
+            return f"the host failed to start: {_remote_traceback(err)[-1].strip()}"
+        reason = "its node was preempted" if err.preempted else \
+            "killed, out of memory, or its node was lost"
+        return f"{type(err).__name__}: the host's actor process died ({reason})"
     return f"{type(err).__name__}: {err}".splitlines()[0]
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the task name in its tracebacks
 
 
 def _describe_failures(group: str, call: str, failures: dict[int, BaseException],
@@ -188,12 +205,10 @@ def _describe_failures(group: str, call: str, failures: dict[int, BaseException]
         label = "rank" if len(ranks) == 1 else "ranks"
         lines.append(f"  {label} {', '.join(map(str, ranks))}: {summary}")
         first = failures[ranks[0]]
-        if isinstance(first, ray.exceptions.RayTaskError):
+        if not _is_lost(first) and isinstance(
+                first, (ray.exceptions.RayTaskError, ray.exceptions.RayActorError)):
             # The remote traceback once per kind of failure, not once per rank.
-            detail = _ANSI.sub("", str(first)).splitlines()
-            # detail[0] is "ray::HostActor.run() (pid=.., ip=..)"; caret-only lines are left
-            # over from the Ray-internal frames Ray drops.
-            lines.extend("    " + line for line in detail[1:] if line.strip(" ^"))
+            lines.extend("    " + line for line in _remote_traceback(first))
     return "\n".join(lines)
 
 

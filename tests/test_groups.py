@@ -119,6 +119,17 @@ def test_same_failure_on_all_ranks_is_reported_once(local_pair):
     assert "pair group: run failed on 2 of 2 hosts" in message
 
 
+def test_a_host_that_fails_to_start_is_reported_and_released(cluster):
+    broken = GroupSpec.local("broken", 2, HostEnv(env_vars=(("KDPIPE_FLAG", 1),)))  # not a str
+    with pytest.raises(HostGroupError) as caught:
+        HostGroup.create(broken, placement_timeout_s=60)
+    err = caught.value
+    assert sorted(err.failures) == [0, 1] and err.lost_ranks == []
+    assert "ranks 0, 1: the host failed to start: TypeError: str expected, not int" in str(err)
+    live = [pg for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
+    assert len(live) == 1  # the module's student group only
+
+
 def _work_until_stopped(host):
     while not host.stop_requested():
         time.sleep(0.05)
