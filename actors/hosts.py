@@ -49,9 +49,10 @@ class HostEnv:
       cpu_devices: on CPU, how many XLA devices the process exposes
         (--xla_force_host_platform_device_count); None keeps JAX's default of one.
       cores_per_host: pin the process to this many CPU cores and limit XLA's intra-op threads to
-        the same number. The k-th actor placed on a node takes cores [k*n, (k+1)*n) modulo the
-        node's core count, so two 1-core hosts on one machine use different cores (issue 6's
-        scaling benchmark measures the pipeline, not XLA's threads). None: no pinning.
+        the same number. The k-th host of a group placed on a node takes cores [k*n, (k+1)*n)
+        modulo the node's core count, so two 1-core hosts of a group on one machine use
+        different cores (issue 6's scaling benchmark measures the pipeline, not XLA's threads).
+        The count restarts at 0 for each group. None: no pinning.
       env_vars: further variables for the process (applied last; they win).
     """
 
