@@ -57,7 +57,10 @@ def test_fused_equals_unchunked_in_value_and_gradients(kind, divergence):
 
     (want, want_metrics), want_grads = jax.value_and_grad(unchunked, (0, 1), has_aux=True)(
         hidden, head)
-    for chunk_size in (4, 14, 64):  # ragged last chunk, exact, larger than the token count
+    # A ragged last chunk everywhere; an exact split and one chunk larger than the token count
+    # once (they share the code path, so once is enough).
+    chunk_sizes = (4, 14, 64) if (kind, divergence) == (0, "forward_kl") else (4,)
+    for chunk_size in chunk_sizes:
         (got, got_metrics), got_grads = jax.jit(
             jax.value_and_grad(fused, (0, 1), has_aux=True), static_argnums=2)(
                 hidden, head, chunk_size)

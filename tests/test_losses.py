@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import doctest
 import functools
 
 import jax
@@ -512,3 +513,7 @@ def test_bad_inputs_are_refused_with_names_and_values():
     for call, error, pattern in cases:
         with pytest.raises(error, match=pattern):
             call()
+
+
+def test_docstring_examples():
+    assert doctest.testmod(losses).failed == 0
