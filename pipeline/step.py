@@ -41,7 +41,7 @@ from pipeline.fused_head import fused_head_distillation_loss
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class DistillLossConfig:
-    """How the KD term is formed (the seed's ``loss_config`` slot; EasyDeL's LossConfig is not ours).
+    """How the KD term is formed: the seed's ``loss_config`` slot (not EasyDeL's LossConfig).
 
     Attributes:
       divergence: ``"forward_kl"`` (the seed's), ``"reverse_kl"`` or ``"jsd"`` (generalized JSD),
@@ -63,8 +63,8 @@ class TrainState(struct.PyTreeNode):
       params: the ``nnx.Param`` variables, the only ones differentiated and updated.
       other: every other variable (RNG streams, running statistics), carried through the step.
       opt_state: ``tx``'s state, or ``None`` for a frozen model such as a live teacher.
-      step: int32 scalar, the number of applied updates (skipped non-finite updates not counted,
-        so it always equals the optimizer's own count and the learning-rate schedule's input).
+      step: int32 scalar, the number of applied updates. A skipped (non-finite) update does not
+        count, so the learning-rate schedule, like the optimizer's own state, stays where it was.
       tx: the optax transformation (static), or ``None`` for a frozen model.
     """
 
@@ -76,7 +76,8 @@ class TrainState(struct.PyTreeNode):
     tx: optax.GradientTransformation | None = struct.field(pytree_node=False)
 
     @classmethod
-    def create(cls, model: nnx.Module, tx: optax.GradientTransformation | None = None) -> "TrainState":
+    def create(cls, model: nnx.Module,
+               tx: optax.GradientTransformation | None = None) -> "TrainState":
         """Splits ``model``; ``tx=None`` gives a frozen state (a teacher) with no optimizer."""
         graphdef, params, other = nnx.split(model, nnx.Param, ...)
         return cls(graphdef=graphdef, params=params, other=other,
@@ -134,54 +135,63 @@ class LossMetrics:
 _KD_METRICS = ("kl_loss", "ce_loss", "teacher_entropy", "top1_agreement")
 
 
-def _check_arguments(student_state, batch, teacher_state, loss_config, partition_spec, gradient_accumulation_steps,
-                     is_training, hidden_state_weight, attention_weight, logits_chunk_size):
+def _check_arguments(student_state, batch, teacher_state, loss_config, partition_spec,
+                     gradient_accumulation_steps, is_training, hidden_state_weight,
+                     attention_weight, logits_chunk_size):
     """Refuses bad step arguments before anything is traced (each error names the argument).
 
     The loss settings (temperature, alpha, divergence, beta, labels for use_hard_labels, layer
     indices, widths) are checked by ``pipeline.losses`` when the step is traced.
     """
     if is_training and student_state.tx is None:
-        raise ConfigError("student_state: training needs an optimizer, got a state made with tx=None "
-                          "(TrainState.create(model, tx)); or pass is_training=False")
+        raise ConfigError("student_state: training needs an optimizer, got a state made with "
+                          "tx=None (TrainState.create(model, tx)); or pass is_training=False")
     if not isinstance(loss_config, DistillLossConfig):
-        raise ConfigError(f"loss_config: expected a DistillLossConfig or None, got {type(loss_config).__name__}")
-    if not (isinstance(gradient_accumulation_steps, int) and gradient_accumulation_steps >= 1):
-        raise ConfigError(f"gradient_accumulation_steps: expected an int >= 1, got {gradient_accumulation_steps!r}")
-    for name, weight in (("hidden_state_weight", hidden_state_weight), ("attention_weight", attention_weight)):
+        raise ConfigError("loss_config: expected a DistillLossConfig or None, got "
+                          f"{type(loss_config).__name__}")
+    steps = gradient_accumulation_steps
+    if not (isinstance(steps, int) and steps >= 1):
+        raise ConfigError(f"gradient_accumulation_steps: expected an int >= 1, got {steps!r}")
+    for name, weight in (("hidden_state_weight", hidden_state_weight),
+                         ("attention_weight", attention_weight)):
         if not weight >= 0:
             raise ConfigError(f"{name}: expected >= 0, got {weight}")
         if weight > 0 and teacher_state is None:
-            raise ConfigError(f"{name}={weight} needs a live teacher (teacher_state), got teacher_state=None")
-    if logits_chunk_size is not None and not (isinstance(logits_chunk_size, int) and logits_chunk_size >= 1):
-        raise ConfigError(f"logits_chunk_size: expected None or an int >= 1, got {logits_chunk_size!r}")
+            raise ConfigError(f"{name}={weight} needs a live teacher (teacher_state), "
+                              "got teacher_state=None")
+    chunk = logits_chunk_size
+    if chunk is not None and not (isinstance(chunk, int) and chunk >= 1):
+        raise ConfigError(f"logits_chunk_size: expected None or an int >= 1, got {chunk!r}")
     if partition_spec is not None and not isinstance(partition_spec, (PartitionSpec, NamedSharding)):
         raise ConfigError("partition_spec: expected None, a PartitionSpec or a NamedSharding, "
                           f"got {type(partition_spec).__name__}")
 
     if "input_ids" not in batch or jnp.ndim(batch["input_ids"]) != 2:
-        raise DataError("batch['input_ids']: expected an int array [batch, seq], got "
-                        + (f"shape {jnp.shape(batch['input_ids'])}" if "input_ids" in batch else "no such key"))
+        seen = f"shape {jnp.shape(batch['input_ids'])}" if "input_ids" in batch else "no such key"
+        raise DataError(f"batch['input_ids']: expected an int array [batch, seq], got {seen}")
     shape = jnp.shape(batch["input_ids"])
     for key in ("attention_mask", "labels"):
         if key in batch and jnp.shape(batch[key]) != shape:
-            raise DataError(f"batch[{key!r}]: expected shape {shape} like input_ids, got {jnp.shape(batch[key])}")
+            raise DataError(f"batch[{key!r}]: expected shape {shape} like input_ids, "
+                            f"got {jnp.shape(batch[key])}")
     for key, value in batch.items():
         if jnp.shape(value)[:1] != shape[:1]:
-            raise DataError(f"batch[{key!r}]: expected leading (batch) size {shape[0]}, got shape {jnp.shape(value)}")
-    if shape[0] % gradient_accumulation_steps:
-        raise ConfigError(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must divide the batch "
-                          f"size ({shape[0]})")
+            raise DataError(f"batch[{key!r}]: expected leading (batch) size {shape[0]}, "
+                            f"got shape {jnp.shape(value)}")
+    if shape[0] % steps:
+        raise ConfigError(f"gradient_accumulation_steps ({steps}) must divide the batch size "
+                          f"({shape[0]})")
 
     cached = sorted(key for key in batch if key.startswith("teacher_"))
     if teacher_state is not None and cached:
-        raise ConfigError(f"teacher_state is given and the batch also holds teacher outputs {cached}: "
-                          "give one teacher, live or cached")
+        raise ConfigError(f"teacher_state is given and the batch also holds teacher outputs "
+                          f"{cached}: give one teacher, live or cached")
     if teacher_state is None:
         try:
             losses.targets_from_batch(batch)
         except KdpipeError as error:
-            raise ConfigError(f"teacher_state=None needs teacher targets in the batch: {error}") from error
+            raise ConfigError(
+                f"teacher_state=None needs teacher targets in the batch: {error}") from error
 
 
 def _constrain(tree, partition_spec):
@@ -223,8 +233,8 @@ def _denominators(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     """Raw (unclamped) denominators of the three mean terms for ``batch``."""
     ids = batch["input_ids"]
     attention_mask = batch.get("attention_mask")
-    valid = jnp.ones(ids.shape, jnp.float32) if attention_mask is None else attention_mask.astype(jnp.float32)
-    row_tokens = jnp.sum(valid, axis=-1)
+    row_tokens = (jnp.full(ids.shape[:1], ids.shape[1], jnp.float32) if attention_mask is None
+                  else jnp.sum(attention_mask.astype(jnp.float32), axis=-1))
     return {
         "kd": jnp.sum(losses.loss_mask(attention_mask, batch.get("labels"), ids.shape)),
         "hidden": jnp.sum(row_tokens),
@@ -282,14 +292,15 @@ def distillation_step(
       ConfigError, DataError (both ``ValueError``): bad arguments or batch, at trace time.
     """
     loss_config = DistillLossConfig() if loss_config is None else loss_config
-    _check_arguments(student_state, batch, teacher_state, loss_config, partition_spec, gradient_accumulation_steps,
-                     is_training, hidden_state_weight, attention_weight, logits_chunk_size)
+    _check_arguments(student_state, batch, teacher_state, loss_config, partition_spec,
+                     gradient_accumulation_steps, is_training, hidden_state_weight,
+                     attention_weight, logits_chunk_size)
     batch = _constrain({key: jnp.asarray(value) for key, value in batch.items()}, partition_spec)
     denominators = _denominators(batch)
     totals = {key: jnp.maximum(value, 1.0) for key, value in denominators.items()}
     use_hidden, use_attention = hidden_state_weight > 0, attention_weight > 0
-    kd_options = dict(use_hard_labels=loss_config.use_hard_labels, temperature=temperature, alpha=alpha,
-                      divergence=loss_config.divergence, beta=loss_config.beta)
+    kd_options = dict(use_hard_labels=loss_config.use_hard_labels, temperature=temperature,
+                      alpha=alpha, divergence=loss_config.divergence, beta=loss_config.beta)
 
     def teacher_outputs(micro):
         if teacher_state is None:
@@ -311,12 +322,15 @@ def distillation_step(
                    else losses.DenseTargets(teacher_out.logits))
         masks = dict(attention_mask=micro.get("attention_mask"), labels=micro.get("labels"))
         if logits_chunk_size is None:
-            kd, kd_metrics = losses.targets_distillation_loss(out.logits, targets, **masks, **kd_options)
+            kd, kd_metrics = losses.targets_distillation_loss(out.logits, targets, **masks,
+                                                              **kd_options)
         else:
-            kd, kd_metrics = fused_head_distillation_loss(out.last_hidden_state, student.output_head(), targets,
-                                                          **masks, **kd_options, chunk_size=logits_chunk_size)
+            kd, kd_metrics = fused_head_distillation_loss(
+                out.last_hidden_state, student.output_head(), targets, **masks, **kd_options,
+                chunk_size=logits_chunk_size)
         shares = {key: value / totals[key] for key, value in _denominators(micro).items()}
-        terms = {name: kd_metrics[name] * shares["kd"] for name in _KD_METRICS if name in kd_metrics}
+        terms = {name: kd_metrics[name] * shares["kd"]
+                 for name in _KD_METRICS if name in kd_metrics}
         total = kd * shares["kd"]
         if use_hidden:
             terms["hidden_state_loss"] = shares["hidden"] * losses.hidden_state_loss(
@@ -347,18 +361,18 @@ def distillation_step(
     # The carry's metric sums need their structure before the scan; trace one microbatch for it.
     micro_batches = _microbatches(batch, gradient_accumulation_steps)
     first = jax.tree.map(lambda x: x[0], micro_batches)
-    term_shapes = jax.eval_shape(
-        lambda m: objective(student_state.params, student_state.other, m, teacher_outputs(m))[1][0], first)
+    term_shapes = jax.eval_shape(lambda m: objective(student_state.params, student_state.other, m,
+                                                     teacher_outputs(m))[1][0], first)
     zero_terms = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), term_shapes)
     zero_grads = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), student_state.params)
                   if is_training else None)
     (grad_sum, other, term_sums), _ = jax.lax.scan(
         accumulate, (zero_grads, student_state.other, zero_terms), micro_batches)
 
-    metrics = LossMetrics(
-        num_tokens=denominators["kd"].astype(jnp.int32),
-        learning_rate=None if learning_rate_fn is None else jnp.asarray(learning_rate_fn(student_state.step)),
-        **term_sums)
+    learning_rate = (None if learning_rate_fn is None
+                     else jnp.asarray(learning_rate_fn(student_state.step)))
+    metrics = LossMetrics(num_tokens=denominators["kd"].astype(jnp.int32),
+                          learning_rate=learning_rate, **term_sums)
     if not is_training:
         return student_state, metrics
 
@@ -366,22 +380,24 @@ def distillation_step(
     grad_norm = optax.tree.norm(grads)
     # An overflowing norm counts as non-finite too: such an update would be garbage anyway.
     finite = jnp.isfinite(term_sums["loss"]) & jnp.isfinite(grad_norm)
-    updates, opt_state = student_state.tx.update(grads, student_state.opt_state, student_state.params)
-    proposed = student_state.replace(params=optax.apply_updates(student_state.params, updates), other=other,
-                                     opt_state=opt_state, step=student_state.step + 1)
+    updates, opt_state = student_state.tx.update(grads, student_state.opt_state,
+                                                 student_state.params)
+    proposed = student_state.replace(params=optax.apply_updates(student_state.params, updates),
+                                     other=other, opt_state=opt_state, step=student_state.step + 1)
     new_state = jax.tree.map(partial(jnp.where, finite), proposed, student_state)
-    return new_state, metrics.replace(grad_norm=grad_norm, skipped_updates=(~finite).astype(jnp.int32))
+    return new_state, metrics.replace(grad_norm=grad_norm,
+                                      skipped_updates=(~finite).astype(jnp.int32))
 
 
 #: The arguments of ``distillation_step`` that select code: static under ``jax.jit``.
-STATIC_ARGNAMES = ("loss_config", "learning_rate_fn", "partition_spec", "gradient_accumulation_steps",
-                   "is_training", "temperature", "alpha", "hidden_state_weight", "hidden_state_layers",
-                   "hidden_state_loss", "attention_weight", "attention_layers", "attention_normalize",
+STATIC_ARGNAMES = ("loss_config", "learning_rate_fn", "partition_spec",
+                   "gradient_accumulation_steps", "is_training", "temperature", "alpha",
+                   "hidden_state_weight", "hidden_state_layers", "hidden_state_loss",
+                   "attention_weight", "attention_layers", "attention_normalize",
                    "logits_chunk_size")
-_jit_update = jax.jit(distillation_step, static_argnames=STATIC_ARGNAMES, donate_argnames=("student_state",))
+_jit_update = jax.jit(distillation_step, static_argnames=STATIC_ARGNAMES,
+                      donate_argnames=("student_state",))
 _jit_evaluate = jax.jit(distillation_step, static_argnames=STATIC_ARGNAMES)
-
-
 _PARAMETERS = inspect.signature(distillation_step)
 
 

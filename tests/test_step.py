@@ -22,7 +22,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from pipeline.errors import ConfigError, DataError, KdpipeError
-from pipeline.step import DistillLossConfig, LossMetrics, TrainState, distillation_step, jit_distillation_step
+from pipeline.step import (DistillLossConfig, LossMetrics, TrainState, distillation_step,
+                           jit_distillation_step)
 from toy_model import ToyDecoder
 
 VOCAB, HIDDEN = 40, 16  # a vocab unlike any model width, for the [tokens, vocab] check
@@ -44,7 +45,8 @@ def teacher() -> TrainState:
     return TrainState.create(ToyDecoder(VOCAB, HIDDEN, num_layers=3, seed=100))
 
 
-def make_batch(seed: int, lengths=(6, 3, 5, 1), seq: int = 6, left_padded_rows=(1,)) -> dict[str, np.ndarray]:
+def make_batch(seed: int, lengths=(6, 3, 5, 1), seq: int = 6,
+               left_padded_rows=(1,)) -> dict[str, np.ndarray]:
     """Random ids; row b has lengths[b] real tokens (right padded, or left padded if listed);
     labels are -100 on padding and on about a fifth of the real tokens."""
     rng = np.random.default_rng(seed)
@@ -66,7 +68,8 @@ def fresh(state: TrainState) -> TrainState:
 def assert_trees_close(actual, expected, rtol=1e-5, atol=1e-6):
     assert jax.tree.structure(actual) == jax.tree.structure(expected)
     for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
-        np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(e, np.float64), rtol=rtol, atol=atol)
+        np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(e, np.float64),
+                                   rtol=rtol, atol=atol)
 
 
 def assert_metrics_close(actual: LossMetrics, expected: LossMetrics, rtol=1e-5, atol=1e-6):
@@ -82,8 +85,8 @@ def _log_softmax64(x):
     return x - jnp.log(jnp.sum(jnp.exp(x), axis=-1, keepdims=True))
 
 
-def reference_objective(student, teacher, batch, *, temperature, alpha, hidden_weight, hidden_layers,
-                        attention_weight, attention_layers):
+def reference_objective(student, teacher, batch, *, temperature, alpha, hidden_weight,
+                        hidden_layers, attention_weight, attention_layers):
     """DESIGN.md's objective written out independently (run under x64 with float64 params)."""
     s_out = student(batch["input_ids"], batch["attention_mask"], True, True)
     t_out = teacher(batch["input_ids"], batch["attention_mask"], True, True)
@@ -104,31 +107,34 @@ def reference_objective(student, teacher, batch, *, temperature, alpha, hidden_w
     pairs = attn[:, None, :, None] * attn[:, None, None, :]
     heads = s_out.attentions[0].shape[1]
     attention = jnp.mean(jnp.stack([
-        jnp.sum((s_out.attentions[i] - t_out.attentions[i]) ** 2 * pairs) / jnp.maximum(heads * jnp.sum(pairs), 1.0)
-        for i in attention_layers]))
-    loss = alpha * kl_loss + (1 - alpha) * ce_loss + hidden_weight * hidden + attention_weight * attention
+        jnp.sum((s_out.attentions[i] - t_out.attentions[i]) ** 2 * pairs)
+        / jnp.maximum(heads * jnp.sum(pairs), 1.0) for i in attention_layers]))
+    loss = (alpha * kl_loss + (1 - alpha) * ce_loss + hidden_weight * hidden
+            + attention_weight * attention)
     agree = jnp.argmax(s_out.logits, -1) == jnp.argmax(t_out.logits, -1)
     entropy = -jnp.sum(p * log_p, -1)
-    return loss, {"kl_loss": kl_loss, "ce_loss": ce_loss, "hidden_state_loss": hidden, "attention_loss": attention,
-                  "top1_agreement": jnp.sum(agree * m) / n, "teacher_entropy": jnp.sum(entropy * m) / n,
-                  "num_tokens": jnp.sum(m)}
+    return loss, {"kl_loss": kl_loss, "ce_loss": ce_loss, "hidden_state_loss": hidden,
+                  "attention_loss": attention, "top1_agreement": jnp.sum(agree * m) / n,
+                  "teacher_entropy": jnp.sum(entropy * m) / n, "num_tokens": jnp.sum(m)}
 
 
 def test_step_matches_float64_reference_update(teacher):
     tx = optax.adamw(0.05, weight_decay=0.01)
     state = student_state(tx)
     batch = make_batch(0)
-    options = dict(temperature=2.0, alpha=0.6, hidden_weight=0.3, hidden_layers=(1, -1), attention_weight=2.0,
-                   attention_layers=(0,))
-    new_state, metrics = jit_distillation_step(
-        fresh(state), batch, teacher, DistillLossConfig(use_hard_labels=True), temperature=2.0, alpha=0.6,
-        hidden_state_weight=0.3, hidden_state_layers=(1, -1), attention_weight=2.0, attention_layers=(0,))
+    options = dict(temperature=2.0, alpha=0.6, hidden_weight=0.3, hidden_layers=(1, -1),
+                   attention_weight=2.0, attention_layers=(0,))
+    new_state, metrics = jit_distillation_step(  # loss_config positionally, as EasyDeL's callers do
+        fresh(state), batch, teacher, DistillLossConfig(use_hard_labels=True), temperature=2.0,
+        alpha=0.6, hidden_state_weight=0.3, hidden_state_layers=(1, -1), attention_weight=2.0,
+        attention_layers=(0,))
 
     @jax.jit
     def reference_update(params, teacher_params, batch):
         def objective(params):
-            return reference_objective(nnx.merge(state.graphdef, params, state.other),
-                                       nnx.merge(teacher.graphdef, teacher_params, teacher.other), batch, **options)
+            student = nnx.merge(state.graphdef, params, state.other)
+            live_teacher = nnx.merge(teacher.graphdef, teacher_params, teacher.other)
+            return reference_objective(student, live_teacher, batch, **options)
 
         (loss, ref_metrics), grads = jax.value_and_grad(objective, has_aux=True)(params)
         updates, _ = tx.update(grads, tx.init(params), params)
@@ -140,20 +146,23 @@ def test_step_matches_float64_reference_update(teacher):
             to64(state.params), to64(teacher.params), {k: jnp.asarray(v) for k, v in batch.items()}))
         assert expected_params["head"].dtype == np.float64
 
-    assert ref_metrics["hidden_state_loss"] > 0.1 and ref_metrics["attention_loss"] > 1e-3  # terms matter
+    assert ref_metrics["hidden_state_loss"] > 0.1 and ref_metrics["attention_loss"] > 1e-3
     np.testing.assert_allclose(metrics.loss, loss, rtol=1e-5)
     for name, value in ref_metrics.items():
-        np.testing.assert_allclose(getattr(metrics, name), value, rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(getattr(metrics, name), value, rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
     np.testing.assert_allclose(metrics.grad_norm, grad_norm, rtol=1e-4)
     assert_trees_close(new_state.params, expected_params, rtol=1e-4, atol=1e-6)
-    assert int(new_state.step) == 1 and int(metrics.skipped_updates) == 0 and metrics.learning_rate is None
+    assert int(new_state.step) == 1 and int(metrics.skipped_updates) == 0
+    assert metrics.learning_rate is None
 
 
 def test_accumulation_is_token_weighted(teacher):
     # Strided microbatches: microbatch s holds rows s and s + 4, so 2 vs 12 real tokens.
     batch = make_batch(1, lengths=(1, 6, 2, 6, 1, 6, 3, 5), left_padded_rows=(2, 7))
-    options = dict(loss_config=DistillLossConfig(use_hard_labels=True), alpha=0.5, hidden_state_weight=0.5,
-                   hidden_state_layers=(0, 2), attention_weight=3.0, attention_layers=(0, -1), learning_rate_fn=optax.linear_schedule(1.0, 0.0, 10))
+    options = dict(loss_config=DistillLossConfig(use_hard_labels=True), alpha=0.5,
+                   hidden_state_weight=0.5, hidden_state_layers=(0, 2), attention_weight=3.0,
+                   attention_layers=(0, -1), learning_rate_fn=optax.linear_schedule(1.0, 0.0, 10))
     state = student_state()
     whole_state, whole = jit_distillation_step(fresh(state), batch, teacher, **options)
     accumulated_state, accumulated = jit_distillation_step(fresh(state), batch, teacher,
@@ -163,11 +172,10 @@ def test_accumulation_is_token_weighted(teacher):
     expected = (0.5 * whole.kl_loss + 0.5 * whole.ce_loss + 0.5 * whole.hidden_state_loss
                 + 3.0 * whole.attention_loss)
     np.testing.assert_allclose(whole.loss, expected, rtol=1e-6)
-    assert int(whole.num_tokens) == int(np.sum((batch["attention_mask"] == 1) & (batch["labels"] != -100)))
-
-    # Microbatch token counts differ 6-fold, so averaging microbatch means (EasyDeL's way)
-    # would weight tokens unequally and fail the comparison above.
     m = (batch["attention_mask"] == 1) & (batch["labels"] != -100)
+    assert int(whole.num_tokens) == int(m.sum())
+    # Microbatch token counts differ several-fold, so averaging microbatch means (EasyDeL's way)
+    # would weight tokens unequally and fail the comparisons above.
     counts = [int(m[s::4].sum()) for s in range(4)]
     assert max(counts) >= 3 * max(min(counts), 1), counts
 
@@ -197,15 +205,18 @@ def sampled_batch(batch, teacher_logits, temperature, draws, seed=0):
 
 
 def random_teacher_logits(seed, batch):
-    return (3.0 * np.random.default_rng(seed).standard_normal(batch["input_ids"].shape + (VOCAB,))).astype(np.float32)
+    shape = batch["input_ids"].shape + (VOCAB,)
+    return (3.0 * np.random.default_rng(seed).standard_normal(shape)).astype(np.float32)
 
 
 def test_dense_and_topk_with_k_equal_vocab_give_the_same_step():
     batch = make_batch(2)
     logits = random_teacher_logits(2, batch)
     state = student_state(ADAM)
-    dense_state, dense = jit_distillation_step(fresh(state), {**batch, "teacher_logits": logits}, None, **CACHED)
-    topk_state, topk = jit_distillation_step(fresh(state), topk_batch(batch, logits, 2.0, VOCAB), None, **CACHED)
+    dense_state, dense = jit_distillation_step(fresh(state), {**batch, "teacher_logits": logits},
+                                               None, **CACHED)
+    topk_state, topk = jit_distillation_step(fresh(state), topk_batch(batch, logits, 2.0, VOCAB),
+                                             None, **CACHED)
     assert_metrics_close(topk, dense, rtol=1e-5, atol=1e-6)
     assert_trees_close(topk_state.params, dense_state.params, atol=1e-6)
     assert_trees_close(topk_state.opt_state, dense_state.opt_state, atol=1e-6)
@@ -217,7 +228,8 @@ def test_chunked_head_matches_plain_logits(teacher):
                    gradient_accumulation_steps=2)
     state = student_state(tie_embeddings=True)  # the head's gradient meets the embeddings' one
     plain_state, plain = jit_distillation_step(fresh(state), batch, teacher, **options)
-    chunked_state, chunked = jit_distillation_step(fresh(state), batch, teacher, logits_chunk_size=5, **options)
+    chunked_state, chunked = jit_distillation_step(fresh(state), batch, teacher,
+                                                   logits_chunk_size=5, **options)
     assert_metrics_close(chunked, plain, rtol=1e-5, atol=1e-6)
     assert_trees_close(chunked_state.params, plain_state.params, rtol=1e-5, atol=1e-6)
 
@@ -234,10 +246,11 @@ def test_chunked_head_with_sparse_targets_makes_no_tokens_by_vocab_array(sparse)
 
     def big_vocab_arrays(jaxpr):
         tokens_per_microbatch = batch["input_ids"].size // 2
-        return [v.aval.shape for v in _all_vars(jaxpr) if VOCAB in v.aval.shape and HIDDEN not in v.aval.shape
-                and np.prod(v.aval.shape) >= tokens_per_microbatch * VOCAB]  # (params are [VOCAB, HIDDEN])
+        return [v.aval.shape for v in _all_vars(jaxpr)  # (parameters are [VOCAB, HIDDEN])
+                if VOCAB in v.aval.shape and HIDDEN not in v.aval.shape
+                and np.prod(v.aval.shape) >= tokens_per_microbatch * VOCAB]
 
-    assert big_vocab_arrays(step_jaxpr()), "the plain step has [tokens, vocab] logits"  # the check can fail
+    assert big_vocab_arrays(step_jaxpr()), "the plain step has [tokens, vocab] logits"
     assert not big_vocab_arrays(step_jaxpr(logits_chunk_size=5))
 
 
@@ -253,11 +266,13 @@ def test_eval_leaves_state_untouched_and_reports_the_same_metrics():
     batch["teacher_logits"] = random_teacher_logits(4, batch)
     state = student_state(ADAM)
     before = fresh(state)
-    evaluated_state, evaluated = jit_distillation_step(fresh(state), batch, None, is_training=False, **CACHED)
+    evaluated_state, evaluated = jit_distillation_step(fresh(state), batch, None,
+                                                       is_training=False, **CACHED)
     _, trained = jit_distillation_step(fresh(state), batch, None, **CACHED)
     assert_trees_close(evaluated_state, before, rtol=0, atol=0)
     assert evaluated.grad_norm is None and evaluated.skipped_updates is None
-    loss_metrics = {k: v for k, v in trained.as_dict().items() if k not in ("grad_norm", "skipped_updates")}
+    loss_metrics = {k: v for k, v in trained.as_dict().items()
+                    if k not in ("grad_norm", "skipped_updates")}
     assert_trees_close(evaluated.as_dict(), loss_metrics)
 
 
@@ -268,12 +283,12 @@ def test_non_finite_loss_skips_the_update_and_is_counted():
     poisoned[0, 0, 3] = np.nan
     state = student_state(ADAM)
     before = fresh(state)
-    skipped_state, skipped = jit_distillation_step(fresh(state), {**batch, "teacher_logits": poisoned}, None,
-                                                   **CACHED)
+    skipped_state, skipped = jit_distillation_step(
+        fresh(state), {**batch, "teacher_logits": poisoned}, None, **CACHED)
     assert int(skipped.skipped_updates) == 1 and not np.isfinite(skipped.loss)
     assert_trees_close(skipped_state, before, rtol=0, atol=0)  # params, opt_state and step
-    applied_state, applied = jit_distillation_step(skipped_state, {**batch, "teacher_logits": logits}, None,
-                                                   **CACHED)
+    applied_state, applied = jit_distillation_step(
+        skipped_state, {**batch, "teacher_logits": logits}, None, **CACHED)
     assert int(applied.skipped_updates) == 0 and int(applied_state.step) == 1
     assert not np.allclose(applied_state.params["head"][...], before.params["head"][...])
 
@@ -285,20 +300,22 @@ def test_rng_state_advances_once_per_microbatch_and_evaluation_is_deterministic(
     count = lambda s: int(s.other["dropout"]["rngs"]["count"][...])
     trained, metrics = jit_distillation_step(fresh(state), batch, None, gradient_accumulation_steps=2)
     assert (count(state), count(trained)) == (0, 2)  # a fresh dropout mask for every microbatch
-    evaluations = [jit_distillation_step(state, batch, None, is_training=False)[1].loss for _ in range(2)]
+    evaluations = [jit_distillation_step(state, batch, None, is_training=False)[1].loss
+                   for _ in range(2)]
     assert float(evaluations[0]) == float(evaluations[1]) != float(metrics.loss)
 
 
 def test_one_compile_across_steps_and_the_state_is_donated(teacher, caplog):
     state = student_state(ADAM, seed=7)
-    schedule = optax.cosine_decay_schedule(0.01, 100)  # a new static argument: this test compiles afresh
+    schedule = optax.cosine_decay_schedule(0.01, 100)  # a new static argument: a fresh compile
     options = dict(learning_rate_fn=schedule, gradient_accumulation_steps=2, temperature=1.5)
     with jax.log_compiles(True), caplog.at_level(logging.WARNING):
         for seed in range(3):
             old = state
             state, metrics = jit_distillation_step(state, make_batch(10 + seed), teacher, **options)
             assert all(leaf.is_deleted() for leaf in jax.tree.leaves(old.params))
-    compiles = [r for r in caplog.records if "Compiling" in r.getMessage() and "distillation_step" in r.getMessage()]
+    compiles = [r for r in caplog.records
+                if "Compiling" in r.getMessage() and "distillation_step" in r.getMessage()]
     assert len(compiles) == 1, [r.getMessage()[:120] for r in compiles]
     assert int(state.step) == 3
     np.testing.assert_allclose(metrics.learning_rate, schedule(2), rtol=1e-6)
@@ -306,8 +323,7 @@ def test_one_compile_across_steps_and_the_state_is_donated(teacher, caplog):
 
 _TWO_DEVICE_SCRIPT = textwrap.dedent(r"""
     import json, re, sys
-    import jax, jax.numpy as jnp, numpy as np, optax
-    from flax import nnx
+    import jax, numpy as np
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
     sys.path.insert(0, sys.argv[1])
     from test_step import make_batch, random_teacher_logits, student_state
@@ -319,32 +335,36 @@ _TWO_DEVICE_SCRIPT = textwrap.dedent(r"""
     options = dict(gradient_accumulation_steps=2, alpha=1.0)
     single, single_metrics = jit_distillation_step(student_state(), batch, None, **options)
 
-    def data_parallel(partition_spec):
-        replicated = jax.device_put(student_state(), NamedSharding(mesh, P()))
+    def lowered_text(partition_spec):
         with jax.set_mesh(mesh):
-            # The batch arrives on one device; partition_spec alone must spread it over both.
-            hlo = jax.jit(distillation_step, static_argnames=STATIC_ARGNAMES).lower(
+            return jax.jit(distillation_step, static_argnames=STATIC_ARGNAMES).lower(
                 replicated, batch, None, partition_spec=partition_spec, **options).as_text()
-            return jit_distillation_step(replicated, batch, None, partition_spec=partition_spec, **options), hlo
 
     mesh = jax.make_mesh((2,), ("data",), axis_types=(AxisType.Auto,))
-    (by_spec, by_spec_metrics), spec_hlo = data_parallel(P("data"))
-    (by_sharding, by_sharding_metrics), sharding_hlo = data_parallel(NamedSharding(mesh, P("data")))
+    replicated = jax.device_put(student_state(), NamedSharding(mesh, P()))
+    # A bare spec (current mesh) and a NamedSharding (its own mesh) pin the same layout.
+    hlos = [lowered_text(P("data")), lowered_text(NamedSharding(mesh, P("data")))]
+    with jax.set_mesh(mesh):
+        # The batch arrives on one device; partition_spec alone must spread it over both.
+        parallel, parallel_metrics = jit_distillation_step(replicated, batch, None,
+                                                           partition_spec=P("data"), **options)
+    PINNED = r'sharding_constraint %\w+ <@mesh, \[\{"data"\}, \{\}\]> : tensor<ROWSx6xi32>'
     diff = lambda a, b: max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
                             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
     print(json.dumps(dict(
-        params_diff=max(diff(by_spec.params, single.params), diff(by_sharding.params, single.params)),
-        metrics_diff=max(diff(by_spec_metrics, single_metrics), diff(by_sharding_metrics, single_metrics)),
+        params_diff=diff(parallel.params, single.params),
+        metrics_diff=diff(parallel_metrics, single_metrics),
         loss=float(single_metrics.loss),
         # the whole batch [4, 6] and each microbatch [2, 6] pinned to the data axis
-        constrained=all(re.search(r'sharding_constraint %\w+ <@mesh, \[\{"data"\}, \{\}\]> : tensor<' + str(rows) + 'x6xi32>', hlo)
-                        is not None for hlo in (spec_hlo, sharding_hlo) for rows in (4, 2)),
-        params_devices=len(by_spec.params["head"][...].sharding.device_set))))
+        constrained=all(re.search(PINNED.replace("ROWS", str(rows)), hlo) is not None
+                        for hlo in hlos for rows in (4, 2)),
+        params_devices=len(parallel.params["head"][...].sharding.device_set))))
 """)
 
 
 def test_data_parallel_step_on_two_cpu_devices_matches_one_device():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": os.pathsep.join([str(TESTS_DIR.parent), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", _TWO_DEVICE_SCRIPT, str(TESTS_DIR)], env=env,
                           capture_output=True, text=True, timeout=240)
@@ -361,7 +381,8 @@ def test_short_distillation_run_reduces_the_kl():
     batches = [make_batch(200 + seed, lengths=(6, 5, 6, 4)) for seed in range(4)]
     kl = []
     for step in range(60):  # the metrics of a step are those of the parameters before it
-        state, metrics = jit_distillation_step(state, batches[step % 4], teacher, temperature=1.0, alpha=1.0)
+        state, metrics = jit_distillation_step(state, batches[step % 4], teacher, temperature=1.0,
+                                               alpha=1.0)
         kl.append(float(metrics.kl_loss))
     first, last = np.mean(kl[:4]), np.mean(kl[-4:])
     assert last < 0.4 * first, kl
@@ -373,37 +394,48 @@ def test_short_distillation_run_reduces_the_kl():
 def _bad_cases():
     batch = make_batch(8)
     logits = random_teacher_logits(8, batch)
+    cached = {**batch, "teacher_logits": logits}
     no_labels = {k: v for k, v in batch.items() if k != "labels"}
-    return [
-        ("gradient_accumulation_steps (3) must divide the batch size (4)", batch, True, dict(gradient_accumulation_steps=3)),
-        ("gradient_accumulation_steps: expected an int >= 1, got 0", batch, True, dict(gradient_accumulation_steps=0)),
-        ("temperature: expected > 0, got 0.0", batch, True, dict(temperature=0.0)),
-        ("alpha: expected in [0, 1], got 1.5", batch, True, dict(alpha=1.5)),
-        ("use_hard_labels=True needs labels", no_labels, True, dict(loss_config=DistillLossConfig(use_hard_labels=True))),
-        ("divergence: expected one of", batch, True, dict(loss_config=DistillLossConfig(divergence="kl"))),
-        ("teacher_state=None needs teacher targets in the batch", batch, False, {}),
-        ("also holds teacher outputs ['teacher_logits']", {**batch, "teacher_logits": logits}, True, {}),
-        ("hidden_state_weight=0.5 needs a live teacher", {**batch, "teacher_logits": logits}, False,
-         dict(hidden_state_weight=0.5)),
-        ("hidden_state_weight: expected >= 0, got -1.0", batch, True, dict(hidden_state_weight=-1.0)),
-        ("index 3 out of range for the student's 3 entries", batch, True,
-         dict(hidden_state_weight=0.5, hidden_state_layers=(0, 3))),
-        ("index -3 out of range for the student's 2 entries", batch, True,
-         dict(attention_weight=0.5, attention_layers=(-3,))),
-        ("logits_chunk_size: expected None or an int >= 1, got 0", batch, True, dict(logits_chunk_size=0)),
-        ("partition_spec: expected None, a PartitionSpec or a NamedSharding, got str", batch, True,
-         dict(partition_spec="data")),
-        ("loss_config: expected a DistillLossConfig or None, got dict", batch, True, dict(loss_config={"beta": 0.5})),
-        ("batch['input_ids']: expected an int array [batch, seq], got no such key",
-         {"attention_mask": batch["attention_mask"]}, True, {}),
-        ("batch['labels']: expected shape (4, 6) like input_ids, got (4, 5)",
-         {**batch, "labels": batch["labels"][:, :5]}, True, {}),
-        ("teacher_logits: expected the student logits' shape (4, 6, 40)",
-         {**batch, "teacher_logits": logits[..., :20]}, False, {}),
-    ]
+    cases = {  # id: (expected message, batch, live teacher?, step arguments)
+        "steps-divide": ("gradient_accumulation_steps (3) must divide the batch size (4)", batch, True,
+                         dict(gradient_accumulation_steps=3)),
+        "steps-zero": ("gradient_accumulation_steps: expected an int >= 1, got 0", batch, True,
+                       dict(gradient_accumulation_steps=0)),
+        "temperature": ("temperature: expected > 0, got 0.0", batch, True, dict(temperature=0.0)),
+        "alpha": ("alpha: expected in [0, 1], got 1.5", batch, True, dict(alpha=1.5)),
+        "hard-labels": ("use_hard_labels=True needs labels", no_labels, True,
+                        dict(loss_config=DistillLossConfig(use_hard_labels=True))),
+        "divergence": ("divergence: expected one of", batch, True,
+                       dict(loss_config=DistillLossConfig(divergence="kl"))),
+        "loss-config": ("loss_config: expected a DistillLossConfig or None, got dict", batch, True,
+                        dict(loss_config={"beta": 0.5})),
+        "no-teacher": ("teacher_state=None needs teacher targets in the batch", batch, False, {}),
+        "two-teachers": ("also holds teacher outputs ['teacher_logits']", cached, True, {}),
+        "hidden-cached": ("hidden_state_weight=0.5 needs a live teacher", cached, False,
+                          dict(hidden_state_weight=0.5)),
+        "hidden-weight": ("hidden_state_weight: expected >= 0, got -1.0", batch, True,
+                          dict(hidden_state_weight=-1.0)),
+        "hidden-layer": ("index 3 out of range for the student's 3 entries", batch, True,
+                         dict(hidden_state_weight=0.5, hidden_state_layers=(0, 3))),
+        "attention-layer": ("index -3 out of range for the student's 2 entries", batch, True,
+                            dict(attention_weight=0.5, attention_layers=(-3,))),
+        "chunk": ("logits_chunk_size: expected None or an int >= 1, got 0", batch, True,
+                  dict(logits_chunk_size=0)),
+        "spec-type": ("partition_spec: expected None, a PartitionSpec or a NamedSharding, got str",
+                      batch, True, dict(partition_spec="data")),
+        "spec-no-mesh": ("axis 'data' must be an Auto axis of the mesh", batch, True,
+                         dict(partition_spec=PartitionSpec("data"))),
+        "no-input-ids": ("batch['input_ids']: expected an int array [batch, seq], got no such key",
+                         {"attention_mask": batch["attention_mask"]}, True, {}),
+        "labels-shape": ("batch['labels']: expected shape (4, 6) like input_ids, got (4, 5)",
+                         {**batch, "labels": batch["labels"][:, :5]}, True, {}),
+        "vocab": ("teacher_logits: expected the student logits' shape (4, 6, 40)",
+                  {**batch, "teacher_logits": logits[..., :20]}, False, {}),
+    }
+    return [pytest.param(*case, id=name) for name, case in cases.items()]
 
 
-@pytest.mark.parametrize("message,batch,live_teacher,kwargs", _bad_cases(), ids=lambda x: str(x)[:40])
+@pytest.mark.parametrize("message,batch,live_teacher,kwargs", _bad_cases())
 def test_bad_input_is_refused_with_a_clear_error(teacher, message, batch, live_teacher, kwargs):
     with pytest.raises(ValueError) as error:
         distillation_step(student_state(), batch, teacher if live_teacher else None, **kwargs)

@@ -39,7 +39,7 @@ class ToyBlock(nnx.Module):
         self.down = _param(rng, 2 * hidden, hidden)
 
     def __call__(self, x: jax.Array, allowed: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """x: ``[B, L, D]``; allowed: ``[B, 1, L, L]`` bool. Returns (``[B, L, D]``, ``[B, H, L, L]``)."""
+        """x ``[B, L, D]``, allowed ``[B, 1, L, L]`` bool -> (``[B, L, D]``, ``[B, H, L, L]``)."""
         batch, seq, hidden = x.shape
         q, k, v = jnp.split(_rms_norm(x, self.attn_norm) @ self.qkv[...], 3, axis=-1)
         q, k, v = (t.reshape(batch, seq, self.heads, hidden // self.heads) for t in (q, k, v))
