@@ -11,7 +11,7 @@ One module covers the family; ``LlamaConfig.model_type`` picks the variant's det
 Numerics follow transformers' eager implementation: RMSNorm normalises in float32 and casts
 back before the scale; attention scores and softmax are float32; logits come back in float32.
 Activations take the parameters' dtype, so a bfloat16 model computes in bfloat16 (cast the
-parameters to run an float32 model in bfloat16).
+parameters to run a float32 model in bfloat16).
 
 Parameter names carry their axes as a suffix (``q_dnh`` is ``[hidden, heads, head_dim]``), which
 is what ``pipeline.models.sharding``'s rules and ``pipeline.models.hf_io``'s name table key on.
