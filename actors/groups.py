@@ -316,20 +316,17 @@ class HostGroup:
 
     @staticmethod
     def _reserve(spec: GroupSpec, timeout_s: float):
+        selectors = [dict(spec.label_selector)] * spec.num_hosts if spec.label_selector else None
         if spec.tpu is None:
-            bundles = spec.bundles()
-            pg = placement_group(
-                bundles, strategy=spec.strategy, name=_placement_name(spec),
-                bundle_label_selector=[dict(spec.label_selector)] * len(bundles)
-                if spec.label_selector else None,
-            )
+            pg = placement_group(spec.bundles(), strategy=spec.strategy, name=_placement_name(spec),
+                                 bundle_label_selector=selectors)
             return pg, None
         try:
             handle = ray_tpu.slice_placement_group(
                 spec.tpu.topology, spec.tpu.accelerator_version,
                 resources_per_bundle=dict(spec.resources_per_host),
                 strategy=spec.strategy, name=_placement_name(spec),
-                head_reservation_timeout_s=timeout_s,
+                head_reservation_timeout_s=timeout_s, bundle_label_selector=selectors,
             )
         except RuntimeError as err:  # ray.util.tpu could not reserve a slice head in time
             raise InsufficientResourcesError(
