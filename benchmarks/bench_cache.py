@@ -88,13 +88,14 @@ def write_cache(root, spec, logits, seq_len, batch):
     n = logits.shape[0]
     manifest = CacheManifest(spec, "bench-teacher", "bench-tok", "bench-data", seq_len, n,
                              shard_sequences=batch, chunk_sequences=1)
-    jax.block_until_ready(compress.encode_sequence(jnp.asarray(logits[0]), jnp.int32(0), spec))
+    batches = [(jnp.asarray(logits[f:f + batch]), np.arange(f, min(f + batch, n)))
+               for f in range(0, n, batch)]  # on the device already, as teacher outputs are
+    jax.block_until_ready(compress.encode(*batches[0], spec))
     shutil.rmtree(root, ignore_errors=True)
     start = time.perf_counter()
     with CacheWriter(root, manifest) as writer:
-        for first in range(0, n, batch):
-            idx = np.arange(first, min(first + batch, n))
-            writer.write(jnp.asarray(logits[idx]), idx)
+        for device_logits, idx in batches:
+            writer.write(device_logits, idx)
     return manifest, time.perf_counter() - start
 
 

@@ -3,6 +3,7 @@ kill-and-resume and two writers (subprocesses run this file as a script)."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -176,6 +177,19 @@ def test_newer_format_version_is_refused(tmp_path):
     header["format_version"] += 1
     (tmp_path / MANIFEST_KEY).write_text(json.dumps(header))
     with pytest.raises(CacheError, match="format_version 2 is newer"):
+        CacheReader(tmp_path, run_for(m))
+
+
+def test_missing_or_malformed_cache_is_refused(tmp_path):
+    m = manifest()
+    with pytest.raises(CacheError, match="no manifest.json"):
+        CacheReader(tmp_path, run_for(m))
+    write_shards(tmp_path, m, [0])
+    shutil.rmtree(tmp_path / "values")
+    with pytest.raises(CacheError, match="array 'values' cannot be opened"):
+        CacheReader(tmp_path, run_for(m))
+    (tmp_path / MANIFEST_KEY).write_text('{"format_version": 1}')
+    with pytest.raises(CacheError, match="malformed manifest.json"):
         CacheReader(tmp_path, run_for(m))
 
 

@@ -191,9 +191,8 @@ def _decode_sampled(stored: dict[str, jax.Array], spec: TargetSpec) -> dict[str,
             "teacher_entropy": stored["entropy"].astype(jnp.float32)}
 
 
-@functools.partial(jax.jit, static_argnames="spec")
-def encode_sequence(logits: jax.Array, sequence_index: jax.Array,
-                    spec: TargetSpec) -> dict[str, jax.Array]:
+def _encode_sequence(logits: jax.Array, sequence_index: jax.Array,
+                     spec: TargetSpec) -> dict[str, jax.Array]:
     """Teacher logits [L, V] of sequence ``sequence_index`` -> stored arrays {name: [L, ...]}."""
     if spec.mode == "full":
         real = jnp.arange(spec.vocab_size) < spec.tokenizer_vocab_size
@@ -205,17 +204,25 @@ def encode_sequence(logits: jax.Array, sequence_index: jax.Array,
     return _encode_sampled(logp, keys, spec)
 
 
+@functools.partial(jax.jit, static_argnames="spec")
+def _encode_row(logits: jax.Array, row: jax.Array, sequence_index: jax.Array,
+                spec: TargetSpec) -> dict[str, jax.Array]:
+    return _encode_sequence(jax.lax.dynamic_index_in_dim(logits, row, keepdims=False),
+                            sequence_index, spec)
+
+
 def encode(logits: jax.Array, sequence_indices, spec: TargetSpec) -> dict[str, jax.Array]:
     """Teacher logits [B, L, V] of sequences ``sequence_indices`` [B] -> stored arrays
     {name: [B, L, *trailing]} (names and dtypes of ``array_layout(spec)``).
 
-    Each sequence goes through the same compiled program (:func:`encode_sequence`, dispatched
-    asynchronously), so the stored bytes of a sequence do not depend on the batch it came in:
-    XLA may order the float reductions of a [B * L, V] program differently for each B, and
-    a batched ``lax.map`` is simplified away when B == 1.
+    One compiled call per sequence (row ``b`` is sliced inside the call, dispatched
+    asynchronously), so the float reductions over a sequence's [L, V] run in the same order
+    whatever the batch: XLA may vectorise a [B * L, V] program differently for each B, which
+    would make the stored bytes depend on the batching.
     """
+    logits = jnp.asarray(logits)
     sequence_indices = jnp.asarray(sequence_indices, jnp.int32)
-    per_sequence = [encode_sequence(logits[b], sequence_indices[b], spec)
+    per_sequence = [_encode_row(logits, jnp.int32(b), sequence_indices[b], spec)
                     for b in range(logits.shape[0])]
     return {name: jnp.stack([p[name] for p in per_sequence]) for name in per_sequence[0]}
 

@@ -150,7 +150,7 @@ class ArrayLayout:
     name: str
     dtype: str
     trailing: tuple[int, ...]
-    codec: str  # "zstd" (values), "bitshuffle" (ids/counts), or "zstd_transposed"
+    codec: str  # "zstd", or "zstd_transposed" (slot-major bytes: per-slot arrays, id bits)
 
 
 def mantissa_bytes(spec: TargetSpec) -> int:
@@ -257,9 +257,12 @@ class CacheManifest:
             raise CacheError(
                 f"cache manifest: format_version {version!r} is newer than this kdpipe reads "
                 f"(<= {FORMAT_VERSION}); upgrade kdpipe")
-        fields = dict(obj)
-        fields["target"] = TargetSpec(**fields["target"])
-        return cls(**fields, commits=commits)
+        try:
+            fields = dict(obj)
+            fields["target"] = TargetSpec(**fields["target"])
+            return cls(**fields, commits=commits)
+        except (KeyError, TypeError) as e:
+            raise CacheError(f"cache manifest: malformed {MANIFEST_KEY} ({e!r})") from e
 
     def header_bytes(self) -> bytes:
         return json.dumps(self.header_json(), indent=1, sort_keys=True).encode()
@@ -411,7 +414,7 @@ def open_kvstore(location: str | os.PathLike | dict):
 def read_commits(kvstore) -> tuple[ShardCommit, ...]:
     """All commit records under the cache root, sorted by shard."""
     keys = kvstore.list(ts_key_range(COMMIT_PREFIX)).result()
-    records = [kvstore.read(key).result() for key in keys]
+    records = [f.result() for f in [kvstore.read(key) for key in keys]]  # reads in flight together
     commits = [ShardCommit.from_json(json.loads(r.value)) for r in records if r.state == "value"]
     return tuple(sorted(commits, key=lambda c: c.shard))
 
@@ -436,6 +439,8 @@ def open_array(root_spec: dict, manifest: CacheManifest, array: ArrayLayout, *, 
     import tensorstore as ts
 
     spec = zarr3_spec(root_spec, manifest, array)
-    if create:
-        return ts.open(spec, open=True, create=True).result()
-    return ts.open(spec, open=True).result()
+    try:
+        return ts.open(spec, open=True, create=create).result()
+    except ValueError as e:  # TensorStore: missing array, or metadata unlike the manifest's
+        raise CacheError(f"cache {root_spec.get('path', root_spec)}: array {array.name!r} "
+                         f"cannot be opened as the manifest describes it: {e}") from e
