@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 
 from pipeline.cache import CacheReader, RunDeclaration
 from pipeline.checkpoint import Checkpoints, RunIdentity, TrainPosition
@@ -89,13 +89,16 @@ class TrainResult:
 # Models
 # --------------------------------------------------------------------------------------------
 
-def build_model(spec: ModelSpec, vocab_size: int, seed: int) -> Llama:
-    """The model of ``spec``: loaded from ``spec.path``, or initialised from ``seed`` with the
+def build_model(spec: ModelSpec, vocab_size: int, seed: int, mesh: Mesh) -> Llama:
+    """The model of ``spec`` with its parameters laid out on ``mesh``: loaded from
+    ``spec.path`` (each device reading only its slices), or initialised from ``seed`` with the
     architecture of the spec and ``vocab_size`` (the tokenizer's unless the spec sets one)."""
     if spec.from_pretrained:
-        return load_pretrained(spec.path, dtype=spec.dtype)
+        return load_pretrained(spec.path, dtype=spec.dtype, mesh=mesh)
     config = LlamaConfig.from_hf_config(spec.hf_config(vocab_size))
-    return Llama(config, dtype=jnp.dtype(spec.dtype), rngs=nnx.Rngs(seed))
+    model = Llama(config, dtype=jnp.dtype(spec.dtype), rngs=nnx.Rngs(seed))
+    shard_model(model, mesh)
+    return model
 
 
 def model_fingerprint(spec: ModelSpec, vocab_size: int, seed: int) -> str:
@@ -274,15 +277,15 @@ def prepare_run(config: RunConfig, *, host: Host = Host(), teacher: Llama | None
                  if info.splits.get("eval", {}).get("num_rows") else None)
 
     mesh = make_mesh(**dict(zip(("data", "fsdp", "tensor"), config.mesh.shape(jax.device_count()))))
-    student = build_model(config.model.student, vocab_size, config.train.seed)
-    shard_model(student, mesh)
+    student = build_model(config.model.student, vocab_size, config.train.seed, mesh)
     state = TrainState.create(student, build_optimizer(config.optimizer, config.train.steps))
 
     teacher_state = None
     if source == "live" and teacher is None and config.model.teacher.from_pretrained:
-        teacher = load_pretrained(config.model.teacher.path, dtype=config.model.teacher.dtype)
-    if teacher is not None:
+        teacher = build_model(config.model.teacher, vocab_size, config.train.seed, mesh)
+    elif teacher is not None:
         shard_model(teacher, mesh)
+    if teacher is not None:
         teacher_state = TrainState.create(teacher)
     if source == "live" and teacher_state is None and not config.hard_labels_only:
         raise ConfigError("model.teacher.path: a live teacher is needed (cluster.teacher_source: "
