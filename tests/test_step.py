@@ -31,7 +31,11 @@ TESTS_DIR = Path(__file__).resolve().parent
 # One object each: the optimizer is static in TrainState, so tests sharing a configuration
 # share one compiled step (compiles dominate this file's run time).
 SGD, ADAM = optax.sgd(0.1), optax.adam(0.01)
-# The configuration shared by the cached-teacher tests (dense, top-k, evaluation, non-finite).
+# The configuration shared by the live-teacher tests (reference, accumulation, chunked head)...
+LIVE = dict(loss_config=DistillLossConfig(use_hard_labels=True), temperature=2.0, alpha=0.6,
+            hidden_state_weight=0.3, hidden_state_layers=(1, -1), attention_weight=2.0,
+            attention_layers=(0, -1), learning_rate_fn=optax.linear_schedule(0.1, 0.0, 10))
+# ... and by the cached-teacher tests (dense, top-k, evaluation, non-finite).
 CACHED = dict(temperature=2.0, loss_config=DistillLossConfig(use_hard_labels=True), alpha=0.8)
 
 
@@ -58,6 +62,11 @@ def make_batch(seed: int, lengths=(6, 3, 5, 1), seq: int = 6,
     labels[(mask == 0) | (rng.random((batch, seq)) < 0.2)] = -100
     return {"input_ids": rng.integers(0, VOCAB, (batch, seq)).astype(np.int32),
             "attention_mask": mask, "labels": labels}
+
+
+def live_batch() -> dict[str, np.ndarray]:
+    """8 rows whose strided microbatches of 2 (rows s, s + 4) hold 2 to 12 real tokens."""
+    return make_batch(1, lengths=(1, 6, 2, 6, 1, 6, 3, 5), left_padded_rows=(2, 7))
 
 
 def fresh(state: TrainState) -> TrainState:
@@ -119,15 +128,11 @@ def reference_objective(student, teacher, batch, *, temperature, alpha, hidden_w
 
 
 def test_step_matches_float64_reference_update(teacher):
-    tx = optax.adamw(0.05, weight_decay=0.01)
-    state = student_state(tx)
-    batch = make_batch(0)
+    state = student_state(tie_embeddings=True)  # the head's gradient meets the embeddings' one
+    batch = live_batch()
+    new_state, metrics = jit_distillation_step(fresh(state), batch, teacher, **LIVE)
     options = dict(temperature=2.0, alpha=0.6, hidden_weight=0.3, hidden_layers=(1, -1),
-                   attention_weight=2.0, attention_layers=(0,))
-    new_state, metrics = jit_distillation_step(  # loss_config positionally, as EasyDeL's callers do
-        fresh(state), batch, teacher, DistillLossConfig(use_hard_labels=True), temperature=2.0,
-        alpha=0.6, hidden_state_weight=0.3, hidden_state_layers=(1, -1), attention_weight=2.0,
-        attention_layers=(0,))
+                   attention_weight=2.0, attention_layers=(0, -1))
 
     @jax.jit
     def reference_update(params, teacher_params, batch):
@@ -137,14 +142,14 @@ def test_step_matches_float64_reference_update(teacher):
             return reference_objective(student, live_teacher, batch, **options)
 
         (loss, ref_metrics), grads = jax.value_and_grad(objective, has_aux=True)(params)
-        updates, _ = tx.update(grads, tx.init(params), params)
+        updates, _ = SGD.update(grads, SGD.init(params), params)
         return loss, ref_metrics, optax.apply_updates(params, updates), optax.tree.norm(grads)
 
     with jax.enable_x64(True):
         to64 = lambda tree: jax.tree.map(lambda x: np.asarray(x, np.float64), tree)
         loss, ref_metrics, expected_params, grad_norm = jax.tree.map(np.asarray, reference_update(
             to64(state.params), to64(teacher.params), {k: jnp.asarray(v) for k, v in batch.items()}))
-        assert expected_params["head"].dtype == np.float64
+        assert expected_params["embedding"].dtype == np.float64
 
     assert ref_metrics["hidden_state_loss"] > 0.1 and ref_metrics["attention_loss"] > 1e-3
     np.testing.assert_allclose(metrics.loss, loss, rtol=1e-5)
@@ -154,23 +159,18 @@ def test_step_matches_float64_reference_update(teacher):
     np.testing.assert_allclose(metrics.grad_norm, grad_norm, rtol=1e-4)
     assert_trees_close(new_state.params, expected_params, rtol=1e-4, atol=1e-6)
     assert int(new_state.step) == 1 and int(metrics.skipped_updates) == 0
-    assert metrics.learning_rate is None
+    np.testing.assert_allclose(metrics.learning_rate, 0.1)
 
 
 def test_accumulation_is_token_weighted(teacher):
-    # Strided microbatches: microbatch s holds rows s and s + 4, so 2 vs 12 real tokens.
-    batch = make_batch(1, lengths=(1, 6, 2, 6, 1, 6, 3, 5), left_padded_rows=(2, 7))
-    options = dict(loss_config=DistillLossConfig(use_hard_labels=True), alpha=0.5,
-                   hidden_state_weight=0.5, hidden_state_layers=(0, 2), attention_weight=3.0,
-                   attention_layers=(0, -1), learning_rate_fn=optax.linear_schedule(1.0, 0.0, 10))
-    state = student_state()
-    whole_state, whole = jit_distillation_step(fresh(state), batch, teacher, **options)
+    batch, state = live_batch(), student_state(tie_embeddings=True)
+    whole_state, whole = jit_distillation_step(fresh(state), batch, teacher, **LIVE)
     accumulated_state, accumulated = jit_distillation_step(fresh(state), batch, teacher,
-                                                           gradient_accumulation_steps=4, **options)
+                                                           gradient_accumulation_steps=4, **LIVE)
     assert_metrics_close(accumulated, whole, rtol=2e-5)
     assert_trees_close(accumulated_state.params, whole_state.params)
-    expected = (0.5 * whole.kl_loss + 0.5 * whole.ce_loss + 0.5 * whole.hidden_state_loss
-                + 3.0 * whole.attention_loss)
+    expected = (0.6 * whole.kl_loss + 0.4 * whole.ce_loss + 0.3 * whole.hidden_state_loss
+                + 2.0 * whole.attention_loss)
     np.testing.assert_allclose(whole.loss, expected, rtol=1e-6)
     m = (batch["attention_mask"] == 1) & (batch["labels"] != -100)
     assert int(whole.num_tokens) == int(m.sum())
@@ -223,10 +223,8 @@ def test_dense_and_topk_with_k_equal_vocab_give_the_same_step():
 
 
 def test_chunked_head_matches_plain_logits(teacher):
-    batch = make_batch(3)
-    options = dict(loss_config=DistillLossConfig(use_hard_labels=True), temperature=1.0, alpha=0.7,
-                   gradient_accumulation_steps=2)
-    state = student_state(tie_embeddings=True)  # the head's gradient meets the embeddings' one
+    batch, state = live_batch(), student_state(tie_embeddings=True)
+    options = dict(gradient_accumulation_steps=4, **LIVE)
     plain_state, plain = jit_distillation_step(fresh(state), batch, teacher, **options)
     chunked_state, chunked = jit_distillation_step(fresh(state), batch, teacher,
                                                    logits_chunk_size=5, **options)
@@ -298,7 +296,8 @@ def test_rng_state_advances_once_per_microbatch_and_evaluation_is_deterministic(
     batch = make_batch(6)
     batch["teacher_logits"] = random_teacher_logits(6, batch)
     count = lambda s: int(s.other["dropout"]["rngs"]["count"][...])
-    trained, metrics = jit_distillation_step(fresh(state), batch, None, gradient_accumulation_steps=2)
+    trained, metrics = jit_distillation_step(  # loss_config positionally, as EasyDeL's callers do
+        fresh(state), batch, None, DistillLossConfig(), gradient_accumulation_steps=2)
     assert (count(state), count(trained)) == (0, 2)  # a fresh dropout mask for every microbatch
     evaluations = [jit_distillation_step(state, batch, None, is_training=False)[1].loss
                    for _ in range(2)]
@@ -462,3 +461,27 @@ def test_train_state_round_trips_the_model_and_a_teacher_has_no_optimizer(teache
     assert teacher.opt_state is None and teacher.tx is None
     with pytest.raises(ConfigError, match="student_state: training needs an optimizer"):
         distillation_step(teacher, make_batch(0), teacher)
+
+
+def test_the_step_drives_the_llama_family():
+    from pipeline.models.llama import Llama, LlamaConfig
+
+    def llama(layers, seed, tied):
+        config = LlamaConfig(model_type="llama", vocab_size=VOCAB, hidden_size=HIDDEN,
+                             intermediate_size=24, num_hidden_layers=layers, num_attention_heads=2,
+                             num_key_value_heads=1, head_dim=8, tie_word_embeddings=tied)
+        return Llama(config, rngs=nnx.Rngs(seed))
+
+    teacher = TrainState.create(llama(2, 0, tied=False))
+    state = TrainState.create(llama(1, 1, tied=True), SGD)
+    batch = make_batch(9)
+    new_state, metrics = jit_distillation_step(
+        fresh(state), batch, teacher, gradient_accumulation_steps=2, logits_chunk_size=5,
+        hidden_state_weight=0.1, hidden_state_layers=(0, -1), attention_weight=1.0,
+        attention_layers=(0,))
+    assert all(np.isfinite(v) for v in metrics.as_dict().values()), metrics
+    assert int(metrics.skipped_updates) == 0 and float(metrics.grad_norm) > 0
+    assert min(float(metrics.kl_loss), float(metrics.hidden_state_loss), float(metrics.attention_loss)) > 0
+    assert int(metrics.num_tokens) == int(np.sum((batch["attention_mask"] == 1) & (batch["labels"] != -100)))
+    assert not np.allclose(new_state.params["embedder"]["embedding_vd"][...],
+                           state.params["embedder"]["embedding_vd"][...])
