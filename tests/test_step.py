@@ -335,14 +335,15 @@ _TWO_DEVICE_SCRIPT = textwrap.dedent(r"""
     single, single_metrics = jit_distillation_step(student_state(), batch, None, **options)
 
     def lowered_text(partition_spec):
-        with jax.set_mesh(mesh):
-            return jax.jit(distillation_step, static_argnames=STATIC_ARGNAMES).lower(
-                replicated, batch, None, partition_spec=partition_spec, **options).as_text()
+        return jax.jit(distillation_step, static_argnames=STATIC_ARGNAMES).lower(
+            replicated, batch, None, partition_spec=partition_spec, **options).as_text()
 
     mesh = jax.make_mesh((2,), ("data",), axis_types=(AxisType.Auto,))
     replicated = jax.device_put(student_state(), NamedSharding(mesh, P()))
-    # A bare spec (current mesh) and a NamedSharding (its own mesh) pin the same layout.
-    hlos = [lowered_text(P("data")), lowered_text(NamedSharding(mesh, P("data")))]
+    # A bare spec on the current mesh and a NamedSharding (no current mesh) pin the same layout.
+    with jax.set_mesh(mesh):
+        hlos = [lowered_text(P("data"))]
+    hlos.append(lowered_text(NamedSharding(mesh, P("data"))))
     with jax.set_mesh(mesh):
         # The batch arrives on one device; partition_spec alone must spread it over both.
         parallel, parallel_metrics = jit_distillation_step(replicated, batch, None,
@@ -384,7 +385,7 @@ def test_short_distillation_run_reduces_the_kl():
                                                alpha=1.0)
         kl.append(float(metrics.kl_loss))
     first, last = np.mean(kl[:4]), np.mean(kl[-4:])
-    assert last < 0.4 * first, kl
+    assert last < 0.1 * first, kl
 
 
 # ----------------------------------------------------------------------------- bad input
