@@ -405,10 +405,14 @@ def jit_distillation_step(*args: Any, **kwargs: Any) -> tuple[TrainState, LossMe
     """``distillation_step`` compiled (same arguments), one executable per configuration and
     batch shape.
 
-    Every argument but the student state, the batch and the teacher state is static (pass layer
-    indices as tuples). Training donates ``student_state``: its buffers are reused for the new
-    state, so only the returned state may be used afterwards. Evaluation (``is_training=False``)
-    donates nothing, so the state stays usable.
+    Every argument but the student state, the batch and the teacher state is static; layer
+    indices given as lists (as YAML gives them) are turned into tuples. Training donates
+    ``student_state``: its buffers are reused for the new state, so only the returned state may
+    be used afterwards. Evaluation (``is_training=False``) donates nothing.
     """
-    is_training = _PARAMETERS.bind(*args, **kwargs).arguments.get("is_training", True)
-    return (_jit_update if is_training else _jit_evaluate)(*args, **kwargs)
+    arguments = _PARAMETERS.bind(*args, **kwargs).arguments
+    for name in ("hidden_state_layers", "attention_layers"):
+        if isinstance(arguments.get(name), list):
+            arguments[name] = tuple(arguments[name])
+    jitted = _jit_update if arguments.get("is_training", True) else _jit_evaluate
+    return jitted(**arguments)

@@ -478,8 +478,8 @@ def test_the_step_drives_the_llama_family():
     batch = make_batch(9)
     new_state, metrics = jit_distillation_step(
         fresh(state), batch, teacher, gradient_accumulation_steps=2, logits_chunk_size=5,
-        hidden_state_weight=0.1, hidden_state_layers=(0, -1), attention_weight=1.0,
-        attention_layers=(0,))
+        hidden_state_weight=0.1, hidden_state_layers=[0, -1], attention_weight=1.0,
+        attention_layers=[0])  # lists, as a YAML config gives them
     assert all(np.isfinite(v) for v in metrics.as_dict().values()), metrics
     assert int(metrics.skipped_updates) == 0 and float(metrics.grad_norm) > 0
     assert min(float(metrics.kl_loss), float(metrics.hidden_state_loss), float(metrics.attention_loss)) > 0
