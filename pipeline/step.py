@@ -273,8 +273,9 @@ def distillation_step(
       loss_config: ``DistillLossConfig`` (divergence, beta, use_hard_labels); ``None`` = defaults.
       learning_rate_fn: schedule of the step counter, reported in the metrics only.
       partition_spec: sharding of the batch axes (e.g. ``PartitionSpec("data")``), applied to
-        the batch and to every microbatch; a bare PartitionSpec needs a current mesh
-        (``jax.set_mesh``), a NamedSharding brings its own.
+        the batch and to every microbatch; a bare PartitionSpec refers to the current mesh
+        (``jax.set_mesh``), a NamedSharding brings its own; the named axes must be Auto axes
+        (as ``pipeline.models.sharding.make_mesh`` makes them).
       gradient_accumulation_steps: microbatches per update; must divide ``B``.
       is_training: ``False`` evaluates: same loss metrics, no gradient, state returned as is.
       temperature, alpha: KD temperature T > 0 and the KD/CE mix alpha in [0, 1].
@@ -289,7 +290,8 @@ def distillation_step(
       variables, optimizer state and step unchanged and sets ``skipped_updates`` to 1.
 
     Raises:
-      ConfigError, DataError (both ``ValueError``): bad arguments or batch, at trace time.
+      KdpipeError (a ``ValueError``; ConfigError, DataError): bad arguments or batch, raised
+      when the step is traced, before anything runs or is donated.
     """
     loss_config = DistillLossConfig() if loss_config is None else loss_config
     _check_arguments(student_state, batch, teacher_state, loss_config, partition_spec,
