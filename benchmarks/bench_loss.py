@@ -164,6 +164,11 @@ def main(argv=None):
         print(f"{r['section']:8} {r['name']:26} {r['dtype']:9} {r['temp_mib']:10.1f} "
               f"{r['time_ms']:9.1f}")
 
+    if jax.devices()[0].platform == "cpu":
+        print("note: on CPU, XLA's float-normalization-bf16 pass computes bf16 dots and bf16 "
+              "dynamic slices in f32, so the bf16 fused head also holds an f32 copy of the head "
+              "and a 16-bit copy of the teacher logits (see pipeline/fused_head.py)")
+
     def get(section, name, dtype):
         return next(r for r in rows if (r["section"], r["name"], r["dtype"]) == (section, name,
                                                                                  dtype))

@@ -37,7 +37,8 @@ def fused_head_distillation_loss(hidden, head, targets, attention_mask=None, lab
 
     .. math::
         \mathrm{loss} = \alpha\, T^2 \frac{\sum_i m_i\,\mathrm{div}_i}{N}
-            + (1-\alpha) \frac{\sum_i m_i\,\mathrm{ce}_i}{N}, \quad N = \max(\textstyle\sum_i m_i, 1)
+            + (1-\alpha) \frac{\sum_i m_i\,\mathrm{ce}_i}{N},
+        \qquad N = \max(\textstyle\sum_i m_i, 1)
 
     (CE only when ``use_hard_labels``), with the gradient w.r.t. ``hidden`` and ``head``
     accumulated chunk by chunk in float32. The logits of a chunk are computed in float32 from
@@ -79,7 +80,8 @@ def fused_head_distillation_loss(hidden, head, targets, attention_mask=None, lab
     flat_labels = None if labels is None else labels.reshape(tokens)
     config = (divergence, beta, min(chunk_size, tokens))
     loss, div, ce, entropy, agreement = _fused_loss(
-        hidden.reshape(tokens, hidden.shape[-1]), head, (flat_targets, flat_labels, div_weight, ce_weight, temperature),
+        hidden.reshape(tokens, hidden.shape[-1]), head,
+        (flat_targets, flat_labels, div_weight, ce_weight, temperature),
         config)
     terms = losses.TokenLosses(div, None if labels is None else ce, entropy, agreement)
     _, metrics = losses.combine_token_losses(
@@ -122,10 +124,11 @@ def _chunk_loop(hidden, head, aux, config, *, with_grad):
     def chunk_loss(logits, targets_c, labels_c, div_w, ce_w):
         terms = losses.token_losses(logits, targets_c, labels_c, temperature=temperature,
                                     divergence=divergence, beta=beta)
-        ce = jnp.zeros_like(terms.divergence) if terms.cross_entropy is None else terms.cross_entropy
-        return jnp.sum(div_w * terms.divergence) + jnp.sum(ce_w * ce), (terms.divergence, ce,
-                                                                         terms.teacher_entropy,
-                                                                         terms.top1_agreement)
+        ce = terms.cross_entropy
+        if ce is None:
+            ce = jnp.zeros_like(terms.divergence)
+        loss = jnp.sum(div_w * terms.divergence) + jnp.sum(ce_w * ce)
+        return loss, (terms.divergence, ce, terms.teacher_entropy, terms.top1_agreement)
 
     def body(i, carry):
         # The last chunk may overlap its predecessor; `fresh` masks the rows already done.

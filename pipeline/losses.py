@@ -375,7 +375,7 @@ _logprobs_at.defvjp(_logprobs_at_fwd, _logprobs_at_bwd)
 
 
 def token_entropy(logprobs: jax.Array) -> jax.Array:
-    r"""Per-token entropy :math:`H = -\sum_v p_v \log p_v` from ``[..., n]`` log-probs → ``[...]``."""
+    r"""Per-token entropy :math:`H = -\sum_v p_v \log p_v`, ``[..., n]`` log-probs → ``[...]``."""
     return -jnp.sum(_xlogx_ratio(logprobs, jnp.zeros_like(logprobs)), axis=-1)
 
 
@@ -642,7 +642,8 @@ def _select_layers(name: str, student: Sequence[jax.Array], teacher: Sequence[ja
         for side, states in (("student", student), ("teacher", teacher)):
             if not -len(states) <= i < len(states):
                 raise KdpipeError(f"{name} layers: index {i} out of range for the {side}'s "
-                                  f"{len(states)} entries (valid -{len(states)}..{len(states) - 1})")
+                                  f"{len(states)} entries "
+                                  f"(valid -{len(states)}..{len(states) - 1})")
     return list(layers)
 
 
