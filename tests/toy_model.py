@@ -1,10 +1,13 @@
-"""A tiny causal decoder used as a test fixture until the real Llama family lands.
+"""A tiny causal decoder: a test fixture for the distillation step, not a model to train.
 
 It implements the model protocol of ``pipeline.models`` (``ModelOutput``, ``compute_logits``,
 ``output_head``) with as little as possible: token embeddings, ``num_layers`` pre-norm blocks
-of causal multi-head attention plus a small MLP, a final norm, and a tied or untied head. There
-are no positions besides the causal mask; that is enough for the step's tests, which only need a
-differentiable function of the tokens whose hidden states and attentions are meaningful.
+of causal multi-head attention plus a small MLP, a final norm, a tied or untied head, and
+optional dropout (so that a model carries non-parameter state). There are no positions besides
+the causal mask; the step's tests only need a differentiable function of the tokens whose
+hidden states and attentions are meaningful, and one that compiles faster than the Llama family
+(tests/test_step.py compiles a dozen steps). Parameters are drawn with numpy, so building one
+compiles nothing.
 """
 
 from __future__ import annotations
