@@ -114,10 +114,10 @@ class LossMetrics:
     """
 
     loss: jax.Array
-    kl_loss: jax.Array
-    teacher_entropy: jax.Array
-    top1_agreement: jax.Array
     num_tokens: jax.Array
+    kl_loss: jax.Array | None = None
+    teacher_entropy: jax.Array | None = None
+    top1_agreement: jax.Array | None = None
     ce_loss: jax.Array | None = None
     hidden_state_loss: jax.Array | None = None
     attention_loss: jax.Array | None = None
@@ -136,7 +136,7 @@ _KD_METRICS = ("kl_loss", "ce_loss", "teacher_entropy", "top1_agreement")
 
 
 def _check_arguments(student_state, batch, teacher_state, loss_config, partition_spec,
-                     gradient_accumulation_steps, is_training, hidden_state_weight,
+                     gradient_accumulation_steps, is_training, alpha, hidden_state_weight,
                      attention_weight, logits_chunk_size):
     """Refuses bad step arguments before anything is traced (each error names the argument).
 
@@ -186,12 +186,23 @@ def _check_arguments(student_state, batch, teacher_state, loss_config, partition
     if teacher_state is not None and cached:
         raise ConfigError(f"teacher_state is given and the batch also holds teacher outputs "
                           f"{cached}: give one teacher, live or cached")
-    if teacher_state is None:
+    if teacher_state is None and (cached or not _hard_labels_only(loss_config, alpha)):
         try:
             losses.targets_from_batch(batch)
         except KdpipeError as error:
             raise ConfigError(
-                f"teacher_state=None needs teacher targets in the batch: {error}") from error
+                f"teacher_state=None needs teacher targets in the batch (or alpha=0 with "
+                f"use_hard_labels, a plain language-model step): {error}") from error
+    if teacher_state is None and not cached and "labels" not in batch:
+        raise ConfigError("use_hard_labels without a teacher needs batch['labels']")
+    if teacher_state is None and not cached and chunk is not None:
+        raise ConfigError(f"logits_chunk_size={chunk} fuses the head with a teacher's targets; "
+                          f"a hard-label-only step (no teacher, alpha=0) takes logits_chunk_size=None")
+
+
+def _hard_labels_only(loss_config: DistillLossConfig, alpha: float) -> bool:
+    """A step whose loss is the cross-entropy on the labels alone: it needs no teacher."""
+    return alpha == 0.0 and loss_config.use_hard_labels
 
 
 def _constrain(tree, partition_spec):
@@ -269,7 +280,9 @@ def distillation_step(
         ``labels`` ``[B, L]`` (-100 = no loss), and, without ``teacher_state``, the teacher's
         targets: ``teacher_logits`` ``[B, L, V]`` or the top-k / sampled keys of CONTRACTS.md.
       teacher_state: a frozen ``TrainState`` run live under ``stop_gradient``, or ``None``
-        when the targets are in the batch. Hidden-state and attention terms need it.
+        when the targets are in the batch. Hidden-state and attention terms need it. With
+        ``alpha=0`` and ``use_hard_labels`` neither is needed: the step is then a plain
+        language-model step on the labels (kl_loss, teacher_entropy, top1_agreement ``None``).
       loss_config: ``DistillLossConfig`` (divergence, beta, use_hard_labels); ``None`` = defaults.
       learning_rate_fn: schedule of the step counter, reported in the metrics only.
       partition_spec: sharding of the batch axes (e.g. ``PartitionSpec("data")``), applied to
@@ -295,7 +308,7 @@ def distillation_step(
     """
     loss_config = DistillLossConfig() if loss_config is None else loss_config
     _check_arguments(student_state, batch, teacher_state, loss_config, partition_spec,
-                     gradient_accumulation_steps, is_training, hidden_state_weight,
+                     gradient_accumulation_steps, is_training, alpha, hidden_state_weight,
                      attention_weight, logits_chunk_size)
     batch = _constrain({key: jnp.asarray(value) for key, value in batch.items()}, partition_spec)
     denominators = _denominators(batch)
@@ -320,10 +333,19 @@ def distillation_step(
         out = student(micro["input_ids"], attention_mask=micro.get("attention_mask"),
                       output_hidden_states=use_hidden, output_attentions=use_attention,
                       compute_logits=logits_chunk_size is None)
-        targets = (losses.targets_from_batch(micro) if teacher_out is None
-                   else losses.DenseTargets(teacher_out.logits))
         masks = dict(attention_mask=micro.get("attention_mask"), labels=micro.get("labels"))
-        if logits_chunk_size is None:
+        if teacher_out is not None:
+            targets = losses.DenseTargets(teacher_out.logits)
+        elif any(key.startswith("teacher_") for key in micro):
+            targets = losses.targets_from_batch(micro)
+        else:  # hard labels alone (_check_arguments): the KD term is the plain cross-entropy
+            targets = None
+        if targets is None:
+            mask = losses.loss_mask(masks["attention_mask"], masks["labels"], out.logits.shape[:2])
+            kd = losses.masked_token_mean(losses.token_cross_entropy(out.logits, masks["labels"]),
+                                          mask)
+            kd_metrics = {"ce_loss": kd}
+        elif logits_chunk_size is None:
             kd, kd_metrics = losses.targets_distillation_loss(out.logits, targets, **masks,
                                                               **kd_options)
         else:

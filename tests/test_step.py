@@ -419,6 +419,13 @@ def _bad_cases():
                          dict(hidden_state_weight=0.5, hidden_state_layers=(0, 3))),
         "attention-layer": ("index -3 out of range for the student's 2 entries", batch, True,
                             dict(attention_weight=0.5, attention_layers=(-3,))),
+        "hard-labels-only-no-labels": ("use_hard_labels without a teacher needs batch['labels']",
+                                       no_labels, False, dict(alpha=0.0,
+                                       loss_config=DistillLossConfig(use_hard_labels=True))),
+        "hard-labels-only-chunked": ("a hard-label-only step (no teacher, alpha=0) takes "
+                                     "logits_chunk_size=None", batch, False,
+                                     dict(alpha=0.0, logits_chunk_size=4,
+                                          loss_config=DistillLossConfig(use_hard_labels=True))),
         "chunk": ("logits_chunk_size: expected None or an int >= 1, got 0", batch, True,
                   dict(logits_chunk_size=0)),
         "spec-type": ("partition_spec: expected None, a PartitionSpec or a NamedSharding, got str",
@@ -441,6 +448,31 @@ def test_bad_input_is_refused_with_a_clear_error(teacher, message, batch, live_t
         distillation_step(student_state(), batch, teacher if live_teacher else None, **kwargs)
     assert isinstance(error.value, KdpipeError)
     assert message in str(error.value)
+
+
+def test_hard_labels_only_step_needs_no_teacher_and_matches_plain_cross_entropy():
+    """alpha=0 with use_hard_labels and no teacher: one SGD step on the masked token-mean CE."""
+    batch = make_batch(5)
+    state = student_state()
+    mask = (batch["attention_mask"] == 1) & (batch["labels"] != -100)
+
+    def reference_ce(params):
+        logits = state.replace(params=params).model()(batch["input_ids"], batch["attention_mask"]).logits
+        logp = jax.nn.log_softmax(logits.astype(jnp.float64), axis=-1)
+        picked = jnp.take_along_axis(logp, jnp.maximum(batch["labels"], 0)[..., None], -1)[..., 0]
+        return -jnp.sum(jnp.where(mask, picked, 0.0)) / mask.sum()
+
+    with jax.enable_x64(True):
+        params64 = jax.tree.map(lambda p: np.asarray(p, np.float64), state.params)
+        ce, grads = jax.value_and_grad(reference_ce)(params64)
+    expected = jax.tree.map(lambda p, g: p - 0.1 * g, params64, grads)
+    new_state, metrics = jit_distillation_step(fresh(state), batch, None, alpha=0.0,
+                                               loss_config=DistillLossConfig(use_hard_labels=True))
+    assert metrics.kl_loss is None and metrics.top1_agreement is None
+    np.testing.assert_allclose(float(metrics.ce_loss), float(ce), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics.loss), float(ce), rtol=1e-5)
+    assert int(metrics.num_tokens) == int(mask.sum())
+    assert_trees_close(new_state.params, expected, rtol=1e-4, atol=1e-6)
 
 
 def test_bad_input_under_jit_leaves_the_state_alive(teacher):
