@@ -72,15 +72,16 @@ def random(rng, shape, dtype, scale=1.0):
     return jnp.asarray(rng.normal(size=shape) * scale, dtype)
 
 
-def topk_and_sampled(rng, teacher, k, n):
+def topk_targets(teacher, k):
     log_p = jax.nn.log_softmax(teacher.astype(jnp.float32) / TEMPERATURE)
     logprobs, ids = jax.lax.top_k(log_p, k)
-    topk = losses.TopKTargets(ids, logprobs, jnp.log1p(-jnp.exp(logprobs).sum(-1)))
-    sampled_ids = jnp.asarray(rng.integers(0, teacher.shape[-1], teacher.shape[:-1] + (n,)),
-                              jnp.int32)
-    sampled = losses.SampledTargets(sampled_ids, jnp.ones(sampled_ids.shape, jnp.float32),
-                                    jnp.ones(teacher.shape[:-1], jnp.float32))
-    return topk, sampled
+    return losses.TopKTargets(ids, logprobs, jnp.log1p(-jnp.exp(logprobs).sum(-1)))
+
+
+def sampled_targets(rng, tokens_shape, vocab, n):
+    ids = jnp.asarray(rng.integers(0, vocab, tokens_shape + (n,)), jnp.int32)
+    return losses.SampledTargets(ids, jnp.ones(ids.shape, jnp.float32),
+                                 jnp.ones(tokens_shape, jnp.float32))
 
 
 def main(argv=None):
@@ -125,6 +126,10 @@ def main(argv=None):
     def materialised(h, w, t):
         return losses.distillation_loss(h @ w.T, t, temperature=TEMPERATURE)[0]
 
+    def fused_topk(h, w, targets):
+        return fused_head_distillation_loss(h, w, targets, temperature=TEMPERATURE,
+                                            chunk_size=args.chunk_size)[0]
+
     for dtype in ("float32", "bfloat16"):
         shapes = (jax.ShapeDtypeStruct((1, args.tokens, args.hidden), dtype),
                   jax.ShapeDtypeStruct((args.head_vocab, args.hidden), dtype),
@@ -136,15 +141,22 @@ def main(argv=None):
         for name, f in (("fused", fused), ("materialised", materialised)):
             row("head", name, dtype, temp_mib(f, *shapes, argnums=(0, 1)),
                 median_ms(f, small, args.repeats, argnums=(0, 1)))
+        # Offline mode: top-k targets, so no [tokens, vocab] array exists anywhere.
+        full_targets = jax.eval_shape(lambda t: topk_targets(t, args.topk), shapes[2])
+        targets = topk_targets(small[2], args.topk)
+        row("head", "fused, top-k targets", dtype,
+            temp_mib(fused_topk, shapes[0], shapes[1], full_targets, argnums=(0, 1)),
+            median_ms(fused_topk, (small[0], small[1], targets), args.repeats, argnums=(0, 1)))
 
     # 3. Sparse targets vs dense, on logits.
     full_logits = jax.ShapeDtypeStruct((args.tokens, args.vocab), jnp.float32)
-    full_topk, full_sampled = jax.eval_shape(
-        lambda t: topk_and_sampled(np.random.default_rng(0), t, args.topk, args.samples),
-        full_logits)
+    full_topk = jax.eval_shape(lambda t: topk_targets(t, args.topk), full_logits)
+    full_sampled = jax.eval_shape(lambda: sampled_targets(rng, (args.tokens,), args.vocab,
+                                                          args.samples))
     student, teacher = (random(rng, (args.time_tokens, args.time_vocab), jnp.float32, 3.0)
                         for _ in range(2))
-    topk, sampled = topk_and_sampled(rng, teacher, args.topk, args.samples)
+    topk = topk_targets(teacher, args.topk)
+    sampled = sampled_targets(rng, (args.time_tokens,), args.time_vocab, args.samples)
     for name, full_targets, targets in (("topk", full_topk, topk),
                                         ("sampled", full_sampled, sampled)):
         def sparse(s, tg):
@@ -182,6 +194,8 @@ def main(argv=None):
         fused_row, mat = get("head", "fused", dtype), get("head", "materialised", dtype)
         ratios[f"head {dtype}: materialised/fused temp"] = mat["temp_mib"] / fused_row["temp_mib"]
         ratios[f"head {dtype}: fused/materialised time"] = fused_row["time_ms"] / mat["time_ms"]
+        ratios[f"head {dtype}: materialised/fused top-k temp"] = (
+            mat["temp_mib"] / get("head", "fused, top-k targets", dtype)["temp_mib"])
     dense = get("logits", "ours", "float32")
     for name in ("topk", "sampled"):
         ratios[f"sparse {name}: temp vs dense ours f32"] = (get("sparse", name, "float32")
