@@ -98,6 +98,21 @@ def test_topk_roundtrip_against_float64(encoding, value_dtype):
     np.testing.assert_allclose(total, 1.0, atol=1e-5)
 
 
+def test_topk_tail_counts_ids_tied_with_the_kth_value():
+    # coarse logits (as bf16 teachers give): many ids tie with the k-th largest value
+    logits = np.round(_logits(14) * 2) / 2
+    spec = TargetSpec("topk", V, REAL_V, k=7, value_dtype="float32")
+    _, out = _roundtrip(logits, spec)
+    ref = _ref_logprobs(logits, 1.0)
+    in_top = np.zeros(ref.shape, bool)
+    np.put_along_axis(in_top, out["teacher_topk_ids"], True, -1)
+    assert np.all(in_top.sum(-1) == 7)
+    kth = np.sort(ref, -1)[..., -7]
+    assert np.any((ref == kth[..., None]).sum(-1) > 1)  # the case under test occurs
+    np.testing.assert_allclose(out["teacher_tail_logmass"],
+                               np.log(np.where(in_top, 0.0, np.exp(ref)).sum(-1)), atol=1e-5)
+
+
 def test_topk_with_all_ids_gives_dense_loss_and_gradient():
     logits, student = _logits(5, (B, L, REAL_V)), _logits(6, (B, L, REAL_V))
     spec = TargetSpec("topk", REAL_V, REAL_V, k=REAL_V, value_dtype="float32", temperature=2.0)

@@ -38,12 +38,12 @@ from pipeline.cache.format import PADDED_LOGIT, TargetSpec, id_bits, mantissa_by
 Q8_LOGPROB_FLOOR = -100.0
 
 
-def teacher_logprobs(logits: jax.Array, spec: TargetSpec) -> jax.Array:
-    """log softmax(logits / T_cache) in f32 with padded ids at -inf. [..., V] -> [..., V]."""
+def scaled_logits(logits: jax.Array, spec: TargetSpec) -> jax.Array:
+    """logits / T_cache in f32 with padded ids at -inf. [..., V] -> [..., V]."""
     x = logits.astype(jnp.float32) / spec.temperature
     if spec.tokenizer_vocab_size < spec.vocab_size:
         x = jnp.where(jnp.arange(spec.vocab_size) < spec.tokenizer_vocab_size, x, -jnp.inf)
-    return jax.nn.log_softmax(x, axis=-1)
+    return x
 
 
 def pack_bits(values: jax.Array, widths: jax.Array, num_bytes: int) -> jax.Array:
@@ -123,10 +123,22 @@ def dequantize_logprobs(q: jax.Array, scale: jax.Array) -> jax.Array:
     return -q.astype(jnp.float32) * scale.astype(jnp.float32)[:, None]
 
 
-def _encode_topk(logp: jax.Array, spec: TargetSpec) -> dict[str, jax.Array]:
-    values, ids = jax.lax.top_k(logp, spec.k)
-    in_top = jax.vmap(lambda i: jnp.zeros(spec.vocab_size, bool).at[i].set(True))(ids)
-    tail = jax.nn.logsumexp(jnp.where(in_top, -jnp.inf, logp), axis=-1)
+def _encode_topk(x: jax.Array, spec: TargetSpec) -> dict[str, jax.Array]:
+    """[T, V] scaled logits -> stored arrays. One top-k and one fused pass over the vocab."""
+    top, ids = jax.lax.top_k(x, spec.k)
+    # without the barrier XLA:CPU fuses top_k into the passes below and runs ~30x slower
+    top, x = jax.lax.optimization_barrier((top, x))
+    peak, kth = top[:, :1], top[:, -1:]
+    weights = jnp.exp(x - peak)
+    total = jnp.sum(weights, axis=-1)
+    # the tail summed directly (precise when it is tiny, exactly 0 when k covers the vocab):
+    # ids strictly below the k-th value, plus ids tied with it that top_k left out
+    below = jnp.sum(jnp.where(x < kth, weights, 0.0), axis=-1)
+    left_out_ties = jnp.sum(x == kth, axis=-1) - jnp.sum(top == kth, axis=-1)
+    tail_mass = below + left_out_ties * jnp.exp(kth - peak)[:, 0]
+    log_total = jnp.log(total)
+    values = top - peak - log_total[:, None]
+    tail = jnp.log(tail_mass) - log_total
     if spec.id_encoding == "gap":
         order = jnp.argsort(ids, axis=-1)
         ids = jnp.take_along_axis(ids, order, axis=-1)
@@ -197,11 +209,11 @@ def _encode_sequence(logits: jax.Array, sequence_index: jax.Array,
     if spec.mode == "full":
         real = jnp.arange(spec.vocab_size) < spec.tokenizer_vocab_size
         return {"logits": jnp.where(real, logits, PADDED_LOGIT).astype(spec.value_dtype)}
-    logp = teacher_logprobs(logits, spec)
+    x = scaled_logits(logits, spec)
     if spec.mode == "topk":
-        return _encode_topk(logp, spec)
+        return _encode_topk(x, spec)
     keys = _token_keys(sequence_index[None], logits.shape[0], spec.seed)[0]
-    return _encode_sampled(logp, keys, spec)
+    return _encode_sampled(jax.nn.log_softmax(x, axis=-1), keys, spec)
 
 
 @functools.partial(jax.jit, static_argnames="spec")
