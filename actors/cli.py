@@ -180,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     except KdpipeError as error:
         if args.debug:
             raise
-        message = textwrap.fill(str(error), width=100, subsequent_indent="  ")
+        # paths and fingerprints stay whole, so that they can be copied from the message
+        message = textwrap.fill(str(error), width=100, subsequent_indent="  ",
+                                break_long_words=False, break_on_hyphens=False)
         print(f"kdpipe {args.verb}: error: {message}", file=sys.stderr)
         return USER_ERROR
     except Preempted as stop:
