@@ -415,7 +415,15 @@ def read_commits(kvstore) -> tuple[ShardCommit, ...]:
     """All commit records under the cache root, sorted by shard."""
     keys = kvstore.list(ts_key_range(COMMIT_PREFIX)).result()
     records = [f.result() for f in [kvstore.read(key) for key in keys]]  # reads in flight together
-    commits = [ShardCommit.from_json(json.loads(r.value)) for r in records if r.state == "value"]
+    commits = []
+    for key, record in zip(keys, records):
+        if record.state != "value":
+            continue
+        try:
+            commits.append(ShardCommit.from_json(json.loads(record.value)))
+        except (ValueError, KeyError, TypeError) as e:  # JSON and Unicode errors are ValueErrors
+            raise CacheError(f"commit record {key.decode()} is malformed ({e!r}); delete it and "
+                             f"fill the cache again to rewrite that shard") from None
     return tuple(sorted(commits, key=lambda c: c.shard))
 
 
@@ -431,7 +439,18 @@ def load_manifest(kvstore, location: str) -> CacheManifest:
     if record.state != "value":
         raise CacheError(f"cache {location}: no {MANIFEST_KEY} (not a kdpipe cache, or nothing "
                          f"written yet)")
-    return CacheManifest.from_header_json(json.loads(record.value), read_commits(kvstore))
+    try:
+        header = json.loads(record.value)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise CacheError(f"cache {location}: {MANIFEST_KEY} is not valid JSON ({e}); the cache is "
+                         f"damaged: remove it and fill it again") from None
+    if not isinstance(header, dict):
+        raise CacheError(f"cache {location}: {MANIFEST_KEY} holds a {type(header).__name__}, "
+                         f"expected a JSON object")
+    try:
+        return CacheManifest.from_header_json(header, read_commits(kvstore))
+    except CacheError as e:  # name the cache: a run opens several
+        raise CacheError(f"cache {location}: {e}") from None
 
 
 def open_array(root_spec: dict, manifest: CacheManifest, array: ArrayLayout, *, create: bool):
