@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from pipeline.errors import ConfigError, ModelLoadError
+from pipeline.errors import ConfigError, KdpipeError, ModelLoadError
 from pipeline.models.llama import Llama, LlamaConfig
 from pipeline.models.sharding import DEFAULT_RULES, Rules, param_path, spec_for
 
@@ -286,11 +286,14 @@ def save_pretrained(model: Llama, path: str | Path, *,
     ``model-0000i-of-0000n.safetensors`` files and ``model.safetensors.index.json``. Weight files
     of an earlier save into ``path`` that this one does not rewrite are removed, so the directory
     never mixes two saves. In a multi-process run every process must call this (the parameters
-    are gathered); process 0 writes.
+    are gathered); process 0 writes. A ``path`` that is a file is refused (``KdpipeError``).
     """
     if max_shard_bytes <= 0:
         raise ConfigError(f"max_shard_bytes: expected > 0, got {max_shard_bytes}")
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise KdpipeError(f"{path}: exists and is not a directory; export the model to a new or "
+                          f"an existing directory instead")
     config = model.config
     plan = _tensor_plan(nnx.state(model), config.num_hidden_layers)
     leaves = dict(nnx.to_flat_state(nnx.state(model)))
