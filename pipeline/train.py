@@ -7,8 +7,9 @@ split by ``pipeline.data.HostBatches`` and assembled into global arrays here). I
 1. opens the prepared dataset and builds (or loads) the student, on a mesh from ``config.mesh``;
 2. restores the latest checkpoint of ``run_dir`` when there is one (explicit target shardings,
    so the mesh may differ from the one that saved it) and resumes at its global sample offset;
-3. takes the teacher targets of every batch from the cache (``offline``) or runs the teacher
-   inside the step (``live``);
+3. takes the teacher targets of every batch from the cache (``offline``), from ``targets``
+   (readers the caller plugs in: the driver's for a cache still being written, or for a
+   ``remote``/``hybrid`` teacher), or runs the teacher inside the step (``live``);
 4. logs metrics every ``logging.every_steps``, evaluates every ``eval.every_steps``, saves every
    ``checkpoint.every_steps``, and on SIGTERM saves a checkpoint and raises ``Preempted``;
 5. at the end evaluates, saves, exports the student as a Hugging Face directory and writes
@@ -27,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -113,6 +115,14 @@ def model_fingerprint(spec: ModelSpec, vocab_size: int, seed: int) -> str:
 # Teacher targets
 # --------------------------------------------------------------------------------------------
 
+class TargetReader(Protocol):
+    """Teacher targets of one split by row, as ``CacheReader`` serves them: ``read(rows [B])``
+    returns the teacher keys of CONTRACTS.md (``[B, L, ...]``). The driver plugs in others
+    (a cache still being written, a remote teacher) through ``train(targets=...)``."""
+
+    def read(self, rows: np.ndarray) -> Mapping[str, jax.Array | np.ndarray]: ...
+
+
 def cache_location(cache: CacheConfig, split: str) -> str:
     """Where a split's targets live: ``<cache.path>/<split>`` (a path or kvstore URL)."""
     return f"{cache.path.rstrip('/')}/{split}"
@@ -170,7 +180,7 @@ def _to_host(values: Mapping[str, jax.Array]) -> dict[str, float]:
 
 
 def evaluate(config: RunConfig, state: TrainState, dataset: TokenDataset, *, host: Host,
-             sharding: NamedSharding, reader: CacheReader | None = None,
+             sharding: NamedSharding, reader: TargetReader | None = None,
              teacher: TrainState | None = None) -> dict[str, float]:
     """Held-out metrics of ``state``: student CE on the hard labels and, when a teacher's
     targets are available (``reader`` or ``teacher``), KL to the teacher and top-1 agreement.
@@ -255,19 +265,21 @@ class RunSetup:
     sharding: NamedSharding
     state: TrainState
     teacher_state: TrainState | None
-    train_reader: CacheReader | None
-    eval_reader: CacheReader | None
+    train_reader: TargetReader | None
+    eval_reader: TargetReader | None
     identity: RunIdentity
 
 
 def prepare_run(config: RunConfig, *, host: Host = Host(), teacher: Llama | None = None,
-                train_targets: bool = True) -> RunSetup:
+                train_targets: bool = True,
+                targets: Mapping[str, TargetReader] | None = None) -> RunSetup:
     """Open the data, build the student (fresh, on the mesh of ``config.mesh``), and find the
-    teacher targets: the cache readers (``offline``; the train cache only when
-    ``train_targets``) or the live teacher (``teacher``, else ``model.teacher.path``).
+    teacher targets: ``targets`` (split -> reader) when given, else the cache readers
+    (``offline``; the train cache only when ``train_targets``), or the live teacher
+    (``teacher``, else ``model.teacher.path``).
     Every mismatch between config, data, cache and teacher is refused here, before a step."""
     source = config.teacher_source
-    if source in ("remote", "hybrid"):
+    if source in ("remote", "hybrid") and targets is None:
         raise ConfigError(f"cluster.teacher_source: '{source}' needs teacher actors; run it with "
                           f"`kdpipe run`, which starts them (`kdpipe train` runs offline or live)")
     info = read_info(config.data.prepared_dir)
@@ -291,7 +303,12 @@ def prepare_run(config: RunConfig, *, host: Host = Host(), teacher: Llama | None
         raise ConfigError("model.teacher.path: a live teacher is needed (cluster.teacher_source: "
                           "live) but none is given")
     train_reader = eval_reader = None
-    if source == "offline" and config.cache is not None:
+    if targets is not None:
+        if train_targets and not config.hard_labels_only:
+            train_reader = targets.get("train")
+        if eval_data is not None and teacher_state is None:
+            eval_reader = targets.get("eval")
+    elif source == "offline" and config.cache is not None:
         teacher_fp = (teacher_fingerprint(config.model.teacher.path)
                       if config.model.teacher.from_pretrained else None)
         if train_targets and not config.hard_labels_only:
@@ -347,7 +364,8 @@ def export_checkpoint(config: RunConfig, *, out: str | None = None,
 
 def train(config: RunConfig, *, host: Host = Host(), teacher: Llama | None = None,
           stop: threading.Event | None = None,
-          on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
+          on_step: Callable[[int, dict], None] | None = None,
+          targets: Mapping[str, TargetReader] | None = None) -> TrainResult:
     """Run (or resume) the distillation of ``config`` on this host; see the module docstring.
 
     Args:
@@ -358,12 +376,14 @@ def train(config: RunConfig, *, host: Host = Host(), teacher: Llama | None = Non
       stop: set by another thread to stop after the current step, as SIGTERM does.
       on_step: called after every step with ``(step, metrics)`` (metrics on logging steps
         only, else ``{}``), e.g. to log example ids in tests.
+      targets: split -> reader of teacher targets, replacing the cache readers (``kdpipe run``
+        passes readers that wait for shards still being written, or ask a remote teacher).
 
     Raises:
       Preempted: after SIGTERM (or ``stop``), once the checkpoint is saved.
       KdpipeError: bad config, data, cache or checkpoint.
     """
-    setup = prepare_run(config, host=host, teacher=teacher)
+    setup = prepare_run(config, host=host, teacher=teacher, targets=targets)
     info, train_data, eval_data, sharding = setup.info, setup.train_data, setup.eval_data, setup.sharding
     state, teacher_state = setup.state, setup.teacher_state
     train_reader, eval_reader = setup.train_reader, setup.eval_reader
