@@ -5,6 +5,9 @@ teacher actor of a multi-host run calls with the shards the driver hands it. The
 forward pass is jitted once; the cache writer compresses on the device and writes in the
 background, so the loop here only feeds batches. Shards already committed are skipped without
 running the teacher, which makes a fill resumable after any interruption.
+
+``encode_targets`` is the same computation for a few rows, returned instead of stored: what a
+remote teacher host hands a student through Ray's object store.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from collections.abc import Iterable
 import jax
 import numpy as np
 
-from pipeline.cache import CacheManifest, CacheWriter, TargetSpec
+from pipeline.cache import CacheManifest, CacheWriter, TargetSpec, compress
 from pipeline.config import RunConfig
 from pipeline.data import DatasetInfo, TokenDataset, read_info
 from pipeline.metrics import progress_bar
@@ -25,11 +28,20 @@ from pipeline.step import TrainState
 from pipeline.train import cache_location
 
 
+def target_spec(config: RunConfig, info: DatasetInfo, *, vocab_size: int) -> TargetSpec:
+    """How teacher targets are encoded: as the configured cache stores them, or, for a run
+    without a cache (a remote teacher), as full float32 logits."""
+    if config.cache is None:
+        fields = {"mode": "full", "value_dtype": "float32", "temperature": None}
+    else:
+        fields = config.cache_target_fields()
+    return TargetSpec(vocab_size=vocab_size, tokenizer_vocab_size=info.vocab_size, **fields)
+
+
 def cache_manifest(config: RunConfig, info: DatasetInfo, split: str, *, vocab_size: int,
                    teacher_fp: str) -> CacheManifest:
     """The manifest a teacher declares for ``split`` of the prepared dataset."""
-    spec = TargetSpec(vocab_size=vocab_size, tokenizer_vocab_size=info.vocab_size,
-                      **config.cache_target_fields())
+    spec = target_spec(config, info, vocab_size=vocab_size)
     return CacheManifest(target=spec, teacher_fingerprint=teacher_fp,
                          tokenizer_fingerprint=info.tokenizer_fingerprint,
                          dataset_fingerprint=info.fingerprint(split), seq_len=info.seq_len,
@@ -43,6 +55,15 @@ def _teacher_logits(teacher: TrainState, input_ids: jax.Array, attention_mask: j
 
 
 _jit_teacher_logits = jax.jit(_teacher_logits)
+
+
+def encode_targets(teacher: TrainState, batch: dict[str, np.ndarray], rows: np.ndarray,
+                   spec: TargetSpec) -> dict[str, np.ndarray]:
+    """The teacher's targets for ``batch`` (rows ``rows`` [B] of a split), encoded as a cache
+    of ``spec`` stores them: {name: [B, L, *trailing]} (``pipeline.cache.compress.decode``
+    turns them into batch keys). Same bytes as the cache holds for these rows."""
+    logits = _jit_teacher_logits(teacher, batch["input_ids"], batch["attention_mask"])
+    return {name: np.asarray(a) for name, a in compress.encode(logits, rows, spec).items()}
 
 
 @dataclasses.dataclass(frozen=True)
