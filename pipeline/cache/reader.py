@@ -39,7 +39,10 @@ class CacheReader:
         self.location = location
         self._kvstore = open_kvstore(location)
         self.manifest: CacheManifest = load_manifest(self._kvstore, str(location))
-        check_compatible(self.manifest, run)
+        try:
+            check_compatible(self.manifest, run)
+        except CacheError as e:  # name the cache: a run opens one per split
+            raise CacheError(f"cache {location}: {e}") from None
         self.run = run
         root = kvstore_spec(location)
         self._layout = array_layout(self.manifest.target)

@@ -45,7 +45,12 @@ def create_or_join(location: str | dict, manifest: CacheManifest):
         # if_equal=the "missing" generation: only the first of several creators succeeds
         kvstore.write(MANIFEST_KEY, manifest.header_bytes(),
                       if_equal=current.stamp.generation).result()
-    check_same_header(load_manifest(kvstore, str(location)), manifest)
+    existing = load_manifest(kvstore, str(location))
+    try:
+        check_same_header(existing, manifest)
+    except CacheError as e:
+        raise CacheError(f"cache {location}: {e}; write to another location, or remove this "
+                         f"cache to fill it again") from None
     return kvstore
 
 
