@@ -122,6 +122,17 @@ def _listing(items: list[str]) -> str:
     return "; ".join(items[:_MAX_LISTED]) + more
 
 
+def _root_cause(error: BaseException) -> str:
+    """The innermost error of a chain, on one line: Orbax wraps TensorStore's precise message
+    (which array, which file, which byte range) in one that dumps whole TensorStore specs."""
+    seen = {id(error)}
+    while (inner := error.__cause__ or error.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        error = inner
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first_line[:300]}"
+
+
 def _abstract(target: Any) -> Any:
     def leaf(x):
         if isinstance(x, jax.ShapeDtypeStruct):
@@ -277,8 +288,8 @@ class Checkpoints:
                 state=ocp.args.StandardRestore(abstract)))
         except Exception as e:  # Orbax/TensorStore raise many types for damaged files
             raise CheckpointError(f"{self.directory / str(step)}: corrupt checkpoint, its state "
-                                  f"cannot be read ({type(e).__name__}: {str(e)[:300]}); move it "
-                                  f"away to resume from an earlier one") from e
+                                  f"cannot be read ({_root_cause(e)}); move it away to resume "
+                                  f"from an earlier one") from e
         position = meta["position"]
         position["rng_key_data"] = tuple(position.get("rng_key_data", ()))
         return restored.state, TrainPosition(**position)
