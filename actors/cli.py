@@ -29,6 +29,8 @@ typical flow:
   kdpipe cache run.yaml           # teacher -> <cache.path>/{train,eval}
   kdpipe train run.yaml           # student from the cache; resumes from run_dir
   kdpipe export run.yaml          # student -> <run_dir>/student (Hugging Face format)
+or all at once on a Ray cluster (teacher and student host groups side by side):
+  kdpipe run run.yaml [--address HOST:6379]   # embedded local Ray without an address
 every field of run.yaml: docs/config-reference.md"""
 
 
@@ -85,6 +87,20 @@ def cmd_train(args) -> int:
     result = train(_load(args))
     print(json.dumps({"step": result.step, "eval": result.final_eval,
                       "tokens_per_s": round(result.tokens_per_s, 1),
+                      "export": str(result.run_dir / "student")}, indent=1))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from actors.driver import run
+
+    outcome = run(_load(args), address=args.address)
+    result = outcome.result
+    print(json.dumps({"step": result.step, "eval": result.final_eval,
+                      "teacher_source": outcome.source, "teacher_hosts": outcome.teacher_hosts,
+                      "student_hosts": outcome.student_hosts,
+                      "shards_written": len(outcome.shards_written),
+                      "seconds": {k: round(v, 1) for k, v in outcome.seconds.items()},
                       "export": str(result.run_dir / "student")}, indent=1))
     return 0
 
@@ -149,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     verb("train", cmd_train,
          "train the student on this host from the cache (offline) or a live teacher; resumes from "
          "the latest checkpoint in run_dir; exports the student and writes report.md at the end")
+    sub = verb("run", cmd_run,
+               "the whole run on Ray: a teacher host group fills the cache (offline) or serves "
+               "targets (remote, hybrid) while the student host group trains as one JAX program; "
+               "cluster.teacher_source picks the source, cluster.{teacher,student}.hosts the "
+               "group sizes; a complete cache is reused; resumes from run_dir's checkpoints")
+    sub.add_argument("--address", help="Ray cluster to join (GCS address, e.g. 10.0.0.2:6379, or "
+                     "'auto'); default: RAY_ADDRESS, else an embedded local Ray on this machine")
     sub = verb("eval", cmd_eval,
                "evaluate a checkpoint on the held-out split: CE on hard labels, KL to the teacher, "
                "top-1 agreement")

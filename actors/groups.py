@@ -425,6 +425,19 @@ class HostGroup:
         refs = {r: a.info.remote() for r, a in enumerate(self._actors)}
         return list(self.gather(refs, timeout_s=timeout_s, call="info").values())
 
+    def poll_status(self, timeout_s: float = 1.0) -> dict[int, dict[str, Any]]:
+        """rank -> what each host's work last published (``HostContext.report``), for the
+        ranks that answer within ``timeout_s`` (a dead or hung host is simply absent)."""
+        rank_of = {a.status.remote(): r for r, a in enumerate(self._actors)}
+        ready, _ = ray.wait(list(rank_of), num_returns=len(rank_of), timeout=timeout_s)
+        answers = {}
+        for ref in ready:
+            try:
+                answers[rank_of[ref]] = ray.get(ref)  # already complete: does not block
+            except ray.exceptions.RayError:
+                pass
+        return dict(sorted(answers.items()))
+
     def unhealthy(self, timeout_s: float = 10.0) -> list[int]:
         """Ranks that did not answer a health check within ``timeout_s`` (dead or hung)."""
         rank_of = {a.healthy.remote(): r for r, a in enumerate(self._actors)}

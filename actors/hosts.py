@@ -9,7 +9,8 @@ on top of it, called as ``fn(host, *args, **kwargs)`` with the ``HostContext`` f
 Work and control are two Ray concurrency groups, each with its own thread: ``run`` occupies
 the default group (one call at a time, so JAX state is touched from one thread), while
 ``healthy``, ``info`` and ``request_stop`` answer from the "control" group even during a long
-``run``. This is the Ray Train v2 worker idea (a generic execute, status answerable while
+``run``; ``status`` returns what the running function last published with
+``host.report(...)`` (a step, a loss, the shard it waits for). This is the Ray Train v2 worker idea (a generic execute, status answerable while
 training runs) without its polling: a dead actor surfaces as ``RayActorError`` on the pending
 ``run`` reference, which the group collects with ``ray.wait``.
 
@@ -138,11 +139,28 @@ class HostContext:
         self.num_hosts = num_hosts
         self.state: dict[str, Any] = {}
         self._stop = threading.Event()
+        self._status: dict[str, Any] = {}
+        self._status_lock = threading.Lock()
 
     def stop_requested(self) -> bool:
         """True once the driver asked this host to stop (preemption notice, shutdown):
         a long loop checks it between steps, saves what it must, and returns."""
         return self._stop.is_set()
+
+    @property
+    def stop_event(self) -> threading.Event:
+        """The event behind ``stop_requested``, for loops that take one (``pipeline.train``)."""
+        return self._stop
+
+    def report(self, **values: Any) -> None:
+        """Publish small progress values (step, loss, what the host waits for); the driver
+        reads the latest of each with ``HostGroup.poll_status`` while the work runs."""
+        with self._status_lock:
+            self._status.update(values)
+
+    def status(self) -> dict[str, Any]:
+        with self._status_lock:
+            return dict(self._status)
 
 
 def _pin_process(cores: list[int]) -> None:
@@ -200,6 +218,11 @@ class HostActor:
             jax_started=self._jax_started,
             busy=self._busy.is_set(),
         )
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def status(self) -> dict[str, Any]:
+        """What the running function last published with ``host.report``."""
+        return self._ctx.status()
 
     @ray.method(concurrency_group=CONTROL_GROUP)
     def request_stop(self) -> None:

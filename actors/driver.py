@@ -1,0 +1,792 @@
+"""The driver of ``kdpipe run``: both host groups, the teacher source, one progress view.
+
+``run(config, address=None)`` connects to Ray (an embedded local Ray, or the cluster at
+``address``/RAY_ADDRESS), starts the student group (one JAX program over its hosts, each host
+calling ``pipeline.train.train`` with its ``Host``) and, as the config's
+``cluster.teacher_source`` asks, the teacher group:
+
+- ``offline``: teacher hosts fill the cache (train and eval splits) from a work queue of shards
+  held here: a host that finishes a shard takes the next, in the order the student first needs
+  them. The student starts at once and reads committed shards only; a batch whose shards are
+  not committed yet waits for them (the view shows which). A cache already complete is reused
+  and no teacher host starts.
+- ``live``: no teacher group; each student host loads the teacher and runs it inside the step.
+- ``remote``: teacher hosts compute the targets of the batches each student host reads next,
+  encoded as the cache would store them, and hand them over Ray's object store a few batches
+  ahead of need.
+- ``hybrid``: the cache where the batch's shards are committed, a remote teacher otherwise (a
+  cache partly written by an interrupted fill, or one ``kdpipe cache`` is still writing). The
+  teacher hosts only serve requests here: a shard they were writing would hold a student's
+  request up for as long as the shard takes.
+
+Work functions (``fn(host, ...)``, run by ``actors.hosts.HostActor``) keep per-host objects in
+``host.state``: the teacher is loaded once per host. Host failures surface here as
+``HostGroupError`` (ranks grouped); retrying and re-forming groups is issue 7's driver loop.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+
+from actors.cluster import connect
+from actors.groups import LOCAL_HOST_CPU, GroupSpec, HostGroup
+from actors.hosts import HostEnv
+from pipeline.config import GroupConfig, RunConfig
+from pipeline.errors import ConfigError
+
+# The driver loop's turn: how long it waits for finished work before refreshing the view.
+POLL_S = 0.5
+# Without a terminal (a Ray job's log) the view is one status line this often.
+STATUS_LINE_S = 10.0
+# A student waiting for a shard lists the commit records this often.
+SHARD_POLL_S = 0.2
+# Long enough for any teacher to commit a shard; a dead teacher group ends the run sooner
+# (the driver tears the student group down).
+SHARD_WAIT_TIMEOUT_S = 6 * 3600.0
+# Batches a student host asks remote teachers for ahead of the one it reads.
+REMOTE_AHEAD = 4
+# Hybrid: the commit records are listed at most this often (each listing reads them all).
+COMMIT_REFRESH_S = 1.0
+
+SPLITS = ("train", "eval")
+
+
+# --------------------------------------------------------------------------------------------
+# Config -> group specs
+# --------------------------------------------------------------------------------------------
+
+def absolute_paths(config: RunConfig, base: Path) -> RunConfig:
+    """``config`` with relative paths made absolute against ``base`` (the driver's directory):
+    host actors run in other working directories. URLs (``gs://``) are left as they are."""
+    def fix(path: str | None) -> str | None:
+        if path is None or "://" in path:
+            return path
+        return str((base / path).absolute())
+
+    data = dataclasses.replace(config.data, tokenizer=fix(config.data.tokenizer),
+                               prepared_dir=fix(config.data.prepared_dir),
+                               sources=tuple(fix(s) for s in config.data.sources))
+    model = dataclasses.replace(
+        config.model, teacher=dataclasses.replace(config.model.teacher, path=fix(config.model.teacher.path)),
+        student=dataclasses.replace(config.model.student, path=fix(config.model.student.path)))
+    cache = (None if config.cache is None
+             else dataclasses.replace(config.cache, path=fix(config.cache.path)))
+    return dataclasses.replace(config, run_dir=fix(config.run_dir), data=data, model=model,
+                               cache=cache)
+
+
+def group_spec(name: str, group: GroupConfig, *, one_machine: bool) -> GroupSpec:
+    """The placement of a group: ``group.resources`` per host, one host per node on a cluster
+    (STRICT_SPREAD), side by side (PACK) on a one-node Ray such as the embedded one. Hosts that
+    reserve nothing (all resources 0) take a sliver of a CPU, as ``GroupSpec.local``."""
+    resources = {k: v for k, v in group.resources.items() if v > 0}
+    platform = "tpu" if "TPU" in resources else "cuda" if "GPU" in resources else "cpu"
+    return GroupSpec(name, group.hosts, resources or {"CPU": LOCAL_HOST_CPU},
+                     strategy="PACK" if one_machine else "STRICT_SPREAD", env=HostEnv(platform))
+
+
+# --------------------------------------------------------------------------------------------
+# The shard work queue
+# --------------------------------------------------------------------------------------------
+
+def start_position(config: RunConfig) -> tuple[int, int]:
+    """``(step, global sample offset)`` the student resumes from: its latest checkpoint's, or
+    (0, 0)."""
+    from pipeline.checkpoint import read_checkpoint_metas
+
+    metas = read_checkpoint_metas(config.checkpoint_dir)
+    if not metas:
+        return 0, 0
+    position = metas[max(metas)]["position"]
+    return int(position["step"]), int(position["global_sample_offset"])
+
+
+def fill_order(config: RunConfig, num_rows: Mapping[str, int], pending: Mapping[str, set[int]],
+               start: tuple[int, int] = (0, 0)) -> list[tuple[str, int]]:
+    """The pending ``(split, shard)`` pairs in the order the student first reads them.
+
+    A train shard is due at the first global sample (from ``start``) that is one of its rows
+    (the order of ``pipeline.data.global_order``, over at most one epoch); the eval shards the
+    evaluation reads are due just before the first eval step's samples; shards the run never
+    reads come last.
+    """
+    from pipeline.data import global_order
+
+    shard_rows, batch = config.cache.shard_sequences, config.train.global_batch_size
+    step, offset = start
+    due: dict[tuple[str, int], float] = {}
+    remaining = (config.train.steps - step) * batch
+    offsets = np.arange(offset, offset + min(max(remaining, 0), num_rows["train"]), dtype=np.int64)
+    if len(offsets):
+        shards = global_order(num_rows["train"], config.data.seed, offsets) // shard_rows
+        first_shards, first_index = np.unique(shards, return_index=True)
+        due.update({("train", int(s)): int(i) for s, i in zip(first_shards, first_index)})
+    if num_rows.get("eval"):
+        every = config.eval.every_steps
+        eval_step = (every - step % every if every else config.train.steps - step)
+        read = num_rows["eval"] if config.eval.max_batches is None else min(
+            num_rows["eval"], config.eval.max_batches * config.eval.batch_size)
+        for s in range(-(-read // shard_rows)):
+            due[("eval", s)] = eval_step * batch - 0.5  # before the samples of the next step
+    jobs = [(split, s) for split in SPLITS for s in sorted(pending.get(split, ()))]
+    return sorted(jobs, key=lambda job: due.get(job, float("inf")))
+
+
+class ShardQueue:
+    """The driver's queue of cache shards: each teacher host holds one shard at a time and takes
+    the next when it finishes (dynamic assignment: a faster host writes more shards)."""
+
+    def __init__(self, order: list[tuple[str, int]]):
+        self._todo = collections.deque(order)
+        self.running: dict[int, tuple[str, int]] = {}
+        self.done: list[tuple[str, int, int]] = []  # (split, shard, rank)
+
+    def take(self, rank: int) -> tuple[str, int] | None:
+        if not self._todo:
+            return None
+        self.running[rank] = self._todo.popleft()
+        return self.running[rank]
+
+    def finish(self, rank: int) -> tuple[str, int]:
+        split, shard = self.running.pop(rank)
+        self.done.append((split, shard, rank))
+        return split, shard
+
+    @property
+    def empty(self) -> bool:
+        return not self._todo and not self.running
+
+
+# --------------------------------------------------------------------------------------------
+# Teacher hosts' work
+# --------------------------------------------------------------------------------------------
+
+def load_teacher(host, config: RunConfig) -> float:
+    """Load the teacher into this host's state (once); returns the seconds it took."""
+    from pipeline.models.hf_io import load_pretrained
+    from pipeline.step import TrainState
+
+    start = time.perf_counter()
+    if "teacher" not in host.state:
+        spec = config.model.teacher
+        model = load_pretrained(spec.path, dtype=spec.dtype)
+        host.state["teacher"] = (model, TrainState.create(model))
+        host.state["datasets"] = {}
+    return time.perf_counter() - start
+
+
+def fill_shard(host, config: RunConfig, split: str, shard: int, teacher_fp: str):
+    """Write one shard of ``split`` into the cache (``pipeline.teacher.fill_cache``)."""
+    from pipeline.teacher import fill_cache
+
+    load_teacher(host, config)
+    return fill_cache(config, host.state["teacher"][0], split, teacher_fp=teacher_fp,
+                      shards=[shard])
+
+
+def teacher_targets(host, config: RunConfig, split: str, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The encoded targets of ``rows`` of ``split`` (a remote teacher's answer to a student)."""
+    from pipeline.data import TokenDataset, read_info
+    from pipeline.teacher import encode_targets, target_spec
+
+    load_teacher(host, config)
+    model, state = host.state["teacher"]
+    datasets = host.state["datasets"]
+    if split not in datasets:
+        datasets[split] = TokenDataset(config.data.prepared_dir, split,
+                                       vocab_size=model.config.vocab_size)
+        host.state["spec"] = target_spec(config, read_info(config.data.prepared_dir),
+                                         vocab_size=model.config.vocab_size)
+    return encode_targets(state, datasets[split].read_rows(rows), rows, host.state["spec"])
+
+
+class TeacherWork:
+    """The teacher group's work in flight: the teacher loaded on every host, then shards from
+    ``queue``, one per host at a time (a host that finishes one takes the next).
+
+    The driver waits on ``refs`` with ``ray.wait`` and hands each finished one to ``handle``.
+    """
+
+    def __init__(self, teachers: HostGroup, config: RunConfig, queue: ShardQueue,
+                 teacher_fp: str, fill: Callable[..., Any] = fill_shard):
+        self.teachers, self.config, self.queue = teachers, config, queue
+        self.teacher_fp, self.fill = teacher_fp, fill
+        self.load_seconds: list[float] = []
+        self.results: list = []  # pipeline.teacher.FillResult, in commit order
+        self.fill_started: float | None = None  # time.monotonic() of the first shard handed out
+        self.fill_ended: float | None = None
+        self._jobs = {ref: (rank, "load") for rank, ref in teachers.submit(load_teacher, config).items()}
+
+    @property
+    def refs(self) -> list:
+        return list(self._jobs)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._jobs)
+
+    @property
+    def fill_seconds(self) -> float | None:
+        """From the first shard handed out to the last one committed."""
+        if self.fill_started is None or self.fill_ended is None:
+            return None
+        return self.fill_ended - self.fill_started
+
+    def handle(self, ref) -> tuple[str, Any]:
+        """Collect a finished job (``HostGroupError`` if it failed), give its host the next
+        shard; returns ``("load", seconds)`` or ``("fill", FillResult)``."""
+        rank, kind = self._jobs.pop(ref)
+        result = self.teachers.gather({rank: ref}, call=kind)[rank]
+        if kind == "load":
+            self.load_seconds.append(result)
+        else:
+            self.queue.finish(rank)
+            self.results.append(result)
+            self.fill_ended = time.monotonic()
+        job = self.queue.take(rank)
+        if job is not None:
+            if self.fill_started is None:
+                self.fill_started = time.monotonic()
+            ref = self.teachers.submit(self.fill, self.config, *job, self.teacher_fp, ranks=[rank])[rank]
+            self._jobs[ref] = (rank, "fill")
+        return kind, result
+
+
+# --------------------------------------------------------------------------------------------
+# Student hosts' teacher targets
+# --------------------------------------------------------------------------------------------
+
+class CommittedCacheReader:
+    """A cache that teacher hosts may still be writing, read where committed only.
+
+    ``read(rows)`` first waits for the shards of ``rows`` to be committed (telling
+    ``on_wait(split, missing_shards)``, then ``on_wait(split, [])``), so the student never reads
+    a shard being written. Opens the cache once a teacher host has created it.
+    """
+
+    def __init__(self, open_reader: Callable[[], Any], location: str, split: str,
+                 on_wait: Callable[[str, list[int]], None]):
+        self._open_reader, self.location, self.split = open_reader, location, split
+        self._on_wait = on_wait
+        self._reader = None
+        self._listed_at = 0.0
+        self.waited_s = 0.0
+        self.first_read: dict[int, float] = {}  # shard -> time.time() of its first read
+
+    def _cache(self, wait: bool = True):
+        """The reader, once the cache exists; waits for a teacher host to create it, or
+        returns None at once when not ``wait``."""
+        if self._reader is None:
+            from pipeline.cache.format import MANIFEST_KEY, open_kvstore
+
+            deadline = time.monotonic() + SHARD_WAIT_TIMEOUT_S
+            store = open_kvstore(self.location)
+            if store.read(MANIFEST_KEY).result().state != "value":
+                if not wait:
+                    return None
+                self._on_wait(self.split, ["manifest"])
+                start = time.monotonic()
+                while store.read(MANIFEST_KEY).result().state != "value":
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"cache {self.location}: no teacher host created it "
+                                           f"within {SHARD_WAIT_TIMEOUT_S:g} s")
+                    time.sleep(SHARD_POLL_S)
+                self.waited_s += time.monotonic() - start
+                self._on_wait(self.split, [])
+            self._reader = self._open_reader()
+        return self._reader
+
+    def _shards(self, rows: np.ndarray) -> list[int]:
+        return sorted(set((np.asarray(rows) // self._cache().manifest.shard_sequences).tolist()))
+
+    def has(self, rows: np.ndarray) -> bool:
+        """Whether every shard of ``rows`` is committed (commits listed at most every
+        COMMIT_REFRESH_S)."""
+        reader = self._cache(wait=False)
+        if reader is None:
+            return False
+        shards = set(self._shards(rows))
+        if not shards <= reader.committed_shards and time.monotonic() - self._listed_at > COMMIT_REFRESH_S:
+            reader.refresh()
+            self._listed_at = time.monotonic()
+        return shards <= reader.committed_shards
+
+    def read(self, rows: np.ndarray):
+        reader = self._cache()
+        shards = self._shards(rows)
+        missing = [s for s in shards if s not in reader.committed_shards]
+        if missing and not set(missing) <= reader.refresh():
+            self._on_wait(self.split, [s for s in missing if s not in reader.committed_shards])
+            start = time.monotonic()
+            reader.wait_for_shards(missing, timeout_s=SHARD_WAIT_TIMEOUT_S, poll_s=SHARD_POLL_S)
+            self.waited_s += time.monotonic() - start
+            self._on_wait(self.split, [])
+        now = time.time()
+        for s in shards:
+            self.first_read.setdefault(s, now)
+        return reader.read(rows)
+
+
+class RemoteTargets:
+    """Targets computed by teacher hosts on request and handed over Ray's object store.
+
+    ``schedule`` yields the row batches this student host will read, in order; requests run
+    REMOTE_AHEAD batches ahead of the one being read, spread round-robin over the teacher
+    hosts. A read off the schedule is requested on the spot. ``wanted(rows)`` (hybrid) skips
+    batches another source will serve.
+    """
+
+    def __init__(self, teachers: list, config: RunConfig, split: str, spec, vocab_size: int,
+                 schedule: Iterator[np.ndarray], *, first: int = 0,
+                 wanted: Callable[[np.ndarray], bool] = lambda rows: True):
+        self._teachers, self._config, self._split = teachers, config, split
+        self._spec, self._vocab_size = spec, vocab_size
+        self._schedule, self._wanted = schedule, wanted
+        self._next = first  # the teacher host of the next request
+        self._ahead: collections.deque = collections.deque()
+        self.batches = 0
+
+    def _request(self, rows: np.ndarray):
+        teacher = self._teachers[self._next % len(self._teachers)]
+        self._next += 1
+        return teacher.run.remote((teacher_targets, (self._config, self._split, rows), {}))
+
+    def _top_up(self) -> None:
+        while len(self._ahead) < REMOTE_AHEAD:
+            upcoming = next(self._schedule)
+            self._ahead.append((upcoming, self._request(upcoming) if self._wanted(upcoming) else None))
+
+    def take(self, rows: np.ndarray):
+        """The request made ahead for ``rows`` (None if none), keeping REMOTE_AHEAD in flight."""
+        self._top_up()
+        ref = None
+        if np.array_equal(self._ahead[0][0], rows):
+            ref = self._ahead.popleft()[1]
+            self._top_up()
+        return ref
+
+    def fetch(self, rows: np.ndarray, ref=None):
+        import jax.numpy as jnp
+
+        from pipeline.cache import compress
+
+        stored = ray.get(ref if ref is not None else self._request(rows))
+        self.batches += 1
+        return compress.decode({k: jnp.asarray(v) for k, v in stored.items()}, self._spec,
+                               self._vocab_size)
+
+    def read(self, rows: np.ndarray):
+        return self.fetch(rows, self.take(rows))
+
+
+class HybridTargets:
+    """The cache where all shards of a batch are committed, a remote teacher otherwise."""
+
+    def __init__(self, cache: CommittedCacheReader, remote: RemoteTargets):
+        self.cache, self.remote = cache, remote
+        self.cached_batches = 0
+
+    def read(self, rows: np.ndarray):
+        ref = self.remote.take(rows)
+        if self.cache.has(rows):
+            self.cached_batches += 1
+            return self.cache.read(rows)
+        return self.remote.fetch(rows, ref)
+
+
+def train_schedule(config: RunConfig, num_rows: int, offset: int, host_index: int,
+                   host_count: int) -> Iterator[np.ndarray]:
+    """The train rows a student host reads, batch after batch, from global sample ``offset``
+    (``pipeline.data.HostBatches``' order)."""
+    from pipeline.data import global_order, host_offsets
+
+    batch = config.train.global_batch_size
+    for step in itertools.count():
+        offsets = host_offsets(offset + step * batch, batch, host_index, host_count)
+        yield global_order(num_rows, config.data.seed, offsets)
+
+
+def eval_schedule(config: RunConfig, num_rows: int, host_index: int,
+                  host_count: int) -> Iterator[np.ndarray]:
+    """The eval rows a student host reads at every evaluation (``pipeline.train.evaluate``'s),
+    over and over."""
+    size = config.eval.batch_size
+    per_host = size // host_count
+    count = -(-num_rows // size)
+    if config.eval.max_batches is not None:
+        count = min(count, config.eval.max_batches)
+    batches = [np.minimum(np.arange(i * size + host_index * per_host,
+                                    i * size + (host_index + 1) * per_host), num_rows - 1)
+               for i in range(count)]
+    return itertools.cycle(batches)
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentPlan:
+    """What every student host needs to find its teacher targets."""
+
+    source: str
+    teacher_fp: str | None
+    teachers: tuple = ()  # teacher host actor handles (remote, hybrid)
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentReport:
+    """How one student host's run went."""
+
+    rank: int
+    result: Any  # pipeline.train.TrainResult
+    waited_s: float  # waiting for shards to be committed
+    first_read: dict[str, dict[int, float]]  # split -> shard -> time.time() of its first read
+    remote_batches: int
+    cached_batches: int
+    seconds: float
+
+
+def student_targets(host, config: RunConfig, plan: StudentPlan) -> dict[str, Any] | None:
+    """split -> target reader for this student host (None: live, the teacher runs in the step)."""
+    from pipeline.data import read_info
+    from pipeline.teacher import target_spec
+    from pipeline.train import cache_location, open_cache
+
+    if plan.source == "live" or plan.teacher_fp is None:
+        return None  # the teacher runs in the step, or a hard-label run reads a finished cache
+    info = read_info(config.data.prepared_dir)
+    vocab_size = config.model.student.vocab_size or info.vocab_size
+    rows = {split: info.splits.get(split, {}).get("num_rows", 0) for split in SPLITS}
+
+    def on_wait(split: str, missing: list) -> None:
+        host.report(waiting=f"{split} shards {missing}" if missing else None)
+
+    def cached(split: str) -> CommittedCacheReader:
+        return CommittedCacheReader(
+            lambda: open_cache(config, info, split, vocab_size, teacher_fp=plan.teacher_fp),
+            cache_location(config.cache, split), split, on_wait)
+
+    _, offset = start_position(config)
+    schedules = {"train": lambda: train_schedule(config, rows["train"], offset, host.rank, host.num_hosts),
+                 "eval": lambda: eval_schedule(config, rows["eval"], host.rank, host.num_hosts)}
+    targets: dict[str, Any] = {}
+    for split in SPLITS:
+        if not rows[split]:
+            continue
+        if plan.source == "offline":
+            targets[split] = cached(split)
+            continue
+        # the teacher's logit width: what the teacher hosts encode with
+        from pipeline.models.hf_io import read_config
+
+        spec = target_spec(config, info, vocab_size=read_config(config.model.teacher.path).vocab_size)
+        # students start on different teacher hosts so that their first requests spread out
+        first = host.rank * len(plan.teachers) // host.num_hosts
+        if plan.source == "remote":
+            targets[split] = RemoteTargets(list(plan.teachers), config, split, spec, vocab_size,
+                                           schedules[split](), first=first)
+        else:
+            cache = cached(split)
+            remote = RemoteTargets(list(plan.teachers), config, split, spec, vocab_size,
+                                   schedules[split](), first=first,
+                                   wanted=lambda batch, cache=cache: not cache.has(batch))
+            targets[split] = HybridTargets(cache, remote)
+    return targets
+
+
+def train_student(host, config: RunConfig, plan: StudentPlan) -> StudentReport:
+    """One student host's part of the run: ``pipeline.train.train`` as process ``host.rank``
+    of the group's JAX program, with the plan's teacher targets."""
+    from pipeline.train import Host, train
+
+    start = time.perf_counter()
+    targets = student_targets(host, config, plan)
+
+    def on_step(step: int, metrics: dict) -> None:
+        host.report(step=step, **{k: metrics[k] for k in ("loss", "tokens_per_s") if k in metrics})
+
+    result = train(config, host=Host(host.rank, host.num_hosts), stop=host.stop_event,
+                   on_step=on_step, targets=targets)
+    readers = (targets or {}).values()
+    caches = [getattr(r, "cache", r) for r in readers]
+    caches = [c for c in caches if isinstance(c, CommittedCacheReader)]
+    remotes = [getattr(r, "remote", r) for r in readers]
+    remotes = [r for r in remotes if isinstance(r, RemoteTargets)]
+    return StudentReport(
+        rank=host.rank, result=result, waited_s=sum(c.waited_s for c in caches),
+        first_read={c.split: dict(c.first_read) for c in caches},
+        remote_batches=sum(r.batches for r in remotes),
+        cached_batches=sum(getattr(r, "cached_batches", 0) for r in readers),
+        seconds=time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------------------------
+# The view
+# --------------------------------------------------------------------------------------------
+
+def _eta(done: float, total: float, elapsed: float) -> str:
+    if done <= 0 or elapsed <= 0:
+        return "-"
+    return f"{(total - done) * elapsed / done:,.0f} s"
+
+
+class ProgressView:
+    """Both groups in one table (rich): shards written, tokens/s, student step, loss, ETA.
+
+    On a terminal it is a live table; otherwise (a Ray job's log) one line every
+    STATUS_LINE_S seconds and at the end.
+    """
+
+    def __init__(self, console, *, source: str, steps: int, start_step: int,
+                 shards_total: Mapping[str, int], shards_done: Mapping[str, int],
+                 teacher_hosts: int, student_hosts: int):
+        self.console, self.source, self.steps, self.start_step = console, source, steps, start_step
+        self.shards_total, self.shards_done = dict(shards_total), dict(shards_done)
+        self.teacher_hosts, self.student_hosts = teacher_hosts, student_hosts
+        self.started = time.monotonic()
+        self.fill_started: float | None = None  # set by the driver at the first shard it hands out
+        self.fill_ended: float | None = None
+        self.tokens_written = 0
+        self.teacher_state = "-" if teacher_hosts == 0 else "starting"
+        self.students: dict[int, dict] = {}
+        self._live = None
+        self._last_line = 0.0
+
+    def shard_written(self, split: str, tokens: int) -> None:
+        self.fill_ended = time.monotonic()
+        self.shards_done[split] = self.shards_done.get(split, 0) + 1
+        self.tokens_written += tokens
+
+    def _rows(self) -> list[tuple[str, ...]]:
+        now = time.monotonic()
+        shards = "  ".join(f"{s} {self.shards_done.get(s, 0)}/{n}" for s, n in self.shards_total.items())
+        done = sum(self.shards_done.values()) - sum(self._initial_done.values())
+        todo = sum(self.shards_total.values()) - sum(self._initial_done.values())
+        if self.fill_started is None:
+            fill_s = 0.0
+        else:
+            fill_s = (now if done < todo else self.fill_ended) - self.fill_started
+        teacher = ("teacher", str(self.teacher_hosts), shards or "-",
+                   f"{self.tokens_written / fill_s:,.0f} tok/s" if fill_s else "-",
+                   self.teacher_state, _eta(done, todo, fill_s) if todo else "-")
+        lead = self.students.get(0, {})
+        step = lead.get("step", self.start_step)
+        waiting = sorted({s["waiting"] for s in self.students.values() if s.get("waiting")})
+        detail = ("waiting for " + ", ".join(waiting)) if waiting else (
+            f"loss {lead['loss']:.4f}" if "loss" in lead else "starting")
+        student = ("student", str(self.student_hosts), f"step {step}/{self.steps}",
+                   f"{lead['tokens_per_s']:,.0f} tok/s" if "tokens_per_s" in lead else "-",
+                   detail, _eta(step - self.start_step, self.steps - self.start_step,
+                                now - self.started))
+        return [teacher, student]
+
+    def _table(self):
+        from rich.table import Table
+
+        table = Table(title=f"kdpipe run ({self.source} teacher)  {time.monotonic() - self.started:,.0f} s")
+        for column in ("group", "hosts", "progress", "throughput", "status", "ETA"):
+            table.add_column(column, justify="left" if column in ("group", "status") else "right")
+        for row in self._rows():
+            table.add_row(*row)
+        return table
+
+    def __enter__(self) -> "ProgressView":
+        from rich.live import Live
+
+        self._initial_done = dict(self.shards_done)
+        if self.console.is_terminal:
+            self._live = Live(self._table(), console=self.console, refresh_per_second=4)
+            self._live.__enter__()
+        return self
+
+    def refresh(self, students: Mapping[int, dict] | None = None, *, final: bool = False) -> None:
+        if students:
+            self.students.update(students)
+        if self._live is not None:
+            self._live.update(self._table())
+        elif final or time.monotonic() - self._last_line >= STATUS_LINE_S:
+            self._last_line = time.monotonic()
+            self.console.print(" | ".join("  ".join(row) for row in self._rows()))
+
+    def __exit__(self, *exc) -> None:
+        if self._live is not None:
+            self._live.update(self._table())
+            self._live.__exit__(*exc)
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class RunOutcome:
+    """What ``run`` did.
+
+    Attributes:
+      result: process 0's ``pipeline.train.TrainResult``.
+      teacher_hosts: teacher hosts started (0: live, or a complete cache reused).
+      shards_written: ``(split, shard, teacher rank)`` in commit order.
+      students: each student host's report, by rank.
+      seconds: wall times: ``startup`` (Ray, groups, JAX), ``teacher load`` (slowest host),
+        ``cache fill`` (first shard submitted to last committed), ``student`` (slowest host's
+        train call, waits included), ``student waiting`` (longest wait for shards), ``total``.
+    """
+
+    source: str
+    result: Any
+    teacher_hosts: int
+    student_hosts: int
+    shards_written: tuple[tuple[str, int, int], ...]
+    students: tuple[StudentReport, ...]
+    seconds: dict[str, float]
+
+
+def _pending_shards(config: RunConfig, num_rows: Mapping[str, int], teacher_fp: str) -> dict[str, set[int]]:
+    """split -> shards not committed yet. A cache written by another teacher is refused."""
+    from pipeline.cache import read_manifest
+    from pipeline.errors import CacheError
+    from pipeline.train import cache_location
+
+    pending = {}
+    for split in SPLITS:
+        if not num_rows.get(split):
+            continue
+        total = set(range(-(-num_rows[split] // config.cache.shard_sequences)))
+        location = cache_location(config.cache, split)
+        try:
+            manifest = read_manifest(location)
+        except CacheError:  # no manifest yet: nothing written
+            pending[split] = total
+            continue
+        if manifest.teacher_fingerprint != teacher_fp:
+            raise ConfigError(f"cache.path: the {split} cache at {location} was written by another "
+                              f"teacher ({manifest.teacher_fingerprint}, model.teacher.path gives "
+                              f"{teacher_fp}); point cache.path elsewhere or remove it")
+        pending[split] = total - manifest.committed
+    return pending
+
+
+def run(config: RunConfig, *, address: str | None = None, console=None,
+        fill: Callable[..., Any] = fill_shard) -> RunOutcome:
+    """Run ``config`` on Ray; see the module docstring.
+
+    Args:
+      config: the run (relative paths are taken from the current directory).
+      address: a Ray cluster to join; None: RAY_ADDRESS, else an embedded local Ray. A Ray
+        already initialised in this process is used as it is.
+      console: a ``rich.console.Console`` for the view (default: stdout).
+      fill: the teacher hosts' shard function, ``fill(host, config, split, shard, teacher_fp)``
+        (``fill_shard``; tests slow it down).
+
+    Raises:
+      ConfigError: the config cannot run this way (e.g. no teacher path for teacher hosts).
+      HostGroupError: hosts failed (grouped by rank and error).
+    """
+    from rich.console import Console
+
+    from pipeline.data import read_info
+    from pipeline.models.hf_io import teacher_fingerprint
+
+    started = time.monotonic()
+    console = console or Console()
+    config = absolute_paths(config, Path.cwd())
+    # the driver's view replaces the per-host progress bars
+    config = dataclasses.replace(config, logging=dataclasses.replace(config.logging, progress=False))
+    source = config.teacher_source
+    needs_teacher_hosts = source in ("offline", "remote", "hybrid") and not config.hard_labels_only
+    if (needs_teacher_hosts or source == "live") and not config.model.teacher.from_pretrained:
+        raise ConfigError(f"model.teacher.path: teacher source '{source}' loads the teacher from a "
+                          f"Hugging Face directory (config.json + *.safetensors); none is given")
+    info = read_info(config.data.prepared_dir)
+    num_rows = {split: info.splits.get(split, {}).get("num_rows", 0) for split in SPLITS}
+    teacher_fp = teacher_fingerprint(config.model.teacher.path) if needs_teacher_hosts else None
+    pending = (_pending_shards(config, num_rows, teacher_fp)
+               if needs_teacher_hosts and source == "offline" else {})
+    start = start_position(config)
+    queue = ShardQueue(fill_order(config, num_rows, pending, start) if pending else [])
+    start_teachers = source in ("remote", "hybrid") or (source == "offline" and not queue.empty)
+
+    own_ray = not ray.is_initialized()
+    if own_ray:
+        connect(address)
+    # one node (an embedded Ray, a laptop's `ray start`): the hosts of a group side by side
+    one_machine = sum(1 for node in ray.nodes() if node.get("Alive")) == 1
+    teachers = students = None
+    seconds: dict[str, float] = {}
+    try:
+        if start_teachers:
+            teachers = HostGroup.create(group_spec("teacher", config.cluster.teacher,
+                                                   one_machine=one_machine))
+            teachers.setup_jax(distributed=False)
+        students = HostGroup.create(group_spec("student", config.cluster.student,
+                                               one_machine=one_machine))
+        students.setup_jax(distributed=True)
+        seconds["startup"] = time.monotonic() - started
+        plan = StudentPlan(source, teacher_fp,
+                           tuple(teachers.actor(r) for r in range(teachers.num_hosts)) if teachers else ())
+        cache_total = {split: -(-num_rows[split] // config.cache.shard_sequences)
+                       for split in SPLITS if num_rows[split]} if pending else {}
+        view = ProgressView(
+            console, source=source, steps=config.train.steps, start_step=start[0],
+            shards_total=cache_total,
+            shards_done={s: n - len(pending.get(s, ())) for s, n in cache_total.items()},
+            teacher_hosts=teachers.num_hosts if teachers else 0, student_hosts=students.num_hosts)
+        work = TeacherWork(teachers, config, queue, teacher_fp, fill) if teachers else None
+        with view:
+            reports = _supervise(config, students, work, plan, view)
+        if work is not None and work.load_seconds:
+            seconds["teacher load"] = max(work.load_seconds)
+        if work is not None and work.fill_seconds is not None:
+            seconds["cache fill"] = work.fill_seconds
+        seconds["student"] = max(r.seconds for r in reports)
+        seconds["student waiting"] = max(r.waited_s for r in reports)
+    finally:
+        for group in (students, teachers):
+            if group is not None:
+                group.shutdown()
+        if own_ray:
+            ray.shutdown()
+    seconds["total"] = time.monotonic() - started
+    return RunOutcome(source=source, result=reports[0].result,
+                      teacher_hosts=teachers.num_hosts if teachers else 0,
+                      student_hosts=students.num_hosts, shards_written=tuple(queue.done),
+                      students=tuple(reports), seconds=seconds)
+
+
+def _supervise(config: RunConfig, students: HostGroup, work: TeacherWork | None,
+               plan: StudentPlan, view: ProgressView) -> list[StudentReport]:
+    """The driver loop: collect teacher work (each finished shard hands its host the next),
+    watch the students, refresh the view; returns when the students are done and the shard
+    queue is empty."""
+    if work is not None:
+        view.teacher_state = "loading the teacher"
+    student_refs = students.submit(train_student, config, plan)
+    reports = None
+    while reports is None or (work is not None and work.busy):
+        waiting_on = (work.refs if work is not None else []) + (
+            list(student_refs.values()) if reports is None else [])
+        ready, _ = ray.wait(waiting_on, num_returns=1, timeout=POLL_S)
+        for ref in ready:
+            if reports is None and ref in student_refs.values():
+                reports = list(students.gather(student_refs).values())
+                continue
+            kind, result = work.handle(ref)
+            if kind == "fill":
+                view.shard_written(result.split, result.tokens)
+            elif plan.source != "offline":
+                view.teacher_state = "serving targets"
+        if work is not None and plan.source == "offline":
+            view.fill_started = work.fill_started
+            writing = ", ".join(f"{split} {shard}" for split, shard in work.queue.running.values())
+            view.teacher_state = f"writing {writing}" if writing else (
+                "cache complete" if not work.busy else view.teacher_state)
+        view.refresh(students.poll_status(timeout_s=POLL_S) if reports is None else None)
+    view.refresh(final=True)
+    return reports

@@ -1,0 +1,267 @@
+"""`kdpipe run` (actors.driver) on an embedded Ray at a tiny size.
+
+One Ray and one tiny dataset/teacher per module; five runs of the same 20-step distillation
+(cache in full mode, float32), each with its own run directory:
+
+- offline, 2 student hosts, a teacher held back until the student has taken its first step:
+  the student waits for shards and never reads one before its commit record exists;
+- offline again, 1 host, on the now complete cache: no teacher host starts, and the loss
+  trajectory equals the 2-host run's (1e-4 relative);
+- live, remote and hybrid (on a cache missing some shards), 1 host each: the same training.
+
+Groups kept apart by custom resources are covered in test_groups.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import shutil
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+
+from actors.cluster import connect
+from actors.driver import (ShardQueue, absolute_paths, eval_schedule, fill_order, fill_shard, run,
+                           train_schedule)
+from pipeline.config import load_config
+from pipeline.metrics import read_metrics
+
+# The gated fill below travels to the teacher actors by value: this module is not importable
+# in Ray's worker processes.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "configs" / "tiny-test.yaml"
+STEPS = 20
+SHARD_SEQUENCES = 32
+
+
+def make_tiny_run(directory: Path) -> list[str]:
+    """A tokenizer, a prepared dataset (about 150 train and 30 eval rows of 32 tokens) and a
+    randomly initialised teacher saved as a Hugging Face directory, all under ``directory``;
+    returns the ``--set`` overrides of configs/tiny-test.yaml that use them."""
+    from pipeline.data import prepare_dataset, read_info, train_bpe_tokenizer
+    from pipeline.models.hf_io import save_pretrained
+    from pipeline.models.sharding import make_mesh
+    from pipeline.train import build_model
+
+    text = Path(textwrap.__file__).read_text()[:12000]
+    docs = directory / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": text[i:i + 400]}) + "\n"
+                            for i in range(0, len(text), 400)))
+    overrides = [f"data.tokenizer={directory / 'tokenizer.json'}",
+                 f"data.prepared_dir={directory / 'data'}",
+                 f"model.teacher={{path: {directory / 'teacher'}}}"]
+    config = load_config(TINY, overrides[:2] + [f"data.sources=[{docs}]"])
+    train_bpe_tokenizer([textwrap.__file__], config.demo.tokenizer_vocab_size,
+                        Path(config.data.tokenizer))
+    prepare_dataset(config.data, progress=False)
+    teacher = build_model(config.model.teacher, read_info(config.data.prepared_dir).vocab_size, 1,
+                          make_mesh())
+    save_pretrained(teacher, directory / "teacher")
+    return overrides
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    work = tmp_path_factory.mktemp("driver")
+    overrides = make_tiny_run(work) + [
+        "cache.mode=full", "cache.value_dtype=float32", f"cache.shard_sequences={SHARD_SEQUENCES}",
+        f"cache.path={work / 'cache'}", f"train.steps={STEPS}", "checkpoint.every_steps=10",
+        "eval.every_steps=10"]
+    connect(num_cpus=2, dashboard=False)
+    yield work, overrides
+    ray.shutdown()
+
+
+def config_of(tiny, name: str, *more: str):
+    work, overrides = tiny
+    return load_config(TINY, [*overrides, f"run_dir={work / name}", *more])
+
+
+def quiet_run(config, **kwargs):
+    from rich.console import Console
+
+    return run(config, console=Console(file=io.StringIO(), width=200), **kwargs)
+
+
+def curves(run_dir) -> dict[tuple[str, int], dict]:
+    return {(r["split"], r["step"]): r for r in read_metrics(run_dir)}
+
+
+def assert_same_training(got_dir, want_dir, rel: float):
+    got, want = curves(got_dir), curves(want_dir)
+    assert got.keys() == want.keys()
+    assert [k for k in want if k[0] == "train"] == [("train", s) for s in range(1, STEPS + 1)]
+    for key, record in want.items():
+        for name in ("loss", "kl_loss", "ce_loss", "grad_norm", "top1_agreement"):
+            if name in record:
+                assert got[key][name] == pytest.approx(record[name], rel=rel, abs=1e-6), (key, name)
+
+
+def _first_step_shards(config) -> set[int]:
+    from pipeline.data import global_order, read_info
+
+    rows = read_info(config.data.prepared_dir).splits["train"]["num_rows"]
+    first = global_order(rows, config.data.seed, np.arange(config.train.global_batch_size))
+    return set((first // config.cache.shard_sequences).tolist())
+
+
+def gated_fill(host, config, split, shard, teacher_fp):
+    """The shards of the student's first step at once; every other one only once the student's
+    first step is logged, 2 s apart: the student has to catch up with the teacher."""
+    if not (split == "train" and shard in _first_step_shards(config)):
+        metrics = Path(config.run_dir) / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while not (metrics.exists() and metrics.stat().st_size) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(2.0)
+    return fill_shard(host, config, split, shard, teacher_fp)
+
+
+@pytest.fixture(scope="module")
+def offline_two_hosts(tiny):
+    config = config_of(tiny, "offline-2", "cluster.student.hosts=2")
+    return config, quiet_run(config, fill=gated_fill)
+
+
+@pytest.fixture(scope="module")
+def offline_reused(tiny, offline_two_hosts):
+    config = config_of(tiny, "offline-1")
+    return config, quiet_run(config)
+
+
+def test_offline_student_waits_for_and_reads_only_committed_shards(offline_two_hosts):
+    config, outcome = offline_two_hosts
+    assert outcome.teacher_hosts == 1 and outcome.student_hosts == 2
+    assert outcome.result.step == STEPS
+    cache = Path(config.cache.path)
+    num_shards = {"train": 5, "eval": 2}  # 150 and 34 rows in shards of 32
+    assert sorted((s, n) for s, n, _ in outcome.shards_written) == sorted(
+        (s, n) for s in num_shards for n in range(num_shards[s]))
+    committed = {split: {int(p.stem.split("-")[1]): p.stat().st_mtime
+                         for p in (cache / split / "commits").iterdir()} for split in num_shards}
+    assert {s: len(c) for s, c in committed.items()} == num_shards
+    reads = [(split, shard, when) for report in outcome.students
+             for split, first in report.first_read.items() for shard, when in first.items()]
+    # every train shard; eval reads its first 2 batches of 4 rows only (shard 0)
+    assert {(s, n) for s, n, _ in reads} == {("train", n) for n in range(5)} | {("eval", 0)}
+    for split, shard, when in reads:
+        assert when >= committed[split][shard], (split, shard)
+    # the fill overlapped the training: shards were committed after the student's first read
+    first_read = min(when for _, _, when in reads)
+    assert max(max(c.values()) for c in committed.values()) > first_read
+    assert max(report.waited_s for report in outcome.students) > 0.5
+
+
+def test_complete_cache_is_reused_without_teachers_and_two_hosts_match_one(
+        offline_two_hosts, offline_reused):
+    two, _ = offline_two_hosts
+    one, outcome = offline_reused
+    assert outcome.teacher_hosts == 0 and outcome.shards_written == ()
+    assert outcome.students[0].waited_s == 0
+    assert_same_training(two.run_dir, one.run_dir, rel=1e-4)
+    assert (Path(two.run_dir) / "student" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("source", ["live", "remote", "hybrid"])
+def test_teacher_sources_give_the_same_training(tiny, offline_reused, source):
+    reference, _ = offline_reused
+    more = [f"cluster.teacher_source={source}"]
+    if source == "hybrid":
+        # a cache with train shards 1 and 3 and eval shard 1 missing: those batches come from
+        # the teacher hosts
+        partial = Path(tiny[0]) / "partial-cache"
+        shutil.copytree(reference.cache.path, partial)
+        for split, shard in (("train", 1), ("train", 3), ("eval", 1)):
+            (partial / split / "commits" / f"shard-{shard:08d}.json").unlink()
+        more.append(f"cache.path={partial}")
+    config = config_of(tiny, source, *more)
+    outcome = quiet_run(config)
+    assert outcome.source == source and outcome.result.step == STEPS
+    report = outcome.students[0]
+    if source == "live":
+        assert outcome.teacher_hosts == 0
+    if source == "remote":
+        assert report.remote_batches >= STEPS and report.cached_batches == 0
+    if source == "hybrid":
+        assert report.remote_batches > 0 and report.cached_batches > 0
+        assert outcome.shards_written == ()
+    assert_same_training(config.run_dir, reference.run_dir, rel=1e-4)
+
+
+# ---- pure parts of the driver ---------------------------------------------------------------
+
+def test_fill_order_follows_the_students_first_reads(tiny):
+    from pipeline.data import global_order
+
+    config = config_of(tiny, "order")
+    rows = {"train": 150, "eval": 34}
+    order = fill_order(config, rows, {"train": set(range(5)), "eval": {0, 1}})
+    assert sorted(order) == [("eval", 0), ("eval", 1)] + [("train", s) for s in range(5)]
+    first = global_order(150, config.data.seed, np.arange(4)) // SHARD_SEQUENCES
+    assert order[0] == ("train", int(first[0]))
+    train_due = [s for split, s in order if split == "train"]
+    reads = list(dict.fromkeys((global_order(150, config.data.seed, np.arange(150)) // 32).tolist()))
+    assert train_due == [s for s in reads if s in train_due]
+    # the eval shards come before the train shards first read at the eval step (10) or later
+    due_eval = order.index(("eval", 0))
+    offsets = np.arange(10 * 4, 150)
+    later = set((global_order(150, config.data.seed, offsets) // 32).tolist()) - set(
+        (global_order(150, config.data.seed, np.arange(10 * 4)) // 32).tolist())
+    assert all(order.index(("train", s)) > due_eval for s in later)
+    # resumed at step 12: order from the checkpoint's offset; committed shards are not queued
+    resumed = fill_order(config, rows, {"train": {0, 2}}, start=(12, 48))
+    assert sorted(resumed) == [("train", 0), ("train", 2)]
+
+
+def test_shard_queue_hands_the_next_shard_to_whichever_host_is_free():
+    queue = ShardQueue([("train", 3), ("train", 0), ("eval", 1)])
+    assert queue.take(0) == ("train", 3) and queue.take(1) == ("train", 0)
+    assert queue.finish(1) == ("train", 0) and queue.take(1) == ("eval", 1)
+    assert queue.running == {0: ("train", 3), 1: ("eval", 1)} and not queue.empty
+    queue.finish(0)
+    queue.finish(1)
+    assert queue.empty and queue.done == [("train", 0, 1), ("train", 3, 0), ("eval", 1, 1)]
+
+
+def test_schedules_match_what_train_and_evaluate_read(tiny):
+    from pipeline.data import HostBatches, TokenDataset
+
+    config = config_of(tiny, "schedule")
+    dataset = TokenDataset(config.data.prepared_dir, "train")
+    for host in range(2):
+        batches = HostBatches(dataset, seed=config.data.seed, global_batch=4, host_index=host,
+                              host_count=2, offset=8)
+        schedule = train_schedule(config, dataset.num_rows, 8, host, 2)
+        for _ in range(40):  # past the end of the first epoch
+            np.testing.assert_array_equal(next(schedule), next(batches)[0])
+    evals = eval_schedule(config, 34, 1, 2)
+    assert [next(evals).tolist() for _ in range(3)] == [[2, 3], [6, 7], [2, 3]]
+
+
+def test_relative_paths_become_absolute_urls_stay(tmp_path):
+    config = load_config(TINY, ["cache.path=gs://bucket/cache"])
+    fixed = absolute_paths(config, tmp_path)
+    assert fixed.run_dir == str(tmp_path / "runs" / "tiny-test")
+    assert fixed.data.prepared_dir == str(tmp_path / "runs" / "tiny-test" / "data")
+    assert fixed.cache.path == "gs://bucket/cache"
+    assert dataclasses.replace(fixed, run_dir=config.run_dir, data=config.data) == config
+
+
+def test_run_verb_refuses_a_teacher_without_weights(tmp_path, capsys):
+    """`kdpipe run` with a teacher given as an architecture only: exit 2, one line naming the
+    field, before any Ray or host starts."""
+    from actors.cli import main
+
+    code = main(["run", str(TINY), "--set", f"run_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "model.teacher.path" in err and "offline" in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
