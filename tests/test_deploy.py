@@ -100,19 +100,14 @@ def _wait_for_job_server(address, env, proc, temp_dir):
     raise RuntimeError(f"the local head's job server did not come up at {address}:\n{log}")
 
 
-# The job: installs the project through deploy/runtime_env.yaml, joins the cluster from inside
-# the job (RAY_ADDRESS set by Ray) and runs a two-host group. The lead switches this to
-# `kdpipe run configs/<x>.yaml` once the CLI exists.
-JOB_CODE = textwrap.dedent("""
-    import importlib.metadata, shutil
-    from actors.cluster import connect
-    from actors.groups import GroupSpec, HostGroup
-    joined = connect().address
-    with HostGroup.create(GroupSpec.local("job", 2), placement_timeout_s=60) as group:
-        ranks = group.run(lambda host: host.rank * 10)
-    print("KDPIPE_JOB", importlib.metadata.version("kdpipe"), shutil.which("kdpipe") is not None,
-          joined is not None, ranks)
-""")
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """`--set` overrides of configs/tiny-test.yaml for a tokenizer, data and teacher made here
+    (absolute paths: the job runs in its own copy of the working directory)."""
+    from test_driver import make_tiny_run
+
+    work = tmp_path_factory.mktemp("job")
+    return work, make_tiny_run(work) + [f"cache.path={work / 'cache'}", f"run_dir={work / 'run'}"]
 
 POLL_CODE = textwrap.dedent("""
     import json, sys, time
@@ -125,13 +120,18 @@ POLL_CODE = textwrap.dedent("""
 """)
 
 
-def test_job_submit_installs_the_project_and_succeeds(head):
+def test_job_submit_installs_the_project_and_runs_kdpipe_run(head, tiny_run):
+    """`ray job submit ... -- kdpipe run configs/tiny-test.yaml`: the job installs the project
+    through deploy/runtime_env.yaml, its driver joins the cluster (RAY_ADDRESS set by Ray), and
+    a teacher host fills the cache while a student host trains."""
     address, env = head
+    work, overrides = tiny_run
     job_id = f"kdpipe-test-{secrets.token_hex(4)}"
+    sets = [arg for override in overrides for arg in ("--set", override)]
     submit = subprocess.run(
         [str(VENV_BIN / "ray"), "job", "submit", "--address", address, "--submission-id", job_id,
          "--no-wait", "--working-dir", ".", "--runtime-env", "deploy/runtime_env.yaml",
-         "--", "python", "-c", JOB_CODE],
+         "--", "kdpipe", "run", "configs/tiny-test.yaml", *sets],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )
     assert submit.returncode == 0, submit.stdout + submit.stderr
@@ -142,7 +142,11 @@ def test_job_submit_installs_the_project_and_succeeds(head):
     assert poll.returncode == 0, poll.stderr
     outcome = json.loads(poll.stdout.strip().splitlines()[-1])
     assert outcome["status"] == "SUCCEEDED", outcome["logs"][-4000:]
-    assert "KDPIPE_JOB 0.1.0 True True [0, 10]" in outcome["logs"]
+    logs = outcome["logs"]
+    summary, _ = json.JSONDecoder().raw_decode(logs[logs.rindex("\n{") + 1:])  # `kdpipe run` prints it last
+    assert summary["step"] == 8 and summary["teacher_source"] == "offline"
+    assert summary["teacher_hosts"] == 1 and summary["shards_written"] > 0
+    assert (work / "run" / "student" / "model.safetensors").exists()
 
 
 def test_submit_script_targets_loopback_with_token_auth():
