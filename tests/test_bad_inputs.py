@@ -19,8 +19,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import pickle
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import TINY
+from conftest import ROOT, TINY
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -794,3 +797,21 @@ def test_bad_input_exits_2_naming_the_culprit(name, workspace, tmp_path, cli):
                                    if before.get(k) != after.get(k))
     if expect.then is not None:
         expect.then()
+
+
+def test_a_real_process_exits_2_without_traceback(workspace, tmp_path):
+    """The console entry point, in its own process: Orbax leaves failed reads behind as
+    coroutines that Python reports when it collects them; nothing of that may reach the user."""
+    root, pristine = workspace
+    ws = Workspace(root, tmp_path)
+    try:
+        expect = CASES["checkpoint/corrupt state"](ws)
+        proc = subprocess.run([sys.executable, "-m", "actors.cli", *map(str, expect.args)],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    finally:
+        ws.restore()
+    assert tree_digest(root) == pristine
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stderr.startswith("kdpipe export: error: ") and "corrupt checkpoint" in proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
