@@ -130,6 +130,19 @@ def _(ws):
                   ("loss.temprature: unknown key", "did you mean 'temperature'?"))
 
 
+@case("config/unknown section")
+def _(ws):
+    return Expect(["train", *ws.config("los.alpha=0.5")],
+                  ("los: unknown key; did you mean 'loss'?",))
+
+
+@case("config/empty file")
+def _(ws):
+    empty = ws.scratch / "run.yaml"
+    empty.write_text("# nothing yet\n")
+    return Expect(["train", empty], (f"{empty}: the config file is empty",))
+
+
 @case("config/wrong type")
 def _(ws):
     return Expect(["train", *ws.config("train.steps=many")],
@@ -354,6 +367,14 @@ def _(ws):
     return Expect(_prepare(ws, source, f"data.prepared_dir={ws.root / 'data'}"),
                   (f"data.prepared_dir: {ws.root / 'data'} already exists and is not empty",
                    "--overwrite"))
+
+
+@case("data/overwrite with a bad source keeps the old dataset")
+def _(ws):
+    source = ws.scratch / "empty.txt"
+    source.write_bytes(b"")
+    args = _prepare(ws, source, f"data.prepared_dir={ws.root / 'data'}")
+    return Expect([*args, "--overwrite"], (f"{source}: empty file (no documents)",))
 
 
 @case("data/not prepared yet")
@@ -710,6 +731,12 @@ def _(ws):
 def _(ws):
     return Expect(["eval", *ws.config(run_dir=_run(ws)), "--step", "3"],
                   ("no checkpoint of step 3 (have [4, 8])",))
+
+
+@case("checkpoint/eval before training")
+def _(ws):
+    return Expect(["eval", *ws.config()], (f"{ws.scratch / 'run' / 'checkpoints'}: no checkpoint "
+                                           f"to restore",), then=_absent(ws.scratch / "run"))
 
 
 @case("checkpoint/checkpoints is a file")
