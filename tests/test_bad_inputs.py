@@ -757,6 +757,26 @@ def _(ws):
 
 
 # --------------------------------------------------------------------------------------------
+# kdpipe run (each refused before Ray starts)
+# --------------------------------------------------------------------------------------------
+
+@case("run/teacher hosts without a teacher directory")
+def _(ws):
+    return Expect(["run", *ws.config("model.teacher={hidden_size: 32, intermediate_size: 64, "
+                                     "num_hidden_layers: 2, num_attention_heads: 2}")],
+                  ("model.teacher.path: teacher source 'offline' loads the teacher from a Hugging "
+                   "Face directory",))
+
+
+@case("run/cache written by another teacher")
+def _(ws):
+    other = ws.root / "run" / "student"
+    return Expect(["run", *ws.config(f"model.teacher={{path: {other}}}")],
+                  (f"cache.path: the train cache at {_train_cache(ws)} was written by another "
+                   f"teacher (sha256:",), then=_absent(ws.scratch / "run"))
+
+
+# --------------------------------------------------------------------------------------------
 # Inspect
 # --------------------------------------------------------------------------------------------
 
