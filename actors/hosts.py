@@ -77,9 +77,11 @@ class HostEnv:
         if self.cpu_devices is not None:
             flags.append(f"--xla_force_host_platform_device_count={self.cpu_devices}")
         if self.cores_per_host is not None:
+            # A "--" flag first: XLA reads an XLA_FLAGS value that does not start with "--" as
+            # the name of a flags file (and aborts when there is none).
+            single = "false" if self.cores_per_host == 1 else "true"
+            flags.append(f"--xla_cpu_multi_thread_eigen={single}")
             flags.append(f"intra_op_parallelism_threads={self.cores_per_host}")
-            if self.cores_per_host == 1:
-                flags.append("--xla_cpu_multi_thread_eigen=false")
             # Other native pools (BLAS, OpenMP) would otherwise size themselves to the machine.
             env["OMP_NUM_THREADS"] = str(self.cores_per_host)
         if flags:

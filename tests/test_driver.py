@@ -265,3 +265,28 @@ def test_run_verb_refuses_a_teacher_without_weights(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "model.teacher.path" in err and "offline" in err
     assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+def _report_then_wait(host):
+    host.report(step=3, waiting="train shards [1]")
+    while not host.stop_requested():
+        time.sleep(0.05)
+    return host.status()
+
+
+def test_one_core_host_starts_jax_and_answers_status_polls_while_busy(tiny):
+    """A host pinned to one core (the fill benchmark's teacher hosts) starts JAX; what its work
+    reports reaches the driver's poll while the work runs."""
+    from actors.groups import GroupSpec, HostGroup
+    from actors.hosts import HostEnv
+
+    with HostGroup.create(GroupSpec.local("pinned", 1, HostEnv(cores_per_host=1))) as group:
+        [info] = group.setup_jax(distributed=False)
+        assert info.platform == "cpu"
+        refs = group.submit(_report_then_wait)
+        deadline = time.monotonic() + 60
+        while group.poll_status() != {0: {"step": 3, "waiting": "train shards [1]"}}:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        group.request_stop()
+        assert group.gather(refs, timeout_s=60) == {0: {"step": 3, "waiting": "train shards [1]"}}
