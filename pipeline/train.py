@@ -383,6 +383,16 @@ def train(config: RunConfig, *, host: Host = Host(), teacher: Llama | None = Non
       Preempted: after SIGTERM (or ``stop``), once the checkpoint is saved.
       KdpipeError: bad config, data, cache or checkpoint.
     """
+    # From the start: a SIGTERM during the (slow) setup still ends in a saved checkpoint.
+    with _StopOnSigterm() as sigterm:
+        return _train(config, host=host, teacher=teacher, targets=targets, on_step=on_step,
+                      stops=(sigterm.requested,) if stop is None else (sigterm.requested, stop))
+
+
+def _train(config: RunConfig, *, host: Host, teacher: Llama | None,
+           targets: Mapping[str, TargetReader] | None,
+           on_step: Callable[[int, dict], None] | None,
+           stops: tuple[threading.Event, ...]) -> TrainResult:
     setup = prepare_run(config, host=host, teacher=teacher, targets=targets)
     info, train_data, eval_data, sharding = setup.info, setup.train_data, setup.eval_data, setup.sharding
     state, teacher_state = setup.state, setup.teacher_state
@@ -425,7 +435,7 @@ def train(config: RunConfig, *, host: Host = Host(), teacher: Llama | None = Non
         last_train: dict = {}
         last_eval: dict = {}
         tick, tick_step, tokens_per_s = time.perf_counter(), start, 0.0
-        with _StopOnSigterm() as sigterm, progress:
+        with progress:
             for step in range(start + 1, config.train.steps + 1):
                 rows, local = next(batches)
                 if train_reader is not None:
@@ -450,7 +460,7 @@ def train(config: RunConfig, *, host: Host = Host(), teacher: Llama | None = Non
                     last_eval = run_eval(step)
                 if step % config.checkpoint.every_steps == 0:
                     save(step)
-                if sigterm.requested.is_set() or (stop is not None and stop.is_set()):
+                if any(event.is_set() for event in stops):
                     save(step)
                     checkpoints.wait()
                     logger.close()

@@ -72,10 +72,15 @@ def test_train_survives_sigkill_and_sigterm_with_the_same_result(demo_dir, tmp_p
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
+    # The killed run may have logged past step 4; wait for the resumed run's own records (it
+    # first drops those after its checkpoint) reaching step 5.
+    killed_log = (run_dir / "metrics.jsonl").read_text()
     proc = popen()
     deadline = time.monotonic() + 300
-    while proc.poll() is None and time.monotonic() < deadline and not any(
-            json.loads(line)["step"] >= 5 for line in (run_dir / "metrics.jsonl").read_text().splitlines()):
+    while proc.poll() is None and time.monotonic() < deadline:
+        log = (run_dir / "metrics.jsonl").read_text()
+        if log != killed_log and any(json.loads(line)["step"] >= 5 for line in log.splitlines()):
+            break
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=120)[0].decode()
