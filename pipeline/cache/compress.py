@@ -31,6 +31,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pipeline.cache.format import PADDED_LOGIT, TargetSpec, id_bits, mantissa_bytes
 
@@ -217,10 +218,11 @@ def _encode_sequence(logits: jax.Array, sequence_index: jax.Array,
 
 
 @functools.partial(jax.jit, static_argnames="spec")
-def _encode_row(logits: jax.Array, row: jax.Array, sequence_index: jax.Array,
+def _encode_row(logits: jax.Array, sequence_indices: jax.Array, row: jax.Array,
                 spec: TargetSpec) -> dict[str, jax.Array]:
     return _encode_sequence(jax.lax.dynamic_index_in_dim(logits, row, keepdims=False),
-                            sequence_index, spec)
+                            jax.lax.dynamic_index_in_dim(sequence_indices, row, keepdims=False),
+                            spec)
 
 
 def encode(logits: jax.Array, sequence_indices, spec: TargetSpec) -> dict[str, jax.Array]:
@@ -234,7 +236,8 @@ def encode(logits: jax.Array, sequence_indices, spec: TargetSpec) -> dict[str, j
     """
     logits = jnp.asarray(logits)
     sequence_indices = jnp.asarray(sequence_indices, jnp.int32)
-    per_sequence = [_encode_row(logits, jnp.int32(b), sequence_indices[b], spec)
+    # Both rows are sliced inside the call: an eager slice here costs a dispatch of its own.
+    per_sequence = [_encode_row(logits, sequence_indices, np.int32(b), spec)
                     for b in range(logits.shape[0])]
     return {name: jnp.stack([p[name] for p in per_sequence]) for name in per_sequence[0]}
 
