@@ -47,8 +47,8 @@ def parse_args(argv=None):
                    help="teacher hidden,intermediate,layers,heads (about 4x the student)")
     p.add_argument("--k", type=int, default=32, help="top-k of the cache")
     p.add_argument("--shard-sequences", type=int, default=64, help="sequences per cache shard")
-    p.add_argument("--fill-shards", type=int, default=16,
-                   help="train shards written in the fill benchmark (2)")
+    p.add_argument("--fill-shards", type=int, default=32,
+                   help="train shards written in the fill benchmark (2), at most all of them")
     p.add_argument("--e2e-steps", type=int, default=60, help="student steps of the end-to-end run (3)")
     p.add_argument("--json", help="also write the figures to this JSON file")
     return p.parse_args(argv)
