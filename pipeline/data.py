@@ -663,9 +663,15 @@ class HostBatches:
     def __iter__(self) -> HostBatches:
         return self
 
+    def rows_at(self, offset: int) -> np.ndarray:
+        """The row ids ``[G/H]`` this host reads for the step that starts at global sample
+        ``offset`` (what ``next()`` returns when ``self.offset == offset``), e.g. to fetch a
+        batch's teacher targets ahead of time."""
+        offsets = host_offsets(offset, self.global_batch, self.host_index, self.host_count)
+        return global_order(self.dataset.num_rows, self.seed, offsets)
+
     def __next__(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        offsets = host_offsets(self.offset, self.global_batch, self.host_index, self.host_count)
-        rows = global_order(self.dataset.num_rows, self.seed, offsets)
+        rows = self.rows_at(self.offset)
         batch = self.dataset.read_rows(rows)
         self.offset += self.global_batch
         return rows, batch

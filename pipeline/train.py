@@ -22,6 +22,7 @@ teacher's held-out targets when a cache or a live teacher is there.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import signal
 import threading
@@ -37,6 +38,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from pipeline.cache import CacheReader, RunDeclaration
+from pipeline.cache.reader import prefetch
 from pipeline.checkpoint import Checkpoints, RunIdentity, TrainPosition
 from pipeline.config import (CacheConfig, ModelSpec, RunConfig, build_optimizer, build_schedule,
                              config_hash, config_to_dict, stable_hash)
@@ -435,11 +437,18 @@ def _train(config: RunConfig, *, host: Host, teacher: Llama | None,
         last_train: dict = {}
         last_eval: dict = {}
         tick, tick_step, tokens_per_s = time.perf_counter(), start, 0.0
-        with progress:
+        # The teacher targets of the next batches are read (and decoded) on a background
+        # thread while the current step runs.
+        upcoming = (batches.rows_at(offset + i * config.train.global_batch_size)
+                    for i in range(config.train.steps - start))
+        targets_ahead = (None if train_reader is None else
+                         prefetch(lambda rows: jax.device_get(train_reader.read(rows)), upcoming))
+        with progress, (contextlib.nullcontext() if targets_ahead is None
+                        else contextlib.closing(targets_ahead)):
             for step in range(start + 1, config.train.steps + 1):
                 rows, local = next(batches)
-                if train_reader is not None:
-                    local = {**local, **jax.device_get(train_reader.read(rows))}
+                if targets_ahead is not None:
+                    local = {**local, **next(targets_ahead)}
                 state, metrics = jit_distillation_step(state, global_batch(local, sharding),
                                                        train_teacher, **options)
                 logged = {}

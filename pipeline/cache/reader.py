@@ -20,7 +20,7 @@ import queue
 import threading
 import time
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -110,45 +110,7 @@ class CacheReader:
     def prefetch(self, index_batches: Iterable[Sequence[int]], *, depth: int = 2) -> Iterator[dict]:
         """Yield ``read(b)`` for each batch b, reading up to ``depth`` batches ahead on a
         background thread. Errors surface at the batch that caused them."""
-        out: queue.Queue = queue.Queue(depth)
-        stop = threading.Event()
-        done = object()
-
-        def produce():
-            try:
-                for batch in index_batches:
-                    item = self.read(batch)
-                    while not stop.is_set():
-                        try:
-                            out.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
-                        return
-                item = done
-            except BaseException as e:  # re-raised in the consumer
-                item = e
-            while not stop.is_set():
-                try:
-                    out.put(item, timeout=0.1)
-                    return
-                except queue.Full:
-                    continue
-
-        thread = threading.Thread(target=produce, name="kdpipe-cache-prefetch", daemon=True)
-        thread.start()
-        try:
-            while True:
-                item = out.get()
-                if item is done:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            thread.join()
+        return prefetch(self.read, index_batches, depth=depth)
 
     def _verify(self, shard: int) -> None:
         commit = self._commits[shard]
@@ -163,3 +125,50 @@ class CacheReader:
                     f"cache {self.location}: shard {shard} is corrupt: file {key} is {seen}, "
                     f"its commit record says {size} bytes, crc32 {crc}")
         self._verified.add(shard)
+
+
+def prefetch(read: Callable[[Sequence[int]], dict], index_batches: Iterable[Sequence[int]], *,
+             depth: int = 2) -> Iterator[dict]:
+    """Yield ``read(b)`` for each batch b of ``index_batches``, calling ``read`` up to
+    ``depth`` batches ahead on a background thread (any reader: a ``CacheReader``'s, or one
+    that waits for shards or asks a remote teacher). Errors surface at the batch that caused
+    them; closing the generator stops the thread."""
+    out: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce():
+        try:
+            for batch in index_batches:
+                item = read(batch)
+                while not stop.is_set():
+                    try:
+                        out.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            item = done
+        except BaseException as e:  # re-raised in the consumer
+            item = e
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    thread = threading.Thread(target=produce, name="kdpipe-cache-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = out.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
