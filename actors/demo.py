@@ -5,11 +5,12 @@ interpreter's ``Lib/*.py``); the data split holds some modules out for evaluatio
 
 1. trains a small byte-level BPE tokenizer on the selection and packs the token data;
 2. pretrains a small teacher on it (hard labels);
-3. fills a teacher-output cache (the config's mode, top-k by default) for both splits;
-4. distils a smaller student from the cache;
-5. trains the same student, from the same initialisation, on hard labels only for the same
-   number of steps;
-6. prints and saves (``<run_dir>/report.md``, ``comparison.json``) held-out CE, KL to the
+3. runs the distillation as ``kdpipe run`` does (``actors.driver.run``, an embedded Ray): a
+   teacher host fills the teacher-output cache (the config's mode, top-k by default) for both
+   splits while a student host distils a smaller student from the committed shards;
+4. trains the same student, from the same initialisation, on hard labels only for the same
+   number of steps (the same driver; it finds the cache complete and starts no teacher);
+5. prints and saves (``<run_dir>/report.md``, ``comparison.json``) held-out CE, KL to the
    teacher, top-1 agreement, tokens/s, the cache's bytes/token and each phase's wall time.
 
 Every phase is resumable: rerunning the demo after an interruption skips what is done and
@@ -27,7 +28,7 @@ from pathlib import Path
 from pipeline.config import (DemoConfig, ModelConfig, ModelSpec, RunConfig, load_config)
 from pipeline.errors import ConfigError
 
-PHASES = ("tokenizer+data", "teacher", "cache", "distilled student", "hard-label student")
+PHASES = ("tokenizer+data", "teacher", "distilled student (+ cache fill)", "hard-label student")
 
 
 def stdlib_sources(max_files: int) -> list[str]:
@@ -67,11 +68,10 @@ def run_demo(config_path: str, overrides: list[str]) -> dict:
     from rich.console import Console
     from rich.table import Table
 
+    from actors.driver import run
     from pipeline.cache import read_manifest
     from pipeline.data import prepare_dataset, train_bpe_tokenizer
     from pipeline.metrics import write_report
-    from pipeline.models.hf_io import load_pretrained, teacher_fingerprint
-    from pipeline.teacher import fill_cache
     from pipeline.train import cache_location, train
 
     console = Console()
@@ -101,24 +101,20 @@ def run_demo(config_path: str, overrides: list[str]) -> dict:
     teacher_result = train(runs["teacher"])
     seconds[PHASES[1]] = time.perf_counter() - start
 
-    start = phase(PHASES[2])
-    distilled = runs["distilled"]
-    teacher_dir = distilled.model.teacher.path
-    teacher = load_pretrained(teacher_dir, dtype=distilled.model.teacher.dtype)
-    fingerprint = teacher_fingerprint(teacher_dir)
-    for split in ("train", "eval"):
-        fill_cache(distilled, teacher, split, teacher_fp=fingerprint,
-                   progress=config.logging.progress)
-    manifest = read_manifest(cache_location(distilled.cache, "train"))
+    # Both students go through `kdpipe run`'s driver: for the distilled one a teacher host
+    # fills the cache (train and eval splits) while the student trains on committed shards;
+    # the hard-label one then finds the cache complete and starts no teacher (its eval reads
+    # the teacher's held-out targets from it).
+    results, outcomes = {}, {}
+    for name, phase_name in (("distilled", PHASES[2]), ("hard-labels", PHASES[3])):
+        start = phase(phase_name)
+        outcomes[name] = run(runs[name], console=console)
+        results[name] = outcomes[name].result
+        seconds[phase_name] = time.perf_counter() - start
+    fill_seconds = outcomes["distilled"].seconds.get("cache fill", 0.0)
+    manifest = read_manifest(cache_location(runs["distilled"].cache, "train"))
     cache_bytes = sum(size for commit in manifest.commits for _, size, _ in commit.files)
     bytes_per_token = cache_bytes / (manifest.num_sequences * manifest.seq_len)
-    seconds[PHASES[2]] = time.perf_counter() - start
-
-    results = {}
-    for name, phase_name in (("distilled", PHASES[3]), ("hard-labels", PHASES[4])):
-        start = phase(phase_name)
-        results[name] = train(runs[name])
-        seconds[phase_name] = time.perf_counter() - start
 
     rows = [{"model": "teacher", "held-out CE": teacher_result.final_eval.get("ce_loss"),
              "KL to teacher": 0.0, "top-1 agreement": 1.0,
@@ -143,7 +139,8 @@ def run_demo(config_path: str, overrides: list[str]) -> dict:
              + f", {bytes_per_token:.1f} bytes/token on disk",
              f"held-out CE of the distilled student is {abs(gain):.4f} nats "
              f"{'below' if gain > 0 else 'ABOVE'} the hard-label student's",
-             "wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()),
+             "wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
+             + f" (of which the teacher host filled the cache for {fill_seconds:.0f} s)",
              f"corpus: {len(sources)} Python stdlib files; KL and top-1 agreement are measured "
              f"against the teacher's cached held-out targets"]
     write_report(run_dir, "kdpipe demo: distilled vs hard-label student", rows, notes=notes,
