@@ -42,8 +42,12 @@ def _cache_split(location: Path) -> list[str]:
 
 
 def _checkpoints(directory: Path) -> list[str]:
+    import logging
+
     from pipeline.checkpoint import read_checkpoint_metas
 
+    # Orbax warns through absl that a read-only manager saves nothing: true, and not news here.
+    logging.getLogger("absl").setLevel(logging.ERROR)
     metas = read_checkpoint_metas(directory)
     if not metas:
         return [f"checkpoints {directory}: none"]

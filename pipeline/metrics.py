@@ -131,11 +131,13 @@ def _plot(runs: Mapping[str, Sequence[dict]], split: str, keys: Sequence[str], p
             panels[key] = lines
     if not panels:
         return False
+    colors = {name: f"C{i}" for i, name in enumerate(runs)}  # one color per run in every panel
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.2), squeeze=False)
     for ax, (key, lines) in zip(axes[0], panels.items()):
         for name, points in lines.items():
             steps, values = zip(*points)
-            ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=name)
+            ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=name,
+                    color=colors[name])
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
