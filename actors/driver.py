@@ -21,7 +21,10 @@ calling ``pipeline.train.train`` with its ``Host``) and, as the config's
 
 Work functions (``fn(host, ...)``, run by ``actors.hosts.HostActor``) keep per-host objects in
 ``host.state``: the teacher is loaded once per host. Host failures surface here as
-``HostGroupError`` (ranks grouped); retrying and re-forming groups is issue 7's driver loop.
+``HostGroupError`` (ranks grouped). An offline teacher host that dies (its process or node
+lost) is survived: its unfinished shard goes back on the queue and a new host takes its place
+(``HostGroup.replace_host``), within the config's ``max_failures``/``max_preemptions``. A
+student host's death still ends the run (re-forming the student group is not done yet).
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ import numpy as np
 import ray
 
 from actors.cluster import connect
-from actors.groups import LOCAL_HOST_CPU, GroupSpec, HostGroup
+from actors.groups import (LOCAL_HOST_CPU, GroupSpec, HostGroup, HostGroupError,
+                           HostTimeoutError, InsufficientResourcesError)
 from actors.hosts import HostEnv
 from pipeline.config import GroupConfig, RunConfig
 from pipeline.errors import ConfigError
@@ -95,6 +99,37 @@ def group_spec(name: str, group: GroupConfig, *, one_machine: bool) -> GroupSpec
                      strategy="PACK" if one_machine else "STRICT_SPREAD", env=HostEnv(platform))
 
 
+def check_embedded_fit(specs: list[GroupSpec]) -> None:
+    """Refuse groups that an embedded local Ray can never hold, before reserving anything.
+
+    The embedded Ray (started by this driver) never grows, so a placement it cannot hold
+    would only wait out PLACEMENT_TIMEOUT_S. The groups run at the same time: each is checked
+    on top of the ones before it. Hosts that reserve nothing count with their sliver of a CPU
+    (LOCAL_HOST_CPU).
+
+    Raises:
+      InsufficientResourcesError: naming the group, its hosts x resources and what Ray has.
+    """
+    have = ray.cluster_resources()
+    held: collections.Counter = collections.Counter()
+    for spec in specs:
+        ask: collections.Counter = collections.Counter()
+        for bundle in spec.bundles():
+            ask.update(bundle)
+        short = sorted(k for k, v in ask.items() if held[k] + v > have.get(k, 0) + 1e-9)
+        if short:
+            before = {k: held[k] for k in ask if held[k]}
+            raise InsufficientResourcesError(
+                f"cluster.{spec.name}: {spec.num_hosts} host(s) x "
+                f"{dict(spec.resources_per_host)} ask for {dict(ask)}"
+                + (f" on top of {before} held by the groups started before it" if before else "")
+                + f", but the embedded local Ray has {{{', '.join(f'{k!r}: {have.get(k, 0):g}' for k in ask)}}} "
+                f"in all (short of {', '.join(short)}) and never grows; lower "
+                f"cluster.{spec.name}.hosts or cluster.{spec.name}.resources, or join a cluster "
+                f"with --address or RAY_ADDRESS")
+        held.update(ask)
+
+
 # --------------------------------------------------------------------------------------------
 # The shard work queue
 # --------------------------------------------------------------------------------------------
@@ -142,6 +177,10 @@ def fill_order(config: RunConfig, num_rows: Mapping[str, int], pending: Mapping[
     return sorted(jobs, key=lambda job: due.get(job, float("inf")))
 
 
+class HostLossesError(RuntimeError):
+    """More hosts were lost than ``cluster.max_failures`` / ``max_preemptions`` allow."""
+
+
 class ShardQueue:
     """The driver's queue of cache shards: each teacher host holds one shard at a time and takes
     the next when it finishes (dynamic assignment: a faster host writes more shards)."""
@@ -161,6 +200,13 @@ class ShardQueue:
         split, shard = self.running.pop(rank)
         self.done.append((split, shard, rank))
         return split, shard
+
+    def requeue(self, rank: int) -> tuple[str, int] | None:
+        """Put the shard ``rank`` held (its host died) first in line: it was the most due."""
+        job = self.running.pop(rank, None)
+        if job is not None:
+            self._todo.appendleft(job)
+        return job
 
     @property
     def empty(self) -> bool:
@@ -218,13 +264,16 @@ class TeacherWork:
     """
 
     def __init__(self, teachers: HostGroup, config: RunConfig, queue: ShardQueue,
-                 teacher_fp: str, fill: Callable[..., Any] = fill_shard):
+                 teacher_fp: str, fill: Callable[..., Any] = fill_shard, *, recover: bool = True):
         self.teachers, self.config, self.queue = teachers, config, queue
-        self.teacher_fp, self.fill = teacher_fp, fill
+        self.teacher_fp, self.fill, self.recover = teacher_fp, fill, recover
         self.load_seconds: list[float] = []
         self.results: list = []  # pipeline.teacher.FillResult, in commit order
         self.fill_started: float | None = None  # time.monotonic() of the first shard handed out
         self.fill_ended: float | None = None
+        # hosts lost so far, against cluster.max_failures / cluster.max_preemptions
+        self.losses = {"failures": 0, "preemptions": 0}
+        self.retired: set[int] = set()  # ranks lost and not replaced
         self._jobs = {ref: (rank, "load") for rank, ref in teachers.submit(load_teacher, config).items()}
 
     @property
@@ -243,23 +292,65 @@ class TeacherWork:
         return self.fill_ended - self.fill_started
 
     def handle(self, ref) -> tuple[str, Any]:
-        """Collect a finished job (``HostGroupError`` if it failed), give its host the next
-        shard; returns ``("load", seconds)`` or ``("fill", FillResult)``."""
+        """Collect a finished job, give its host the next shard; returns ``("load", seconds)``,
+        ``("fill", FillResult)`` or ``("lost", rank)`` (see ``_lost``).
+
+        Raises:
+          HostGroupError: the work raised on a live host (retrying would fail the same way),
+            or a host died in a run that does not recover (``recover`` False).
+          HostLossesError: more hosts lost than the config's budget allows.
+        """
         rank, kind = self._jobs.pop(ref)
-        result = self.teachers.gather({rank: ref}, call=kind)[rank]
+        try:
+            result = self.teachers.gather({rank: ref}, call=kind)[rank]
+        except HostGroupError as err:
+            if not self.recover or rank not in err.lost_ranks:
+                raise
+            self._lost(rank, err)
+            return "lost", rank
         if kind == "load":
             self.load_seconds.append(result)
         else:
             self.queue.finish(rank)
             self.results.append(result)
             self.fill_ended = time.monotonic()
+        self._feed(rank)
+        return kind, result
+
+    def _feed(self, rank: int) -> None:
         job = self.queue.take(rank)
         if job is not None:
             if self.fill_started is None:
                 self.fill_started = time.monotonic()
             ref = self.teachers.submit(self.fill, self.config, *job, self.teacher_fp, ranks=[rank])[rank]
             self._jobs[ref] = (rank, "fill")
-        return kind, result
+
+    def _lost(self, rank: int, err: HostGroupError) -> None:
+        """Host ``rank`` died: its unfinished shard goes back to the front of the queue (the
+        cache writer rewrites an uncommitted shard from scratch), the loss is counted, and a
+        new host takes the rank's bundle, or the surviving hosts carry on without it."""
+        preempted = getattr(err.failures[rank], "preempted", False)
+        budget = "preemptions" if preempted else "failures"
+        self.losses[budget] += 1
+        limit = getattr(self.config.cluster, f"max_{budget}")
+        if self.losses[budget] > limit:
+            raise HostLossesError(
+                f"teacher group: {self.losses[budget]} host(s) lost to {budget}, more than "
+                f"cluster.max_{budget}={limit} allows; the last loss:\n{err}") from err
+        self.queue.requeue(rank)
+        try:
+            self.teachers.replace_host(rank)
+        except (HostGroupError, HostTimeoutError):
+            self.retired.add(rank)
+        else:
+            ref = self.teachers.submit(load_teacher, self.config, ranks=[rank])[rank]
+            self._jobs[ref] = (rank, "load")
+        busy = {r for r, _ in self._jobs.values()}
+        for idle in sorted(set(range(self.teachers.num_hosts)) - busy - self.retired):
+            self._feed(idle)  # a survivor that found the queue empty takes the shard back
+        if not self._jobs and not self.queue.empty:
+            raise HostLossesError(f"teacher group: all {self.teachers.num_hosts} host(s) lost and "
+                                  f"none could be started again; the last loss:\n{err}") from err
 
 
 # --------------------------------------------------------------------------------------------
@@ -634,6 +725,8 @@ class RunOutcome:
       teacher_hosts: teacher hosts started (0: live, or a complete cache reused).
       shards_written: ``(split, shard, teacher rank)`` in commit order.
       students: each student host's report, by rank.
+      teacher_hosts_lost: teacher hosts that died during the fill (each replaced, or the
+        others carried on without it).
       seconds: wall times: ``startup`` (Ray, groups, JAX), ``teacher load`` (slowest host),
         ``cache fill`` (first shard submitted to last committed), ``student`` (slowest host's
         train call, waits included), ``student waiting`` (longest wait for shards), ``total``.
@@ -646,6 +739,7 @@ class RunOutcome:
     shards_written: tuple[tuple[str, int, int], ...]
     students: tuple[StudentReport, ...]
     seconds: dict[str, float]
+    teacher_hosts_lost: int = 0
 
 
 def _pending_shards(config: RunConfig, num_rows: Mapping[str, int], teacher_fp: str) -> dict[str, set[int]]:
@@ -687,7 +781,12 @@ def run(config: RunConfig, *, address: str | None = None, console=None,
 
     Raises:
       ConfigError: the config cannot run this way (e.g. no teacher path for teacher hosts).
+      InsufficientResourcesError: an embedded Ray cannot hold the groups (at once), or a
+        cluster could not place them within actors.groups.PLACEMENT_TIMEOUT_S.
       HostGroupError: hosts failed (grouped by rank and error).
+      HostLossesError: more teacher hosts died than cluster.max_failures (max_preemptions)
+        allow; a lost teacher host's shard is written again, by a new host in its place when
+        one starts, else by the others.
     """
     from rich.console import Console
 
@@ -714,19 +813,20 @@ def run(config: RunConfig, *, address: str | None = None, console=None,
     start_teachers = source in ("remote", "hybrid") or (source == "offline" and not queue.empty)
 
     own_ray = not ray.is_initialized()
-    if own_ray:
-        connect(address)
-    # one node (an embedded Ray, a laptop's `ray start`): the hosts of a group side by side
-    one_machine = sum(1 for node in ray.nodes() if node.get("Alive")) == 1
+    embedded = own_ray and connect(address).address is None
     teachers = students = None
     seconds: dict[str, float] = {}
     try:
+        # one node (an embedded Ray, a laptop's `ray start`): the hosts of a group side by side
+        one_machine = sum(1 for node in ray.nodes() if node.get("Alive")) == 1
+        specs = {name: group_spec(name, getattr(config.cluster, name), one_machine=one_machine)
+                 for name in (("teacher",) if start_teachers else ()) + ("student",)}
+        if embedded:
+            check_embedded_fit(list(specs.values()))
         if start_teachers:
-            teachers = HostGroup.create(group_spec("teacher", config.cluster.teacher,
-                                                   one_machine=one_machine))
+            teachers = HostGroup.create(specs["teacher"])
             teachers.setup_jax(distributed=False)
-        students = HostGroup.create(group_spec("student", config.cluster.student,
-                                               one_machine=one_machine))
+        students = HostGroup.create(specs["student"])
         students.setup_jax(distributed=True)
         seconds["startup"] = time.monotonic() - started
         plan = StudentPlan(source, teacher_fp,
@@ -738,7 +838,9 @@ def run(config: RunConfig, *, address: str | None = None, console=None,
             shards_total=cache_total,
             shards_done={s: n - len(pending.get(s, ())) for s, n in cache_total.items()},
             teacher_hosts=teachers.num_hosts if teachers else 0, student_hosts=students.num_hosts)
-        work = TeacherWork(teachers, config, queue, teacher_fp, fill) if teachers else None
+        # remote and hybrid students hold the teacher actors' handles: a lost one ends the run
+        work = (TeacherWork(teachers, config, queue, teacher_fp, fill, recover=source == "offline")
+                if teachers else None)
         with view:
             reports = _supervise(config, students, work, plan, view)
         if work is not None and work.load_seconds:
@@ -757,7 +859,8 @@ def run(config: RunConfig, *, address: str | None = None, console=None,
     return RunOutcome(source=source, result=reports[0].result,
                       teacher_hosts=teachers.num_hosts if teachers else 0,
                       student_hosts=students.num_hosts, shards_written=tuple(queue.done),
-                      students=tuple(reports), seconds=seconds)
+                      students=tuple(reports), seconds=seconds,
+                      teacher_hosts_lost=sum(work.losses.values()) if work is not None else 0)
 
 
 def _supervise(config: RunConfig, students: HostGroup, work: TeacherWork | None,
@@ -780,6 +883,8 @@ def _supervise(config: RunConfig, students: HostGroup, work: TeacherWork | None,
             kind, result = work.handle(ref)
             if kind == "fill":
                 view.shard_written(result.split, result.tokens)
+            elif kind == "lost":
+                view.teacher_state = f"host {result} lost, its shard queued again"
             elif plan.source != "offline":
                 view.teacher_state = "serving targets"
         if work is not None and plan.source == "offline":

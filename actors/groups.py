@@ -6,7 +6,7 @@ on TPU pods), starts one actor in each bundle (bundle i = rank i; rank 0 is the 
 coordinator) and waits until every actor answers. Calls fan out to all ranks and are collected
 with ``ray.wait``; failures come back grouped: ranks that failed the same way are reported
 once, with their ranks, in one ``HostGroupError``. The driver decides what to do with it (retry,
-re-form the group): this module never retries.
+re-form the group, ``replace_host`` in a group of independent hosts): this module never retries.
 
 Keeping teacher and student groups apart is a matter of resources: give the teacher hosts a
 custom resource (``ray start --resources '{"teacher": 1}'``) or a node label and ask for it in
@@ -245,6 +245,21 @@ def _remote_host_class():
     return ray.remote(concurrency_groups={CONTROL_GROUP: 1})(HostActor)
 
 
+def _start_host(spec: GroupSpec, pg, rank: int, local_index: int):
+    """The actor of host ``rank``, in bundle ``rank`` of ``pg`` (holding the whole bundle)."""
+    bundle = pg.bundle_specs[rank]
+    return _remote_host_class().options(
+        num_cpus=bundle.get("CPU", 0),
+        num_gpus=bundle.get("GPU", 0),
+        resources={k: v for k, v in bundle.items() if k not in ("CPU", "GPU")},
+        scheduling_strategy=PlacementGroupSchedulingStrategy(
+            placement_group=pg, placement_group_bundle_index=rank),
+        # a host Ray restarted by itself would silently miss the JAX program; the driver
+        # replaces hosts or re-forms the group
+        max_restarts=0,
+    ).remote(spec.name, rank, spec.num_hosts, spec.env, local_index)
+
+
 class HostGroup:
     """One actor per host of a placement group; see the module docstring.
 
@@ -252,10 +267,12 @@ class HostGroup:
     ``shutdown`` (or ``with HostGroup.create(spec) as group:``).
     """
 
-    def __init__(self, spec: GroupSpec, pg, actors: list, tpu_handle=None):
+    def __init__(self, spec: GroupSpec, pg, actors: list, tpu_handle=None,
+                 local_index: list[int] | None = None):
         self.spec = spec
         self._pg = pg
         self._actors = actors
+        self._local_index = local_index or [0] * len(actors)
         self._tpu_handle = tpu_handle
         self._closed = False
 
@@ -281,7 +298,10 @@ class HostGroup:
                 f"{dict(spec.resources_per_host)} each"
                 + (f" (+{dict(spec.head_resources)} on host 0)" if spec.head_resources else "")
                 + (f" on nodes labelled {dict(spec.label_selector)}" if spec.label_selector else "")
-                + f" with strategy {spec.strategy} within {placement_timeout_s:g} s;\n{census}"
+                + f" with strategy {spec.strategy} within {placement_timeout_s:g} s"
+                + (" (actors.groups.PLACEMENT_TIMEOUT_S: the time an autoscaler gets to add nodes)"
+                   if placement_timeout_s == PLACEMENT_TIMEOUT_S else "")
+                + f";\n{census}"
             )
         if tpu_handle is not None:
             tpu_handle.release_head_pgs()
@@ -293,19 +313,8 @@ class HostGroup:
             local_index.append(seen_on_node[node_of_bundle[rank]])
             seen_on_node[node_of_bundle[rank]] += 1
 
-        remote_host = _remote_host_class()
-        actors = []
-        for rank, bundle in enumerate(pg.bundle_specs):
-            extra = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
-            actors.append(remote_host.options(
-                num_cpus=bundle.get("CPU", 0),
-                num_gpus=bundle.get("GPU", 0),
-                resources=extra,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=pg, placement_group_bundle_index=rank),
-                max_restarts=0,  # a replaced host would silently miss the JAX program; the driver re-forms the group
-            ).remote(spec.name, rank, spec.num_hosts, spec.env, local_index[rank]))
-        group = cls(spec, pg, actors, tpu_handle)
+        actors = [_start_host(spec, pg, rank, local_index[rank]) for rank in range(spec.num_hosts)]
+        group = cls(spec, pg, actors, tpu_handle, local_index)
         try:
             group.gather({r: a.healthy.remote() for r, a in enumerate(actors)},
                          timeout_s=start_timeout_s, call="start")
@@ -313,6 +322,24 @@ class HostGroup:
             group.shutdown()
             raise
         return group
+
+    def replace_host(self, rank: int, *, timeout_s: float = START_TIMEOUT_S) -> JaxInfo:
+        """Start a new actor for ``rank`` in the rank's bundle (the reservation outlives the
+        dead actor; Ray moves a bundle whose node is gone when another node can hold it) and
+        start its JAX alone.
+
+        Only for groups of independent hosts (``setup_jax(distributed=False)``): a JAX program
+        cannot take in a new process; a student group is re-formed whole instead.
+
+        Raises:
+          HostGroupError: the new host failed to start.
+          HostTimeoutError: it did not start within ``timeout_s`` (no room for its bundle).
+        """
+        ray.kill(self._actors[rank], no_restart=True)  # dead already, or hung
+        self._actors[rank] = _start_host(self.spec, self._pg, rank, self._local_index[rank])
+        self.gather({rank: self._actors[rank].healthy.remote()}, timeout_s=timeout_s, call="start")
+        return self.gather({rank: self._actors[rank].setup.remote(None)}, timeout_s=timeout_s,
+                           call="setup")[rank]
 
     @staticmethod
     def _reserve(spec: GroupSpec, timeout_s: float):

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -32,6 +33,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import ROOT, TINY
+
+
+# A log record of Ray itself ("2026-01-01 09:00:00,123\tINFO worker.py:2029 -- ...").
+RAY_LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+[A-Z]+ \S+\.py:\d+ -- ")
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -757,7 +762,7 @@ def _(ws):
 
 
 # --------------------------------------------------------------------------------------------
-# kdpipe run (each refused before Ray starts)
+# kdpipe run (each refused before any host starts)
 # --------------------------------------------------------------------------------------------
 
 @case("run/teacher hosts without a teacher directory")
@@ -774,6 +779,18 @@ def _(ws):
     return Expect(["run", *ws.config(f"model.teacher={{path: {other}}}")],
                   (f"cache.path: the train cache at {_train_cache(ws)} was written by another "
                    f"teacher (sha256:",), then=_absent(ws.scratch / "run"))
+
+
+@case("run/more hosts than the embedded Ray has")
+def _(ws):
+    # refused once the embedded Ray is up, before any placement group (no 600 s wait); the
+    # cache is complete, so only the student group asks
+    return Expect(["run", *ws.config("cluster.student.hosts=4",
+                                     "cluster.student.resources={CPU: 4096}")],
+                  ("cluster.student: 4 host(s) x {'CPU': 4096.0} ask for {'CPU': 16384.0}",
+                   "but the embedded local Ray has {'CPU':", "short of CPU) and never grows",
+                   "lower cluster.student.hosts or cluster.student.resources"),
+                  then=_absent(ws.scratch / "run"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -834,7 +851,9 @@ def test_bad_input_exits_2_naming_the_culprit(name, workspace, tmp_path, cli):
     verb = expect.args[0]
     assert code == 2, f"exit code {code}\n{out}\n{err}"
     assert "Traceback" not in err
-    message = err.strip()
+    # `kdpipe run` cases refused once the embedded Ray is up follow Ray's own startup records
+    message = "\n".join(line for line in err.strip().splitlines()
+                        if not RAY_LOG_RECORD.match(line)).strip()
     assert message.startswith(f"kdpipe {verb}: error: ") and message.count("error:") == 1, message
     assert "\n\n" not in message and len(message) < 2000, message
     flat = " ".join(message.split())

@@ -1,13 +1,17 @@
 """`kdpipe run` (actors.driver) on an embedded Ray at a tiny size.
 
-One Ray and one tiny dataset/teacher per module; five runs of the same 20-step distillation
+One Ray and one tiny dataset/teacher per module; seven runs of the same 20-step distillation
 (cache in full mode, float32), each with its own run directory:
 
 - offline, 2 student hosts, a teacher held back until the student has taken its first step:
   the student waits for shards and never reads one before its commit record exists;
 - offline again, 1 host, on the now complete cache: no teacher host starts, and the loss
   trajectory equals the 2-host run's (1e-4 relative);
-- live, remote and hybrid (on a cache missing some shards), 1 host each: the same training.
+- live, remote and hybrid (on a cache missing some shards), 1 host each: the same training;
+- offline with the teacher host SIGKILLed after writing a shard's files, before its commit
+  record: a new host takes its place, redoes the shard, and the cache equals the uninterrupted
+  one (every stored array, every commit record's crc32); with cluster.max_failures=0 the same
+  kill ends the run with an error naming the count and the limit.
 
 Groups kept apart by custom resources are covered in test_groups.py.
 """
@@ -17,7 +21,9 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 import shutil
+import signal
 import sys
 import textwrap
 import time
@@ -197,6 +203,72 @@ def test_teacher_sources_give_the_same_training(tiny, offline_reused, source):
     assert_same_training(config.run_dir, reference.run_dir, rel=1e-4)
 
 
+# ---- a teacher host killed mid-shard ---------------------------------------------------------
+
+def killing_fill(host, config, split, shard, teacher_fp):
+    """``fill_shard``; but the first train shard of the run kills its host's process with
+    SIGKILL once the shard's array files are written and before its commit record: a partial
+    shard on disk that the replacement host must write again. A marker file in the run
+    directory (``killed``: the shard) makes it happen once, whichever process runs it."""
+    marker = Path(config.run_dir) / "killed"
+    if split == "train" and not marker.exists():
+        import pipeline.cache.writer as writer
+
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(str(shard))
+
+        def die(shard):  # stands in for the commit record's key, the writer's last step
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        writer.commit_key = die
+    return fill_shard(host, config, split, shard, teacher_fp)
+
+
+def stored_cache(location: str):
+    """Every sequence's stored arrays and the crc32s of the commit records of one split."""
+    from pipeline.cache import read_manifest
+    from pipeline.cache.format import RunDeclaration
+    from pipeline.cache.reader import CacheReader
+
+    m = read_manifest(location)
+    reader = CacheReader(location, RunDeclaration(
+        tokenizer_fingerprint=m.tokenizer_fingerprint, dataset_fingerprint=m.dataset_fingerprint,
+        vocab_size=m.target.vocab_size, seq_len=m.seq_len, temperature=m.target.temperature or 1.0))
+    commits = {c.shard: c.files for c in m.commits}
+    return reader.read_stored(np.arange(m.num_sequences)), commits
+
+
+def test_teacher_host_killed_mid_shard_is_replaced_and_the_cache_matches(tiny, offline_reused):
+    reference, _ = offline_reused
+    config = config_of(tiny, "killed", f"cache.path={tiny[0] / 'cache-killed'}",
+                       "cluster.max_failures=1")
+    outcome = quiet_run(config, fill=killing_fill)
+    killed = int((Path(config.run_dir) / "killed").read_text())
+    assert outcome.teacher_hosts_lost == 1 and outcome.result.step == STEPS
+    written = [(split, shard) for split, shard, _ in outcome.shards_written]
+    # the killed shard was committed once, afterwards, by the replacement host
+    assert sorted(written) == sorted({("train", n) for n in range(5)} | {("eval", 0), ("eval", 1)})
+    assert written.count(("train", killed)) == 1
+    for split in ("train", "eval"):
+        got, got_commits = stored_cache(f"{config.cache.path}/{split}")
+        want, want_commits = stored_cache(f"{reference.cache.path}/{split}")
+        assert got_commits == want_commits, split  # sizes and crc32s of every file
+        assert got.keys() == want.keys()
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name], err_msg=f"{split} {name}")
+    assert_same_training(config.run_dir, reference.run_dir, rel=1e-4)
+
+
+def test_teacher_host_losses_past_the_budget_end_the_run(tiny):
+    from actors.driver import HostLossesError
+
+    config = config_of(tiny, "killed-no-budget", f"cache.path={tiny[0] / 'cache-no-budget'}",
+                       "cluster.max_failures=0")
+    with pytest.raises(HostLossesError, match=r"teacher group: 1 host\(s\) lost to failures, more "
+                       r"than cluster.max_failures=0 allows; the last loss:\nteacher group: fill"):
+        quiet_run(config, fill=killing_fill)
+
+
 # ---- pure parts of the driver ---------------------------------------------------------------
 
 def test_fill_order_follows_the_students_first_reads(tiny):
@@ -230,6 +302,11 @@ def test_shard_queue_hands_the_next_shard_to_whichever_host_is_free():
     queue.finish(0)
     queue.finish(1)
     assert queue.empty and queue.done == [("train", 0, 1), ("train", 3, 0), ("eval", 1, 1)]
+    # a host lost mid-shard: its shard goes first in line for whichever host is free next
+    queue = ShardQueue([("train", 0), ("train", 1)])
+    queue.take(0)
+    assert queue.requeue(0) == ("train", 0) and queue.requeue(0) is None
+    assert queue.running == {} and queue.take(1) == ("train", 0)
 
 
 def test_schedules_match_what_train_and_evaluate_read(tiny):
