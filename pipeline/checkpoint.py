@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -170,6 +171,26 @@ def read_checkpoint_metas(directory: str | os.PathLike) -> dict[int, dict[str, A
         manager.close()
 
 
+def _silence_failed_orbax_reads() -> None:
+    """Orbax reads a state's arrays in coroutines; when several reads fail, one failure is
+    raised (and reported to the user as a CheckpointError) while the others stay inside
+    their coroutines, which Python prints as "Exception ignored in: <coroutine ...>" with a
+    dump of TensorStore specs whenever it collects them, often at exit. From the first failed
+    restore on, the unraisable hook drops exactly those reports; all others still go through."""
+    previous = sys.unraisablehook
+    if getattr(previous, "kdpipe_orbax_filter", False):
+        return
+
+    def hook(unraisable):
+        code = getattr(unraisable.object, "cr_code", None)
+        if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
+            return
+        previous(unraisable)
+
+    hook.kdpipe_orbax_filter = True
+    sys.unraisablehook = hook
+
+
 class Checkpoints:
     """Save, find and restore the checkpoints of one run directory.
 
@@ -287,6 +308,7 @@ class Checkpoints:
             restored = self._manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract)))
         except Exception as e:  # Orbax/TensorStore raise many types for damaged files
+            _silence_failed_orbax_reads()
             raise CheckpointError(f"{self.directory / str(step)}: corrupt checkpoint, its state "
                                   f"cannot be read ({_root_cause(e)}); move it away to resume "
                                   f"from an earlier one") from e
