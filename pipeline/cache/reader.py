@@ -137,27 +137,25 @@ def prefetch(read: Callable[[Sequence[int]], dict], index_batches: Iterable[Sequ
     stop = threading.Event()
     done = object()
 
+    def put(item) -> bool:
+        """Hand ``item`` to the consumer; False once the consumer has gone."""
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce():
         try:
             for batch in index_batches:
-                item = read(batch)
-                while not stop.is_set():
-                    try:
-                        out.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(read(batch)):
                     return
             item = done
         except BaseException as e:  # re-raised in the consumer
             item = e
-        while not stop.is_set():
-            try:
-                out.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+        put(item)
 
     thread = threading.Thread(target=produce, name="kdpipe-cache-prefetch", daemon=True)
     thread.start()
