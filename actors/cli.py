@@ -10,6 +10,7 @@ running the same command again resumes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import textwrap
@@ -100,6 +101,8 @@ def cmd_run(args) -> int:
                       "teacher_source": outcome.source, "teacher_hosts": outcome.teacher_hosts,
                       "student_hosts": outcome.student_hosts,
                       "shards_written": len(outcome.shards_written),
+                      "teacher_hosts_lost": outcome.teacher_hosts_lost,
+                      "student_restarts": [dataclasses.asdict(r) for r in outcome.student_restarts],
                       "seconds": {k: round(v, 1) for k, v in outcome.seconds.items()},
                       "export": str(result.run_dir / "student")}, indent=1))
     return 0

@@ -21,10 +21,24 @@ calling ``pipeline.train.train`` with its ``Host``) and, as the config's
 
 Work functions (``fn(host, ...)``, run by ``actors.hosts.HostActor``) keep per-host objects in
 ``host.state``: the teacher is loaded once per host. Host failures surface here as
-``HostGroupError`` (ranks grouped). An offline teacher host that dies (its process or node
-lost) is survived: its unfinished shard goes back on the queue and a new host takes its place
-(``HostGroup.replace_host``), within the config's ``max_failures``/``max_preemptions``. A
-student host's death still ends the run (re-forming the student group is not done yet).
+``HostGroupError`` (ranks grouped), and the driver owns the retries, each counted against
+``cluster.max_failures`` (a dead process, a node lost) or ``cluster.max_preemptions`` (a
+preemption notice, a node preempted); past either budget the run ends with ``HostLossesError``.
+
+- An offline teacher host that dies is survived: its unfinished shard goes back on the queue
+  and a new host takes its place (``HostGroup.replace_host``).
+- The student group is one JAX program, which cannot take in a new process: when a student
+  host dies, or gets a preemption notice (SIGTERM: all hosts save a checkpoint at the same
+  step and stop), the driver tears the group down and forms a new one with as many hosts as
+  the cluster now holds, up to the size it had (the counts of ``cluster.student.min_hosts`` ..
+  ``max_hosts`` that divide the global batch). The new group restores the latest checkpoint
+  onto its own mesh and goes on from its global sample offset with the same global batch:
+  the steps after that checkpoint are redone, none is skipped or seen twice. Fewer than
+  ``min_hosts`` placeable ends the run with ``InsufficientResourcesError``.
+- When nodes join the cluster and a bigger student group fits, the students stop after their
+  next checkpoint and the group is re-formed bigger (up to ``max_hosts``).
+- Rerunning a killed driver resumes both: committed shards are skipped and the students
+  restore their latest checkpoint.
 """
 
 from __future__ import annotations
@@ -32,7 +46,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -42,8 +55,11 @@ import numpy as np
 import ray
 
 from actors.cluster import connect
-from actors.groups import (LOCAL_HOST_CPU, GroupSpec, HostGroup, HostGroupError,
-                           HostTimeoutError, InsufficientResourcesError)
+from ray.util.placement_group import placement_group_table
+
+from actors.groups import (LOCAL_HOST_CPU, PLACEMENT_TIMEOUT_S, GroupSpec, HostGroup,
+                           HostGroupError, HostTimeoutError, InsufficientResourcesError,
+                           _cluster_census)
 from actors.hosts import HostEnv
 from pipeline.config import GroupConfig, RunConfig
 from pipeline.errors import ConfigError
@@ -61,6 +77,11 @@ SHARD_WAIT_TIMEOUT_S = 6 * 3600.0
 REMOTE_AHEAD = 4
 # Hybrid: the commit records are listed at most this often (each listing reads them all).
 COMMIT_REFRESH_S = 1.0
+# A re-formed student group gets this long to be placed at one size before a smaller one is
+# tried (Ray notices a lost node, the old reservation is released).
+REFORM_PLACEMENT_S = 120.0
+# How often the driver looks for joined nodes that a bigger student group could use.
+GROW_CHECK_S = 5.0
 
 SPLITS = ("train", "eval")
 
@@ -536,12 +557,14 @@ class StudentReport:
     """How one student host's run went."""
 
     rank: int
-    result: Any  # pipeline.train.TrainResult
+    result: Any  # pipeline.train.TrainResult; None when the host stopped early
     waited_s: float  # waiting for shards to be committed
     first_read: dict[str, dict[int, float]]  # split -> shard -> time.time() of its first read
     remote_batches: int
     cached_batches: int
     seconds: float
+    stopped_step: int | None = None  # stopped early after saving this step's checkpoint
+    preempted: bool = False  # ... because this host got a preemption notice (SIGTERM)
 
 
 def student_targets(host, config: RunConfig, plan: StudentPlan) -> dict[str, Any] | None:
@@ -595,7 +618,7 @@ def student_targets(host, config: RunConfig, plan: StudentPlan) -> dict[str, Any
 def train_student(host, config: RunConfig, plan: StudentPlan) -> StudentReport:
     """One student host's part of the run: ``pipeline.train.train`` as process ``host.rank``
     of the group's JAX program, with the plan's teacher targets."""
-    from pipeline.train import Host, train
+    from pipeline.train import Host, Preempted, train
 
     start = time.perf_counter()
     targets = student_targets(host, config, plan)
@@ -603,8 +626,12 @@ def train_student(host, config: RunConfig, plan: StudentPlan) -> StudentReport:
     def on_step(step: int, metrics: dict) -> None:
         host.report(step=step, **{k: metrics[k] for k in ("loss", "tokens_per_s") if k in metrics})
 
-    result = train(config, host=Host(host.rank, host.num_hosts), stop=host.stop_event,
-                   on_step=on_step, targets=targets)
+    result, stopped_step = None, None
+    try:
+        result = train(config, host=Host(host.rank, host.num_hosts), stop=host.stop_event,
+                       pause=host.pause_event, on_step=on_step, targets=targets)
+    except Preempted as stop:
+        stopped_step = stop.step
     readers = (targets or {}).values()
     caches = [getattr(r, "cache", r) for r in readers]
     caches = [c for c in caches if isinstance(c, CommittedCacheReader)]
@@ -615,7 +642,200 @@ def train_student(host, config: RunConfig, plan: StudentPlan) -> StudentReport:
         first_read={c.split: dict(c.first_read) for c in caches},
         remote_batches=sum(r.batches for r in remotes),
         cached_batches=sum(getattr(r, "cached_batches", 0) for r in readers),
-        seconds=time.perf_counter() - start)
+        seconds=time.perf_counter() - start, stopped_step=stopped_step, preempted=host.preempted)
+
+
+# --------------------------------------------------------------------------------------------
+# The student group: formed, re-formed after losses, grown when nodes join
+# --------------------------------------------------------------------------------------------
+
+def _alive_nodes() -> list[dict]:
+    return [node for node in ray.nodes() if node.get("Alive")]
+
+
+def _fits(have: Mapping[str, float], bundle: Mapping[str, float]) -> bool:
+    return all(have.get(k, 0) >= v - 1e-9 for k, v in bundle.items())
+
+
+def _hosts_by_total(spec: GroupSpec) -> int:
+    """How many hosts of ``spec`` the alive nodes could hold by their total resources (one per
+    node under STRICT_SPREAD): an upper bound, other groups may hold some of them."""
+    bundle = spec.bundles()[0]
+    if spec.strategy != "STRICT_SPREAD":
+        return sum(int(min(node["Resources"].get(k, 0) / v for k, v in bundle.items()) + 1e-9)
+                   for node in _alive_nodes())
+    return sum(_fits(node["Resources"], bundle) for node in _alive_nodes())
+
+
+def _free_nodes(spec: GroupSpec, held: set[str]) -> int:
+    """Alive nodes other than ``held`` (node ids) with room for one more host of ``spec``."""
+    from ray._private.state import available_resources_per_node
+
+    available = available_resources_per_node()
+    bundle = spec.bundles()[0]
+    return sum(1 for node in _alive_nodes() if node["NodeID"] not in held
+               and _fits(available.get(node["NodeID"], {}), bundle))
+
+
+@dataclasses.dataclass
+class StudentRestart:
+    """One re-formation of the student group.
+
+    Attributes:
+      reason: "failure" (a host's process or node died), "preemption" (a notice, a preempted
+        node) or "grow" (nodes joined; the group stopped at a checkpoint to take them in).
+      hosts_before, hosts_after: the group's sizes.
+      last_step: the last step the group reported before it stopped (None: none reported).
+      resumed_step: the checkpoint step the new group restored.
+      recover_s: from the moment the driver saw the loss to the new group's first step
+        (None until that step).
+      detail: what happened, as the group reported it.
+    """
+
+    reason: str
+    hosts_before: int
+    hosts_after: int
+    last_step: int | None
+    resumed_step: int
+    recover_s: float | None = None
+    detail: str = ""
+
+
+class StudentWork:
+    """The student group in flight; the driver hands it each finished student reference
+    (``handle``) and each status poll (``observe``). See the module docstring for the rules.
+
+    Attributes:
+      group: the current ``HostGroup``.
+      refs: rank -> reference of its ``student_fn`` call.
+      reports: the hosts' ``StudentReport`` once the run is done (None until then).
+      restarts: every re-formation, in order.
+    """
+
+    def __init__(self, config: RunConfig, plan: StudentPlan, spec_for: Callable[[int], GroupSpec],
+                 student_fn: Callable[..., Any]):
+        self.config, self.plan, self.student_fn = config, plan, student_fn
+        self._spec_for = spec_for
+        self.losses = {"failures": 0, "preemptions": 0}
+        self.restarts: list[StudentRestart] = []
+        self.group: HostGroup | None = None
+        self.refs: dict[int, Any] = {}
+        self.reports: list[StudentReport] | None = None
+        self.last_step: int | None = None
+        self._recovering_since: float | None = None
+        self._grow_to: int | None = None
+        self._next_grow_check = 0.0
+        self._nodes = 0
+
+    @property
+    def done(self) -> bool:
+        return self.reports is not None
+
+    def start(self, hosts: int, *, placement_timeout_s: float = PLACEMENT_TIMEOUT_S) -> None:
+        """Form a group of ``hosts`` (one JAX program) and start the students on it."""
+        group = HostGroup.create(self._spec_for(hosts), placement_timeout_s=placement_timeout_s)
+        try:
+            group.setup_jax(distributed=True)
+        except BaseException:
+            group.shutdown()
+            raise
+        self.group, self._grow_to = group, None
+        self._nodes = len(_alive_nodes())
+        self._next_grow_check = time.monotonic() + GROW_CHECK_S
+        self.refs = group.submit(self.student_fn, self.config, self.plan)
+
+    def handle(self) -> None:
+        """Collect the students' outcome (one of ``refs`` is ready): the reports when they
+        finished, else re-form the group.
+
+        Raises:
+          HostGroupError: the work raised on live hosts (a retry would fail the same way).
+          HostLossesError: more losses than the config's budget.
+          InsufficientResourcesError: fewer than ``min_hosts`` could be placed again.
+        """
+        try:
+            reports = list(self.group.gather(self.refs).values())
+        except HostGroupError as err:
+            if not err.lost_ranks:
+                raise
+            preempted = any(getattr(err.failures[r], "preempted", False) for r in err.lost_ranks)
+            self._restart("preemption" if preempted else "failure", str(err), err)
+            return
+        stopped = [r for r in reports if r.stopped_step is not None]
+        if not stopped:
+            self.reports = reports
+        elif any(r.preempted for r in stopped):
+            ranks = [r.rank for r in stopped if r.preempted]
+            self._restart("preemption", f"student group: preemption notice (SIGTERM) to rank(s) "
+                          f"{ranks}; all hosts saved the checkpoint of step "
+                          f"{stopped[0].stopped_step} and stopped")
+        else:
+            self._restart("grow", f"student group: stopped at the checkpoint of step "
+                          f"{stopped[0].stopped_step} to grow to {self._grow_to} hosts")
+
+    def _restart(self, reason: str, detail: str, err: BaseException | None = None) -> None:
+        seen = time.monotonic()
+        if reason != "grow":
+            budget = "preemptions" if reason == "preemption" else "failures"
+            self.losses[budget] += 1
+            limit = getattr(self.config.cluster, f"max_{budget}")
+            if self.losses[budget] > limit:
+                raise HostLossesError(
+                    f"student group: {self.losses[budget]} restart(s) after {budget}, more than "
+                    f"cluster.max_{budget}={limit} allows; the last:\n{detail}") from err
+        before = self.group.num_hosts
+        self.group.shutdown()
+        resumed_step, _ = start_position(self.config)
+        counts = self.config.student_host_counts()
+        most = self._grow_to if reason == "grow" else before
+        # the largest sizes first, skipping those the alive nodes cannot hold at all
+        bound = _hosts_by_total(self._spec_for(1))
+        candidates = [n for n in sorted(counts, reverse=True) if n <= min(most, bound)]
+        last_error = None
+        for hosts in candidates:
+            try:
+                self.start(hosts, placement_timeout_s=REFORM_PLACEMENT_S)
+                break
+            except InsufficientResourcesError as error:
+                last_error = error
+        else:
+            raise InsufficientResourcesError(
+                f"student group: after a {reason} ({detail.splitlines()[0]}) the group could not "
+                f"be formed again with any of {candidates or 'no'} host(s) "
+                f"(cluster.student.min_hosts={self.config.cluster.student.fewest_hosts}, sizes "
+                f"that divide train.global_batch_size: {list(counts)}) within "
+                f"{REFORM_PLACEMENT_S:g} s each"
+                + (f";\n{last_error}" if last_error else f";\n{_cluster_census(self._spec_for(1))}"))
+        self.restarts.append(StudentRestart(reason, before, self.group.num_hosts, self.last_step,
+                                            resumed_step, detail=detail))
+        self._recovering_since = seen
+
+    def observe(self, statuses: Mapping[int, dict]) -> None:
+        """A status poll of the current group: note the steps, time a recovery, and ask the
+        hosts to pause at their next checkpoint when joined nodes let the group grow."""
+        steps = [s["step"] for s in statuses.values() if "step" in s]
+        if steps:
+            self.last_step = max(steps)
+            if self._recovering_since is not None and self.last_step > self.restarts[-1].resumed_step:
+                self.restarts[-1].recover_s = time.monotonic() - self._recovering_since
+                self._recovering_since = None
+        now = time.monotonic()
+        if self._grow_to is not None or now < self._next_grow_check:
+            return
+        self._next_grow_check = now + GROW_CHECK_S
+        nodes = len(_alive_nodes())
+        if nodes <= self._nodes:
+            self._nodes = nodes
+            return
+        self._nodes = nodes
+        current = self.group.num_hosts
+        spec = self._spec_for(current)
+        held = set(placement_group_table(self.group.placement_group)["bundles_to_node_id"].values())
+        room = current + (_free_nodes(spec, held) if spec.strategy == "STRICT_SPREAD" else 0)
+        bigger = [n for n in self.config.student_host_counts() if current < n <= room]
+        if bigger:
+            self._grow_to = max(bigger)
+            self.group.request_pause()
 
 
 # --------------------------------------------------------------------------------------------
@@ -647,6 +867,7 @@ class ProgressView:
         self.tokens_written = 0
         self.teacher_state = "-" if teacher_hosts == 0 else "starting"
         self.students: dict[int, dict] = {}
+        self.restarts: list[str] = []
         self._live = None
         self._last_line = 0.0
 
@@ -654,6 +875,14 @@ class ProgressView:
         self.fill_ended = time.monotonic()
         self.shards_done[split] = self.shards_done.get(split, 0) + 1
         self.tokens_written += tokens
+
+    def student_restarted(self, restart: StudentRestart) -> None:
+        """The student group was re-formed: its size, and a line for the record."""
+        self.students, self.student_hosts = {}, restart.hosts_after
+        self.restarts.append(f"{restart.reason}: {restart.hosts_before} -> {restart.hosts_after} "
+                             f"hosts from step {restart.resumed_step}")
+        self.console.print(f"student group re-formed after a {self.restarts[-1]}\n"
+                           f"  {restart.detail.splitlines()[0]}")
 
     def _rows(self) -> list[tuple[str, ...]]:
         now = time.monotonic()
@@ -672,6 +901,8 @@ class ProgressView:
         waiting = sorted({s["waiting"] for s in self.students.values() if s.get("waiting")})
         detail = ("waiting for " + ", ".join(waiting)) if waiting else (
             f"loss {lead['loss']:.4f}" if "loss" in lead else "starting")
+        if self.restarts:
+            detail += f"  (re-formed {len(self.restarts)}x, last: {self.restarts[-1]})"
         student = ("student", str(self.student_hosts), f"step {step}/{self.steps}",
                    f"{lead['tokens_per_s']:,.0f} tok/s" if "tokens_per_s" in lead else "-",
                    detail, _eta(step - self.start_step, self.steps - self.start_step,
@@ -727,6 +958,8 @@ class RunOutcome:
       students: each student host's report, by rank.
       teacher_hosts_lost: teacher hosts that died during the fill (each replaced, or the
         others carried on without it).
+      student_restarts: each re-formation of the student group (losses, preemption notices,
+        growth), with the time each took to recover.
       seconds: wall times: ``startup`` (Ray, groups, JAX), ``teacher load`` (slowest host),
         ``cache fill`` (first shard submitted to last committed), ``student`` (slowest host's
         train call, waits included), ``student waiting`` (longest wait for shards), ``total``.
@@ -740,6 +973,7 @@ class RunOutcome:
     students: tuple[StudentReport, ...]
     seconds: dict[str, float]
     teacher_hosts_lost: int = 0
+    student_restarts: tuple[StudentRestart, ...] = ()
 
 
 def _pending_shards(config: RunConfig, num_rows: Mapping[str, int], teacher_fp: str) -> dict[str, set[int]]:
@@ -768,7 +1002,8 @@ def _pending_shards(config: RunConfig, num_rows: Mapping[str, int], teacher_fp: 
 
 
 def run(config: RunConfig, *, address: str | None = None, console=None,
-        fill: Callable[..., Any] = fill_shard) -> RunOutcome:
+        fill: Callable[..., Any] = fill_shard,
+        student: Callable[..., StudentReport] = train_student) -> RunOutcome:
     """Run ``config`` on Ray; see the module docstring.
 
     Args:
@@ -778,15 +1013,17 @@ def run(config: RunConfig, *, address: str | None = None, console=None,
       console: a ``rich.console.Console`` for the view (default: stdout).
       fill: the teacher hosts' shard function, ``fill(host, config, split, shard, teacher_fp)``
         (``fill_shard``; tests slow it down).
+      student: the student hosts' function, ``student(host, config, plan)``
+        (``train_student``; tests kill hosts from inside it).
 
     Raises:
       ConfigError: the config cannot run this way (e.g. no teacher path for teacher hosts).
       InsufficientResourcesError: an embedded Ray cannot hold the groups (at once), or a
         cluster could not place them within actors.groups.PLACEMENT_TIMEOUT_S.
       HostGroupError: hosts failed (grouped by rank and error).
-      HostLossesError: more teacher hosts died than cluster.max_failures (max_preemptions)
-        allow; a lost teacher host's shard is written again, by a new host in its place when
-        one starts, else by the others.
+      HostLossesError: more hosts were lost (or student restarts needed) than
+        cluster.max_failures (max_preemptions) allow; a lost teacher host's shard is written
+        again, by a new host in its place when one starts, else by the others.
     """
     from rich.console import Console
 
@@ -818,31 +1055,39 @@ def run(config: RunConfig, *, address: str | None = None, console=None,
     seconds: dict[str, float] = {}
     try:
         # one node (an embedded Ray, a laptop's `ray start`): the hosts of a group side by side
-        one_machine = sum(1 for node in ray.nodes() if node.get("Alive")) == 1
-        specs = {name: group_spec(name, getattr(config.cluster, name), one_machine=one_machine)
-                 for name in (("teacher",) if start_teachers else ()) + ("student",)}
+        one_machine = len(_alive_nodes()) == 1
+
+        def student_spec(hosts: int) -> GroupSpec:
+            return group_spec("student", dataclasses.replace(config.cluster.student, hosts=hosts),
+                              one_machine=one_machine)
+
+        specs = {"student": student_spec(config.cluster.student.hosts)}
+        if start_teachers:
+            specs["teacher"] = group_spec("teacher", config.cluster.teacher, one_machine=one_machine)
         if embedded:
             check_embedded_fit(list(specs.values()))
         if start_teachers:
             teachers = HostGroup.create(specs["teacher"])
             teachers.setup_jax(distributed=False)
-        students = HostGroup.create(specs["student"])
-        students.setup_jax(distributed=True)
-        seconds["startup"] = time.monotonic() - started
         plan = StudentPlan(source, teacher_fp,
                            tuple(teachers.actor(r) for r in range(teachers.num_hosts)) if teachers else ())
+        students = StudentWork(config, plan, student_spec, student)
+        students.start(config.cluster.student.hosts)
+        seconds["startup"] = time.monotonic() - started
         cache_total = {split: -(-num_rows[split] // config.cache.shard_sequences)
                        for split in SPLITS if num_rows[split]} if pending else {}
         view = ProgressView(
             console, source=source, steps=config.train.steps, start_step=start[0],
             shards_total=cache_total,
             shards_done={s: n - len(pending.get(s, ())) for s, n in cache_total.items()},
-            teacher_hosts=teachers.num_hosts if teachers else 0, student_hosts=students.num_hosts)
+            teacher_hosts=teachers.num_hosts if teachers else 0,
+            student_hosts=config.cluster.student.hosts)
         # remote and hybrid students hold the teacher actors' handles: a lost one ends the run
         work = (TeacherWork(teachers, config, queue, teacher_fp, fill, recover=source == "offline")
                 if teachers else None)
         with view:
-            reports = _supervise(config, students, work, plan, view)
+            _supervise(students, work, view)
+        reports = students.reports
         if work is not None and work.load_seconds:
             seconds["teacher load"] = max(work.load_seconds)
         if work is not None and work.fill_seconds is not None:
@@ -850,7 +1095,7 @@ def run(config: RunConfig, *, address: str | None = None, console=None,
         seconds["student"] = max(r.seconds for r in reports)
         seconds["student waiting"] = max(r.waited_s for r in reports)
     finally:
-        for group in (students, teachers):
+        for group in (students.group if students else None, teachers):
             if group is not None:
                 group.shutdown()
         if own_ray:
@@ -858,40 +1103,46 @@ def run(config: RunConfig, *, address: str | None = None, console=None,
     seconds["total"] = time.monotonic() - started
     return RunOutcome(source=source, result=reports[0].result,
                       teacher_hosts=teachers.num_hosts if teachers else 0,
-                      student_hosts=students.num_hosts, shards_written=tuple(queue.done),
+                      student_hosts=students.group.num_hosts, shards_written=tuple(queue.done),
                       students=tuple(reports), seconds=seconds,
-                      teacher_hosts_lost=sum(work.losses.values()) if work is not None else 0)
+                      teacher_hosts_lost=sum(work.losses.values()) if work is not None else 0,
+                      student_restarts=tuple(students.restarts))
 
 
-def _supervise(config: RunConfig, students: HostGroup, work: TeacherWork | None,
-               plan: StudentPlan, view: ProgressView) -> list[StudentReport]:
+def _supervise(students: StudentWork, work: TeacherWork | None, view: ProgressView) -> None:
     """The driver loop: collect teacher work (each finished shard hands its host the next),
-    watch the students, refresh the view; returns when the students are done and the shard
-    queue is empty."""
+    watch the students (re-forming their group as needed), refresh the view; returns when the
+    students are done and the shard queue is empty."""
     if work is not None:
         view.teacher_state = "loading the teacher"
-    student_refs = students.submit(train_student, config, plan)
-    reports = None
-    while reports is None or (work is not None and work.busy):
+    while not students.done or (work is not None and work.busy):
         waiting_on = (work.refs if work is not None else []) + (
-            list(student_refs.values()) if reports is None else [])
+            [] if students.done else list(students.refs.values()))
         ready, _ = ray.wait(waiting_on, num_returns=1, timeout=POLL_S)
         for ref in ready:
-            if reports is None and ref in student_refs.values():
-                reports = list(students.gather(student_refs).values())
+            if not students.done and ref in students.refs.values():
+                restarts = len(students.restarts)
+                students.handle()
+                if len(students.restarts) > restarts:
+                    view.student_restarted(students.restarts[-1])
                 continue
+            if work is None or ref not in work.refs:
+                continue  # a reference of a student group torn down since
             kind, result = work.handle(ref)
             if kind == "fill":
                 view.shard_written(result.split, result.tokens)
             elif kind == "lost":
                 view.teacher_state = f"host {result} lost, its shard queued again"
-            elif plan.source != "offline":
+            elif students.plan.source != "offline":
                 view.teacher_state = "serving targets"
-        if work is not None and plan.source == "offline":
+        if work is not None and students.plan.source == "offline":
             view.fill_started = work.fill_started
             writing = ", ".join(f"{split} {shard}" for split, shard in work.queue.running.values())
             view.teacher_state = f"writing {writing}" if writing else (
                 "cache complete" if not work.busy else view.teacher_state)
-        view.refresh(students.poll_status(timeout_s=POLL_S) if reports is None else None)
+        statuses = None
+        if not students.done:
+            statuses = students.group.poll_status(timeout_s=POLL_S)
+            students.observe(statuses)
+        view.refresh(statuses)
     view.refresh(final=True)
-    return reports

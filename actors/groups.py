@@ -381,6 +381,11 @@ class HostGroup:
     def num_hosts(self) -> int:
         return self.spec.num_hosts
 
+    @property
+    def placement_group(self):
+        """The group's Ray placement group (one bundle per rank)."""
+        return self._pg
+
     def actor(self, rank: int):
         """The actor handle of one host (for the driver's own per-rank calls)."""
         return self._actors[rank]
@@ -481,6 +486,12 @@ class HostGroup:
         """Ask every host's running function to stop at its next check (HostContext)."""
         for actor in self._actors:
             actor.request_stop.remote()
+
+    def request_pause(self) -> None:
+        """Ask every host's running function to stop at its next natural boundary
+        (``HostContext.pause_event``)."""
+        for actor in self._actors:
+            actor.request_pause.remote()
 
     # ---- teardown ------------------------------------------------------------------------------
 

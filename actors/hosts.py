@@ -8,11 +8,16 @@ on top of it, called as ``fn(host, *args, **kwargs)`` with the ``HostContext`` f
 
 Work and control are two Ray concurrency groups, each with its own thread: ``run`` occupies
 the default group (one call at a time, so JAX state is touched from one thread), while
-``healthy``, ``info`` and ``request_stop`` answer from the "control" group even during a long
-``run``; ``status`` returns what the running function last published with
+``healthy``, ``info``, ``request_stop`` and ``request_pause`` answer from the "control" group
+even during a long ``run``; ``status`` returns what the running function last published with
 ``host.report(...)`` (a step, a loss, the shard it waits for). This is the Ray Train v2 worker idea (a generic execute, status answerable while
 training runs) without its polling: a dead actor surfaces as ``RayActorError`` on the pending
 ``run`` reference, which the group collects with ``ray.wait``.
+
+A SIGTERM to the host's process while it works (a preemption notice: a TPU VM gets one some
+seconds before it goes) sets the stop event instead of ending the process, so the work can save
+what it must (the student saves a checkpoint) and return; ``HostContext.preempted`` says it
+happened. A second SIGTERM, or one while idle, ends the process as Ray's own handler does.
 
 The class is a plain class; ``actors.groups`` wraps it with ``ray.remote`` and the per-host
 resources, so tests and the driver choose placement in one place.
@@ -23,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -140,7 +146,9 @@ class HostContext:
         self.rank = rank
         self.num_hosts = num_hosts
         self.state: dict[str, Any] = {}
+        self.preempted = False  # a SIGTERM (preemption notice) set the stop event
         self._stop = threading.Event()
+        self._pause = threading.Event()
         self._status: dict[str, Any] = {}
         self._status_lock = threading.Lock()
 
@@ -153,6 +161,12 @@ class HostContext:
     def stop_event(self) -> threading.Event:
         """The event behind ``stop_requested``, for loops that take one (``pipeline.train``)."""
         return self._stop
+
+    @property
+    def pause_event(self) -> threading.Event:
+        """Set when the driver asks the work to stop at its next natural boundary (a student:
+        after its next checkpoint), to re-form the group with more hosts."""
+        return self._pause
 
     def report(self, **values: Any) -> None:
         """Publish small progress values (step, loss, what the host waits for); the driver
@@ -198,6 +212,22 @@ class HostActor:
         self._ctx = HostContext(group, rank, num_hosts)
         self._busy = threading.Event()
         self._jax_started = False
+        # Ray runs the constructor on the worker's main thread, the only one that may set a
+        # signal handler; Ray's own (exit at once) stays the fallback.
+        if threading.current_thread() is threading.main_thread():
+            self._ray_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        if self._busy.is_set() and not self._ctx._stop.is_set():
+            logger.warning("%s host %d: SIGTERM (preemption notice): stopping the work at its next "
+                           "check", self._ctx.group, self._ctx.rank)
+            self._ctx.preempted = True
+            self._ctx._stop.set()
+        elif callable(self._ray_sigterm):
+            self._ray_sigterm(signum, frame)
+        else:  # SIG_DFL: terminate as if no handler had been set
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
 
     # ---- control group: answerable while `run` works --------------------------------------
 
@@ -231,6 +261,10 @@ class HostActor:
         self._ctx._stop.set()
 
     @ray.method(concurrency_group=CONTROL_GROUP)
+    def request_pause(self) -> None:
+        self._ctx._pause.set()
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
     def coordinator_address(self) -> str:
         """ip:port of a port free right now on this node, for the JAX coordination service.
 
@@ -258,6 +292,9 @@ class HostActor:
             # Cross-process collectives on CPU go through gloo (DESIGN.md); on TPU/GPU the
             # setting is unused.
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
+            # JAX's own preemption service would take SIGTERM over from this actor's handler;
+            # the student loop already agrees on a step to stop at (pipeline.train._StopVote).
+            jax.config.update("jax_enable_preemption_service", False)
             jax.distributed.initialize(
                 coordinator_address=coordinator,
                 num_processes=self._ctx.num_hosts,

@@ -528,6 +528,10 @@ class LoggingConfig(_Section):
     tensorboard: bool = _field(True, "Also write TensorBoard event files.", hashed=False)
     progress: bool = _field(True, "Show a live progress bar.", hashed=False)
     report: bool = _field(True, "Write report.md with plots at the end.", hashed=False)
+    example_ids: bool = _field(False, "Test mode: each host appends the rows every step trained "
+                               "on to <run_dir>/examples/host-<i>-of-<n>.jsonl (records past the "
+                               "checkpoint are dropped on resume), to check that every example is "
+                               "seen exactly once across restarts.", hashed=False)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,6 +8,9 @@ multi-host run writes; the other processes get a logger with ``enabled=False``.
 Resuming a run replays the steps after the restored checkpoint, so opening the log with
 ``resume_step`` first drops the records past that step: the log then reads as if the run had
 never been interrupted.
+
+In the test mode ``logging.example_ids``, ``examples/`` also records which examples every step
+trained on (``ExampleLog``), truncated on resume the same way.
 """
 
 from __future__ import annotations
@@ -21,19 +24,33 @@ from pathlib import Path
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 REPORT_FILE = "report.md"
+EXAMPLES_DIR = "examples"
 
 
 def _scalar(value) -> float:
     return float(value.item() if hasattr(value, "item") else value)
 
 
-def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    """Every record of ``run_dir/metrics.jsonl`` in order (an empty list if there is none)."""
-    path = Path(run_dir) / METRICS_FILE
+def _read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
         return []
     with path.open() as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def _drop_records_after(path: Path, step: int) -> None:
+    """Rewrite the JSONL file ``path`` (if any) without its records of steps past ``step``."""
+    if not path.exists():
+        return
+    kept = [r for r in _read_jsonl(path) if r["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(tmp, path)
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    """Every record of ``run_dir/metrics.jsonl`` in order (an empty list if there is none)."""
+    return _read_jsonl(Path(run_dir) / METRICS_FILE)
 
 
 class MetricsLogger:
@@ -49,11 +66,8 @@ class MetricsLogger:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / METRICS_FILE
-        if resume_step is not None and path.exists():
-            kept = [r for r in read_metrics(self.run_dir) if r["step"] <= resume_step]
-            tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, path)
+        if resume_step is not None:
+            _drop_records_after(path, resume_step)
         self._file = path.open("a")
         if tensorboard:
             # tensorboardX pulls in protobuf; import it only where event files are written.
@@ -86,6 +100,48 @@ class MetricsLogger:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class ExampleLog:
+    """Test mode (``logging.example_ids``): the examples each step of this host trained on.
+
+    One JSONL file per host and group size, ``examples/host-<index>-of-<count>.jsonl``, one
+    record per step: ``step``, ``offsets`` (the global sample offsets of the host's rows) and
+    ``rows`` (the dataset rows they map to). Opened at ``resume_step`` (the restored checkpoint's
+    step, 0 for a fresh start), the records past it are dropped first: the steps after a
+    checkpoint are replayed on resume, so the files then list exactly the examples the saved
+    state learnt from, whatever hosts came and went.
+
+    Each host truncates its own file; process 0 also truncates the files of other group sizes
+    (the hosts of an earlier layout are gone). No host truncates a file another live host
+    writes, so no ordering between the hosts is needed.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, host_index: int, host_count: int,
+                 resume_step: int):
+        directory = Path(run_dir) / EXAMPLES_DIR
+        directory.mkdir(parents=True, exist_ok=True)
+        own = directory / f"host-{host_index}-of-{host_count}.jsonl"
+        stale = [own] + ([p for p in directory.glob("host-*-of-*.jsonl")
+                          if not p.name.endswith(f"-of-{host_count}.jsonl")] if host_index == 0 else [])
+        for path in stale:
+            _drop_records_after(path, resume_step)
+        self._file = own.open("a")
+
+    def log(self, step: int, offsets, rows) -> None:
+        record = {"step": int(step), "offsets": [int(o) for o in offsets], "rows": [int(r) for r in rows]}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_example_logs(run_dir: str | os.PathLike) -> list[dict]:
+    """Every record of every host's ``examples/`` file (``ExampleLog``), with its ``file``."""
+    return [{**record, "file": path.name}
+            for path in sorted((Path(run_dir) / EXAMPLES_DIR).glob("host-*-of-*.jsonl"))
+            for record in _read_jsonl(path)]
 
 
 def progress_bar(label: str, *, enabled: bool = True, unit: str = "steps") -> "Progress":

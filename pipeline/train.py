@@ -11,7 +11,9 @@ split by ``pipeline.data.HostBatches`` and assembled into global arrays here). I
    (readers the caller plugs in: the driver's for a cache still being written, or for a
    ``remote``/``hybrid`` teacher), or runs the teacher inside the step (``live``);
 4. logs metrics every ``logging.every_steps``, evaluates every ``eval.every_steps``, saves every
-   ``checkpoint.every_steps``, and on SIGTERM saves a checkpoint and raises ``Preempted``;
+   ``checkpoint.every_steps``, and on SIGTERM (or ``stop``) saves a checkpoint and raises
+   ``Preempted``; on ``pause`` it does so at the next checkpoint step. The hosts of a group
+   agree on the step to stop at (``_StopVote``), so a notice to one host stops them all there;
 5. at the end evaluates, saves, exports the student as a Hugging Face directory and writes
    ``report.md``.
 
@@ -35,16 +37,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pipeline.cache import CacheReader, RunDeclaration
 from pipeline.cache.reader import prefetch
 from pipeline.checkpoint import Checkpoints, RunIdentity, TrainPosition
 from pipeline.config import (CacheConfig, ModelSpec, RunConfig, build_optimizer, build_schedule,
                              config_hash, config_to_dict, stable_hash)
-from pipeline.data import DatasetInfo, HostBatches, TokenDataset, eval_batches, read_info
+from pipeline.data import DatasetInfo, HostBatches, TokenDataset, eval_batches, host_offsets, read_info
 from pipeline.errors import ConfigError
-from pipeline.metrics import MetricsLogger, progress_bar, write_report
+from pipeline.metrics import ExampleLog, MetricsLogger, progress_bar, write_report
 from pipeline.models.hf_io import load_pretrained, save_pretrained, teacher_fingerprint
 from pipeline.models.llama import Llama, LlamaConfig
 from pipeline.models.sharding import BATCH_SPEC, make_mesh, shard_model
@@ -56,11 +58,12 @@ EVAL_KEYS = ("ce_loss", "kl_loss", "top1_agreement", "teacher_entropy")
 
 
 class Preempted(Exception):
-    """The run received SIGTERM; a checkpoint of ``step`` was saved before stopping."""
+    """The run stopped early (SIGTERM, ``stop`` or ``pause``) after saving the checkpoint of
+    ``step``."""
 
     def __init__(self, step: int):
-        super().__init__(f"stopped by SIGTERM after saving the checkpoint of step {step}; "
-                         f"run the same command again to resume")
+        super().__init__(f"stopped after saving the checkpoint of step {step}; run the same "
+                         f"command again to resume")
         self.step = step
 
 
@@ -235,6 +238,53 @@ def _from_saved_tree(template: TrainState, tree: dict) -> TrainState:
                             opt_state=tree["opt_state"], step=tree["step"])
 
 
+def _all_on_mesh(state: TrainState, mesh: Mesh) -> TrainState:
+    """``state`` with the arrays not laid out on ``mesh`` yet (the step, optimizer counters:
+    each on one local device) replicated over it. A checkpoint restores into the template's
+    layouts, and a step over several processes refuses an input committed to one device."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def place(leaf):
+        if not isinstance(leaf, jax.Array) or isinstance(leaf.sharding, NamedSharding):
+            return leaf
+        value = np.asarray(leaf)
+        return jax.make_array_from_callback(value.shape, replicated, lambda index: value[index])
+
+    return _from_saved_tree(state, jax.tree.map(place, _saved_tree(state)))
+
+
+class _StopVote:
+    """The hosts of a group agree on the step to stop at.
+
+    After every step each host votes: CARRY_ON, PAUSE (stop at the next checkpoint step) or
+    STOP (stop now); the highest vote wins. A host that stopped alone would leave the others
+    waiting in the next step's collectives forever, so with several hosts the votes meet in a
+    max over the processes (one scalar collective), and each host reads the outcome one step
+    later: by then the collective has run, so reading it does not wait for the step just
+    dispatched. Every host reads the same outcome at the same step.
+    """
+
+    CARRY_ON, PAUSE, STOP = 0, 1, 2
+
+    def __init__(self, host: Host):
+        self._single = host.count == 1
+        self._pending = None
+        if not self._single:
+            mesh = Mesh(np.array(jax.devices()), ("hosts",))
+            self._sharding = NamedSharding(mesh, PartitionSpec("hosts"))
+            self._max = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+    def cast(self, vote: int) -> int:
+        """Cast this step's vote; returns the decision to act on now (one host: this vote;
+        several: the highest vote of the previous step)."""
+        if self._single:
+            return vote
+        ballot = np.full((jax.local_device_count(),), vote, np.int32)
+        decided = self._pending
+        self._pending = self._max(jax.make_array_from_process_local_data(self._sharding, ballot))
+        return self.CARRY_ON if decided is None else int(decided)
+
+
 class _StopOnSigterm:
     """Turns SIGTERM into a flag the loop checks between steps (main thread only)."""
 
@@ -292,7 +342,8 @@ def prepare_run(config: RunConfig, *, host: Host = Host(), teacher: Llama | None
 
     mesh = make_mesh(**dict(zip(("data", "fsdp", "tensor"), config.mesh.shape(jax.device_count()))))
     student = build_model(config.model.student, vocab_size, config.train.seed, mesh)
-    state = TrainState.create(student, build_optimizer(config.optimizer, config.train.steps))
+    state = _all_on_mesh(TrainState.create(student, build_optimizer(config.optimizer,
+                                                                    config.train.steps)), mesh)
 
     teacher_state = None
     if source == "live" and teacher is None and config.model.teacher.from_pretrained:
@@ -365,7 +416,7 @@ def export_checkpoint(config: RunConfig, *, out: str | None = None,
 # --------------------------------------------------------------------------------------------
 
 def train(config: RunConfig, *, host: Host = Host(), teacher: Llama | None = None,
-          stop: threading.Event | None = None,
+          stop: threading.Event | None = None, pause: threading.Event | None = None,
           on_step: Callable[[int, dict], None] | None = None,
           targets: Mapping[str, TargetReader] | None = None) -> TrainResult:
     """Run (or resume) the distillation of ``config`` on this host; see the module docstring.
@@ -376,25 +427,28 @@ def train(config: RunConfig, *, host: Host = Host(), teacher: Llama | None = Non
       teacher: a live teacher already in memory (else loaded from ``model.teacher.path`` when
         the run is ``live``).
       stop: set by another thread to stop after the current step, as SIGTERM does.
+      pause: set by another thread to stop after the next checkpoint step's save (the driver
+        re-forms a grown group there).
       on_step: called after every step with ``(step, metrics)`` (metrics on logging steps
-        only, else ``{}``), e.g. to log example ids in tests.
+        only, else ``{}``), e.g. to report progress to a driver.
       targets: split -> reader of teacher targets, replacing the cache readers (``kdpipe run``
         passes readers that wait for shards still being written, or ask a remote teacher).
 
     Raises:
-      Preempted: after SIGTERM (or ``stop``), once the checkpoint is saved.
+      Preempted: after SIGTERM (or ``stop``, ``pause``), once the checkpoint is saved.
       KdpipeError: bad config, data, cache or checkpoint.
     """
     # From the start: a SIGTERM during the (slow) setup still ends in a saved checkpoint.
     with _StopOnSigterm() as sigterm:
         return _train(config, host=host, teacher=teacher, targets=targets, on_step=on_step,
-                      stops=(sigterm.requested,) if stop is None else (sigterm.requested, stop))
+                      stops=(sigterm.requested,) if stop is None else (sigterm.requested, stop),
+                      pause=pause or threading.Event())
 
 
 def _train(config: RunConfig, *, host: Host, teacher: Llama | None,
            targets: Mapping[str, TargetReader] | None,
            on_step: Callable[[int, dict], None] | None,
-           stops: tuple[threading.Event, ...]) -> TrainResult:
+           stops: tuple[threading.Event, ...], pause: threading.Event) -> TrainResult:
     setup = prepare_run(config, host=host, teacher=teacher, targets=targets)
     info, train_data, eval_data, sharding = setup.info, setup.train_data, setup.eval_data, setup.sharding
     state, teacher_state = setup.state, setup.teacher_state
@@ -411,7 +465,10 @@ def _train(config: RunConfig, *, host: Host, teacher: Llama | None,
             state = _from_saved_tree(state, saved)
             offset, start = position.global_sample_offset, position.step
         logger = MetricsLogger(run_dir, enabled=primary, tensorboard=config.logging.tensorboard,
-                               resume_step=start if start else None)
+                               resume_step=start)
+        examples = (ExampleLog(run_dir, host.index, host.count, resume_step=start)
+                    if config.logging.example_ids else None)
+        votes = _StopVote(host)
         batches = HostBatches(train_data, seed=config.data.seed,
                               global_batch=config.train.global_batch_size,
                               host_index=host.index, host_count=host.count, offset=offset)
@@ -446,6 +503,8 @@ def _train(config: RunConfig, *, host: Host, teacher: Llama | None,
         with progress, (contextlib.nullcontext() if targets_ahead is None
                         else contextlib.closing(targets_ahead)):
             for step in range(start + 1, config.train.steps + 1):
+                offsets = host_offsets(batches.offset, config.train.global_batch_size,
+                                       host.index, host.count)
                 rows, local = next(batches)
                 if targets_ahead is not None:
                     local = {**local, **next(targets_ahead)}
@@ -463,16 +522,23 @@ def _train(config: RunConfig, *, host: Host, teacher: Llama | None,
                     progress.update(task, status=f"loss {logged['loss']:.4f}  "
                                                  f"{tokens_per_s:,.0f} tok/s")
                 progress.update(task, advance=1)
+                if examples is not None:
+                    examples.log(step, offsets, rows)
                 if on_step is not None:
-                    on_step(step, {"example_ids": rows, **logged})
+                    on_step(step, logged)
                 if config.eval.every_steps and step % config.eval.every_steps == 0:
                     last_eval = run_eval(step)
-                if step % config.checkpoint.every_steps == 0:
+                checkpoint_step = step % config.checkpoint.every_steps == 0
+                if checkpoint_step:
                     save(step)
-                if any(event.is_set() for event in stops):
+                decision = votes.cast(_StopVote.STOP if any(e.is_set() for e in stops) else
+                                      _StopVote.PAUSE if pause.is_set() else _StopVote.CARRY_ON)
+                if decision == _StopVote.STOP or (decision == _StopVote.PAUSE and checkpoint_step):
                     save(step)
                     checkpoints.wait()
                     logger.close()
+                    if examples is not None:
+                        examples.close()
                     raise Preempted(step)
         final_step = max(start, config.train.steps)
         if config.eval.every_steps and final_step % config.eval.every_steps:
@@ -489,6 +555,8 @@ def _train(config: RunConfig, *, host: Host, teacher: Llama | None,
                                 f"skipped non-finite updates: {skipped}",
                                 f"student exported to {run_dir / EXPORT_DIR}"])
         logger.close()
+        if examples is not None:
+            examples.close()
     return TrainResult(step=final_step, global_sample_offset=batches.offset, final_eval=last_eval,
                        final_train=last_train, tokens_per_s=tokens_per_s, skipped_updates=skipped,
                        run_dir=run_dir)

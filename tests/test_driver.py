@@ -19,13 +19,10 @@ Groups kept apart by custom resources are covered in test_groups.py.
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
 import os
 import shutil
 import signal
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -34,45 +31,18 @@ import pytest
 import ray
 
 from actors.cluster import connect
-from actors.driver import (ShardQueue, absolute_paths, eval_schedule, fill_order, fill_shard, run,
+from actors.driver import (ShardQueue, absolute_paths, eval_schedule, fill_order, fill_shard,
                            train_schedule)
 from pipeline.config import load_config
 from pipeline.metrics import read_metrics
+from tiny_run import TINY, make_tiny_run, quiet_run
 
 # The gated fill below travels to the teacher actors by value: this module is not importable
 # in Ray's worker processes.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "configs" / "tiny-test.yaml"
 STEPS = 20
 SHARD_SEQUENCES = 32
-
-
-def make_tiny_run(directory: Path) -> list[str]:
-    """A tokenizer, a prepared dataset (about 150 train and 30 eval rows of 32 tokens) and a
-    randomly initialised teacher saved as a Hugging Face directory, all under ``directory``;
-    returns the ``--set`` overrides of configs/tiny-test.yaml that use them."""
-    from pipeline.data import prepare_dataset, read_info, train_bpe_tokenizer
-    from pipeline.models.hf_io import save_pretrained
-    from pipeline.models.sharding import make_mesh
-    from pipeline.train import build_model
-
-    text = Path(textwrap.__file__).read_text()[:12000]
-    docs = directory / "docs.jsonl"
-    docs.write_text("".join(json.dumps({"text": text[i:i + 400]}) + "\n"
-                            for i in range(0, len(text), 400)))
-    overrides = [f"data.tokenizer={directory / 'tokenizer.json'}",
-                 f"data.prepared_dir={directory / 'data'}",
-                 f"model.teacher={{path: {directory / 'teacher'}}}"]
-    config = load_config(TINY, overrides[:2] + [f"data.sources=[{docs}]"])
-    train_bpe_tokenizer([textwrap.__file__], config.demo.tokenizer_vocab_size,
-                        Path(config.data.tokenizer))
-    prepare_dataset(config.data, progress=False)
-    teacher = build_model(config.model.teacher, read_info(config.data.prepared_dir).vocab_size, 1,
-                          make_mesh())
-    save_pretrained(teacher, directory / "teacher")
-    return overrides
 
 
 @pytest.fixture(scope="module")
@@ -90,12 +60,6 @@ def tiny(tmp_path_factory):
 def config_of(tiny, name: str, *more: str):
     work, overrides = tiny
     return load_config(TINY, [*overrides, f"run_dir={work / name}", *more])
-
-
-def quiet_run(config, **kwargs):
-    from rich.console import Console
-
-    return run(config, console=Console(file=io.StringIO(), width=200), **kwargs)
 
 
 def curves(run_dir) -> dict[tuple[str, int], dict]:

@@ -24,7 +24,6 @@ import threading
 import zlib
 from collections.abc import Iterable
 
-import jax.numpy as jnp
 import numpy as np
 
 from pipeline.cache import compress

@@ -1,0 +1,48 @@
+"""A tiny run for the driver tests: tokenizer, prepared data and a saved teacher, and a quiet
+``kdpipe run``."""
+
+from __future__ import annotations
+
+import io
+import json
+import textwrap
+from pathlib import Path
+
+from pipeline.config import load_config
+
+TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny-test.yaml"
+
+
+def make_tiny_run(directory: Path) -> list[str]:
+    """A tokenizer, a prepared dataset (about 150 train and 30 eval rows of 32 tokens) and a
+    randomly initialised teacher saved as a Hugging Face directory, all under ``directory``;
+    returns the ``--set`` overrides of configs/tiny-test.yaml that use them."""
+    from pipeline.data import prepare_dataset, read_info, train_bpe_tokenizer
+    from pipeline.models.hf_io import save_pretrained
+    from pipeline.models.sharding import make_mesh
+    from pipeline.train import build_model
+
+    text = Path(textwrap.__file__).read_text()[:12000]
+    docs = directory / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": text[i:i + 400]}) + "\n"
+                            for i in range(0, len(text), 400)))
+    overrides = [f"data.tokenizer={directory / 'tokenizer.json'}",
+                 f"data.prepared_dir={directory / 'data'}",
+                 f"model.teacher={{path: {directory / 'teacher'}}}"]
+    config = load_config(TINY, overrides[:2] + [f"data.sources=[{docs}]"])
+    train_bpe_tokenizer([textwrap.__file__], config.demo.tokenizer_vocab_size,
+                        Path(config.data.tokenizer))
+    prepare_dataset(config.data, progress=False)
+    teacher = build_model(config.model.teacher, read_info(config.data.prepared_dir).vocab_size, 1,
+                          make_mesh())
+    save_pretrained(teacher, directory / "teacher")
+    return overrides
+
+
+def quiet_run(config, **kwargs):
+    """``actors.driver.run`` with its view printed into a string, not the test's output."""
+    from rich.console import Console
+
+    from actors.driver import run
+
+    return run(config, console=Console(file=io.StringIO(), width=200), **kwargs)
