@@ -791,7 +791,15 @@ class StudentWork:
         # the largest sizes first, skipping those the alive nodes cannot hold at all
         bound = _hosts_by_total(self._spec_for(1))
         candidates = [n for n in sorted(counts, reverse=True) if n <= min(most, bound)]
-        last_error = None
+        what = (f"student group: after a {reason} ({detail.splitlines()[0]}), the group could "
+                f"not be formed again")
+        sizes = (f"(cluster.student.min_hosts={self.config.cluster.student.fewest_hosts}; sizes "
+                 f"that divide train.global_batch_size: {list(counts)})")
+        if not candidates:
+            raise InsufficientResourcesError(
+                f"{what}: the alive nodes can hold {bound} student host(s), fewer than any size "
+                f"allowed {sizes}; add nodes or lower cluster.student.min_hosts;\n"
+                f"{_cluster_census(self._spec_for(1))}")
         for hosts in candidates:
             try:
                 self.start(hosts, placement_timeout_s=REFORM_PLACEMENT_S)
@@ -800,12 +808,8 @@ class StudentWork:
                 last_error = error
         else:
             raise InsufficientResourcesError(
-                f"student group: after a {reason} ({detail.splitlines()[0]}) the group could not "
-                f"be formed again with any of {candidates or 'no'} host(s) "
-                f"(cluster.student.min_hosts={self.config.cluster.student.fewest_hosts}, sizes "
-                f"that divide train.global_batch_size: {list(counts)}) within "
-                f"{REFORM_PLACEMENT_S:g} s each"
-                + (f";\n{last_error}" if last_error else f";\n{_cluster_census(self._spec_for(1))}"))
+                f"{what} with any of {candidates} host(s) {sizes} within {REFORM_PLACEMENT_S:g} s "
+                f"each;\n{last_error}")
         self.restarts.append(StudentRestart(reason, before, self.group.num_hosts, self.last_step,
                                             resumed_step, detail=detail))
         self._recovering_since = seen
