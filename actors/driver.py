@@ -27,6 +27,8 @@ preemption notice, a node preempted); past either budget the run ends with ``Hos
 
 - An offline teacher host that dies is survived: its unfinished shard goes back on the queue
   and a new host takes its place (``HostGroup.replace_host``).
+- A remote or hybrid teacher host that dies under the students' requests is replaced the same
+  way, and the student group restarts from its latest checkpoint with the new hosts' handles.
 - The student group is one JAX program, which cannot take in a new process: when a student
   host dies, or gets a preemption notice (SIGTERM: all hosts save a checkpoint at the same
   step and stop), the driver tears the group down and forms a new one with as many hosts as
@@ -346,18 +348,41 @@ class TeacherWork:
             ref = self.teachers.submit(self.fill, self.config, *job, self.teacher_fp, ranks=[rank])[rank]
             self._jobs[ref] = (rank, "fill")
 
-    def _lost(self, rank: int, err: HostGroupError) -> None:
-        """Host ``rank`` died: its unfinished shard goes back to the front of the queue (the
-        cache writer rewrites an uncommitted shard from scratch), the loss is counted, and a
-        new host takes the rank's bundle, or the surviving hosts carry on without it."""
-        preempted = getattr(err.failures[rank], "preempted", False)
-        budget = "preemptions" if preempted else "failures"
+    def _count_loss(self, budget: str, err: BaseException) -> None:
         self.losses[budget] += 1
         limit = getattr(self.config.cluster, f"max_{budget}")
         if self.losses[budget] > limit:
             raise HostLossesError(
                 f"teacher group: {self.losses[budget]} host(s) lost to {budget}, more than "
                 f"cluster.max_{budget}={limit} allows; the last loss:\n{err}") from err
+
+    def handles(self) -> tuple:
+        """The teacher host actors, by rank (what remote and hybrid students send requests to)."""
+        return tuple(self.teachers.actor(r) for r in range(self.teachers.num_hosts))
+
+    def replace_dead(self, err: BaseException) -> list[int]:
+        """Remote, hybrid: the teacher hosts that died under the students' requests (``err``,
+        the students' failure), found by a health check, each counted and replaced in its
+        bundle; returns their ranks (none: the students failed for another reason).
+
+        Raises:
+          HostLossesError: past the budget. HostGroupError, HostTimeoutError: a new host
+            could not start.
+        """
+        dead = self.teachers.unhealthy()
+        for rank in dead:
+            self._count_loss("failures", err)
+            self.teachers.replace_host(rank)
+            ref = self.teachers.submit(load_teacher, self.config, ranks=[rank])[rank]
+            self._jobs[ref] = (rank, "load")
+        return dead
+
+    def _lost(self, rank: int, err: HostGroupError) -> None:
+        """Host ``rank`` died: its unfinished shard goes back to the front of the queue (the
+        cache writer rewrites an uncommitted shard from scratch), the loss is counted, and a
+        new host takes the rank's bundle, or the surviving hosts carry on without it."""
+        preempted = getattr(err.failures[rank], "preempted", False)
+        self._count_loss("preemptions" if preempted else "failures", err)
         self.queue.requeue(rank)
         try:
             self.teachers.replace_host(rank)
@@ -683,7 +708,8 @@ class StudentRestart:
 
     Attributes:
       reason: "failure" (a host's process or node died), "preemption" (a notice, a preempted
-        node) or "grow" (nodes joined; the group stopped at a checkpoint to take them in).
+        node), "teacher lost" (remote, hybrid: a teacher host the students asked died and was
+        replaced) or "grow" (nodes joined; the group stopped at a checkpoint to take them in).
       hosts_before, hosts_after: the group's sizes.
       last_step: the last step the group reported before it stopped (None: none reported).
       resumed_step: the checkpoint step the new group restored.
@@ -713,8 +739,9 @@ class StudentWork:
     """
 
     def __init__(self, config: RunConfig, plan: StudentPlan, spec_for: Callable[[int], GroupSpec],
-                 student_fn: Callable[..., Any]):
+                 student_fn: Callable[..., Any], teachers: TeacherWork | None = None):
         self.config, self.plan, self.student_fn = config, plan, student_fn
+        self._teachers = teachers  # remote, hybrid: replaced when they die under requests
         self._spec_for = spec_for
         self.losses = {"failures": 0, "preemptions": 0}
         self.restarts: list[StudentRestart] = []
@@ -757,6 +784,10 @@ class StudentWork:
             reports = list(self.group.gather(self.refs).values())
         except HostGroupError as err:
             if not err.lost_ranks:
+                if self._teacher_replaced(err):
+                    self._restart("teacher lost", f"a teacher host died under the students' "
+                                  f"requests and was replaced:\n{err}", err)
+                    return
                 raise
             preempted = any(getattr(err.failures[r], "preempted", False) for r in err.lost_ranks)
             self._restart("preemption" if preempted else "failure", str(err), err)
@@ -773,9 +804,21 @@ class StudentWork:
             self._restart("grow", f"student group: stopped at the checkpoint of step "
                           f"{stopped[0].stopped_step} to grow to {self._grow_to} hosts")
 
+    def _teacher_replaced(self, err: HostGroupError) -> bool:
+        """Whether the students failed on a dead teacher actor (remote, hybrid), now replaced;
+        the students then get the new handles."""
+        if self.plan.source not in ("remote", "hybrid") or self._teachers is None or not any(
+                isinstance(getattr(e, "cause", None), ray.exceptions.RayActorError)
+                for e in err.failures.values()):
+            return False
+        if not self._teachers.replace_dead(err):
+            return False
+        self.plan = dataclasses.replace(self.plan, teachers=self._teachers.handles())
+        return True
+
     def _restart(self, reason: str, detail: str, err: BaseException | None = None) -> None:
         seen = time.monotonic()
-        if reason != "grow":
+        if reason in ("failure", "preemption"):  # a teacher's loss counts in the teacher group
             budget = "preemptions" if reason == "preemption" else "failures"
             self.losses[budget] += 1
             limit = getattr(self.config.cluster, f"max_{budget}")
@@ -1073,9 +1116,10 @@ def run(config: RunConfig, *, address: str | None = None, console=None,
         if start_teachers:
             teachers = HostGroup.create(specs["teacher"])
             teachers.setup_jax(distributed=False)
-        plan = StudentPlan(source, teacher_fp,
-                           tuple(teachers.actor(r) for r in range(teachers.num_hosts)) if teachers else ())
-        students = StudentWork(config, plan, student_spec, student)
+        work = (TeacherWork(teachers, config, queue, teacher_fp, fill, recover=source == "offline")
+                if teachers else None)
+        plan = StudentPlan(source, teacher_fp, work.handles() if work else ())
+        students = StudentWork(config, plan, student_spec, student, work)
         students.start(config.cluster.student.hosts)
         seconds["startup"] = time.monotonic() - started
         cache_total = {split: -(-num_rows[split] // config.cache.shard_sequences)
@@ -1086,9 +1130,6 @@ def run(config: RunConfig, *, address: str | None = None, console=None,
             shards_done={s: n - len(pending.get(s, ())) for s, n in cache_total.items()},
             teacher_hosts=teachers.num_hosts if teachers else 0,
             student_hosts=config.cluster.student.hosts)
-        # remote and hybrid students hold the teacher actors' handles: a lost one ends the run
-        work = (TeacherWork(teachers, config, queue, teacher_fp, fill, recover=source == "offline")
-                if teachers else None)
         with view:
             _supervise(students, work, view)
         reports = students.reports

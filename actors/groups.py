@@ -166,7 +166,10 @@ class HostGroupError(RuntimeError):
 
 
 def _is_lost(err: BaseException) -> bool:
-    return isinstance(err, ray.exceptions.RayActorError) and not err.actor_init_failed
+    # A work function that raised RayActorError itself (another actor it called died) comes
+    # back as a RayTaskError that is also an instance of its cause's class: not this host.
+    return (isinstance(err, ray.exceptions.RayActorError) and not err.actor_init_failed
+            and not isinstance(err, ray.exceptions.RayTaskError))
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the task name in its tracebacks
