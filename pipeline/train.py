@@ -61,9 +61,9 @@ class Preempted(Exception):
     """The run stopped early (SIGTERM, ``stop`` or ``pause``) after saving the checkpoint of
     ``step``."""
 
-    def __init__(self, step: int):
-        super().__init__(f"stopped after saving the checkpoint of step {step}; run the same "
-                         f"command again to resume")
+    def __init__(self, step: int, cause: str = "SIGTERM"):
+        super().__init__(f"stopped by {cause} after saving the checkpoint of step {step}; run "
+                         f"the same command again to resume")
         self.step = step
 
 
@@ -441,14 +441,14 @@ def train(config: RunConfig, *, host: Host = Host(), teacher: Llama | None = Non
     # From the start: a SIGTERM during the (slow) setup still ends in a saved checkpoint.
     with _StopOnSigterm() as sigterm:
         return _train(config, host=host, teacher=teacher, targets=targets, on_step=on_step,
-                      stops=(sigterm.requested,) if stop is None else (sigterm.requested, stop),
+                      sigterm=sigterm.requested, stop=stop or threading.Event(),
                       pause=pause or threading.Event())
 
 
 def _train(config: RunConfig, *, host: Host, teacher: Llama | None,
            targets: Mapping[str, TargetReader] | None,
-           on_step: Callable[[int, dict], None] | None,
-           stops: tuple[threading.Event, ...], pause: threading.Event) -> TrainResult:
+           on_step: Callable[[int, dict], None] | None, sigterm: threading.Event,
+           stop: threading.Event, pause: threading.Event) -> TrainResult:
     setup = prepare_run(config, host=host, teacher=teacher, targets=targets)
     info, train_data, eval_data, sharding = setup.info, setup.train_data, setup.eval_data, setup.sharding
     state, teacher_state = setup.state, setup.teacher_state
@@ -531,15 +531,18 @@ def _train(config: RunConfig, *, host: Host, teacher: Llama | None,
                 checkpoint_step = step % config.checkpoint.every_steps == 0
                 if checkpoint_step:
                     save(step)
-                decision = votes.cast(_StopVote.STOP if any(e.is_set() for e in stops) else
-                                      _StopVote.PAUSE if pause.is_set() else _StopVote.CARRY_ON)
+                decision = votes.cast(
+                    _StopVote.STOP if sigterm.is_set() or stop.is_set() else
+                    _StopVote.PAUSE if pause.is_set() else _StopVote.CARRY_ON)
                 if decision == _StopVote.STOP or (decision == _StopVote.PAUSE and checkpoint_step):
                     save(step)
                     checkpoints.wait()
                     logger.close()
                     if examples is not None:
                         examples.close()
-                    raise Preempted(step)
+                    raise Preempted(step, "SIGTERM" if sigterm.is_set() else
+                                    "a stop request" if decision == _StopVote.STOP else
+                                    "a pause at a checkpoint")
         final_step = max(start, config.train.steps)
         if config.eval.every_steps and final_step % config.eval.every_steps:
             last_eval = run_eval(final_step)

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.metrics import MetricsLogger, read_metrics, write_report
+from pipeline.metrics import ExampleLog, MetricsLogger, read_example_logs, read_metrics, write_report
 
 
 def _log_steps(run_dir, steps, **kwargs):
@@ -56,3 +56,33 @@ def test_report_overlays_named_runs(tmp_path):
                         runs={"a": tmp_path / "a", "b": tmp_path / "b"})
     assert "(eval_curves.png)" in path.read_text()
     assert (tmp_path / "train_curves.png").stat().st_size > 0
+
+
+def _log_examples(run_dir, index, count, steps, resume_step):
+    log = ExampleLog(run_dir, index, count, resume_step=resume_step)
+    for step in steps:
+        offsets = np.arange(step * 4 + index * 2, step * 4 + index * 2 + 2)
+        log.log(step, offsets, offsets[::-1] + 100)
+    log.close()
+
+
+def test_example_log_drops_steps_past_the_checkpoint_of_every_layout(tmp_path):
+    # two hosts ran steps 1-7; the run resumes from the step-5 checkpoint on one host
+    for index in (0, 1):
+        _log_examples(tmp_path, index, 2, range(1, 8), resume_step=0)
+    _log_examples(tmp_path, 0, 1, range(6, 9), resume_step=5)
+    records = read_example_logs(tmp_path)
+    assert sorted({(r["file"], r["step"]) for r in records}) == sorted(
+        [("host-0-of-2.jsonl", s) for s in range(1, 6)] + [("host-1-of-2.jsonl", s) for s in range(1, 6)]
+        + [("host-0-of-1.jsonl", s) for s in range(6, 9)])
+    first = next(r for r in records if r["file"] == "host-1-of-2.jsonl" and r["step"] == 3)
+    assert first["offsets"] == [14, 15] and first["rows"] == [115, 114]
+
+
+def test_example_log_of_a_non_primary_host_leaves_other_layouts_alone(tmp_path):
+    _log_examples(tmp_path, 0, 1, range(1, 5), resume_step=0)
+    _log_examples(tmp_path, 1, 2, range(3, 5), resume_step=2)  # host 1 may start writing first
+    assert sorted({r["step"] for r in read_example_logs(tmp_path) if r["file"] == "host-0-of-1.jsonl"}) \
+        == [1, 2, 3, 4]
+    _log_examples(tmp_path, 0, 1, [], resume_step=0)  # a fresh start empties its own layout
+    assert [r for r in read_example_logs(tmp_path) if r["file"] == "host-0-of-1.jsonl"] == []
