@@ -827,7 +827,7 @@ class StudentWork:
                     f"student group: {self.losses[budget]} restart(s) after {budget}, more than "
                     f"cluster.max_{budget}={limit} allows; the last:\n{detail}") from err
         before = self.group.num_hosts
-        self.group.shutdown()
+        self.group.shutdown(graceful=err is None)  # hosts that stopped by themselves leave cleanly
         resumed_step, _ = start_position(self.config)
         counts = self.config.student_host_counts()
         most = self._grow_to if reason == "grow" else before

@@ -498,14 +498,17 @@ class HostGroup:
 
     # ---- teardown ------------------------------------------------------------------------------
 
-    def shutdown(self) -> None:
-        """Leave jax.distributed (bounded wait), kill the actors, release the reservation.
+    def shutdown(self, *, graceful: bool = True) -> None:
+        """Leave jax.distributed (bounded wait; skipped when not ``graceful``: after a peer
+        died the survivors are stuck in a collective and the teardown call would queue behind
+        it for the whole TEARDOWN_TIMEOUT_S), kill the actors, release the reservation.
         Safe to call twice and after hosts died."""
         if self._closed:
             return
         self._closed = True
-        teardown = [a.teardown.remote() for a in self._actors]
-        ray.wait(teardown, num_returns=len(teardown), timeout=TEARDOWN_TIMEOUT_S)
+        if graceful:
+            teardown = [a.teardown.remote() for a in self._actors]
+            ray.wait(teardown, num_returns=len(teardown), timeout=TEARDOWN_TIMEOUT_S)
         for actor in self._actors:
             ray.kill(actor, no_restart=True)
         self._release(self._pg, self._tpu_handle)
