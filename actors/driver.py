@@ -55,13 +55,12 @@ from typing import Any
 
 import numpy as np
 import ray
-
-from actors.cluster import connect
 from ray.util.placement_group import placement_group_table
 
+from actors.cluster import connect
 from actors.groups import (LOCAL_HOST_CPU, PLACEMENT_TIMEOUT_S, GroupSpec, HostGroup,
                            HostGroupError, HostTimeoutError, InsufficientResourcesError,
-                           _cluster_census)
+                           cluster_census)
 from actors.hosts import HostEnv
 from pipeline.config import GroupConfig, RunConfig
 from pipeline.errors import ConfigError
@@ -694,6 +693,8 @@ def _hosts_by_total(spec: GroupSpec) -> int:
 
 def _free_nodes(spec: GroupSpec, held: set[str]) -> int:
     """Alive nodes other than ``held`` (node ids) with room for one more host of ``spec``."""
+    # Ray's public per-node view (ray.util.state) needs the dashboard, which an embedded or
+    # test cluster may not run; this is what `ray status` reads.
     from ray._private.state import available_resources_per_node
 
     available = available_resources_per_node()
@@ -842,7 +843,7 @@ class StudentWork:
             raise InsufficientResourcesError(
                 f"{what}: the alive nodes can hold {bound} student host(s), fewer than any size "
                 f"allowed {sizes}; add nodes or lower cluster.student.min_hosts;\n"
-                f"{_cluster_census(self._spec_for(1))}")
+                f"{cluster_census(self._spec_for(1))}")
         for hosts in candidates:
             try:
                 self.start(hosts, placement_timeout_s=REFORM_PLACEMENT_S)
@@ -1065,8 +1066,9 @@ def run(config: RunConfig, *, address: str | None = None, console=None,
 
     Raises:
       ConfigError: the config cannot run this way (e.g. no teacher path for teacher hosts).
-      InsufficientResourcesError: an embedded Ray cannot hold the groups (at once), or a
-        cluster could not place them within actors.groups.PLACEMENT_TIMEOUT_S.
+      InsufficientResourcesError: an embedded Ray cannot hold the groups (at once), a
+        cluster could not place them within actors.groups.PLACEMENT_TIMEOUT_S, or the student
+        group could not be formed again with at least cluster.student.min_hosts after a loss.
       HostGroupError: hosts failed (grouped by rank and error).
       HostLossesError: more hosts were lost (or student restarts needed) than
         cluster.max_failures (max_preemptions) allow; a lost teacher host's shard is written

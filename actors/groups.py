@@ -215,7 +215,7 @@ def _describe_failures(group: str, call: str, failures: dict[int, BaseException]
     return "\n".join(lines)
 
 
-def _cluster_census(spec: GroupSpec) -> str:
+def cluster_census(spec: GroupSpec) -> str:
     """What the alive nodes offer of the resources the spec asks for, one line per node."""
     wanted = set(spec.resources_per_host) | set(spec.head_resources) | {"CPU"}
     bundle = dict(spec.resources_per_host)
@@ -294,7 +294,7 @@ class HostGroup:
         pg, tpu_handle = cls._reserve(spec, placement_timeout_s)
         ready, _ = ray.wait([pg.ready()], timeout=placement_timeout_s)
         if not ready:
-            census = _cluster_census(spec)
+            census = cluster_census(spec)
             cls._release(pg, tpu_handle)
             raise InsufficientResourcesError(
                 f"{spec.name} group: could not place {spec.num_hosts} host(s) of "
@@ -361,7 +361,7 @@ class HostGroup:
         except RuntimeError as err:  # ray.util.tpu could not reserve a slice head in time
             raise InsufficientResourcesError(
                 f"{spec.name} group: no free TPU slice {spec.tpu.accelerator_version} "
-                f"{spec.tpu.topology} within {timeout_s:g} s ({err});\n{_cluster_census(spec)}"
+                f"{spec.tpu.topology} within {timeout_s:g} s ({err});\n{cluster_census(spec)}"
             ) from err
         if handle.num_hosts != spec.num_hosts:
             handle.shutdown()
