@@ -402,10 +402,11 @@ class LossConfig(_Section):
         "forward_kl", "KL(teacher || student), KL(student || teacher), or the generalised "
         "Jensen-Shannon divergence with weight beta.")
     beta: float = _field(0.5, "Mixture weight of the generalised JSD.", ge=0.0, le=1.0)
-    hidden_state_weight: float = _field(0.0, "Weight of the hidden-state MSE (0: off).", ge=0.0)
+    hidden_state_weight: float = _field(0.0, "Weight of the hidden-state loss (0: off).", ge=0.0)
     hidden_state_layers: tuple[int, ...] | None = _field(None, "Indices into hidden_states "
                                                          "(negatives count from the end); null: all.")
-    hidden_state_loss: Literal["mse"] = _field("mse", "Hidden-state distance.")
+    hidden_state_loss: Literal["mse", "cosine"] = _field(
+        "mse", "Hidden-state distance: mse (summed over features) or cosine (1 - cosine similarity).")
     attention_weight: float = _field(0.0, "Weight of the attention-map MSE (0: off).", ge=0.0)
     attention_layers: tuple[int, ...] | None = _field(None, "Layer indices for the attention "
                                                       "loss; null: all.")

@@ -34,9 +34,10 @@ def test_every_shipped_config_loads(path):
 
 def test_defaults_and_types():
     config = make("optimizer.learning_rate=1e-3", "loss.hidden_state_layers=[1, -1]",
-                  "loss.temperature=2")
+                  "loss.temperature=2", "loss.hidden_state_loss=cosine")
     assert config.optimizer.learning_rate == 1e-3  # YAML 1.1 reads 1e-3 as a string
     assert config.loss.hidden_state_layers == (1, -1)
+    assert config.loss.hidden_state_loss == "cosine"
     assert isinstance(config.loss.temperature, float)
     assert config.teacher_source == "offline"
     assert config.cache_temperature == config.loss.temperature == 2.0
@@ -62,6 +63,8 @@ def test_defaults_and_types():
     (["loss.divergence=forward_kld"], "loss.divergence: expected one of 'forward_kl', "
                                       "'reverse_kl', 'jsd', got str 'forward_kld'; did you mean "
                                       "'forward_kl'?"),
+    (["loss.hidden_state_loss=l1"], "loss.hidden_state_loss: expected one of 'mse', 'cosine', "
+                                    "got str 'l1'"),
     (["cache=null"], "neither a cache nor a live teacher is configured"),
     (["cluster.teacher_source=hybrid", "cache=null"], "cluster.teacher_source 'hybrid' reads"),
     (["cluster.teacher_source=live"], "model.teacher: cluster.teacher_source 'live' runs the "
