@@ -185,7 +185,8 @@ def fill_order(config: RunConfig, num_rows: Mapping[str, int], pending: Mapping[
     remaining = (config.train.steps - step) * batch
     offsets = np.arange(offset, offset + min(max(remaining, 0), num_rows["train"]), dtype=np.int64)
     if len(offsets):
-        shards = global_order(num_rows["train"], config.data.seed, offsets) // shard_rows
+        shards = global_order(num_rows["train"], config.data.seed, offsets,
+                              config.data.shuffle_window) // shard_rows
         first_shards, first_index = np.unique(shards, return_index=True)
         due.update({("train", int(s)): int(i) for s, i in zip(first_shards, first_index)})
     if num_rows.get("eval"):
@@ -549,7 +550,7 @@ def train_schedule(config: RunConfig, num_rows: int, offset: int, host_index: in
     batch = config.train.global_batch_size
     for step in itertools.count():
         offsets = host_offsets(offset + step * batch, batch, host_index, host_count)
-        yield global_order(num_rows, config.data.seed, offsets)
+        yield global_order(num_rows, config.data.seed, offsets, config.data.shuffle_window)
 
 
 def eval_schedule(config: RunConfig, num_rows: int, host_index: int,

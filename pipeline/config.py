@@ -342,6 +342,12 @@ class DataConfig(_Section):
                                   "as a fraction of 2^64, fall below this value: stable under "
                                   "reordering, renaming and appending data.", ge=0.0, lt=1.0)
     seed: int = _field(0, "Seed of the sample order; (seed, epoch) fix each epoch's permutation.")
+    shuffle_window: int = _field(
+        0, "0: each epoch is a uniform shuffle of all rows. N > 0: each epoch visits blocks of N "
+        "consecutive rows in a random order and the rows of each block in a random order, so "
+        "the first steps of `kdpipe run` (offline) need only the first cache shards, not nearly "
+        "all of them. Use a multiple of cache.shard_sequences, and blocks of many documents.",
+        ge=0)
     rows_per_shard: int = _field(8192, "Rows per parquet shard file of the prepared dataset.",
                                  gt=0, hashed=False)
 

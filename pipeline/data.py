@@ -532,18 +532,30 @@ def read_info(prepared_dir: str | os.PathLike) -> DatasetInfo:
 # ------------------------------------------------------------------------------------------
 
 @lru_cache(maxsize=4)
-def _permutation(num_rows: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(num_rows)
+def _permutation(num_rows: int, seed: int, epoch: int, window: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, epoch])
+    if not window or window >= num_rows:
+        return rng.permutation(num_rows)
+    starts = rng.permutation(np.arange(0, num_rows, window))
+    return np.concatenate([start + rng.permutation(min(window, num_rows - start))
+                           for start in starts])
 
 
-def global_order(num_rows: int, seed: int, offsets: np.ndarray) -> np.ndarray:
-    """Row ids of global samples ``offsets``: ``permutation(seed, o // N)[o % N]``."""
+def global_order(num_rows: int, seed: int, offsets: np.ndarray, window: int = 0) -> np.ndarray:
+    """Row ids of global samples ``offsets``: ``permutation(seed, o // N)[o % N]``.
+
+    ``window`` 0: each epoch is a uniform permutation of all ``N`` rows. ``window`` W > 0: each
+    epoch visits the blocks of W consecutive rows (the last may be shorter) in a random order,
+    and the rows of each block in a random order, so consecutive samples come from one block.
+    A cache of teacher targets being written in the order the samples need it (``kdpipe run``)
+    then serves the first steps after its first few shards, not nearly all of them.
+    """
     offsets = np.asarray(offsets, np.int64)
     rows = np.empty_like(offsets)
     epochs = offsets // num_rows
     for epoch in np.unique(epochs):
         where = epochs == epoch
-        rows[where] = _permutation(num_rows, seed, int(epoch))[offsets[where] % num_rows]
+        rows[where] = _permutation(num_rows, seed, int(epoch), window)[offsets[where] % num_rows]
     return rows
 
 
@@ -645,13 +657,15 @@ class HostBatches:
     """
 
     def __init__(self, dataset: TokenDataset, *, seed: int, global_batch: int,
-                 host_index: int = 0, host_count: int = 1, offset: int = 0):
+                 host_index: int = 0, host_count: int = 1, offset: int = 0,
+                 shuffle_window: int = 0):
         host_offsets(0, global_batch, host_index, host_count)  # validates the split
         if dataset.num_rows == 0:
             raise DataError(f"{dataset.directory} ({dataset.split}): the split has no rows")
         if offset < 0:
             raise DataError(f"offset: expected >= 0, got {offset}")
         self.dataset, self.seed, self.global_batch = dataset, seed, global_batch
+        self.shuffle_window = shuffle_window
         self.host_index, self.host_count = host_index, host_count
         self.offset = offset
 
@@ -668,7 +682,7 @@ class HostBatches:
         ``offset`` (what ``next()`` returns when ``self.offset == offset``), e.g. to fetch a
         batch's teacher targets ahead of time."""
         offsets = host_offsets(offset, self.global_batch, self.host_index, self.host_count)
-        return global_order(self.dataset.num_rows, self.seed, offsets)
+        return global_order(self.dataset.num_rows, self.seed, offsets, self.shuffle_window)
 
     def __next__(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         rows = self.rows_at(self.offset)

@@ -471,7 +471,8 @@ def _train(config: RunConfig, *, host: Host, teacher: Llama | None,
         votes = _StopVote(host)
         batches = HostBatches(train_data, seed=config.data.seed,
                               global_batch=config.train.global_batch_size,
-                              host_index=host.index, host_count=host.count, offset=offset)
+                              host_index=host.index, host_count=host.count, offset=offset,
+                              shuffle_window=config.data.shuffle_window)
         batch_tokens = config.train.global_batch_size * info.seq_len
 
         def save(step: int) -> None:

@@ -280,6 +280,43 @@ def test_resume_on_another_host_count_sees_the_same_global_batches(prepared):
     assert all(v.dtype == np.int32 and v.shape == (4, 8) for v in batch.values())
 
 
+@pytest.mark.parametrize("num_rows, window", [(100, 16), (97, 10), (30, 30), (30, 64)])
+def test_windowed_shuffle_visits_blocks_and_each_row_once_per_epoch(num_rows, window):
+    seed, epochs = 3, 3
+    order = global_order(num_rows, seed, np.arange(epochs * num_rows), window)
+    for epoch in range(epochs):
+        rows = order[epoch * num_rows:(epoch + 1) * num_rows]
+        assert sorted(rows.tolist()) == list(range(num_rows))  # a permutation of the epoch
+        # consecutive samples stay in one block until it is used up: the block ids change
+        # once per block, and each block's rows come out in a shuffled order
+        blocks = rows // window
+        changes = np.flatnonzero(np.diff(blocks)) + 1
+        assert len(changes) == -(-num_rows // window) - 1
+        for part in np.split(rows, changes):
+            assert sorted(part.tolist()) == list(range(part[0] // window * window,
+                                                      min(part[0] // window * window + window,
+                                                          num_rows)))
+    assert not np.array_equal(order[:num_rows], order[num_rows:2 * num_rows])  # a new order
+    # window 0 keeps the uniform epoch shuffle of all rows
+    np.testing.assert_array_equal(global_order(num_rows, seed, np.arange(num_rows), 0),
+                                  np.random.default_rng([seed, 0]).permutation(num_rows))
+
+
+def test_windowed_batches_resume_on_another_host_count(prepared):
+    dataset = TokenDataset(prepared)
+    window, batch = 8, 4
+
+    def ids(count: int, offset: int, steps: int) -> list[np.ndarray]:
+        """The global batches of ``steps`` steps from ``offset`` on ``count`` hosts."""
+        hosts = [HostBatches(dataset, seed=1, global_batch=batch, host_index=h, host_count=count,
+                             offset=offset, shuffle_window=window) for h in range(count)]
+        return [np.concatenate([next(host)[0] for host in hosts]) for _ in range(steps)]
+
+    whole = ids(1, 0, 6)
+    np.testing.assert_array_equal(np.concatenate(whole), np.concatenate(ids(2, 0, 3) + ids(4, 12, 3)))
+    assert all(len(set((rows // window).tolist())) <= 2 for rows in whole)  # a block or two
+
+
 def test_host_offsets_and_eval_batches(prepared):
     assert host_offsets(100, 12, 2, 3).tolist() == [108, 109, 110, 111]
     with pytest.raises(DataError, match=r"global batch size \(10\) must be divisible by the host "

@@ -258,6 +258,19 @@ def test_fill_order_follows_the_students_first_reads(tiny):
     assert sorted(resumed) == [("train", 0), ("train", 2)]
 
 
+def test_windowed_shuffle_lets_the_fill_serve_the_first_steps_after_two_shards(tiny):
+    from pipeline.data import global_order
+
+    config = config_of(tiny, "order-window", f"data.shuffle_window={2 * SHARD_SEQUENCES}")
+    order = fill_order(config, {"train": 150, "eval": 34}, {"train": set(range(5))})
+    # the first 16 steps (64 samples) read a block of two shards (three if the short last
+    # block comes first), and those are written first
+    first = set((global_order(150, config.data.seed, np.arange(64), 64) // SHARD_SEQUENCES).tolist())
+    assert len(first) <= 3 and {s for _, s in order[:len(first)]} == first
+    # with the uniform shuffle, the same steps need every shard
+    assert len(set((global_order(150, config.data.seed, np.arange(64)) // SHARD_SEQUENCES).tolist())) == 5
+
+
 def test_shard_queue_hands_the_next_shard_to_whichever_host_is_free():
     queue = ShardQueue([("train", 3), ("train", 0), ("eval", 1)])
     assert queue.take(0) == ("train", 3) and queue.take(1) == ("train", 0)
