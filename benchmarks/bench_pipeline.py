@@ -8,6 +8,9 @@
    work queue, after each host's warm-up (teacher loaded and compiled) (goal: >= 1.8x).
 3. One end-to-end ``kdpipe run`` (offline, fresh cache, teacher and student groups at once),
    its wall time split into phases.
+4. The same run with ``data.shuffle_window`` (blocks of rows shuffled, then rows within a
+   block): how long the student waits for shards, and the total, vs the uniform shuffle of (3),
+   whose first steps need nearly every shard.
 
 The workspace (a BPE tokenizer and token data from Python stdlib sources, a randomly
 initialised teacher) is built first under --workdir. Defaults fit a 2-core machine in a few
@@ -50,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--fill-shards", type=int, default=32,
                    help="train shards written in the fill benchmark (2), at most all of them")
     p.add_argument("--e2e-steps", type=int, default=60, help="student steps of the end-to-end run (3)")
+    p.add_argument("--shuffle-window", type=int, default=128,
+                   help="data.shuffle_window of the second end-to-end run (4), in rows")
     p.add_argument("--json", help="also write the figures to this JSON file")
     return p.parse_args(argv)
 
@@ -171,12 +176,18 @@ def main(argv=None) -> dict:
         ray.shutdown()
 
     # (3) end to end: `kdpipe run`, offline, fresh cache, both groups at once
-    e2e = config("e2e", f"cache.path={work / 'cache-e2e'}", f"train.steps={args.e2e_steps}",
-                 f"logging.every_steps={max(1, args.e2e_steps // 4)}",
-                 f"checkpoint.every_steps={args.e2e_steps}")
+    e2e_more = [f"train.steps={args.e2e_steps}", f"logging.every_steps={max(1, args.e2e_steps // 4)}",
+                f"checkpoint.every_steps={args.e2e_steps}"]
+    e2e = config("e2e", f"cache.path={work / 'cache-e2e'}", *e2e_more)
     outcome = run(e2e, console=Console(file=io.StringIO()))  # completes the cache (1) reads
     figures["end_to_end"] = {"seconds": outcome.seconds, "shards": len(outcome.shards_written),
                              "steps": outcome.result.step}
+    # (4) the same with a windowed shuffle: the student needs the first shards only
+    windowed = run(config("e2e-window", f"cache.path={work / 'cache-e2e-window'}",
+                          f"data.shuffle_window={args.shuffle_window}", *e2e_more),
+                   console=Console(file=io.StringIO()))
+    figures["end_to_end_windowed"] = {"seconds": windowed.seconds,
+                                      "shuffle_window": args.shuffle_window}
 
     # (1) student step: cache vs live co-located teacher, same data, steady state
     timing = [f"train.steps={args.steps}", f"logging.every_steps={args.steps // 2}",
@@ -191,7 +202,11 @@ def main(argv=None) -> dict:
 
     speedup = steps["offline"]["tokens_per_s"] / steps["live"]["tokens_per_s"]
     scaling = fills[2]["tokens_per_s"] / fills[1]["tokens_per_s"]
-    figures["headline"] = {"offline_vs_live_step_speedup": speedup, "fill_scaling_2_vs_1": scaling}
+    waits = (outcome.seconds["student waiting"], windowed.seconds["student waiting"])
+    figures["headline"] = {"offline_vs_live_step_speedup": speedup, "fill_scaling_2_vs_1": scaling,
+                           "student_waiting_uniform_vs_windowed": list(waits),
+                           "end_to_end_uniform_vs_windowed": outcome.seconds["total"]
+                           / windowed.seconds["total"]}
 
     table = Table(title=f"kdpipe pipeline benchmark (student {figures['workspace']['student_params']:,} "
                         f"params, teacher {figures['workspace']['teacher_params']:,}, "
@@ -206,9 +221,14 @@ def main(argv=None) -> dict:
                       f"{f['tokens_per_s']:,.0f} tok/s  ({f['seconds']:.1f} s, shards/host "
                       f"{f['shards_per_host']})")
     for phase, seconds in outcome.seconds.items():
-        table.add_row(f"(3) end to end: {phase}", f"{seconds:.1f} s")
+        table.add_row(f"(3) end to end: {phase}", f"{seconds:.1f} s  (windowed shuffle: "
+                      f"{windowed.seconds.get(phase, float('nan')):.1f} s)")
     table.add_row("(1) offline vs live step speedup (goal >= 2)", f"{speedup:.2f}x")
     table.add_row("(2) fill scaling, 2 vs 1 teacher hosts (goal >= 1.8)", f"{scaling:.2f}x")
+    table.add_row(f"(4) student waiting for shards, uniform vs window {args.shuffle_window}",
+                  f"{waits[0]:.1f} s vs {waits[1]:.1f} s")
+    table.add_row("(4) end to end total, uniform / windowed shuffle",
+                  f"{figures['headline']['end_to_end_uniform_vs_windowed']:.2f}x")
     Console().print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1) + "\n")
