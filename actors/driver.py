@@ -40,7 +40,9 @@ preemption notice, a node preempted); past either budget the run ends with ``Hos
 - When nodes join the cluster and a bigger student group fits, the students stop after their
   next checkpoint and the group is re-formed bigger (up to ``max_hosts``).
 - Rerunning a killed driver resumes both: committed shards are skipped and the students
-  restore their latest checkpoint.
+  restore their latest checkpoint. A driver sent SIGTERM or SIGINT (``ray job stop``,
+  Ctrl-C) first has the students save a checkpoint at the step they agree on, then raises
+  ``pipeline.train.Preempted`` (``kdpipe run`` exits 143); a second signal stops it at once.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -755,10 +759,22 @@ class StudentWork:
         self._grow_to: int | None = None
         self._next_grow_check = 0.0
         self._nodes = 0
+        self.stopping = False  # the driver was asked to stop: the next outcome ends the run
 
     @property
     def done(self) -> bool:
         return self.reports is not None
+
+    @property
+    def stopped_step(self) -> int | None:
+        """The checkpoint step the students stopped at after ``stop`` (None: they finished)."""
+        steps = [r.stopped_step for r in self.reports or () if r.stopped_step is not None]
+        return steps[0] if steps else None
+
+    def stop(self) -> None:
+        """Have the students save a checkpoint at the step they agree on and return."""
+        self.stopping = True
+        self.group.request_stop()
 
     def start(self, hosts: int, *, placement_timeout_s: float = PLACEMENT_TIMEOUT_S) -> None:
         """Form a group of ``hosts`` (one JAX program) and start the students on it."""
@@ -785,6 +801,8 @@ class StudentWork:
         try:
             reports = list(self.group.gather(self.refs).values())
         except HostGroupError as err:
+            if self.stopping:
+                raise
             if not err.lost_ranks:
                 if self._teacher_replaced(err):
                     self._restart("teacher lost", f"a teacher host died under the students' "
@@ -795,7 +813,7 @@ class StudentWork:
             self._restart("preemption" if preempted else "failure", str(err), err)
             return
         stopped = [r for r in reports if r.stopped_step is not None]
-        if not stopped:
+        if not stopped or self.stopping:
             self.reports = reports
         elif any(r.preempted for r in stopped):
             ranks = [r.rank for r in stopped if r.preempted]
@@ -1071,6 +1089,8 @@ def run(config: RunConfig, *, address: str | None = None, console=None,
         cluster could not place them within actors.groups.PLACEMENT_TIMEOUT_S, or the student
         group could not be formed again with at least cluster.student.min_hosts after a loss.
       HostGroupError: hosts failed (grouped by rank and error).
+      pipeline.train.Preempted: the driver got SIGTERM or SIGINT; the students saved a
+        checkpoint first.
       HostLossesError: more hosts were lost (or student restarts needed) than
         cluster.max_failures (max_preemptions) allow; a lost teacher host's shard is written
         again, by a new host in its place when one starts, else by the others.
@@ -1133,8 +1153,12 @@ def run(config: RunConfig, *, address: str | None = None, console=None,
             shards_done={s: n - len(pending.get(s, ())) for s, n in cache_total.items()},
             teacher_hosts=teachers.num_hosts if teachers else 0,
             student_hosts=config.cluster.student.hosts)
-        with view:
-            _supervise(students, work, view)
+        with _StopSignals() as signals, view:
+            _supervise(students, work, view, signals)
+        if students.stopped_step is not None:
+            from pipeline.train import Preempted
+
+            raise Preempted(students.stopped_step, signals.received or "a stop request")
         reports = students.reports
         if work is not None and work.load_seconds:
             seconds["teacher load"] = max(work.load_seconds)
@@ -1157,13 +1181,49 @@ def run(config: RunConfig, *, address: str | None = None, console=None,
                       student_restarts=tuple(students.restarts))
 
 
-def _supervise(students: StudentWork, work: TeacherWork | None, view: ProgressView) -> None:
+class _StopSignals:
+    """SIGTERM and SIGINT to the driver, noted (``received``) rather than acted on, while
+    installed (main thread only); a second one gets the handler from before."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def _note(self, signum, frame) -> None:
+        if self.received is not None:
+            previous = self._previous[signum]
+            if callable(previous):
+                previous(signum, frame)
+            else:  # SIG_DFL
+                signal.signal(signum, signal.SIG_DFL)
+                signal.raise_signal(signum)
+            return
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._note) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+
+
+def _supervise(students: StudentWork, work: TeacherWork | None, view: ProgressView,
+               signals: _StopSignals) -> None:
     """The driver loop: collect teacher work (each finished shard hands its host the next),
     watch the students (re-forming their group as needed), refresh the view; returns when the
-    students are done and the shard queue is empty."""
+    students are done and the shard queue is empty, or when they stopped on a signal."""
     if work is not None:
         view.teacher_state = "loading the teacher"
-    while not students.done or (work is not None and work.busy):
+    while not students.done or (work is not None and work.busy and not students.stopping):
+        if signals.received and not students.stopping:
+            students.stop()
+            view.console.print(f"{signals.received}: the students save a checkpoint at their next "
+                               f"step and stop (again to stop at once)")
         waiting_on = (work.refs if work is not None else []) + (
             [] if students.done else list(students.refs.values()))
         ready, _ = ray.wait(waiting_on, num_returns=1, timeout=POLL_S)

@@ -12,6 +12,9 @@ directory, compared with the uninterrupted run:
 - restarts past ``cluster.max_failures``: a clear error;
 - the driver process itself SIGKILLed while the teacher still writes the eval cache: the same
   command again writes only the missing shards and resumes training from the checkpoint.
+- `kdpipe run` sent SIGTERM: the students save a checkpoint where they stop, the CLI exits 143,
+  and the same command again finishes the run as if uninterrupted;
+- a remote teacher host SIGKILLed under the students' requests: replaced, students restarted.
 
 Losing nodes (2 -> 1 hosts), nodes joining, and too few nodes left are in
 test_elastic_nodes.py (a multi-node Ray).
@@ -211,6 +214,41 @@ def test_student_restarts_past_the_budget_end_the_run(tiny, uninterrupted, tmp_p
                        r"than cluster.max_failures=0 allows; the last:\nstudent group: run failed"):
         quiet_run(config, student=functools.partial(
             signalled_student, signum=signal.SIGKILL, at_step=3, rank=0, marker=str(tmp_path / "k")))
+
+
+def test_kdpipe_run_stopped_by_sigterm_checkpoints_then_resumes(tiny, uninterrupted, tmp_path):
+    reference, _ = uninterrupted
+    work, overrides = tiny
+    config = config_of(tiny, "driver-sigterm")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(ROOT)
+    sets = [arg for override in [*overrides, f"run_dir={config.run_dir}"]
+            for arg in ("--set", override)]
+    driver = subprocess.Popen([sys.executable, "-m", "actors.cli", "run", str(TINY), *sets],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not any(r["step"] >= 3 for r in read_example_logs(config.run_dir)):
+            assert driver.poll() is None and time.monotonic() < deadline, "no step 3"
+            time.sleep(0.1)
+        driver.send_signal(signal.SIGTERM)
+        output, _ = driver.communicate(timeout=300)
+    finally:
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert driver.returncode == 143, output[-3000:]
+    stopped = max(read_checkpoint_metas(config.checkpoint_dir))  # where the hosts stopped
+    assert 3 <= stopped < STEPS
+    assert f"stopped by SIGTERM after saving the checkpoint of step {stopped}" in output
+    assert max(r["step"] for r in read_example_logs(config.run_dir)) == stopped
+
+    outcome = quiet_run(config)
+    assert outcome.result.step == STEPS and outcome.student_restarts == ()
+    assert_same_params(config.run_dir, reference.run_dir)
+    assert_each_example_once(config)
 
 
 def uncommitted_shards(config) -> set[tuple[str, int]]:
