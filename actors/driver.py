@@ -51,6 +51,7 @@ import collections
 import dataclasses
 import itertools
 import signal
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -721,7 +722,8 @@ class StudentRestart:
       resumed_step: the checkpoint step the new group restored.
       recover_s: from the moment the driver saw the loss to the new group's first step
         (None until that step).
-      detail: what happened, as the group reported it.
+      detail: what happened, as the group reported it (one line per kind of failure, with
+        the ranks; no tracebacks).
     """
 
     reason: str
@@ -873,8 +875,11 @@ class StudentWork:
             raise InsufficientResourcesError(
                 f"{what} with any of {candidates} host(s) {sizes} within {REFORM_PLACEMENT_S:g} s "
                 f"each;\n{last_error}")
+        # the ranks and what happened to them; a survivor's traceback (a collective whose peer
+        # died) says nothing more
+        summary = "\n".join(line for line in detail.splitlines() if not line.startswith("    "))
         self.restarts.append(StudentRestart(reason, before, self.group.num_hosts, self.last_step,
-                                            resumed_step, detail=detail))
+                                            resumed_step, detail=summary))
         self._recovering_since = seen
 
     def observe(self, statuses: Mapping[int, dict]) -> None:
@@ -949,7 +954,7 @@ class ProgressView:
         self.restarts.append(f"{restart.reason}: {restart.hosts_before} -> {restart.hosts_after} "
                              f"hosts from step {restart.resumed_step}")
         self.console.print(f"student group re-formed after a {self.restarts[-1]}\n"
-                           f"  {restart.detail.splitlines()[0]}")
+                           + textwrap.indent(restart.detail, "  "))
 
     def _rows(self) -> list[tuple[str, ...]]:
         now = time.monotonic()

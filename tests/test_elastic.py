@@ -154,6 +154,7 @@ def test_student_host_killed_is_reformed_and_ends_as_if_uninterrupted(tiny, unin
     assert (restart.reason, restart.hosts_before, restart.hosts_after) == ("failure", 2, 2)
     assert restart.resumed_step == 10
     assert "rank 1: ActorDiedError" in restart.detail or "rank 1: RayActorError" in restart.detail
+    assert not [line for line in restart.detail.splitlines() if line.startswith("    ")]
     assert restart.recover_s is not None and restart.recover_s > 0
     print(f"\nrecovered from a SIGKILLed student host in {restart.recover_s:.1f} s")
     assert_same_params(config.run_dir, reference.run_dir)
