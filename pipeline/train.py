@@ -535,7 +535,8 @@ def _train(config: RunConfig, *, host: Host, teacher: Llama | None,
                 decision = votes.cast(
                     _StopVote.STOP if sigterm.is_set() or stop.is_set() else
                     _StopVote.PAUSE if pause.is_set() else _StopVote.CARRY_ON)
-                if decision == _StopVote.STOP or (decision == _StopVote.PAUSE and checkpoint_step):
+                stop_now = decision == _StopVote.STOP or (decision == _StopVote.PAUSE and checkpoint_step)
+                if stop_now and step < config.train.steps:  # the last step finishes the run
                     save(step)
                     checkpoints.wait()
                     logger.close()
