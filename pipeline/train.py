@@ -535,8 +535,7 @@ def _train(config: RunConfig, *, host: Host, teacher: Llama | None,
                 decision = votes.cast(
                     _StopVote.STOP if sigterm.is_set() or stop.is_set() else
                     _StopVote.PAUSE if pause.is_set() else _StopVote.CARRY_ON)
-                stop_now = decision == _StopVote.STOP or (decision == _StopVote.PAUSE and checkpoint_step)
-                if stop_now and step < config.train.steps:  # the last step finishes the run
+                if decision == _StopVote.STOP or (decision == _StopVote.PAUSE and checkpoint_step):
                     save(step)
                     checkpoints.wait()
                     logger.close()
