@@ -51,6 +51,8 @@ def head():
         PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN=secrets.token_hex(32),
+        # `ray job stop` waits this long after its SIGTERM before a SIGKILL (as cluster-tpu.yaml)
+        RAY_JOB_STOP_WAIT_TIME_S="600",
     )
     env.pop("RAY_ADDRESS", None)
     log = open(os.path.join(temp_dir, "head.log"), "wb")
@@ -104,7 +106,7 @@ def _wait_for_job_server(address, env, proc, temp_dir):
 def tiny_run(tmp_path_factory):
     """`--set` overrides of configs/tiny-test.yaml for a tokenizer, data and teacher made here
     (absolute paths: the job runs in its own copy of the working directory)."""
-    from test_driver import make_tiny_run
+    from tiny_run import make_tiny_run
 
     work = tmp_path_factory.mktemp("job")
     return work, make_tiny_run(work) + [f"cache.path={work / 'cache'}", f"run_dir={work / 'run'}"]
@@ -147,6 +149,44 @@ def test_job_submit_installs_the_project_and_runs_kdpipe_run(head, tiny_run):
     assert summary["step"] == 8 and summary["teacher_source"] == "offline"
     assert summary["teacher_hosts"] == 1 and summary["shards_written"] > 0
     assert (work / "run" / "student" / "model.safetensors").exists()
+
+
+def test_ray_job_stop_has_the_students_checkpoint_first(head, tiny_run):
+    """`ray job stop` on a long `kdpipe run` job (the cache the job above wrote is complete, so
+    no teacher host starts): the driver's SIGTERM makes the student save a checkpoint at the
+    step it stops at, and the job ends STOPPED."""
+    from pipeline.checkpoint import read_checkpoint_metas
+    from pipeline.metrics import read_metrics
+
+    address, env = head
+    work, overrides = tiny_run
+    run_dir = work / "stopped"
+    job_id = f"kdpipe-stop-{secrets.token_hex(4)}"
+    sets = [arg for override in [*overrides, f"run_dir={run_dir}", "train.steps=100000",
+                                 "checkpoint.every_steps=50000"] for arg in ("--set", override)]
+    submit = subprocess.run(
+        [str(VENV_BIN / "ray"), "job", "submit", "--address", address, "--submission-id", job_id,
+         "--no-wait", "--working-dir", ".", "--runtime-env", "deploy/runtime_env.yaml",
+         "--", "kdpipe", "run", "configs/tiny-test.yaml", *sets],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not any(r["step"] >= 20 for r in read_metrics(run_dir)):
+        assert time.monotonic() < deadline, "the job logged no step 20"
+        time.sleep(1)
+    stop = subprocess.run([str(VENV_BIN / "ray"), "job", "stop", "--address", address, job_id],
+                          env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    poll = subprocess.run(
+        [str(VENV_BIN / "python"), "-c", POLL_CODE, address, job_id, str(JOB_TIMEOUT_S)],
+        env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S + 60,
+    )
+    outcome = json.loads(poll.stdout.strip().splitlines()[-1])
+    assert outcome["status"] == "STOPPED", outcome["logs"][-4000:]
+    saved = max(read_checkpoint_metas(run_dir / "checkpoints"))
+    assert saved >= 20  # where the student stopped: the periodic checkpoint is at 50000
+    assert f"stopped by SIGTERM after saving the checkpoint of step {saved}" in outcome["logs"]
 
 
 def test_submit_script_targets_loopback_with_token_auth():
