@@ -14,7 +14,8 @@ directory, compared with the uninterrupted run:
   command again writes only the missing shards and resumes training from the checkpoint.
 - `kdpipe run` sent SIGTERM: the students save a checkpoint where they stop, the CLI exits 143,
   and the same command again finishes the run as if uninterrupted;
-- a remote teacher host SIGKILLed under the students' requests: replaced, students restarted.
+- a remote (and a hybrid) teacher host SIGKILLed under the students' requests: replaced, the
+  students restarted from their checkpoint, the training the same.
 
 Losing nodes (2 -> 1 hosts), nodes joining, and too few nodes left are in
 test_elastic_nodes.py (a multi-node Ray).
@@ -194,10 +195,13 @@ def teacher_killing_student(host, config, plan, *, at_step: int, marker: str):
     return train_student(host, config, plan)
 
 
-def test_remote_teacher_killed_is_replaced_and_students_restart(tiny, uninterrupted, tmp_path):
+@pytest.mark.parametrize("source", ["remote", "hybrid"])
+def test_remote_teacher_killed_is_replaced_and_students_restart(tiny, uninterrupted, tmp_path,
+                                                                source):
     reference, _ = uninterrupted
-    config = config_of(tiny, "remote-killed", "cluster.teacher_source=remote",
-                       "cluster.max_failures=1")
+    # hybrid on a cache nobody writes: every batch goes to the teacher hosts
+    config = config_of(tiny, f"{source}-killed", f"cluster.teacher_source={source}",
+                       "cluster.max_failures=1", f"cache.path={tmp_path / 'no-cache'}")
     outcome = quiet_run(config, student=functools.partial(
         teacher_killing_student, at_step=12, marker=str(tmp_path / "k")))
     (restart,) = outcome.student_restarts
