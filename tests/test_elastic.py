@@ -11,7 +11,7 @@ directory, compared with the uninterrupted run:
   and stop, the group is re-formed and ends the same way;
 - restarts past ``cluster.max_failures``: a clear error;
 - the driver process itself SIGKILLed while the teacher still writes the eval cache: the same
-  command again writes only the missing shards and resumes training from the checkpoint.
+  command again writes only the missing shards and resumes training from the checkpoint;
 - `kdpipe run` sent SIGTERM: the students save a checkpoint where they stop, the CLI exits 143,
   and the same command again finishes the run as if uninterrupted;
 - a remote (and a hybrid) teacher host SIGKILLed under the students' requests: replaced, the
