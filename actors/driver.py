@@ -209,6 +209,14 @@ class HostLossesError(RuntimeError):
     """More hosts were lost than ``cluster.max_failures`` / ``max_preemptions`` allow."""
 
 
+def _exceeded(losses: dict[str, int], budget: str, config: RunConfig) -> int | None:
+    """Count one more loss in ``losses[budget]`` ("failures" or "preemptions"); returns the
+    limit (``cluster.max_<budget>``) when the count now exceeds it, else None."""
+    losses[budget] += 1
+    limit = getattr(config.cluster, f"max_{budget}")
+    return limit if losses[budget] > limit else None
+
+
 class ShardQueue:
     """The driver's queue of cache shards: each teacher host holds one shard at a time and takes
     the next when it finishes (dynamic assignment: a faster host writes more shards)."""
@@ -354,9 +362,7 @@ class TeacherWork:
             self._jobs[ref] = (rank, "fill")
 
     def _count_loss(self, budget: str, err: BaseException) -> None:
-        self.losses[budget] += 1
-        limit = getattr(self.config.cluster, f"max_{budget}")
-        if self.losses[budget] > limit:
+        if (limit := _exceeded(self.losses, budget, self.config)) is not None:
             raise HostLossesError(
                 f"teacher group: {self.losses[budget]} host(s) lost to {budget}, more than "
                 f"cluster.max_{budget}={limit} allows; the last loss:\n{err}") from err
@@ -842,9 +848,7 @@ class StudentWork:
         seen = time.monotonic()
         if reason in ("failure", "preemption"):  # a teacher's loss counts in the teacher group
             budget = "preemptions" if reason == "preemption" else "failures"
-            self.losses[budget] += 1
-            limit = getattr(self.config.cluster, f"max_{budget}")
-            if self.losses[budget] > limit:
+            if (limit := _exceeded(self.losses, budget, self.config)) is not None:
                 raise HostLossesError(
                     f"student group: {self.losses[budget]} restart(s) after {budget}, more than "
                     f"cluster.max_{budget}={limit} allows; the last:\n{detail}") from err

@@ -122,12 +122,8 @@ POLL_CODE = textwrap.dedent("""
 """)
 
 
-def test_job_submit_installs_the_project_and_runs_kdpipe_run(head, tiny_run):
-    """`ray job submit ... -- kdpipe run configs/tiny-test.yaml`: the job installs the project
-    through deploy/runtime_env.yaml, its driver joins the cluster (RAY_ADDRESS set by Ray), and
-    a teacher host fills the cache while a student host trains."""
-    address, env = head
-    work, overrides = tiny_run
+def _submit(address: str, env: dict, overrides: list[str]) -> str:
+    """`ray job submit --no-wait ... -- kdpipe run configs/tiny-test.yaml --set ...`; the job id."""
     job_id = f"kdpipe-test-{secrets.token_hex(4)}"
     sets = [arg for override in overrides for arg in ("--set", override)]
     submit = subprocess.run(
@@ -137,12 +133,27 @@ def test_job_submit_installs_the_project_and_runs_kdpipe_run(head, tiny_run):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )
     assert submit.returncode == 0, submit.stdout + submit.stderr
+    return job_id
+
+
+def _poll(address: str, env: dict, job_id: str) -> dict:
+    """The job's final status and logs (POLL_CODE in a client subprocess)."""
     poll = subprocess.run(
         [str(VENV_BIN / "python"), "-c", POLL_CODE, address, job_id, str(JOB_TIMEOUT_S)],
         env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S + 60,
     )
     assert poll.returncode == 0, poll.stderr
-    outcome = json.loads(poll.stdout.strip().splitlines()[-1])
+    return json.loads(poll.stdout.strip().splitlines()[-1])
+
+
+def test_job_submit_installs_the_project_and_runs_kdpipe_run(head, tiny_run):
+    """`ray job submit ... -- kdpipe run configs/tiny-test.yaml`: the job installs the project
+    through deploy/runtime_env.yaml, its driver joins the cluster (RAY_ADDRESS set by Ray), and
+    a teacher host fills the cache while a student host trains."""
+    address, env = head
+    work, overrides = tiny_run
+    job_id = _submit(address, env, overrides)
+    outcome = _poll(address, env, job_id)
     assert outcome["status"] == "SUCCEEDED", outcome["logs"][-4000:]
     logs = outcome["logs"]
     summary, _ = json.JSONDecoder().raw_decode(logs[logs.rindex("\n{") + 1:])  # `kdpipe run` prints it last
@@ -161,16 +172,8 @@ def test_ray_job_stop_has_the_students_checkpoint_first(head, tiny_run):
     address, env = head
     work, overrides = tiny_run
     run_dir = work / "stopped"
-    job_id = f"kdpipe-stop-{secrets.token_hex(4)}"
-    sets = [arg for override in [*overrides, f"run_dir={run_dir}", "train.steps=100000",
-                                 "checkpoint.every_steps=50000"] for arg in ("--set", override)]
-    submit = subprocess.run(
-        [str(VENV_BIN / "ray"), "job", "submit", "--address", address, "--submission-id", job_id,
-         "--no-wait", "--working-dir", ".", "--runtime-env", "deploy/runtime_env.yaml",
-         "--", "kdpipe", "run", "configs/tiny-test.yaml", *sets],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
-    )
-    assert submit.returncode == 0, submit.stdout + submit.stderr
+    job_id = _submit(address, env, [*overrides, f"run_dir={run_dir}", "train.steps=100000",
+                                    "checkpoint.every_steps=50000"])
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while not any(r["step"] >= 20 for r in read_metrics(run_dir)):
         assert time.monotonic() < deadline, "the job logged no step 20"
@@ -178,11 +181,7 @@ def test_ray_job_stop_has_the_students_checkpoint_first(head, tiny_run):
     stop = subprocess.run([str(VENV_BIN / "ray"), "job", "stop", "--address", address, job_id],
                           env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
     assert stop.returncode == 0, stop.stdout + stop.stderr
-    poll = subprocess.run(
-        [str(VENV_BIN / "python"), "-c", POLL_CODE, address, job_id, str(JOB_TIMEOUT_S)],
-        env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S + 60,
-    )
-    outcome = json.loads(poll.stdout.strip().splitlines()[-1])
+    outcome = _poll(address, env, job_id)
     assert outcome["status"] == "STOPPED", outcome["logs"][-4000:]
     saved = max(read_checkpoint_metas(run_dir / "checkpoints"))
     assert saved >= 20  # where the student stopped: the periodic checkpoint is at 50000
