@@ -504,8 +504,9 @@ def _train(config: RunConfig, *, host: Host, teacher: Llama | None,
         with progress, (contextlib.nullcontext() if targets_ahead is None
                         else contextlib.closing(targets_ahead)):
             for step in range(start + 1, config.train.steps + 1):
-                offsets = host_offsets(batches.offset, config.train.global_batch_size,
-                                       host.index, host.count)
+                if examples is not None:
+                    examples_at = host_offsets(batches.offset, config.train.global_batch_size,
+                                               host.index, host.count)
                 rows, local = next(batches)
                 if targets_ahead is not None:
                     local = {**local, **next(targets_ahead)}
@@ -524,7 +525,7 @@ def _train(config: RunConfig, *, host: Host, teacher: Llama | None,
                                                  f"{tokens_per_s:,.0f} tok/s")
                 progress.update(task, advance=1)
                 if examples is not None:
-                    examples.log(step, offsets, rows)
+                    examples.log(step, examples_at, rows)
                 if on_step is not None:
                     on_step(step, logged)
                 if config.eval.every_steps and step % config.eval.every_steps == 0:

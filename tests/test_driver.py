@@ -35,7 +35,7 @@ from actors.driver import (ShardQueue, absolute_paths, eval_schedule, fill_order
                            train_schedule)
 from pipeline.config import load_config
 from pipeline.metrics import read_metrics
-from tiny_run import TINY, make_tiny_run, quiet_run
+from tiny_run import TINY, config_of, make_tiny_run, quiet_run
 
 # The gated fill below travels to the teacher actors by value: this module is not importable
 # in Ray's worker processes.
@@ -55,11 +55,6 @@ def tiny(tmp_path_factory):
     connect(num_cpus=2, dashboard=False)
     yield work, overrides
     ray.shutdown()
-
-
-def config_of(tiny, name: str, *more: str):
-    work, overrides = tiny
-    return load_config(TINY, [*overrides, f"run_dir={work / name}", *more])
 
 
 def curves(run_dir) -> dict[tuple[str, int], dict]:

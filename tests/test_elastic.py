@@ -40,8 +40,9 @@ from actors.cluster import connect
 from actors.driver import HostLossesError, train_student
 from pipeline.checkpoint import read_checkpoint_metas
 from pipeline.config import load_config
-from pipeline.metrics import read_example_logs, read_metrics
-from tiny_run import TINY, make_tiny_run, quiet_run
+from pipeline.metrics import read_example_logs
+from tiny_run import (TINY, assert_same_curves, checked_example_logs, config_of,
+                      make_tiny_run, quiet_run)
 
 # The student functions below travel to the host actors by value: this module is not
 # importable in Ray's worker processes.
@@ -62,11 +63,6 @@ def tiny(tmp_path_factory):
     connect(num_cpus=2, dashboard=False)
     yield work, overrides
     ray.shutdown()
-
-
-def config_of(tiny, name: str, *more: str):
-    work, overrides = tiny
-    return load_config(TINY, [*overrides, f"run_dir={work / name}", *more])
 
 
 @pytest.fixture(scope="module")
@@ -113,30 +109,15 @@ def assert_same_params(got_dir, want_dir):
 
 
 def assert_each_example_once(config):
-    """The example logs list every global sample offset of the run exactly once, on the rows
-    the global order puts there."""
-    from pipeline.data import global_order, read_info
-
-    records = read_example_logs(config.run_dir)
-    offsets = np.concatenate([r["offsets"] for r in records])
-    rows = np.concatenate([r["rows"] for r in records])
-    expected = np.arange(STEPS * BATCH)
-    np.testing.assert_array_equal(np.sort(offsets), expected)  # none lost, none twice
-    num_rows = read_info(config.data.prepared_dir).splits["train"]["num_rows"]
-    np.testing.assert_array_equal(rows, global_order(num_rows, config.data.seed, offsets))
+    """Every example once (``checked_example_logs``), each step logged by both hosts."""
+    records = checked_example_logs(config, STEPS * BATCH)
     steps = sorted(r["step"] for r in records)
     assert steps == sorted(list(range(1, STEPS + 1)) * 2)  # each step on both hosts
     return records
 
 
 def assert_same_metrics(got_dir, want_dir, rel: float = 1e-6):
-    got = {(r["split"], r["step"]): r for r in read_metrics(got_dir)}
-    want = {(r["split"], r["step"]): r for r in read_metrics(want_dir)}
-    assert got.keys() == want.keys()
-    for key, record in want.items():
-        for name in ("loss", "kl_loss", "ce_loss", "grad_norm"):
-            if name in record:
-                assert got[key][name] == pytest.approx(record[name], rel=rel), (key, name)
+    assert_same_curves(got_dir, want_dir, rel=rel, names=("loss", "kl_loss", "ce_loss", "grad_norm"))
 
 
 def test_uninterrupted_run_logs_each_example_once(uninterrupted):

@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 
-import numpy as np
 import pytest
 import ray
 from ray.cluster_utils import Cluster
@@ -29,8 +28,8 @@ from actors.cluster import connect
 from actors.driver import train_student
 from actors.groups import InsufficientResourcesError
 from pipeline.config import load_config
-from pipeline.metrics import read_example_logs, read_metrics
-from tiny_run import TINY, make_tiny_run, quiet_run
+from pipeline.metrics import read_example_logs
+from tiny_run import TINY, assert_same_curves, checked_example_logs, make_tiny_run, quiet_run
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -108,14 +107,8 @@ def run_while(config, *, at_step: int, action, seconds_per_step: float):
 
 
 def assert_each_example_once(config, hosts_per_step):
-    from pipeline.data import global_order, read_info
-
-    records = read_example_logs(config.run_dir)
-    offsets = np.concatenate([r["offsets"] for r in records])
-    np.testing.assert_array_equal(np.sort(offsets), np.arange(STEPS * BATCH))
-    num_rows = read_info(config.data.prepared_dir).splits["train"]["num_rows"]
-    np.testing.assert_array_equal(np.concatenate([r["rows"] for r in records]),
-                                  global_order(num_rows, config.data.seed, offsets))
+    """Every example once (``checked_example_logs``), each step logged by the hosts given."""
+    records = checked_example_logs(config, STEPS * BATCH)
     per_step = {s: sorted(r["file"] for r in records if r["step"] == s) for s in range(1, STEPS + 1)}
     assert per_step == hosts_per_step
 
@@ -135,13 +128,8 @@ def uninterrupted(cluster):
 
 
 def assert_loss_continues(config, reference):
-    got = {(r["split"], r["step"]): r for r in read_metrics(config.run_dir)}
-    want = {(r["split"], r["step"]): r for r in read_metrics(reference.run_dir)}
-    assert got.keys() == want.keys()
-    for key in want:
-        for name in ("loss", "kl_loss", "ce_loss"):
-            if name in want[key]:
-                assert got[key][name] == pytest.approx(want[key][name], rel=1e-4), (key, name)
+    assert_same_curves(config.run_dir, reference.run_dir, rel=1e-4,
+                       names=("loss", "kl_loss", "ce_loss"))
 
 
 def test_lost_node_shrinks_the_group_and_training_continues(cluster, uninterrupted):

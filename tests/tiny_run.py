@@ -8,7 +8,11 @@ import json
 import textwrap
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 from pipeline.config import load_config
+from pipeline.metrics import read_example_logs, read_metrics
 
 TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny-test.yaml"
 
@@ -46,3 +50,36 @@ def quiet_run(config, **kwargs):
     from actors.driver import run
 
     return run(config, console=Console(file=io.StringIO(), width=200), **kwargs)
+
+
+def config_of(tiny: tuple, name: str, *more: str):
+    """The tiny config of a module's ``tiny`` fixture, ``(work, overrides)``, with its own run
+    directory ``work/name`` and ``more`` overrides."""
+    work, overrides = tiny
+    return load_config(TINY, [*overrides, f"run_dir={work / name}", *more])
+
+
+def checked_example_logs(config, samples: int) -> list[dict]:
+    """The run's example logs (``logging.example_ids``), checked: every global sample offset
+    below ``samples`` exactly once (none lost, none twice), on the rows the global order puts
+    there. Returns the records."""
+    from pipeline.data import global_order, read_info
+
+    records = read_example_logs(config.run_dir)
+    offsets = np.concatenate([r["offsets"] for r in records])
+    np.testing.assert_array_equal(np.sort(offsets), np.arange(samples))
+    num_rows = read_info(config.data.prepared_dir).splits["train"]["num_rows"]
+    np.testing.assert_array_equal(np.concatenate([r["rows"] for r in records]),
+                                  global_order(num_rows, config.data.seed, offsets))
+    return records
+
+
+def assert_same_curves(got_dir, want_dir, *, rel: float, names: tuple[str, ...]):
+    """The same metric records (split, step) in both runs, ``names`` equal within ``rel``."""
+    got = {(r["split"], r["step"]): r for r in read_metrics(got_dir)}
+    want = {(r["split"], r["step"]): r for r in read_metrics(want_dir)}
+    assert got.keys() == want.keys()
+    for key, record in want.items():
+        for name in names:
+            if name in record:
+                assert got[key][name] == pytest.approx(record[name], rel=rel), (key, name)
