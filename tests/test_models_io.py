@@ -10,11 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from pipeline.errors import ConfigError, ModelLoadError
-from pipeline.models.hf_io import (INDEX_FILE, SINGLE_FILE, load_pretrained, read_config,
-                                   save_pretrained, teacher_fingerprint)
+from pipeline.models.hf_io import (DEFAULT_MAX_SHARD_BYTES, INDEX_FILE, SINGLE_FILE, load_pretrained,
+                                   read_config, save_pretrained, teacher_fingerprint)
 from pipeline.models.llama import Llama, LlamaConfig
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
@@ -41,11 +42,6 @@ def test_save_then_load_gives_identical_params(name, tmp_path):
     reloaded = load_pretrained(tmp_path)
     assert reloaded.config == model.config
     _assert_same_params(model, reloaded)
-    # the same tensors, under the same names, as transformers wrote them
-    ours, theirs = load_file(tmp_path / SINGLE_FILE), load_file(FIXTURES / name / SINGLE_FILE)
-    assert ours.keys() == theirs.keys()
-    for key in ours:
-        np.testing.assert_array_equal(ours[key], theirs[key].astype(np.float32), err_msg=key)
 
 
 def test_bfloat16_round_trip(tmp_path):
@@ -54,12 +50,103 @@ def test_bfloat16_round_trip(tmp_path):
     save_pretrained(model, tmp_path)
     hf = json.loads((tmp_path / "config.json").read_text())
     assert hf["dtype"] == hf["torch_dtype"] == "bfloat16"
-    # the fixture is stored in bfloat16 too: byte-identical tensors
-    ours, theirs = load_file(tmp_path / SINGLE_FILE), load_file(FIXTURES / "qwen2_bias" / SINGLE_FILE)
-    for key in theirs:
-        assert ours[key].dtype == theirs[key].dtype
-        np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
     _assert_same_params(model, load_pretrained(tmp_path, dtype="bfloat16"))
+
+
+# ---- our save holds what transformers wrote: the check that needs no torch ----
+
+# The config.json keys transformers' modelling code reads, by model_type: fields of the config
+# classes LlamaConfig, MistralConfig, Qwen2Config and Qwen3Config (transformers:
+# src/transformers/models/<type>/configuration_<type>.py) that LlamaForCausalLM,
+# MistralForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM use. RoPE is checked on its own
+# below, in both transformers conventions.
+_READ_BY_ALL = ("model_type", "architectures", "dtype", "vocab_size", "hidden_size",
+                "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps",
+                "max_position_embeddings", "tie_word_embeddings", "attention_dropout")
+_QWEN_WINDOW = ("use_sliding_window", "sliding_window", "max_window_layers", "layer_types")
+TRANSFORMERS_READS = {
+    "llama": _READ_BY_ALL + ("attention_bias", "mlp_bias"),
+    "mistral": _READ_BY_ALL + ("sliding_window",),
+    "qwen2": _READ_BY_ALL + _QWEN_WINDOW,
+    "qwen3": _READ_BY_ALL + ("attention_bias",) + _QWEN_WINDOW,
+}
+# Keys kdpipe's save leaves to transformers: Qwen2Config/Qwen3Config default max_window_layers
+# to 28 and derive layer_types from the window fields in __post_init__.
+_OMITTED_BY_OUR_SAVE = {"max_window_layers", "layer_types"}
+
+
+def _as_transformers_reads(hf: dict, key: str):
+    """``hf[key]`` as transformers' config class resolves it (its default when absent)."""
+    qwen = hf["model_type"] in ("qwen2", "qwen3")
+    if key == "sliding_window" and qwen and not hf.get("use_sliding_window", False):
+        return None  # Qwen2Config.__post_init__ drops the window unless use_sliding_window
+    if key in hf:
+        return hf[key]
+    if key == "head_dim":  # Qwen2Attention: getattr(config, "head_dim", hidden // heads)
+        return 128 if hf["model_type"] == "qwen3" else hf["hidden_size"] // hf["num_attention_heads"]
+    if key == "max_window_layers":
+        return 28
+    if key == "layer_types":
+        window = _as_transformers_reads(hf, "sliding_window")
+        first_windowed = _as_transformers_reads(hf, "max_window_layers")
+        return ["sliding_attention" if window is not None and i >= first_windowed
+                else "full_attention" for i in range(hf["num_hidden_layers"])]
+    return "<absent>"
+
+
+def _rope_v5(hf: dict) -> dict:
+    return hf["rope_parameters"]
+
+
+def _rope_v4(hf: dict) -> dict:
+    """transformers v4's reading (rope_theta + rope_scaling) in v5's rope_parameters form."""
+    scaling = {k: v for k, v in (hf["rope_scaling"] or {"rope_type": "default"}).items()
+               if k != "rope_theta"}
+    return {**scaling, "rope_theta": hf["rope_theta"]}
+
+
+def _saved_tensors(path: Path) -> dict:
+    """Every tensor of the save in ``path`` (one file or an index), checking that each file
+    carries the ``format: pt`` metadata transformers requires of safetensors."""
+    if (path / INDEX_FILE).exists():
+        files = sorted(set(json.loads((path / INDEX_FILE).read_text())["weight_map"].values()))
+    else:
+        files = [SINGLE_FILE]
+    tensors = {}
+    for file in files:
+        with safe_open(path / file, framework="numpy") as handle:
+            assert handle.metadata() == {"format": "pt"}, file
+        tensors.update(load_file(path / file))
+    return tensors
+
+
+@pytest.mark.parametrize("max_shard_bytes", [DEFAULT_MAX_SHARD_BYTES, 30_000],
+                         ids=["one-file", "sharded"])
+@pytest.mark.parametrize("name", NAMES)
+def test_our_save_holds_what_transformers_wrote(name, max_shard_bytes, tmp_path):
+    """Loaded in the checkpoint's own dtype and saved again, each fixture gives back the
+    tensors transformers wrote (names, shapes, dtypes, bytes) and a config.json that
+    transformers reads as the same architecture."""
+    theirs_hf = json.loads((FIXTURES / name / "config.json").read_text())
+    save_pretrained(load_pretrained(FIXTURES / name, dtype=theirs_hf["dtype"]), tmp_path,
+                    max_shard_bytes=max_shard_bytes)
+    assert (tmp_path / INDEX_FILE).exists() == (max_shard_bytes < DEFAULT_MAX_SHARD_BYTES)
+
+    ours, theirs = _saved_tensors(tmp_path), load_file(FIXTURES / name / SINGLE_FILE)
+    assert sorted(ours) == sorted(theirs)
+    for key, array in theirs.items():
+        assert (ours[key].dtype, ours[key].shape) == (array.dtype, array.shape), key
+        np.testing.assert_array_equal(ours[key], array, err_msg=key)
+
+    ours_hf = json.loads((tmp_path / "config.json").read_text())
+    keys = TRANSFORMERS_READS[theirs_hf["model_type"]]
+    assert [key for key in keys if key not in ours_hf and key not in _OMITTED_BY_OUR_SAVE] == []
+    for key in keys:
+        assert _as_transformers_reads(ours_hf, key) == _as_transformers_reads(theirs_hf, key), key
+    assert ours_hf["torch_dtype"] == theirs_hf["dtype"]  # v4's name for it
+    assert _rope_v5(ours_hf) == _rope_v5(theirs_hf)
+    assert _rope_v4(ours_hf) == _rope_v5(theirs_hf)
 
 
 def test_sharded_save_writes_an_index_and_loads_back(tmp_path):
