@@ -289,7 +289,7 @@ class HostActor:
         import jax
 
         if coordinator is not None:
-            # Cross-process collectives on CPU go through gloo (DESIGN.md); on TPU/GPU the
+            # Cross-process collectives on CPU go through gloo (JAX's CPU option); on TPU/GPU the
             # setting is unused.
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
             # JAX's own preemption service would take SIGTERM over from this actor's handler;

@@ -632,7 +632,7 @@ class TokenDataset:
 
     def read_rows(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Rows by id: ``input_ids``, ``attention_mask``, ``labels``, each ``[len(rows), L]``
-        int32 (the batch dict of CONTRACTS.md)."""
+        int32 (the ``batch`` of ``pipeline.step.distillation_step``)."""
         rows = np.asarray(rows, np.int64)
         out = {k: np.empty((len(rows), self.seq_len), np.int32)
                for k in ("input_ids", "attention_mask", "labels")}
@@ -653,7 +653,7 @@ class HostBatches:
     ``offset=`` (on any number of hosts with the same ``global_batch``) to resume.
 
     ``next()`` returns ``(example_ids [G/H] int64, batch)``; ``batch`` is the dict of
-    CONTRACTS.md with arrays ``[G/H, L]`` int32.
+    ``pipeline.step.distillation_step`` takes, with arrays ``[G/H, L]`` int32.
     """
 
     def __init__(self, dataset: TokenDataset, *, seed: int, global_batch: int,

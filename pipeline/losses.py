@@ -80,7 +80,7 @@ _BATCH_KEYS = {
 
 
 def targets_from_batch(batch: Mapping[str, jax.Array]) -> Targets:
-    """The teacher targets a batch carries (see CONTRACTS.md for the keys).
+    """The teacher targets a batch carries (``_BATCH_KEYS`` above lists the keys of each kind).
 
     Raises:
       KdpipeError: the batch holds no kind of targets, several kinds, or a kind only in part.

@@ -47,7 +47,7 @@ def head():
     gcs, dashboard, client, agent, agent_grpc, env_agent, metrics, manager, objects = _free_ports(9)
     env = dict(os.environ)
     env.update(
-        # The job's entrypoint runs with the head's PATH: the project's venv first (DESIGN.md).
+        # The job's entrypoint runs with the head's PATH: the project's venv first (deploy/README).
         PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN=secrets.token_hex(32),

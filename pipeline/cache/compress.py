@@ -2,7 +2,7 @@
 
 ``encode(logits [B, L, V], sequence_indices [B], spec)`` returns the stored arrays of
 :func:`pipeline.cache.format.array_layout` (each ``[B, L, *trailing]``) and
-``decode(stored, spec)`` returns the batch keys of CONTRACTS.md. ``spec`` is static. Both are
+``decode(stored, spec)`` returns the batch keys of pipeline/losses.py. ``spec`` is static. Both are
 jitted (encode one sequence per compiled call, see :func:`encode`).
 
 Codes, per token:
@@ -245,7 +245,7 @@ def encode(logits: jax.Array, sequence_indices, spec: TargetSpec) -> dict[str, j
 @functools.partial(jax.jit, static_argnames=("spec", "vocab_size"))
 def decode(stored: dict[str, jax.Array], spec: TargetSpec,
            vocab_size: int | None = None) -> dict[str, jax.Array]:
-    """Stored arrays {name: [B, L, *trailing]} -> the batch's teacher keys (CONTRACTS.md).
+    """Stored arrays {name: [B, L, *trailing]} -> the batch's teacher keys (``targets_from_batch``).
 
     vocab_size (full mode only): the run's logit width; padding columns are cut or added
     (with PADDED_LOGIT) to reach it. Ids of the other modes are real ids, valid for any width.

@@ -1,6 +1,6 @@
 """How model parameters and batches are laid out over a device mesh.
 
-The mesh has three named axes (DESIGN.md): ``data`` (pure data parallelism, parameters
+The mesh has three named axes (``make_mesh``): ``data`` (pure data parallelism, parameters
 replicated), ``fsdp`` (data parallelism with parameters sharded, gathered per layer by XLA) and
 ``tensor`` (attention heads, MLP columns and the vocabulary split across devices). One rule table
 maps a parameter's path, such as ``layers/3/attn/q_dnh``, to a ``PartitionSpec``; loading
