@@ -1,13 +1,13 @@
 """The jitted distillation step: one optimizer update of a student on a teacher's targets.
 
 ``distillation_step`` keeps the name, parameters and defaults of EasyDeL's
-``distillation_trainer._fn.distillation_step`` (see ``shared/seed-distillation-api.txt``), with
+``distillation_trainer._fn.distillation_step`` (erfanzar/EasyDeL on GitHub), with
 ``logits_chunk_size`` as in EasyDeL 0.3. The teacher either runs live inside the step (under
 ``stop_gradient``) or its outputs arrive in the batch from the cache, so the same step serves
 both. ``jit_distillation_step`` is its compiled form (configuration static, student state
 donated when training).
 
-Objective (DESIGN.md), with the KD term given by ``pipeline.losses``::
+Objective, with the KD term given by ``pipeline.losses.distillation_loss``::
 
     loss = kd + hidden_state_weight * hidden + attention_weight * attention
     kd   = alpha * kl_loss + (1 - alpha) * ce_loss    (ce only with use_hard_labels)
@@ -278,7 +278,7 @@ def distillation_step(
       student_state: the student and its optimizer (``TrainState.create(model, tx)``).
       batch: ``input_ids`` ``[B, L]`` int32, optional ``attention_mask`` ``[B, L]`` and aligned
         ``labels`` ``[B, L]`` (-100 = no loss), and, without ``teacher_state``, the teacher's
-        targets: ``teacher_logits`` ``[B, L, V]`` or the top-k / sampled keys of CONTRACTS.md.
+        targets: ``teacher_logits`` ``[B, L, V]`` or the top-k / sampled keys of pipeline/losses.py.
       teacher_state: a frozen ``TrainState`` run live under ``stop_gradient``, or ``None``
         when the targets are in the batch. Hidden-state and attention terms need it. With
         ``alpha=0`` and ``use_hard_labels`` neither is needed: the step is then a plain

@@ -122,7 +122,7 @@ def model_fingerprint(spec: ModelSpec, vocab_size: int, seed: int) -> str:
 
 class TargetReader(Protocol):
     """Teacher targets of one split by row, as ``CacheReader`` serves them: ``read(rows [B])``
-    returns the teacher keys of CONTRACTS.md (``[B, L, ...]``). The driver plugs in others
+    returns the teacher keys of pipeline/losses.py (``[B, L, ...]``). The driver plugs in others
     (a cache still being written, a remote teacher) through ``train(targets=...)``."""
 
     def read(self, rows: np.ndarray) -> Mapping[str, jax.Array | np.ndarray]: ...

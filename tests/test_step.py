@@ -96,7 +96,7 @@ def _log_softmax64(x):
 
 def reference_objective(student, teacher, batch, *, temperature, alpha, hidden_weight,
                         hidden_layers, attention_weight, attention_layers):
-    """DESIGN.md's objective written out independently (run under x64 with float64 params)."""
+    """pipeline/step.py's objective written out independently (x64, float64 params)."""
     s_out = student(batch["input_ids"], batch["attention_mask"], True, True)
     t_out = teacher(batch["input_ids"], batch["attention_mask"], True, True)
     attn = batch["attention_mask"].astype(jnp.float64)
