@@ -197,6 +197,22 @@ def test_submit_script_targets_loopback_with_token_auth():
     assert help_run.returncode != 0 and "usage: deploy/submit.sh" in help_run.stderr
 
 
+def test_submit_script_without_a_token_says_how_to_make_one(tmp_path):
+    """No token anywhere Ray looks (a fresh HOME, no RAY_AUTH_TOKEN): one paragraph naming the
+    command that makes one, exit 2, no traceback, nothing submitted."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    (dashboard,) = _free_ports(1)  # nothing listens there: no other engineer's head is reached
+    env.update(HOME=str(tmp_path), PATH=f"{VENV_BIN}{os.pathsep}{env['PATH']}",
+               RAY_ADDRESS=f"http://127.0.0.1:{dashboard}")
+    run = subprocess.run([str(REPO / "deploy" / "submit.sh"), "configs/demo.yaml"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert run.stderr.startswith("deploy/submit.sh: error: ")
+    assert "ray get-auth-token --generate" in run.stderr and "~/.ray/auth_token" in run.stderr
+    assert not (tmp_path / ".ray").exists()  # the script makes no token itself
+
+
 def test_tpu_launcher_yaml_passes_rays_validation():
     # Ray's GCP provider module (its get_node_type) needs the Google API client libraries; the
     # accelerator check it applies to TPU node configs is this one.
