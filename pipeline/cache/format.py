@@ -31,8 +31,9 @@ Temperature after caching (enforced by :func:`check_compatible`):
   recovered exactly: a loss temperature T != T_cache is refused.
 - ``full`` stores the logits themselves (a per-token constant shift at most), so any loss
   temperature is served exactly; its manifest temperature is ``None``.
-- Everything else (student model, alpha, hard labels, divergence, batch size, host counts) may
-  change freely after caching.
+- The divergence may change, except that ``sampled`` targets serve the forward KL only
+  (``pipeline.losses.check_loss_inputs`` refuses reverse KL and JSD on them). Everything else
+  (student model, alpha, hard labels, batch size, host counts) may change freely after caching.
 
 Padded vocabularies: ``vocab_size`` is the teacher's logit width and ``tokenizer_vocab_size``
 the real tokenizer's (ids >= it are padding rows of the embedding). The padded ids are given
