@@ -94,8 +94,14 @@ def cmd_train(args) -> int:
 
 def cmd_run(args) -> int:
     from actors.driver import run
+    from actors.groups import HostGroupError
 
-    outcome = run(_load(args), address=args.address)
+    try:
+        outcome = run(_load(args), address=args.address)
+    except HostGroupError as error:
+        if error.user_error is None:
+            raise
+        raise error.user_error from error
     result = outcome.result
     print(json.dumps({"step": result.step, "eval": result.final_eval,
                       "teacher_source": outcome.source, "teacher_hosts": outcome.teacher_hosts,

@@ -164,6 +164,18 @@ class HostGroupError(RuntimeError):
         budgets."""
         return [r for r, e in self.failures.items() if _is_lost(e)]
 
+    @property
+    def user_error(self) -> KdpipeError | None:
+        """The lowest rank's error when every failed rank raised a ``KdpipeError`` (a problem
+        with what the user gave, such as a teacher whose logits are NaN), else None. Such a
+        failure is no lost host and a retry would fail the same way: the CLI reports it as
+        it does on one host (exit 2)."""
+        causes = [getattr(e, "cause", None) if isinstance(e, ray.exceptions.RayTaskError) else None
+                  for e in self.failures.values()]
+        if causes and all(isinstance(c, KdpipeError) for c in causes):
+            return causes[0]
+        return None
+
 
 def _is_lost(err: BaseException) -> bool:
     # A work function that raised RayActorError itself (another actor it called died) comes

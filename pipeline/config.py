@@ -533,7 +533,12 @@ class LoggingConfig(_Section):
     PATH: ClassVar[str] = "logging"
     every_steps: int = _field(10, "Log training metrics every this many steps.", gt=0, hashed=False)
     tensorboard: bool = _field(True, "Also write TensorBoard event files.", hashed=False)
-    progress: bool = _field(True, "Show a live progress bar.", hashed=False)
+    progress: bool = _field(True, "Show progress: a live bar on a terminal, plain lines "
+                            "otherwise.", hashed=False)
+    progress_every_s: float = _field(10.0, "Without a terminal (output to a file, a Ray job's "
+                                     "log), print a plain progress line (done/total, rate, ETA) "
+                                     "this often, in seconds, besides the start and end of each "
+                                     "phase.", gt=0, hashed=False)
     report: bool = _field(True, "Write report.md with plots at the end.", hashed=False)
     example_ids: bool = _field(False, "Test mode: each host appends the rows every step trained "
                                "on to <run_dir>/examples/host-<i>-of-<n>.jsonl (records past the "

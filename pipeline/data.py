@@ -53,6 +53,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import DataConfig
 from pipeline.errors import DataError
+from pipeline.metrics import progress_bar
 
 IGNORE_INDEX = -100
 FORMAT_NAME = "kdpipe-tokens"
@@ -397,15 +398,6 @@ class DatasetInfo:
         return self.splits[split]["fingerprint"]
 
 
-def _progress(enabled: bool, total: int):
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
-
-    return Progress(TextColumn("prepare-data"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("files, {task.fields[docs]} docs, {task.fields[tokens]} tokens"),
-                    TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled)
-
-
 def _document_batches(files: list[Path], data: DataConfig, on_file_done) -> Iterator[list[Document]]:
     batch: list[Document] = []
     for path in files:
@@ -468,8 +460,8 @@ def prepare_dataset(data: DataConfig, *, overwrite: bool = False, progress: bool
                    for name in SPLITS}
         streams = {name: (np.zeros(0, np.int32), np.zeros(0, bool)) for name in SPLITS}
         counts = {"docs": 0, "tokens": 0}
-        with _progress(progress, len(files)) as bar:
-            task = bar.add_task("prepare", total=len(files), docs=0, tokens=0)
+        with progress_bar("prepare-data", enabled=progress, unit="files") as bar:
+            task = bar.add_task("prepare", total=len(files), status="0 docs, 0 tokens")
             for documents in _document_batches(files, data, lambda: bar.advance(task)):
                 for document, (ids, flags) in zip(documents, _encode(tokenizer, documents, eos)):
                     split = "eval" if is_held_out(document, data.eval_fraction) else "train"
@@ -482,7 +474,7 @@ def prepare_dataset(data: DataConfig, *, overwrite: bool = False, progress: bool
                     writers[split].add(rows)
                     counts["docs"] += 1
                     counts["tokens"] += len(ids)
-                bar.update(task, docs=counts["docs"], tokens=counts["tokens"])
+                bar.update(task, status=f"{counts['docs']} docs, {counts['tokens']} tokens")
         for split, (tokens, targets) in streams.items():
             writers[split].add(pack_rows(tokens, targets, data.seq_len, final=True)[0])
         splits = {name: writer.finish() for name, writer in writers.items()}

@@ -30,3 +30,8 @@ class CacheError(KdpipeError):
 
 class CheckpointError(KdpipeError):
     """A checkpoint is corrupt or belongs to another model or config."""
+
+
+class TeacherOutputError(KdpipeError):
+    """A teacher's outputs are not finite (NaN or inf): broken weights, or a dtype too narrow
+    for its activations."""

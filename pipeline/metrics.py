@@ -11,15 +11,26 @@ never been interrupted.
 
 In the test mode ``logging.example_ids``, ``examples/`` also records which examples every step
 trained on (``ExampleLog``), truncated on resume the same way.
+
+``progress_bar`` shows a phase's progress: a live bar on a terminal, plain lines in a file or
+a job's log. Its ETA, like that of ``kdpipe run``'s view, comes from the recent updates
+(``RecentRate``), so a slow first step (compilation) does not inflate it.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                           TimeElapsedColumn)
+from rich.text import Text
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -144,29 +155,185 @@ def read_example_logs(run_dir: str | os.PathLike) -> list[dict]:
             for record in _read_jsonl(path)]
 
 
-def progress_bar(label: str, *, enabled: bool = True, unit: str = "steps") -> "Progress":
-    """A live progress bar (rich): label, bar, done/total ``unit``, a free-text ``status``
-    field, elapsed time and ETA. Use as a context manager; ``add_task(label, total=...,
-    completed=..., status="")`` then ``update(task, advance=1, status=...)``."""
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
+# Rates (and so ETAs) are measured over this many recent updates. The first update of a phase
+# includes loading and compiling; it stops counting as soon as a second one arrives.
+RATE_WINDOW = 20
+# Without a terminal, progress_bar prints a plain line this often (logging.progress_every_s).
+PROGRESS_EVERY_S = 10.0
 
-    return Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
-                    TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
-                    TimeRemainingColumn(), disable=not enabled)
+
+class RecentRate:
+    """The rate of a growing count over its last ``window`` updates, and the time left.
+
+    With (t_0, c_0) .. (t_n, c_n) the last ``window`` + 1 updates that changed the count,
+    ``rate = (c_n - c_0) / (t_n - t_0)`` and ``seconds_left(total) = (total - c_n) / rate``
+    less the time since t_n (not below 0). Before two updates there is no rate: the first one
+    ends the phase's start-up (loading, compilation), which says nothing of its speed. A count
+    that goes back (a restart from an earlier checkpoint) starts the window over.
+
+    rich's ``Task.speed`` keeps the updates of the last ``speed_estimate_period`` seconds, so
+    a phase that updates less often than that has no estimate at all; tqdm's exponential
+    average keeps a long first step in its estimate for dozens of updates.
+    """
+
+    def __init__(self, *, window: int = RATE_WINDOW, clock: Callable[[], float] = time.monotonic):
+        self._samples: collections.deque[tuple[float, float]] = collections.deque(maxlen=window + 1)
+        self._clock = clock
+
+    def update(self, completed: float) -> None:
+        """Note the count ``completed`` now (an unchanged count is not a sample)."""
+        if self._samples and completed == self._samples[-1][1]:
+            return
+        if self._samples and completed < self._samples[-1][1]:
+            self._samples.clear()
+        self._samples.append((self._clock(), completed))
+
+    @property
+    def rate(self) -> float | None:
+        """Units per second over the window; None before two updates."""
+        if len(self._samples) < 2:
+            return None
+        (t0, c0), (t1, c1) = self._samples[0], self._samples[-1]
+        return (c1 - c0) / (t1 - t0) if t1 > t0 else None
+
+    def seconds_left(self, total: float) -> float | None:
+        """Seconds until the count reaches ``total`` at the current rate (0 once it has);
+        None while there is no rate."""
+        if self._samples and self._samples[-1][1] >= total:
+            return 0.0
+        rate = self.rate
+        if not rate:
+            return None
+        last_time, last_count = self._samples[-1]
+        return max((total - last_count) / rate - (self._clock() - last_time), 0.0)
+
+
+def format_seconds(seconds: float | None) -> str:
+    """``"1,234 s"``, or ``"-"`` for no estimate."""
+    return "-" if seconds is None else f"{seconds:,.0f} s"
+
+
+def progress_bar(label: str, *, enabled: bool = True, unit: str = "steps",
+                 every_s: float = PROGRESS_EVERY_S, console=None,
+                 get_time: Callable[[], float] | None = None) -> Progress:
+    """A progress display (rich): label, done/total ``unit``, a free-text ``status`` field,
+    elapsed time and an ETA from the recent updates (``RecentRate``). On a terminal it is a
+    live bar; otherwise (output to a file, a Ray job's log) it prints a plain line, with
+    done/total, rate and ETA, at the start, every ``every_s`` seconds and at the end.
+
+    Use as a context manager; ``add_task(label, total=..., completed=..., status="")`` then
+    ``update(task, advance=1, status=...)``. ``console``: a ``rich.console.Console`` (default:
+    rich's, on stdout); ``get_time``: the clock (default: monotonic)."""
+    return _Progress(label, unit, every_s, console=console, get_time=get_time,
+                     disable=not enabled)
+
+
+class _EtaColumn(ProgressColumn):
+    """``ETA 12 s`` from the task's ``RecentRate``."""
+
+    def __init__(self, rates: dict):
+        super().__init__()
+        self._rates = rates
+
+    def render(self, task) -> Text:
+        return Text(f"ETA {format_seconds(self._rates[task.id].seconds_left(task.total))}",
+                    style="progress.remaining")
+
+
+class _Progress(Progress):
+    """rich's Progress with our ETA, and plain lines where a live bar would not show."""
+
+    def __init__(self, label: str, unit: str, every_s: float, **kwargs):
+        self._label, self._unit, self._every_s = label, unit, every_s
+        self._rates: dict = {}
+        self._stop_lines: threading.Event | None = None
+        self._lines_thread: threading.Thread | None = None
+        super().__init__(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
+                         TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+                         _EtaColumn(self._rates), **kwargs)
+
+    @property
+    def _plain(self) -> bool:
+        # rich's Live shows nothing on these until it stops
+        console = self.console
+        return not console.is_jupyter and (not console.is_terminal or console.is_dumb_terminal)
+
+    def add_task(self, description: str, *args, **kwargs):
+        task_id = super().add_task(description, *args, **kwargs)
+        self._rates[task_id] = RecentRate(clock=self.get_time)
+        if self._stop_lines is not None:
+            self._print_lines([task_id])
+        return task_id
+
+    def update(self, task_id, **kwargs) -> None:
+        super().update(task_id, **kwargs)
+        with self._lock:
+            self._rates[task_id].update(self._tasks[task_id].completed)
+
+    def advance(self, task_id, advance: float = 1) -> None:
+        super().advance(task_id, advance)
+        with self._lock:
+            self._rates[task_id].update(self._tasks[task_id].completed)
+
+    def status_line(self, task_id) -> str:
+        """The task's plain line: done/total, rate and ETA from the recent updates, elapsed
+        time and status."""
+        with self._lock:
+            task = self._tasks[task_id]
+            rates = self._rates[task_id]
+            rate = rates.rate
+            done = f"{task.completed:,.0f}/{task.total:,.0f} {self._unit}"
+            parts = [f"{self._label}: {done} ({task.percentage:.0f}%)",
+                     f"{'-' if rate is None else f'{rate:,.2f}'} {self._unit}/s",
+                     f"ETA {format_seconds(rates.seconds_left(task.total))}",
+                     f"{task.elapsed or 0.0:,.0f} s elapsed"]
+            status = task.fields.get("status")
+            return ", ".join(parts + ([str(status)] if status else []))
+
+    def _print_lines(self, task_ids=None) -> None:
+        with self._lock:
+            for task_id in self.task_ids if task_ids is None else task_ids:
+                self.console.print(self.status_line(task_id), markup=False, highlight=False,
+                                   soft_wrap=True)
+
+    def _print_every(self, stop: threading.Event) -> None:
+        while not stop.wait(self._every_s):
+            self._print_lines()
+
+    def start(self) -> None:
+        if self.disable or not self._plain:
+            super().start()
+            return
+        self._stop_lines = threading.Event()
+        self._print_lines()
+        self._lines_thread = threading.Thread(target=self._print_every, args=(self._stop_lines,),
+                                              daemon=True, name=f"kdpipe-progress-{self._label}")
+        self._lines_thread.start()
+
+    def stop(self) -> None:
+        if self._stop_lines is None:
+            super().stop()
+            return
+        self._stop_lines.set()
+        self._lines_thread.join()
+        self._stop_lines = self._lines_thread = None
+        self._print_lines()
+
+
+def table_cell(value) -> str:
+    """A report table's cell: floats to 4 significant digits, ``None`` (not measured) as "—"."""
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
 
 
 def _markdown_table(rows: Sequence[Mapping[str, object]]) -> str:
     columns = list(dict.fromkeys(key for row in rows for key in row))
-
-    def cell(value) -> str:
-        if isinstance(value, float):
-            return f"{value:.4g}"
-        return str(value)
-
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        lines.append("| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |")
+        lines.append("| " + " | ".join(table_cell(row.get(c, "")) for c in columns) + " |")
     return "\n".join(lines)
 
 

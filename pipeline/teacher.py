@@ -98,13 +98,14 @@ def fill_cache(config: RunConfig, teacher: Llama, split: str, *, teacher_fp: str
     batch_size = batch_size or config.train.global_batch_size // config.train.grad_accum_steps
     state = TrainState.create(teacher)
     start = time.perf_counter()
-    with CacheWriter(cache_location(config.cache, split), manifest) as writer:
+    with CacheWriter(cache_location(config.cache, split), manifest, name=f"split {split}") as writer:
         wanted = range(manifest.num_shards) if shards is None else shards
         pending = writer.pending_shards(wanted)
         skipped = tuple(sorted(set(wanted) - set(pending)))
         rows = [np.arange(*manifest.shard_range(s)) for s in pending]
         rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-        with progress_bar(f"cache {split}", enabled=progress, unit="sequences") as bar:
+        with progress_bar(f"cache {split}", enabled=progress, unit="sequences",
+                          every_s=config.logging.progress_every_s) as bar:
             task = bar.add_task(split, total=len(rows), status=f"{len(skipped)} shards done before")
             for first in range(0, len(rows), batch_size):
                 indices = rows[first:first + batch_size]

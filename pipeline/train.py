@@ -489,7 +489,8 @@ def _train(config: RunConfig, *, host: Host, teacher: Llama | None,
             logger.log(step, values, split="eval")
             return values
 
-        progress = progress_bar("train", enabled=primary and config.logging.progress)
+        progress = progress_bar("train", enabled=primary and config.logging.progress,
+                                every_s=config.logging.progress_every_s)
         task = progress.add_task("train", total=config.train.steps, completed=start, status="")
         skipped = 0
         last_train: dict = {}

@@ -14,6 +14,12 @@ re-run produces the same bytes as an uninterrupted one, and disjoint shard sets 
 several processes equal one process writing them all.
 Sequences of already committed shards are dropped; :meth:`CacheWriter.pending_shards` lets
 the teacher loop skip their forward passes altogether.
+
+Teacher logits that are not finite are refused: ``write`` also dispatches one reduction over
+the batch (``first_nonfinite``), read by the background thread with the encoded rows, so the
+check costs no extra wait. The rows before the first bad sequence are kept, that sequence's
+shard and every later one stay uncommitted, and the writer raises ``TeacherOutputError``
+naming the sequence and the position.
 """
 
 from __future__ import annotations
@@ -24,15 +30,29 @@ import threading
 import zlib
 from collections.abc import Iterable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from pipeline.cache import compress
 from pipeline.cache.format import (MANIFEST_KEY, CacheManifest, ShardCommit, array_layout,
                                    check_same_header, commit_key, kvstore_spec, load_manifest,
                                    open_array, open_kvstore, read_commits, shard_file_key)
-from pipeline.errors import CacheError
+from pipeline.errors import CacheError, KdpipeError, TeacherOutputError
 
 _STOP = object()
+
+
+@jax.jit
+def first_nonfinite(logits: jax.Array) -> jax.Array:
+    """Where logits ``[B, L, V]`` first hold a value that is not finite, as int32 ``[2]``:
+    ``b * L + l`` of the first such position in row-major order (-1 if there is none), and 1
+    if that position holds a NaN (0 if only infinities)."""
+    vocab = logits.shape[-1]
+    bad_position = ~jnp.isfinite(logits).all(axis=-1).reshape(-1)  # [B * L]
+    first = jnp.argmax(bad_position)
+    has_nan = jnp.isnan(logits.reshape(-1, vocab)[first]).any()
+    return jnp.stack([jnp.where(bad_position[first], first, -1), has_nan]).astype(jnp.int32)
 
 
 def create_or_join(location: str | dict, manifest: CacheManifest):
@@ -59,11 +79,13 @@ class CacheWriter:
     location: local directory or TensorStore kvstore URL / spec dict. manifest: the header
     this writer declares (commits ignored); an existing cache must have the same header.
     max_queued_batches: encoded batches waiting for the writer thread before ``write`` blocks.
+    name: what messages call the sequences' set (e.g. "split train"); default: the location.
     """
 
     def __init__(self, location: str | dict, manifest: CacheManifest, *,
-                 max_queued_batches: int = 8):
+                 max_queued_batches: int = 8, name: str | None = None):
         self.location = location
+        self.name = name or f"cache {location}"
         self._kvstore = create_or_join(location, manifest)
         self.manifest = manifest
         self._root = kvstore_spec(location)
@@ -90,7 +112,8 @@ class CacheWriter:
         """Queue teacher logits [B, L, V] of sequences ``sequence_indices`` [B] for caching.
 
         Returns once the encoder is dispatched; blocks only while ``max_queued_batches``
-        batches wait for storage. Rows of committed shards are dropped.
+        batches wait for storage. Rows of committed shards are dropped. Non-finite logits
+        raise ``TeacherOutputError`` here or in a later call (see the module docstring).
         """
         self._raise_background_error()
         m, target = self.manifest, self.manifest.target
@@ -106,7 +129,7 @@ class CacheWriter:
             raise CacheError(f"cache write: sequence_indices expected in [0, "
                              f"{m.num_sequences}), got [{indices.min()}, {indices.max()}]")
         encoded = compress.encode(logits, indices, target)
-        self._queue.put((encoded, indices))
+        self._queue.put((encoded, indices, first_nonfinite(logits)))
 
     def flush(self) -> None:
         """Wait until every queued batch is in a shard buffer or written."""
@@ -115,10 +138,13 @@ class CacheWriter:
 
     def close(self) -> None:
         """Finish queued work and stop the thread. Incomplete shards stay uncommitted."""
+        self._stop_thread()
+        self._raise_background_error()
+
+    def _stop_thread(self) -> None:
         if self._thread.is_alive():
             self._queue.put(_STOP)
             self._thread.join()
-        self._raise_background_error()
 
     @property
     def incomplete_shards(self) -> list[int]:
@@ -128,10 +154,15 @@ class CacheWriter:
     def __enter__(self) -> "CacheWriter":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # the error on its way out may be the background one: not raised twice
+            self._stop_thread()
 
     def _raise_background_error(self) -> None:
+        if isinstance(self._error, KdpipeError):
+            raise self._error
         if self._error is not None:
             raise CacheError(f"cache {self.location}: background write failed: "
                              f"{self._error!r}") from self._error
@@ -149,9 +180,11 @@ class CacheWriter:
             finally:
                 self._queue.task_done()
 
-    def _absorb(self, encoded: dict, indices: np.ndarray) -> None:
+    def _absorb(self, encoded: dict, indices: np.ndarray, check: jax.Array) -> None:
         host = {name: np.asarray(a) for name, a in encoded.items()}
-        for row, sequence in enumerate(indices.tolist()):
+        first_bad, has_nan = (int(v) for v in np.asarray(check))
+        good_rows = len(indices) if first_bad < 0 else first_bad // self.manifest.seq_len
+        for row, sequence in enumerate(indices[:good_rows].tolist()):
             shard = self.manifest.shard_of(sequence)
             if shard in self._committed:
                 continue
@@ -166,6 +199,15 @@ class CacheWriter:
             if self._filled[shard].all():
                 self._write_shard(shard, self._buffers.pop(shard))
                 del self._filled[shard]
+        if first_bad >= 0:
+            sequence = int(indices[good_rows])
+            raise TeacherOutputError(
+                f"teacher logits hold {'NaN' if has_nan else 'inf'} at {self.name}, sequence "
+                f"{sequence}, position {first_bad % self.manifest.seq_len}; a teacher with finite "
+                f"weights and a dtype wide enough for its activations gives finite logits: check "
+                f"the checkpoint (model.teacher.path) and model.teacher.dtype. Shard "
+                f"{self.manifest.shard_of(sequence)} of {self.location} and the later ones are "
+                f"not committed; those committed before stay")
 
     def _write_shard(self, shard: int, data: dict[str, np.ndarray]) -> None:
         start, stop = self.manifest.shard_range(shard)
