@@ -48,11 +48,17 @@ class DistillLossConfig:
         as defined in ``pipeline.losses``.
       beta: the generalized JSD's mixing weight (0.5 = symmetric); unused by the KLs.
       use_hard_labels: add ``(1 - alpha) * ce_loss`` on ``batch["labels"]`` (which must exist).
+      valid_vocab_size: the tokenizer's vocabulary size when the models' heads are padded past
+        it (Qwen-family checkpoints): ids from it on are padding, and the divergence is taken
+        between the teacher's and the student's distributions over the real ids only
+        (``pipeline.losses.restrict_to_vocab``), whichever teacher source gives the targets.
+        ``None``, or a size at least the logits' width, restricts nothing.
     """
 
     divergence: str = "forward_kl"
     beta: float = 0.5
     use_hard_labels: bool = False
+    valid_vocab_size: int | None = None
 
 
 class TrainState(struct.PyTreeNode):
@@ -63,8 +69,9 @@ class TrainState(struct.PyTreeNode):
       params: the ``nnx.Param`` variables, the only ones differentiated and updated.
       other: every other variable (RNG streams, running statistics), carried through the step.
       opt_state: ``tx``'s state, or ``None`` for a frozen model such as a live teacher.
-      step: int32 scalar, the number of applied updates. A skipped (non-finite) update does not
-        count, so the learning-rate schedule, like the optimizer's own state, stays where it was.
+      step: int32 scalar, the number of applied updates. A skipped update (non-finite, or a
+        batch without loss tokens) does not count, so the learning-rate schedule, like the
+        optimizer's own state, stays where it was.
       tx: the optax transformation (static), or ``None`` for a frozen model.
     """
 
@@ -111,6 +118,11 @@ class LossMetrics:
       grad_norm: global norm of the accumulated gradient; ``None`` in evaluation.
       skipped_updates: int32, 1 if a non-finite loss or gradient skipped this update, else 0
         (sum it over steps for a count); ``None`` in evaluation.
+      empty_batches: int32, 1 if this update was skipped because no term of the objective had
+        a token (``num_tokens`` 0 and, for the hidden-state and attention terms that are on,
+        no attended token), else 0; ``None`` in evaluation. Such a batch has no gradient, yet
+        applying it would still move the parameters (momentum, weight decay) and advance the
+        schedule. It is counted here and not in ``skipped_updates``, whatever its loss.
     """
 
     loss: jax.Array
@@ -124,6 +136,7 @@ class LossMetrics:
     learning_rate: jax.Array | None = None
     grad_norm: jax.Array | None = None
     skipped_updates: jax.Array | None = None
+    empty_batches: jax.Array | None = None
 
     def as_dict(self) -> dict[str, jax.Array]:
         """The computed metrics by name (``None`` fields left out), e.g. for a metrics logger."""
@@ -149,6 +162,10 @@ def _check_arguments(student_state, batch, teacher_state, loss_config, partition
     if not isinstance(loss_config, DistillLossConfig):
         raise ConfigError("loss_config: expected a DistillLossConfig or None, got "
                           f"{type(loss_config).__name__}")
+    valid = loss_config.valid_vocab_size
+    if valid is not None and not (isinstance(valid, int) and valid >= 1):
+        raise ConfigError(f"loss_config.valid_vocab_size: expected None or an int >= 1, "
+                          f"got {valid!r}")
     steps = gradient_accumulation_steps
     if not (isinstance(steps, int) and steps >= 1):
         raise ConfigError(f"gradient_accumulation_steps: expected an int >= 1, got {steps!r}")
@@ -300,7 +317,8 @@ def distillation_step(
 
     Returns:
       ``(new_state, LossMetrics)``. A non-finite loss or gradient leaves params, other
-      variables, optimizer state and step unchanged and sets ``skipped_updates`` to 1.
+      variables, optimizer state and step unchanged and sets ``skipped_updates`` to 1; a batch
+      without loss tokens does the same and sets ``empty_batches`` to 1 instead.
 
     Raises:
       KdpipeError (a ``ValueError``; ConfigError, DataError): bad arguments or batch, raised
@@ -404,13 +422,22 @@ def distillation_step(
     grad_norm = optax.tree.norm(grads)
     # An overflowing norm counts as non-finite too: such an update would be garbage anyway.
     finite = jnp.isfinite(term_sums["loss"]) & jnp.isfinite(grad_norm)
+    # A term with no token has a zero gradient (each is multiplied by its mask); with all of
+    # them empty there is nothing to learn from, and a masked NaN is not a non-finite update.
+    empty = denominators["kd"] == 0
+    if use_hidden:
+        empty &= denominators["hidden"] == 0
+    if use_attention:
+        empty &= denominators["attention"] == 0
+    applied = finite & ~empty
     updates, opt_state = student_state.tx.update(grads, student_state.opt_state,
                                                  student_state.params)
     proposed = student_state.replace(params=optax.apply_updates(student_state.params, updates),
                                      other=other, opt_state=opt_state, step=student_state.step + 1)
-    new_state = jax.tree.map(partial(jnp.where, finite), proposed, student_state)
+    new_state = jax.tree.map(partial(jnp.where, applied), proposed, student_state)
     return new_state, metrics.replace(grad_norm=grad_norm,
-                                      skipped_updates=(~finite).astype(jnp.int32))
+                                      skipped_updates=(~finite & ~empty).astype(jnp.int32),
+                                      empty_batches=empty.astype(jnp.int32))
 
 
 #: The arguments of ``distillation_step`` that select code: static under ``jax.jit``.

@@ -270,7 +270,7 @@ def test_eval_leaves_state_untouched_and_reports_the_same_metrics():
     assert_trees_close(evaluated_state, before, rtol=0, atol=0)
     assert evaluated.grad_norm is None and evaluated.skipped_updates is None
     loss_metrics = {k: v for k, v in trained.as_dict().items()
-                    if k not in ("grad_norm", "skipped_updates")}
+                    if k not in ("grad_norm", "skipped_updates", "empty_batches")}
     assert_trees_close(evaluated.as_dict(), loss_metrics)
 
 
@@ -289,6 +289,43 @@ def test_non_finite_loss_skips_the_update_and_is_counted():
         skipped_state, {**batch, "teacher_logits": logits}, None, **CACHED)
     assert int(applied.skipped_updates) == 0 and int(applied_state.step) == 1
     assert not np.allclose(applied_state.params["head"][...], before.params["head"][...])
+
+
+def test_batch_without_loss_tokens_skips_the_update_and_is_counted_apart():
+    batch = make_batch(7)
+    batch["teacher_logits"] = random_teacher_logits(7, batch)
+    # One real update first, so that Adam's moments are non-zero: a step on a zero gradient
+    # would still move the parameters by the momentum (and weight decay) and advance the step.
+    state, first = jit_distillation_step(student_state(ADAM), batch, None, **CACHED)
+    assert int(first.empty_batches) == 0 and int(first.skipped_updates) == 0
+    before = fresh(state)
+    for empty in ({**batch, "labels": np.full_like(batch["labels"], -100)},
+                  {**batch, "attention_mask": np.zeros_like(batch["attention_mask"])}):
+        state, metrics = jit_distillation_step(state, empty, None, **CACHED)
+        assert int(metrics.num_tokens) == 0 and float(metrics.loss) == 0.0
+        assert int(metrics.empty_batches) == 1 and int(metrics.skipped_updates) == 0
+        assert_trees_close(state, before, rtol=0, atol=0)  # params, opt_state and step
+    # A non-finite value at a masked position does not make an empty batch a non-finite skip.
+    poisoned = {**batch, "labels": np.full_like(batch["labels"], -100),
+                "teacher_logits": np.full_like(batch["teacher_logits"], np.nan)}
+    state, metrics = jit_distillation_step(state, poisoned, None, **CACHED)
+    assert int(metrics.empty_batches) == 1 and int(metrics.skipped_updates) == 0
+    assert_trees_close(state, before, rtol=0, atol=0)
+    _, evaluated = jit_distillation_step(fresh(state), batch, None, is_training=False, **CACHED)
+    assert evaluated.empty_batches is None
+
+
+def test_batch_without_kd_tokens_still_updates_on_the_hidden_state_term(teacher):
+    batch, state = live_batch(), student_state(tie_embeddings=True)
+    no_labels = {**batch, "labels": np.full_like(batch["labels"], -100)}
+    new_state, metrics = jit_distillation_step(fresh(state), no_labels, teacher, **LIVE)
+    assert int(metrics.num_tokens) == 0 and float(metrics.hidden_state_loss) > 0
+    assert int(metrics.empty_batches) == 0 and int(new_state.step) == 1
+    assert not np.allclose(new_state.params["embedding"][...], state.params["embedding"][...])
+    no_tokens = {**batch, "attention_mask": np.zeros_like(batch["attention_mask"])}
+    new_state, metrics = jit_distillation_step(fresh(state), no_tokens, teacher, **LIVE)
+    assert int(metrics.empty_batches) == 1 and int(new_state.step) == 0
+    assert_trees_close(new_state.params, state.params, rtol=0, atol=0)
 
 
 def test_rng_state_advances_once_per_microbatch_and_evaluation_is_deterministic():
