@@ -935,6 +935,9 @@ class ProgressView:
         self.teacher_hosts, self.student_hosts = teacher_hosts, student_hosts
         self.every_s, self._clock = every_s, clock
         self._shard_rate, self._step_rate = RecentRate(clock=clock), RecentRate(clock=clock)
+        # The step the student group started from; it reports it before compiling, so the
+        # step rate starts at the first step past it.
+        self._first_step: int | None = None
         self.started = clock()
         self.fill_started: float | None = None  # set by the driver at the first shard it hands out
         self.fill_ended: float | None = None
@@ -954,7 +957,7 @@ class ProgressView:
     def student_restarted(self, restart: StudentRestart) -> None:
         """The student group was re-formed: its size, and a line for the record."""
         self.students, self.student_hosts = {}, restart.hosts_after
-        self._step_rate = RecentRate(clock=self._clock)
+        self._step_rate, self._first_step = RecentRate(clock=self._clock), None
         self.restarts.append(f"{restart.reason}: {restart.hosts_before} -> {restart.hosts_after} "
                              f"hosts from step {restart.resumed_step}")
         self.console.print(f"student group re-formed after a {self.restarts[-1]}\n"
@@ -1008,8 +1011,11 @@ class ProgressView:
     def refresh(self, students: Mapping[int, dict] | None = None, *, final: bool = False) -> None:
         if students:
             self.students.update(students)
-            if "step" in self.students.get(0, {}):
-                self._step_rate.update(self.students[0]["step"])
+            step = self.students.get(0, {}).get("step")
+            if self._first_step is None:
+                self._first_step = step
+            elif step is not None and step != self._first_step:
+                self._step_rate.update(step)
         if self._live is not None:
             self._live.update(self._table())
         elif final or self._last_line is None or self._clock() - self._last_line >= self.every_s:

@@ -166,10 +166,12 @@ class RecentRate:
     """The rate of a growing count over its last ``window`` updates, and the time left.
 
     With (t_0, c_0) .. (t_n, c_n) the last ``window`` + 1 updates that changed the count,
-    ``rate = (c_n - c_0) / (t_n - t_0)`` and ``seconds_left(total) = (total - c_n) / rate``
-    less the time since t_n (not below 0). Before two updates there is no rate: the first one
-    ends the phase's start-up (loading, compilation), which says nothing of its speed. A count
-    that goes back (a restart from an earlier checkpoint) starts the window over.
+    ``rate = (c_n - c_0) / (t_n - t_0)`` and ``seconds_left(total) = (total - c_n) * (now -
+    t_0) / (c_n - c_0)``: the time since the last update counts, so a phase that stalls (a
+    student waiting for shards, an evaluation) sees its ETA grow rather than reach 0. Before
+    two updates there is no rate: the first one ends the phase's start-up (loading,
+    compilation), which says nothing of its speed. A count that goes back (a restart from an
+    earlier checkpoint) starts the window over.
 
     rich's ``Task.speed`` keeps the updates of the last ``speed_estimate_period`` seconds, so
     a phase that updates less often than that has no estimate at all; tqdm's exponential
@@ -197,15 +199,14 @@ class RecentRate:
         return (c1 - c0) / (t1 - t0) if t1 > t0 else None
 
     def seconds_left(self, total: float) -> float | None:
-        """Seconds until the count reaches ``total`` at the current rate (0 once it has);
-        None while there is no rate."""
+        """Seconds until the count reaches ``total`` at the rate over the window up to now (0
+        once it has); None while there is no rate."""
         if self._samples and self._samples[-1][1] >= total:
             return 0.0
-        rate = self.rate
-        if not rate:
+        if not self.rate:
             return None
-        last_time, last_count = self._samples[-1]
-        return max((total - last_count) / rate - (self._clock() - last_time), 0.0)
+        (first_time, first_count), (_, last_count) = self._samples[0], self._samples[-1]
+        return (total - last_count) * (self._clock() - first_time) / (last_count - first_count)
 
 
 def format_seconds(seconds: float | None) -> str:
