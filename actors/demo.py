@@ -29,6 +29,13 @@ from pipeline.config import (DemoConfig, ModelConfig, ModelSpec, RunConfig, load
 from pipeline.errors import ConfigError
 
 PHASES = ("tokenizer+data", "teacher", "distilled student (+ cache fill)", "hard-label student")
+# What "KL to teacher" is for each cache mode (pipeline.losses.token_losses).
+KL_MEANING = {
+    "topk": "the KL over the k+1 buckets of the top-k targets (the k cached ids and the tail "
+            "mass), not over the vocabulary",
+    "sampled": "the sampled estimate of the forward KL (unbiased; one draw's can be negative)",
+    "full": "the KL over the whole vocabulary",
+}
 
 
 def stdlib_sources(max_files: int) -> list[str]:
@@ -71,7 +78,7 @@ def run_demo(config_path: str, overrides: list[str]) -> dict:
     from actors.driver import run
     from pipeline.cache import read_manifest
     from pipeline.data import prepare_dataset, train_bpe_tokenizer
-    from pipeline.metrics import write_report
+    from pipeline.metrics import table_cell, write_report
     from pipeline.train import cache_location, train
 
     console = Console()
@@ -116,8 +123,9 @@ def run_demo(config_path: str, overrides: list[str]) -> dict:
     cache_bytes = sum(size for commit in manifest.commits for _, size, _ in commit.files)
     bytes_per_token = cache_bytes / (manifest.num_sequences * manifest.seq_len)
 
+    # The teacher is not measured against itself: no KL or agreement in its row (None, shown "—").
     rows = [{"model": "teacher", "held-out CE": teacher_result.final_eval.get("ce_loss"),
-             "KL to teacher": 0.0, "top-1 agreement": 1.0,
+             "KL to teacher": None, "top-1 agreement": None,
              "train tokens/s": teacher_result.tokens_per_s}]
     for name, result in results.items():
         rows.append({"model": f"student ({name})",
@@ -143,7 +151,8 @@ def run_demo(config_path: str, overrides: list[str]) -> dict:
              f"the teacher host filled the cache in {fill_seconds:.0f} s of the distilled "
              f"student's phase, the student training on the shards already committed",
              f"corpus: {len(sources)} Python stdlib files; KL and top-1 agreement are measured "
-             f"against the teacher's cached held-out targets"]
+             f"against the teacher's cached held-out targets; KL to teacher is "
+             f"{KL_MEANING[manifest.target.mode]}"]
     write_report(run_dir, "kdpipe demo: distilled vs hard-label student", rows, notes=notes,
                  runs={name: runs[name].run_dir for name in ("teacher", "distilled", "hard-labels")})
 
@@ -151,7 +160,7 @@ def run_demo(config_path: str, overrides: list[str]) -> dict:
     for column in rows[0]:
         table.add_column(column, justify="left" if column == "model" else "right")
     for row in rows:
-        table.add_row(*[value if isinstance(value, str) else f"{value:.4g}" for value in row.values()])
+        table.add_row(*[table_cell(value) for value in row.values()])
     console.print(table)
     for note in notes:
         console.print(f"- {note}")

@@ -12,6 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny-test.yaml"
+# What the session's demo printed, kept in its directory.
+DEMO_OUTPUT = "demo-output.txt"
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +25,7 @@ def demo_dir(tmp_path_factory):
                           cwd=work, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (work / DEMO_OUTPUT).write_text(proc.stdout)
     return work
 
 

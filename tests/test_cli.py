@@ -12,22 +12,57 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from conftest import ROOT, TINY
+from conftest import DEMO_OUTPUT, ROOT, TINY
+from pipeline.metrics import read_metrics
+
+# The demo's rows and the run directory each row's figures come from.
+DEMO_RUNS = {"teacher": "teacher", "student (distilled)": "distilled",
+             "student (hard-labels)": "hard-labels"}
+
+
+def _last(run_dir: Path, split: str) -> dict:
+    return [record for record in read_metrics(run_dir) if record["split"] == split][-1]
+
+
+def _shown(value) -> str:
+    """A figure as the demo's tables show it; the teacher has no KL or agreement to itself."""
+    return "—" if value is None else f"{value:.4g}"
 
 
 def test_demo_writes_comparison_report_and_exports(demo_dir):
+    """Every figure the demo returns, saves and prints is the final record of the metrics.jsonl
+    of the run it names."""
     run = demo_dir / "runs" / "tiny-test"
     comparison = json.loads((run / "comparison.json").read_text())
-    names = [row["model"] for row in comparison["rows"]]
-    assert names == ["teacher", "student (distilled)", "student (hard-labels)"]
-    for row in comparison["rows"][1:]:
-        assert np.isfinite(row["held-out CE"]) and row["KL to teacher"] >= 0
-        assert 0 <= row["top-1 agreement"] <= 1
-    assert comparison["cache"]["mode"] == "topk" and comparison["cache"]["bytes_per_token"] > 0
-    assert "| model |" in (run / "report.md").read_text()
+    expected = []
+    for model, name in DEMO_RUNS.items():
+        final_eval, final_train = _last(run / name, "eval"), _last(run / name, "train")
+        assert final_eval["step"] == final_train["step"] == 8
+        expected.append({"model": model, "held-out CE": final_eval["ce_loss"],
+                         "KL to teacher": final_eval.get("kl_loss"),
+                         "top-1 agreement": final_eval.get("top1_agreement"),
+                         "train tokens/s": final_train["tokens_per_s"]})
+    assert comparison["rows"] == expected
+    assert all(row["KL to teacher"] is not None for row in expected[1:])
+    gain = expected[2]["held-out CE"] - expected[1]["held-out CE"]
+    assert comparison["distilled_beats_hard_labels"] == (gain > 0)
+    assert comparison["cache"]["mode"] == "topk" and comparison["cache"]["k"] == 8
+
+    report = (run / "report.md").read_text()
+    table = [line.strip("|").split("|") for line in report.splitlines() if line.startswith("| ")]
+    assert [[cell.strip() for cell in line] for line in table[1:]] == [
+        [row["model"], *map(_shown, list(row.values())[1:])] for row in expected]
+    verdict = "below" if gain > 0 else "ABOVE"
+    assert f"student is {abs(gain):.4f} nats {verdict} the hard-label" in report
+    assert f"{comparison['cache']['bytes_per_token']:.1f} bytes/token" in report
+
+    # The table printed on the console: a row's first line holds its figures.
+    printed = [[cell.strip() for cell in line.split("│")[1:-1]]
+               for line in (demo_dir / DEMO_OUTPUT).read_text().splitlines() if "│" in line]
+    assert [cells[1:] for cells in printed if cells[1]] == [
+        list(map(_shown, list(row.values())[1:])) for row in expected]
     for name in ("teacher", "distilled", "hard-labels"):
         export = run / name / "student"
         assert (export / "config.json").exists() and (export / "model.safetensors").exists()
@@ -37,7 +72,11 @@ def test_inspect_cache_and_run(demo_dir, cli):
     run = demo_dir / "runs" / "tiny-test"
     code, out, _ = cli(["inspect", run / "cache"], demo_dir)
     assert code == 0
-    assert "top-8 log-probs" in out and "bytes/token" in out and "INCOMPLETE" not in out
+    assert "top-8 log-probs" in out and "INCOMPLETE" not in out
+    # the demo's figure for the train split (the first one described), as inspect computes it
+    bytes_per_token = json.loads((run / "comparison.json").read_text())["cache"]["bytes_per_token"]
+    train_split = out.split("\ncache ")[0]
+    assert "cache/train" in train_split and f"{bytes_per_token:.1f} bytes/token" in train_split
     code, out, _ = cli(["inspect", run / "distilled"], demo_dir)
     assert code == 0 and "latest      step 8" in out
     code, _, err = cli(["inspect", demo_dir], demo_dir)
@@ -107,7 +146,11 @@ def test_eval_and_export_a_checkpoint(demo_dir, tmp_path, cli):
     code, out, err = cli(["eval", *config, "--step", "4"], tmp_path)
     assert code == 0, err
     values = json.loads(out)
-    assert values["step"] == 4 and np.isfinite(values["ce_loss"]) and values["kl_loss"] >= 0
+    # the same figures as the run's own evaluation of that checkpoint
+    logged = [r for r in read_metrics(run / "distilled") if r["split"] == "eval" and r["step"] == 4]
+    assert values["step"] == 4 and len(logged) == 1
+    for key in ("ce_loss", "kl_loss", "top1_agreement", "teacher_entropy", "num_tokens"):
+        assert values[key] == pytest.approx(logged[0][key], rel=1e-5, abs=1e-7), key
     code, out, err = cli(["export", *config, "--out", tmp_path / "export"], tmp_path)
     assert code == 0, err
     assert "step 8" in out and (tmp_path / "export" / "model.safetensors").exists()
