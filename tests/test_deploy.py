@@ -1,15 +1,19 @@
-"""deploy/: a job submitted to a real local head, and the TPU launcher YAML checked by Ray.
+"""deploy/: the job path of deploy/README.md run as written, and the TPU launcher YAML checked by Ray.
 
-The head is `ray start --head --block` bound to 127.0.0.1 on ports free right now, with its own
-temp dir and a token of its own (RAY_AUTH_TOKEN, so ~/.ray/auth_token is neither read nor
-written). It runs in its own process group and is stopped by its pid (then anything left in its group
-is killed): `ray stop` would stop every Ray on the machine. Every Ray client here is a subprocess with an explicit
-environment, so this process's Ray state (the token Ray caches) is untouched for other tests.
+The "On one machine" block of deploy/README.md is read from that file and run by bash in a fresh
+HOME with no token given (no RAY_* variable is passed on), so the token the head and the clients
+use is the one the README's own commands make. The few changes the test makes to the block are
+listed in ``_as_run_here``; each must match the block exactly once, so a README that drifts
+fails here instead of being tested by halves. The head listens on 127.0.0.1 on ports free right
+now, with its own temp dir; the block runs in a session of its own, and the head is stopped by
+signalling that session's processes (`ray stop`, the block's last line, would stop every Ray on
+the machine). Every Ray client here is a subprocess with an explicit environment, so this
+process's Ray state (the token Ray caches) is untouched for other tests.
 """
 
 import json
 import os
-import secrets
+import re
 import shutil
 import signal
 import socket
@@ -25,7 +29,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-HEAD_START_TIMEOUT_S = 90
+TINY = REPO / "configs" / "tiny-test.yaml"
+README_TIMEOUT_S = 1200  # the tiny demo, the head's start and the job, on a busy 2-core machine
 JOB_TIMEOUT_S = 240
 
 
@@ -40,76 +45,96 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-@pytest.fixture(scope="module")
-def head():
-    """A local head; yields (job server address, client environment)."""
-    temp_dir = tempfile.mkdtemp(prefix="kdr", dir="/tmp")  # short: Ray's unix sockets live here
-    gcs, dashboard, client, agent, agent_grpc, env_agent, metrics, manager, objects = _free_ports(9)
-    env = dict(os.environ)
-    env.update(
-        # The job's entrypoint runs with the head's PATH: the project's venv first (deploy/README).
-        PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
-        RAY_AUTH_MODE="token",
-        RAY_AUTH_TOKEN=secrets.token_hex(32),
-        # `ray job stop` waits this long after its SIGTERM before a SIGKILL (as cluster-tpu.yaml)
-        RAY_JOB_STOP_WAIT_TIME_S="600",
-    )
-    env.pop("RAY_ADDRESS", None)
-    log = open(os.path.join(temp_dir, "head.log"), "wb")
-    proc = subprocess.Popen(
-        [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-         "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-         "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
-         "--dashboard-agent-grpc-port", str(agent_grpc), "--runtime-env-agent-port", str(env_agent),
-         "--metrics-export-port", str(metrics), "--node-manager-port", str(manager),
-         "--object-manager-port", str(objects), "--num-cpus", "1", "--temp-dir", temp_dir,
-         "--disable-usage-stats"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    address = f"http://127.0.0.1:{dashboard}"
-    try:
-        _wait_for_job_server(address, env, proc, temp_dir)
-        yield address, env
-    finally:
-        # `ray start --block` stops its node's processes itself when it gets SIGTERM (in ~2 s);
-        # signalling the whole group at once instead leaves it waiting on them.
-        proc.terminate()
+def readme_block(heading: str) -> str:
+    """The first ```bash block under ``## heading`` in deploy/README.md, continuation lines joined."""
+    text = (REPO / "deploy" / "README.md").read_text()
+    section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    return section.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+
+
+def _as_run_here(block: str, *, work: Path, config: Path, ray_start_options: str,
+                 address: str) -> str:
+    """The README block as this test runs it: the tiny config instead of configs/demo.yaml (for
+    ``kdpipe demo`` and the job), ``work/demo`` instead of ``$PWD/runs/demo``, the head's own
+    ports and temp dir, RAY_ADDRESS pointing submit.sh at them, and no final `ray stop`."""
+    lines = block.strip().splitlines()
+    assert lines[-1].split("#")[0].strip() == "ray stop", block
+    script = "\n".join(lines[:-1])
+    if not (REPO / ".venv" / "bin" / "activate").exists():  # the project's venv lives elsewhere
+        script = script.replace("source .venv/bin/activate", f"export PATH={VENV_BIN}:$PATH", 1)
+    for old, new in [("configs/demo.yaml", str(config)),
+                     ("kdpipe demo ", f"kdpipe demo --config {config} "),
+                     ("$PWD/runs/demo", str(work / "demo")),
+                     ("ray start --head ", f"ray start --head {ray_start_options} "),
+                     ("deploy/submit.sh ", f"RAY_ADDRESS={address} deploy/submit.sh ")]:
+        assert script.count(old) == 1, f"deploy/README.md: expected {old!r} once in\n{block}"
+        script = script.replace(old, new)
+    return script
+
+
+def _session_pids(sid: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        # Workers and agents the node started share the process group; none may outlive it.
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
+            if entry.isdigit() and os.getsid(int(entry)) == sid:
+                pids.append(int(entry))
         except ProcessLookupError:
             pass
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    return pids
 
 
-def _wait_for_job_server(address, env, proc, temp_dir):
-    deadline = time.monotonic() + HEAD_START_TIMEOUT_S
-    probe = [str(VENV_BIN / "python"), "-c",
-             f"from ray.job_submission import JobSubmissionClient; JobSubmissionClient({address!r})"]
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            break
-        if subprocess.run(probe, env=env, capture_output=True).returncode == 0:
-            return
-        time.sleep(2)
-    log = Path(temp_dir, "head.log").read_text(errors="replace")[-3000:]
-    raise RuntimeError(f"the local head's job server did not come up at {address}:\n{log}")
+def _stop_session(sid: int) -> None:
+    """Stop the processes of session ``sid`` (the README block's, so its head): SIGTERM, then
+    SIGKILL whatever is left after 5 s, as `ray stop` does after its grace period (16 s there;
+    shorter here: the GCS server and the raylet can sit out a SIGTERM their peers got too)."""
+    for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+        for pid in _session_pids(sid):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while _session_pids(sid) and time.monotonic() < deadline:
+            time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """`--set` overrides of configs/tiny-test.yaml for a tokenizer, data and teacher made here
-    (absolute paths: the job runs in its own copy of the working directory)."""
-    from tiny_run import make_tiny_run
-
-    work = tmp_path_factory.mktemp("job")
-    return work, make_tiny_run(work) + [f"cache.path={work / 'cache'}", f"run_dir={work / 'run'}"]
+def readme_run(tmp_path_factory):
+    """deploy/README.md "On one machine", run (see ``_as_run_here``) up to its `ray stop`.
+    Yields a dict: the job server's ``address``, the client ``env`` (the fresh HOME, token mode),
+    ``work``, the tiny ``config``, the block's ``output`` and ``returncode``; stops the head after."""
+    work = tmp_path_factory.mktemp("readme")
+    (work / "home").mkdir()
+    config = work / "demo.yaml"
+    config.write_text(TINY.read_text().replace("runs/tiny-test", str(work / "demo")))
+    temp_dir = tempfile.mkdtemp(prefix="kdr", dir="/tmp")  # short: Ray's unix sockets live here
+    gcs, dashboard, client, agent, agent_grpc, env_agent, metrics, manager, objects = _free_ports(9)
+    options = (f"--port {gcs} --dashboard-port {dashboard} --ray-client-server-port {client} "
+               f"--dashboard-agent-listen-port {agent} --dashboard-agent-grpc-port {agent_grpc} "
+               f"--runtime-env-agent-port {env_agent} --metrics-export-port {metrics} "
+               f"--node-manager-port {manager} --object-manager-port {objects} "
+               f"--temp-dir {temp_dir} --num-cpus 1 --disable-usage-stats")
+    address = f"http://127.0.0.1:{dashboard}"
+    script = _as_run_here(readme_block("On one machine"), work=work, config=config,
+                          ray_start_options=options, address=address)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    path = [p for p in env.get("PATH", "").split(os.pathsep) if Path(p) != VENV_BIN]
+    env.update(HOME=str(work / "home"), PATH=os.pathsep.join(path))
+    proc = subprocess.Popen(["bash", "-e", "-o", "pipefail", "-c", script], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        try:
+            output, _ = proc.communicate(timeout=README_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output, _ = proc.communicate()
+        clients = dict(env, RAY_AUTH_MODE="token", PATH=f"{VENV_BIN}{os.pathsep}{env['PATH']}")
+        yield dict(address=address, env=clients, work=work, config=config, output=output,
+                   returncode=proc.returncode)
+    finally:
+        _stop_session(proc.pid)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 POLL_CODE = textwrap.dedent("""
     import json, sys, time
@@ -122,14 +147,14 @@ POLL_CODE = textwrap.dedent("""
 """)
 
 
-def _submit(address: str, env: dict, overrides: list[str]) -> str:
-    """`ray job submit --no-wait ... -- kdpipe run configs/tiny-test.yaml --set ...`; the job id."""
-    job_id = f"kdpipe-test-{secrets.token_hex(4)}"
+def _submit(address: str, env: dict, config: Path, overrides: list[str]) -> str:
+    """`ray job submit --no-wait ... -- kdpipe run CONFIG --set ...`; the job id."""
+    job_id = f"kdpipe-test-{os.urandom(4).hex()}"
     sets = [arg for override in overrides for arg in ("--set", override)]
     submit = subprocess.run(
         [str(VENV_BIN / "ray"), "job", "submit", "--address", address, "--submission-id", job_id,
          "--no-wait", "--working-dir", ".", "--runtime-env", "deploy/runtime_env.yaml",
-         "--", "kdpipe", "run", "configs/tiny-test.yaml", *sets],
+         "--", "kdpipe", "run", str(config), *sets],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )
     assert submit.returncode == 0, submit.stdout + submit.stderr
@@ -146,34 +171,46 @@ def _poll(address: str, env: dict, job_id: str) -> dict:
     return json.loads(poll.stdout.strip().splitlines()[-1])
 
 
-def test_job_submit_installs_the_project_and_runs_kdpipe_run(head, tiny_run):
-    """`ray job submit ... -- kdpipe run configs/tiny-test.yaml`: the job installs the project
-    through deploy/runtime_env.yaml, its driver joins the cluster (RAY_ADDRESS set by Ray), and
-    a teacher host fills the cache while a student host trains."""
-    address, env = head
-    work, overrides = tiny_run
-    job_id = _submit(address, env, overrides)
-    outcome = _poll(address, env, job_id)
+def test_readme_one_machine_block_runs_a_job_to_succeeded(readme_run):
+    """The README's commands, as written: `kdpipe demo` makes the data and the teacher, the
+    token is made before the head starts (so the head has token auth on), and submit.sh's job
+    installs the project (deploy/runtime_env.yaml), joins the cluster (RAY_ADDRESS set by Ray),
+    has a teacher host fill its cache from the demo's teacher while a student host trains, and
+    ends SUCCEEDED."""
+    output, work = readme_run["output"], readme_run["work"]
+    assert readme_run["returncode"] == 0, output[-6000:]
+    assert "Token authentication is disabled" not in output, output[-6000:]
+    assert oct((work / "home" / ".ray" / "auth_token").stat().st_mode & 0o777) == "0o600"
+    job_id = re.search(r"Job '(\S+)' submitted successfully", output).group(1)
+    outcome = _poll(readme_run["address"], readme_run["env"], job_id)
     assert outcome["status"] == "SUCCEEDED", outcome["logs"][-4000:]
     logs = outcome["logs"]
     summary, _ = json.JSONDecoder().raw_decode(logs[logs.rindex("\n{") + 1:])  # `kdpipe run` prints it last
     assert summary["step"] == 8 and summary["teacher_source"] == "offline"
     assert summary["teacher_hosts"] == 1 and summary["shards_written"] > 0
-    assert (work / "run" / "student" / "model.safetensors").exists()
+    assert (work / "demo" / "job" / "student" / "model.safetensors").exists()
+    # The head refuses a client that sends no token (Ray's default client mode).
+    open_client = dict(readme_run["env"], HOME=str(work), RAY_AUTH_MODE="disabled")
+    listing = subprocess.run([str(VENV_BIN / "ray"), "job", "list", "--address", readme_run["address"]],
+                             env=open_client, capture_output=True, text=True, timeout=120)
+    assert listing.returncode != 0, listing.stdout
+    assert "Token authentication is enabled" in listing.stdout + listing.stderr
 
 
-def test_ray_job_stop_has_the_students_checkpoint_first(head, tiny_run):
-    """`ray job stop` on a long `kdpipe run` job (the cache the job above wrote is complete, so
-    no teacher host starts): the driver's SIGTERM makes the student save a checkpoint at the
-    step it stops at, and the job ends STOPPED."""
+def test_ray_job_stop_has_the_students_checkpoint_first(readme_run):
+    """`ray job stop` on a long `kdpipe run` job on the README's head (started with
+    RAY_JOB_STOP_WAIT_TIME_S=600; the demo's cache is complete, so no teacher host starts): the
+    driver's SIGTERM makes the student save a checkpoint at the step it stops at, and the job
+    ends STOPPED."""
     from pipeline.checkpoint import read_checkpoint_metas
     from pipeline.metrics import read_metrics
 
-    address, env = head
-    work, overrides = tiny_run
+    address, env, work = readme_run["address"], readme_run["env"], readme_run["work"]
+    assert readme_run["returncode"] == 0, readme_run["output"][-6000:]
     run_dir = work / "stopped"
-    job_id = _submit(address, env, [*overrides, f"run_dir={run_dir}", "train.steps=100000",
-                                    "checkpoint.every_steps=50000"])
+    job_id = _submit(address, env, readme_run["config"],
+                     [f"model.teacher={{path: {work / 'demo' / 'teacher' / 'student'}}}",
+                      f"run_dir={run_dir}", "train.steps=100000", "checkpoint.every_steps=50000"])
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while not any(r["step"] >= 20 for r in read_metrics(run_dir)):
         assert time.monotonic() < deadline, "the job logged no step 20"
