@@ -234,11 +234,18 @@ class ModelSpec(_Section):
     num_attention_heads: int | None = _field(None, "Query heads per layer.", gt=0)
     num_key_value_heads: int | None = _field(None, "Key/value heads (grouped-query attention); "
                                              "unset: num_attention_heads.", gt=0)
-    max_position_embeddings: int = _field(2048, "Longest sequence the rotary table covers.", gt=0)
+    max_position_embeddings: int = _field(2048, "Longest sequence the model is built for; "
+                                          "data.seq_len may not exceed it (nor, for a model "
+                                          "loaded from path, its config.json's).", gt=0)
     rope_theta: float = _field(10000.0, "Rotary embedding base.", gt=0)
     rms_norm_eps: float = _field(1e-5, "Epsilon of the RMS norms.", gt=0)
     tie_word_embeddings: bool = _field(True, "Share the embedding table with the output head.")
-    dtype: Dtype = _field("float32", "Parameter and activation dtype (logits are float32).")
+    dtype: Dtype = _field("float32", "Compute dtype: embeddings, activations and matmuls "
+                          "(logits are float32); an exported student is written in it.")
+    param_dtype: Dtype | None = _field(
+        None, "Student only: dtype of the parameters and optimizer state (master weights), cast "
+        "to dtype where used. null: float32, so that updates far below bfloat16's spacing "
+        "(2^-8 at 1.0) are kept. The teacher, never updated, keeps its parameters in dtype.")
 
     @property
     def from_pretrained(self) -> bool:
@@ -266,6 +273,22 @@ class ModelSpec(_Section):
             "tie_word_embeddings": self.tie_word_embeddings,
             "torch_dtype": self.dtype,
         }
+
+
+def check_context(seq_len: int, model: str, max_position_embeddings: int, *,
+                  origin: str = "") -> None:
+    """Refuse sequences of ``seq_len`` tokens (``data.seq_len``) past the context of ``model``
+    ("model.student" / "model.teacher"), its ``max_position_embeddings`` (``origin``: where
+    that value comes from when not from the config, e.g. ", in <dir>/config.json"). A teacher
+    run past its context gives garbage targets; a student trained past it exports a config that
+    claims a context it was trained beyond."""
+    if seq_len > max_position_embeddings:
+        raise ConfigError(
+            f"data.seq_len ({seq_len}) exceeds {model}.max_position_embeddings "
+            f"({max_position_embeddings}{origin}): positions past a model's context are not "
+            f"what it was built for (a teacher gives garbage targets there, and a student "
+            f"trained there exports a config claiming a context it was trained beyond); lower "
+            f"data.seq_len (and prepare the data again) or use a model with a longer context")
 
 
 def _check_model_spec(spec: ModelSpec, path: str, required: bool) -> None:
@@ -305,6 +328,10 @@ class ModelConfig(_Section):
         super().__post_init__()
         _check_model_spec(self.teacher, "model.teacher", required=False)
         _check_model_spec(self.student, "model.student", required=True)
+        if self.teacher.param_dtype is not None:
+            raise ConfigError(f"model.teacher.param_dtype: the teacher is never updated, so its "
+                              f"parameters stay in model.teacher.dtype; remove it (got "
+                              f"{self.teacher.param_dtype!r}; it applies to the student)")
 
     @property
     def has_teacher(self) -> bool:
@@ -327,7 +354,8 @@ class DataConfig(_Section):
                             "directory holding one).", hashed=False)
     prepared_dir: str = _field("data/prepared", "Directory of the prepared token dataset "
                                "(written by prepare-data, read by cache/train/eval).", hashed=False)
-    seq_len: int = _field(512, "Tokens per training sequence.", gt=0)
+    seq_len: int = _field(512, "Tokens per training sequence; at most the student's and the "
+                          "teacher's max_position_embeddings.", gt=0)
     pack: bool = _field(True, "Concatenate documents (each followed by eos_token) and cut the "
                         "stream into seq_len windows; false: every document starts a new row.")
     eos_token: str | None = _field("<|endoftext|>", "Token appended after every document; must "
@@ -645,6 +673,7 @@ class RunConfig(_Section):
     def __post_init__(self) -> None:
         super().__post_init__()
         self._check_teacher_source()
+        self._check_context()
         self._check_batch_split()
         self._check_schedule()
 
@@ -713,6 +742,13 @@ class RunConfig(_Section):
             raise ConfigError(f"cache.temperature ({cache.temperature}) must equal loss.temperature "
                               f"({self.loss.temperature}) in {cache.mode} mode: the stored targets "
                               f"are taken at that temperature (only mode full serves any)")
+
+    def _check_context(self) -> None:
+        # Models loaded from a path are checked when they are loaded (pipeline.train).
+        for name in ("student", "teacher"):
+            spec = getattr(self.model, name)
+            if spec.path is None and spec.hidden_size is not None:
+                check_context(self.data.seq_len, f"model.{name}", spec.max_position_embeddings)
 
     def _check_batch_split(self) -> None:
         train, group = self.train, self.cluster.student

@@ -194,7 +194,7 @@ def test_rms_norm_matches_reference(dtype):
     rng = np.random.default_rng(1)
     x = rng.normal(size=(3, 5, 16)) * 3
     scale = 1 + 0.3 * rng.normal(size=16)
-    norm = RMSNorm(16, 1e-5, dtype=dtype)
+    norm = RMSNorm(16, 1e-5, param_dtype=dtype)
     norm.scale[...] = jnp.asarray(scale, dtype)
     expected = x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + 1e-5) * scale
     out = norm(jnp.asarray(x, dtype))

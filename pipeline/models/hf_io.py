@@ -192,19 +192,21 @@ def _open_tensors(files: list[Path]):
         yield handles
 
 
-def _param_dtype(dtype) -> jnp.dtype:
+def _param_dtype(dtype, name: str = "dtype") -> jnp.dtype:
     try:
         dtype = jnp.dtype(dtype)
     except TypeError as err:
-        raise ConfigError(f"dtype: expected one of {_PARAM_DTYPES}, got {dtype!r}") from err
+        raise ConfigError(f"{name}: expected one of {_PARAM_DTYPES}, got {dtype!r}") from err
     if dtype.name not in _PARAM_DTYPES:
-        raise ConfigError(f"dtype: expected one of {_PARAM_DTYPES}, got {dtype.name!r}")
+        raise ConfigError(f"{name}: expected one of {_PARAM_DTYPES}, got {dtype.name!r}")
     return dtype
 
 
-def load_pretrained(path: str | Path, *, dtype=jnp.float32, mesh: Mesh | None = None,
-                    rules: Rules = DEFAULT_RULES) -> Llama:
-    """Loads a Hugging Face checkpoint directory into a ``Llama`` with ``dtype`` parameters.
+def load_pretrained(path: str | Path, *, dtype=jnp.float32, param_dtype=None,
+                    mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> Llama:
+    """Loads a Hugging Face checkpoint directory into a ``Llama`` computing in ``dtype``, with
+    its parameters in ``param_dtype`` (``None``: ``dtype``). Weights stored in bfloat16 load
+    exactly into float32 parameters.
 
     With a ``mesh``, each parameter is created directly with its ``NamedSharding`` under
     ``rules``: a device receives only its own slice, and the host holds one checkpoint tensor at
@@ -213,12 +215,15 @@ def load_pretrained(path: str | Path, *, dtype=jnp.float32, mesh: Mesh | None = 
     Raises:
       ModelLoadError: unsupported config, no safetensors weights (pickle-only directories are
         refused unread), or tensors missing, unexpected or of the wrong shape (all listed).
-      ConfigError: ``dtype`` is not a float parameter dtype, or ``rules`` do not cover the model.
+      ConfigError: ``dtype`` or ``param_dtype`` is not a float parameter dtype, or ``rules``
+        do not cover the model.
     """
     path = Path(path)
     config = read_config(path)
     dtype = _param_dtype(dtype)
-    abstract = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    param_dtype = dtype if param_dtype is None else _param_dtype(param_dtype, "param_dtype")
+    abstract = nnx.eval_shape(lambda: Llama(config, dtype=dtype, param_dtype=param_dtype,
+                                            rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
     plan = _tensor_plan(abstract_state, config.num_hidden_layers)
     shardings = {}  # decided before any weight is read, so bad rules fail fast
@@ -232,11 +237,11 @@ def load_pretrained(path: str | Path, *, dtype=jnp.float32, mesh: Mesh | None = 
             host = tensor.layout.to_ours(handles[tensor.hf_name].get_tensor(tensor.hf_name),
                                          tensor.shape)
             if mesh is None:
-                value = jax.device_put(np.asarray(host, dtype))
+                value = jax.device_put(np.asarray(host, param_dtype))
             else:
                 value = jax.make_array_from_callback(
                     tensor.shape, shardings[tensor.path],
-                    lambda index, host=host: np.asarray(host[index], dtype))
+                    lambda index, host=host: np.asarray(host[index], param_dtype))
             values[tensor.path] = value
     state = nnx.from_flat_state([
         (param, var.replace(values[param])) for param, var in nnx.to_flat_state(abstract_state)
@@ -282,7 +287,8 @@ def save_pretrained(model: Llama, path: str | Path, *,
                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
     """Writes ``model`` as a Hugging Face checkpoint that transformers loads unchanged.
 
-    ``config.json`` plus ``model.safetensors``, or, when the weights exceed ``max_shard_bytes``,
+    The weights are written in the model's compute dtype (``torch_dtype``), whatever dtype its
+    parameters are kept in. ``config.json`` plus ``model.safetensors``, or, when the weights exceed ``max_shard_bytes``,
     ``model-0000i-of-0000n.safetensors`` files and ``model.safetensors.index.json``. Weight files
     of an earlier save into ``path`` that this one does not rewrite are removed, so the directory
     never mixes two saves. In a multi-process run every process must call this (the parameters
@@ -300,7 +306,7 @@ def save_pretrained(model: Llama, path: str | Path, *,
     shards: list[list[_Tensor]] = [[]]
     shard_bytes = 0
     for tensor in plan:
-        nbytes = leaves[tensor.path].get_value().nbytes
+        nbytes = leaves[tensor.path].get_value().size * model.dtype.itemsize
         if shards[-1] and shard_bytes + nbytes > max_shard_bytes:
             shards.append([])
             shard_bytes = 0
@@ -322,7 +328,8 @@ def save_pretrained(model: Llama, path: str | Path, *,
     weight_map, total_bytes = {}, 0
     for file_name, shard in zip(file_names, shards):
         tensors = {
-            t.hf_name: np.ascontiguousarray(t.layout.to_hf(_to_host(leaves[t.path].get_value())))
+            t.hf_name: np.ascontiguousarray(t.layout.to_hf(
+                _to_host(leaves[t.path].get_value().astype(model.dtype))))
             for t in shard
         }
         if writer:
@@ -334,7 +341,7 @@ def save_pretrained(model: Llama, path: str | Path, *,
     if len(shards) > 1:
         index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
         (path / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    dtype_name = model.embedder.embedding_vd.get_value().dtype.name
+    dtype_name = model.dtype.name
     # transformers v5 reads "dtype", v4 and vLLM "torch_dtype".
     hf = {**config.to_hf_config(), "dtype": dtype_name, "torch_dtype": dtype_name}
     (path / CONFIG_FILE).write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")

@@ -10,8 +10,11 @@ One module covers the family; ``LlamaConfig.model_type`` picks the variant's det
 
 Numerics follow transformers' eager implementation: RMSNorm normalises in float32 and casts
 back before the scale; attention scores and softmax are float32; logits come back in float32.
-Activations take the parameters' dtype, so a bfloat16 model computes in bfloat16 (cast the
-parameters to run a float32 model in bfloat16).
+Two dtypes, as MaxText's ``weight_dtype`` and ``dtype``: parameters are stored in
+``param_dtype`` and computation runs in ``dtype`` (each parameter is cast where it is used, so
+the embeddings, activations and matmuls are ``dtype``). A bfloat16 student with float32
+parameters keeps float32 master weights: updates far below bfloat16's spacing (2^-8 at 1.0)
+are not rounded away, and optax keeps its moments in the parameters' dtype.
 
 Parameter names carry their axes as a suffix (``q_dnh`` is ``[hidden, heads, head_dim]``), which
 is what ``pipeline.models.sharding``'s rules and ``pipeline.models.hf_io``'s name table key on.
@@ -361,48 +364,57 @@ def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
     return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
 
+def _used(param: nnx.Param, dtype) -> jax.Array:
+    """A parameter's value in the compute dtype (its gradient flows back in its own dtype)."""
+    return param[...].astype(dtype)
+
+
 class RMSNorm(nnx.Module):
     """``x / sqrt(mean(x^2) + eps) * scale`` over the last axis, normalised in float32 and cast
     back to ``x``'s dtype before the scale (as transformers' LlamaRMSNorm)."""
 
-    def __init__(self, dim: int, eps: float, *, dtype):
-        self.scale = nnx.Param(jnp.ones((dim,), dtype))  # [dim]
+    def __init__(self, dim: int, eps: float, *, param_dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))  # [dim]
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return normed.astype(x.dtype) * self.scale[...]
+        return normed.astype(x.dtype) * _used(self.scale, x.dtype)
 
 
 class Embedder(nnx.Module):
-    """Token embedding table ``embedding_vd`` ``[vocab, hidden]``."""
+    """Token embedding table ``embedding_vd`` ``[vocab, hidden]``; its output is in ``dtype``,
+    the compute dtype every later layer follows."""
 
-    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         shape = (config.vocab_size, config.hidden_size)
-        self.embedding_vd = nnx.Param(_normal(rngs, shape, config.initializer_range, dtype))
+        self.embedding_vd = nnx.Param(_normal(rngs, shape, config.initializer_range, param_dtype))
+        self.dtype = dtype
 
     def __call__(self, input_ids: jax.Array) -> jax.Array:
         """``[b, l]`` int ids -> ``[b, l, d]`` embeddings."""
-        return jnp.take(self.embedding_vd[...], input_ids, axis=0)
+        # Gather, then cast: only the rows used are converted, not the whole table.
+        return jnp.take(self.embedding_vd[...], input_ids, axis=0).astype(self.dtype)
 
 
 class Attention(nnx.Module):
     """Causal grouped-query self-attention with RoPE (and Qwen2 biases / Qwen3 q,k norms)."""
 
-    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, *, param_dtype, rngs: nnx.Rngs):
         d, n, k, h = (config.hidden_size, config.num_attention_heads,
                       config.num_key_value_heads, config.head_dim)
         std = config.initializer_range
-        self.q_dnh = nnx.Param(_normal(rngs, (d, n, h), std, dtype))
-        self.k_dkh = nnx.Param(_normal(rngs, (d, k, h), std, dtype))
-        self.v_dkh = nnx.Param(_normal(rngs, (d, k, h), std, dtype))
-        self.o_nhd = nnx.Param(_normal(rngs, (n, h, d), std, dtype))
-        self.q_bias_nh = nnx.Param(jnp.zeros((n, h), dtype)) if config.qkv_bias else None
-        self.k_bias_kh = nnx.Param(jnp.zeros((k, h), dtype)) if config.qkv_bias else None
-        self.v_bias_kh = nnx.Param(jnp.zeros((k, h), dtype)) if config.qkv_bias else None
-        self.q_norm = RMSNorm(h, config.rms_norm_eps, dtype=dtype) if config.qk_norm else None
-        self.k_norm = RMSNorm(h, config.rms_norm_eps, dtype=dtype) if config.qk_norm else None
+        self.q_dnh = nnx.Param(_normal(rngs, (d, n, h), std, param_dtype))
+        self.k_dkh = nnx.Param(_normal(rngs, (d, k, h), std, param_dtype))
+        self.v_dkh = nnx.Param(_normal(rngs, (d, k, h), std, param_dtype))
+        self.o_nhd = nnx.Param(_normal(rngs, (n, h, d), std, param_dtype))
+        self.q_bias_nh = nnx.Param(jnp.zeros((n, h), param_dtype)) if config.qkv_bias else None
+        self.k_bias_kh = nnx.Param(jnp.zeros((k, h), param_dtype)) if config.qkv_bias else None
+        self.v_bias_kh = nnx.Param(jnp.zeros((k, h), param_dtype)) if config.qkv_bias else None
+        eps = config.rms_norm_eps
+        self.q_norm = RMSNorm(h, eps, param_dtype=param_dtype) if config.qk_norm else None
+        self.k_norm = RMSNorm(h, eps, param_dtype=param_dtype) if config.qk_norm else None
         self.scale = h**-0.5
 
     def __call__(self, x, cos, sin, mask_bklm):
@@ -415,13 +427,13 @@ class Attention(nnx.Module):
         Returns:
           ``([b, l, d] output, [b, n, l, l] attention probabilities in x's dtype)``.
         """
-        q = jnp.einsum("bld,dnh->blnh", x, self.q_dnh[...])
-        k = jnp.einsum("bld,dkh->blkh", x, self.k_dkh[...])
-        v = jnp.einsum("bld,dkh->blkh", x, self.v_dkh[...])
+        q = jnp.einsum("bld,dnh->blnh", x, _used(self.q_dnh, x.dtype))
+        k = jnp.einsum("bld,dkh->blkh", x, _used(self.k_dkh, x.dtype))
+        v = jnp.einsum("bld,dkh->blkh", x, _used(self.v_dkh, x.dtype))
         if self.q_bias_nh is not None:
-            q = q + self.q_bias_nh[...]
-            k = k + self.k_bias_kh[...]
-            v = v + self.v_bias_kh[...]
+            q = q + _used(self.q_bias_nh, x.dtype)
+            k = k + _used(self.k_bias_kh, x.dtype)
+            v = v + _used(self.v_bias_kh, x.dtype)
         if self.q_norm is not None:
             q = self.q_norm(q)
             k = self.k_norm(k)
@@ -437,33 +449,34 @@ class Attention(nnx.Module):
         scores = jnp.where(mask_bklm, scores * self.scale, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
         out = jnp.einsum("bkglm,bmkh->blkgh", probs, v).reshape(b, l, n, h)
-        return jnp.einsum("blnh,nhd->bld", out, self.o_nhd[...]), probs.reshape(b, n, l, l)
+        return jnp.einsum("blnh,nhd->bld", out, _used(self.o_nhd, x.dtype)), probs.reshape(b, n, l, l)
 
 
 class MLP(nnx.Module):
     """SwiGLU feed-forward: ``down(silu(x @ gate) * (x @ up))``."""
 
-    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, *, param_dtype, rngs: nnx.Rngs):
         d, f = config.hidden_size, config.intermediate_size
         std = config.initializer_range
-        self.gate_df = nnx.Param(_normal(rngs, (d, f), std, dtype))
-        self.up_df = nnx.Param(_normal(rngs, (d, f), std, dtype))
-        self.down_fd = nnx.Param(_normal(rngs, (f, d), std, dtype))
+        self.gate_df = nnx.Param(_normal(rngs, (d, f), std, param_dtype))
+        self.up_df = nnx.Param(_normal(rngs, (d, f), std, param_dtype))
+        self.down_fd = nnx.Param(_normal(rngs, (f, d), std, param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``[b, l, d]`` -> ``[b, l, d]``."""
-        gate = jax.nn.silu(x @ self.gate_df[...])
-        return (gate * (x @ self.up_df[...])) @ self.down_fd[...]
+        gate = jax.nn.silu(x @ _used(self.gate_df, x.dtype))
+        return (gate * (x @ _used(self.up_df, x.dtype))) @ _used(self.down_fd, x.dtype)
 
 
 class DecoderLayer(nnx.Module):
     """Pre-norm block: ``h = x + attn(norm(x))``, ``out = h + mlp(norm(h))``."""
 
-    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs):
-        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
-        self.attn = Attention(config, dtype=dtype, rngs=rngs)
-        self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
-        self.mlp = MLP(config, dtype=dtype, rngs=rngs)
+    def __init__(self, config: LlamaConfig, *, param_dtype, rngs: nnx.Rngs):
+        eps = config.rms_norm_eps
+        self.input_norm = RMSNorm(config.hidden_size, eps, param_dtype=param_dtype)
+        self.attn = Attention(config, param_dtype=param_dtype, rngs=rngs)
+        self.post_attn_norm = RMSNorm(config.hidden_size, eps, param_dtype=param_dtype)
+        self.mlp = MLP(config, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, cos, sin, mask_bklm):
         """``[b, l, d]`` -> ``([b, l, d], [b, n, l, l] attention probabilities)``."""
@@ -477,26 +490,31 @@ class Llama(nnx.Module):
 
     Args:
       config: the architecture.
-      dtype: parameter dtype (float32 or bfloat16); activations follow it.
+      dtype: compute dtype (float32 or bfloat16) of the embeddings, activations and matmuls;
+        a Hugging Face export is written in it (``torch_dtype``).
+      param_dtype: dtype the parameters are stored (and trained) in; ``None``: ``dtype``.
       rngs: random initialisation (``nnx.Rngs(seed)``).
     """
 
-    def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, param_dtype=None,
+                 rngs: nnx.Rngs):
         self.config = config
-        self.embedder = Embedder(config, dtype=dtype, rngs=rngs)
-        self.layers = nnx.List(
-            [DecoderLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_hidden_layers)]
-        )
-        self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        self.dtype = jnp.dtype(dtype)
+        param_dtype = self.dtype if param_dtype is None else jnp.dtype(param_dtype)
+        self.embedder = Embedder(config, dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(config, param_dtype=param_dtype, rngs=rngs)
+                                for _ in range(config.num_hidden_layers)])
+        self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
         head_shape = (config.vocab_size, config.hidden_size)
         self.lm_head_vd = None if config.tie_word_embeddings else nnx.Param(
-            _normal(rngs, head_shape, config.initializer_range, dtype))
+            _normal(rngs, head_shape, config.initializer_range, param_dtype))
 
     def output_head(self) -> jax.Array:
-        """The output projection ``[vocab, hidden]`` (the embedding table when tied)."""
+        """The output projection ``[vocab, hidden]`` in the compute dtype (the embedding table
+        when tied)."""
         if self.lm_head_vd is None:
-            return self.embedder.embedding_vd[...]
-        return self.lm_head_vd[...]
+            return _used(self.embedder.embedding_vd, self.dtype)
+        return _used(self.lm_head_vd, self.dtype)
 
     def __call__(
         self,
