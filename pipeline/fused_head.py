@@ -29,7 +29,8 @@ _F32 = jnp.float32
 
 def fused_head_distillation_loss(hidden, head, targets, attention_mask=None, labels=None,
                                  use_hard_labels=False, temperature=4.0, alpha=0.9, *,
-                                 divergence="forward_kl", beta=0.5, chunk_size=1024):
+                                 divergence="forward_kl", beta=0.5, valid_vocab_size=None,
+                                 chunk_size=1024):
     r"""``targets_distillation_loss(hidden @ head.T, ...)`` without ever holding the logits.
 
     Same loss, metrics and semantics as :func:`pipeline.losses.targets_distillation_loss` on
@@ -51,8 +52,10 @@ def fused_head_distillation_loss(hidden, head, targets, attention_mask=None, lab
       head: ``[vocab, hidden]`` output projection (Hugging Face layout).
       targets: ``DenseTargets`` (``[batch, seq, vocab]`` teacher logits), ``TopKTargets`` or
         ``SampledTargets``.
-      attention_mask, labels, use_hard_labels, temperature, alpha, divergence, beta: as in
-        :func:`pipeline.losses.distillation_loss`.
+      attention_mask, labels, use_hard_labels, temperature, alpha, divergence, beta,
+        valid_vocab_size: as in :func:`pipeline.losses.distillation_loss` (with
+        ``valid_vocab_size`` = n, the divergence is over the real ids v < n of each chunk's
+        logits, whose padding columns get only the CE's gradient).
       chunk_size: tokens per chunk (a Python int); memory per chunk is about
         ``3 · chunk_size · vocab · 4`` bytes.
     Returns:
@@ -68,7 +71,8 @@ def fused_head_distillation_loss(hidden, head, targets, attention_mask=None, lab
         raise ConfigError(f"chunk_size: expected a positive int, got {chunk_size!r}")
     logits_shape = jax.ShapeDtypeStruct((*hidden.shape[:-1], head.shape[0]), hidden.dtype)
     losses.check_loss_inputs(logits_shape, targets, attention_mask, labels, use_hard_labels,
-                             temperature, alpha, divergence, beta)
+                             temperature, alpha, divergence, beta,
+                             valid_vocab_size=valid_vocab_size)
 
     tokens = hidden.shape[0] * hidden.shape[1]
     mask = losses.loss_mask(attention_mask, labels, hidden.shape[:-1]).reshape(tokens)
@@ -78,7 +82,7 @@ def fused_head_distillation_loss(hidden, head, targets, attention_mask=None, lab
     ce_weight = (1.0 - alpha) * mask / denominator if use_hard_labels else jnp.zeros_like(mask)
     flat_targets = type(targets)(*(x.reshape(tokens, *x.shape[2:]) for x in targets))
     flat_labels = None if labels is None else labels.reshape(tokens)
-    config = (divergence, beta, min(chunk_size, tokens))
+    config = (divergence, beta, valid_vocab_size, min(chunk_size, tokens))
     loss, div, ce, entropy, agreement = _fused_loss(
         hidden.reshape(tokens, hidden.shape[-1]), head,
         (flat_targets, flat_labels, div_weight, ce_weight, temperature),
@@ -113,7 +117,7 @@ _fused_loss.defvjp(_fused_loss_fwd, _fused_loss_bwd)
 def _chunk_loop(hidden, head, aux, config, *, with_grad):
     """One pass over token chunks: the loss, per-token terms and (optionally) the gradients."""
     targets, labels, div_weight, ce_weight, temperature = aux
-    divergence, beta, chunk = config
+    divergence, beta, valid_vocab_size, chunk = config
     tokens = hidden.shape[0]
     num_chunks = -(-tokens // chunk)
     vocab_block = min(_VOCAB_BLOCK, head.shape[0])
@@ -123,7 +127,8 @@ def _chunk_loop(hidden, head, aux, config, *, with_grad):
 
     def chunk_loss(logits, targets_c, labels_c, div_w, ce_w):
         terms = losses.token_losses(logits, targets_c, labels_c, temperature=temperature,
-                                    divergence=divergence, beta=beta)
+                                    divergence=divergence, beta=beta,
+                                    valid_vocab_size=valid_vocab_size)
         ce = terms.cross_entropy
         if ce is None:
             ce = jnp.zeros_like(terms.divergence)

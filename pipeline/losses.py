@@ -2,7 +2,8 @@
 
 The semantics follow EasyDeL 0.3's ``distillation_loss`` (names, parameters, defaults, the
 T²-scaled forward KL, the token mean over ``attention_mask × (labels != -100)``, CE at
-temperature 1, α mixing), with three differences in *how*, never in *what*:
+temperature 1, α mixing), with these differences in *how*, never in *what* (and one opt-in
+extension, the last):
 
 - the KL is computed directly as ``Σ p_t (log p_t − log p_s)``, never as a difference of two
   large cross-entropies (that difference goes negative in bf16, EasyDeL issue #267);
@@ -10,13 +11,20 @@ temperature 1, α mixing), with three differences in *how*, never in *what*:
   reductions, so XLA fuses it and a bf16 ``[tokens, vocab]`` input is never copied whole;
 - besides the forward KL there are the reverse KL and the generalized Jensen-Shannon
   divergence of GKD (Agarwal et al., 2024), and sparse teacher targets (``TopKTargets``,
-  ``SampledTargets``) read from the teacher-output cache.
+  ``SampledTargets``) read from the teacher-output cache; the student's top-k tail mass is
+  summed over the tail ids, never as ``1 − Σ_top-k q`` (which cancels in float32 once the
+  student is sure of its top ids), and its backward pass is written to avoid cancellation;
+- ``valid_vocab_size`` (``None`` = EasyDeL's semantics) marks the ids of a
+  padded head (Qwen-family models) from the tokenizer's vocabulary size on as padding
+  (:func:`restrict_to_vocab`): the divergences are taken between the distributions over the
+  real ids only; the hard-label CE stays over the full logits.
 
 Shapes: ``[..., vocab]`` logits with any leading token shape (usually ``[batch, seq]``);
 per-token functions return the leading shape. Every function is traceable under ``jax.jit``;
-the scalar settings (``temperature``, ``alpha``, ``divergence``, ``beta``, layer indices) are
-checked at trace time and must be Python values when they select code (``divergence``,
-``beta``, layers). ``temperature`` and ``alpha`` may be traced, then they are not range-checked.
+the scalar settings (``temperature``, ``alpha``, ``divergence``, ``beta``,
+``valid_vocab_size``, layer indices) are checked at trace time and must be Python values when
+they select code (``divergence``, ``beta``, ``valid_vocab_size``, layers). ``temperature`` and
+``alpha`` may be traced, then they are not range-checked.
 """
 
 from __future__ import annotations
@@ -34,7 +42,6 @@ from pipeline.errors import ConfigError, KdpipeError
 IGNORE_INDEX = -100
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 _F32 = jnp.float32
-_TAIL_FLOOR = float(jnp.finfo(jnp.float32).eps)  # smallest student tail mass resolved (top-k)
 
 
 # --------------------------------------------------------------------------- teacher targets
@@ -124,6 +131,15 @@ def _check_token_shape(name: str, array, token_shape: tuple[int, ...]) -> None:
                           f"got {tuple(array.shape)}")
 
 
+def _check_valid_vocab_size(valid_vocab_size) -> None:
+    # A Python int: it selects code (which columns are padding) at trace time.
+    if valid_vocab_size is not None and (isinstance(valid_vocab_size, bool)
+                                         or not isinstance(valid_vocab_size, int)
+                                         or valid_vocab_size < 1):
+        raise ConfigError(f"valid_vocab_size: expected None or an int >= 1 (the tokenizer's "
+                          f"vocabulary size), got {valid_vocab_size!r}")
+
+
 def _check_labels(use_hard_labels: bool, labels) -> None:
     if use_hard_labels and labels is None:
         raise KdpipeError("labels: use_hard_labels=True needs labels, got labels=None")
@@ -195,10 +211,34 @@ def masked_token_mean(x: jax.Array, mask: jax.Array | None) -> jax.Array:
 # forward and backward need only per-token temporaries.
 
 
-def _scaled(logits: jax.Array, temperature) -> jax.Array:
-    # Elementwise, so XLA fuses the f32 upcast into its consumers instead of materialising an
-    # f32 copy of bf16 logits.
-    return logits.astype(_F32) / temperature
+def restrict_to_vocab(logits: jax.Array, valid_vocab_size: int | None) -> jax.Array:
+    r"""A padded head's logits over the real ids: the one definition of padding in kdpipe.
+
+    Qwen-family models pad the head past the tokenizer's vocabulary (model vocab V > tokenizer
+    vocab n = ``valid_vocab_size``); ids :math:`v \ge n` are no tokens. Restricted logits are
+
+    .. math::
+        \tilde s_v = s_v \ (v < n), \qquad \tilde s_v = -\infty \ (v \ge n)
+
+    so :math:`\operatorname{softmax}(\tilde s / T)` is the model's distribution renormalised
+    over the real ids, :math:`\log q_v = s_v/T - \operatorname{logsumexp}_{u<n} s_u/T`.
+
+    Args:
+      logits: ``[..., vocab]``, any float dtype (kept).
+      valid_vocab_size: n, a Python int; ``None`` or n >= vocab restricts nothing.
+    Returns:
+      ``[..., vocab]``, the input itself when nothing is restricted.
+    """
+    if valid_vocab_size is None or valid_vocab_size >= logits.shape[-1]:
+        return logits
+    real = jnp.arange(logits.shape[-1]) < valid_vocab_size
+    return jnp.where(real, logits, jnp.asarray(-jnp.inf, logits.dtype))
+
+
+def _scaled(logits: jax.Array, temperature, valid_vocab_size: int | None = None) -> jax.Array:
+    # Elementwise, so XLA fuses the f32 upcast and the restriction to the real ids into their
+    # consumers instead of materialising an f32 (or masked) copy of the logits.
+    return restrict_to_vocab(logits.astype(_F32) / temperature, valid_vocab_size)
 
 
 def _logsumexp(z: jax.Array) -> jax.Array:
@@ -271,43 +311,49 @@ def _dense_terms(z_s, z_t, lse_s, lse_t, divergence, beta):
     return log_q, log_p, jnp.logaddexp(math.log(beta) + log_p, math.log1p(-beta) + log_q)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _dense_divergence(student_logits, teacher_logits, temperature, divergence, beta):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _dense_divergence(student_logits, teacher_logits, temperature, divergence, beta,
+                      valid_vocab_size):
     return _dense_divergence_fwd(student_logits, teacher_logits, temperature, divergence,
-                                 beta)[0]
+                                 beta, valid_vocab_size)[0]
 
 
-def _dense_divergence_fwd(student_logits, teacher_logits, temperature, divergence, beta):
-    z_s, z_t = _scaled(student_logits, temperature), _scaled(teacher_logits, temperature)
+def _dense_divergence_fwd(student_logits, teacher_logits, temperature, divergence, beta,
+                          valid_vocab_size):
+    # Zero-probability terms (padding columns, -inf teacher logits) count 0 via _xlogx_ratio.
+    z_s = _scaled(student_logits, temperature, valid_vocab_size)
+    z_t = _scaled(teacher_logits, temperature, valid_vocab_size)
     lse_s, lse_t = _logsumexp(z_s), _logsumexp(z_t)
     log_q, log_p, log_ref = _dense_terms(z_s, z_t, lse_s, lse_t, divergence, beta)
     if divergence == "forward_kl":
-        div = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+        div = jnp.sum(_xlogx_ratio(log_p, log_q), axis=-1)
         student_side = None
     else:
         # Σ q (log q − log r), r = p (reverse KL) or the mixture m (JSD); the backward needs it.
-        student_side = jnp.sum(jnp.exp(log_q) * (log_q - log_ref), axis=-1)
+        student_side = jnp.sum(_xlogx_ratio(log_q, log_ref), axis=-1)
         div = student_side
         if divergence == "jsd":
-            teacher_side = jnp.sum(jnp.exp(log_p) * (log_p - log_ref), axis=-1)
+            teacher_side = jnp.sum(_xlogx_ratio(log_p, log_ref), axis=-1)
             div = beta * teacher_side + (1.0 - beta) * student_side
     residuals = (student_logits, teacher_logits, temperature, lse_s, lse_t, student_side)
     return div, residuals
 
 
-def _dense_divergence_bwd(divergence, beta, residuals, cotangent):
+def _dense_divergence_bwd(divergence, beta, valid_vocab_size, residuals, cotangent):
     # d/dz_v for z = s/T, with q = softmax(z):
     #   forward KL:  q_v − p_v
     #   reverse KL:  q_v (log q_v − log p_v − KL(q‖p))
     #   JSD_β:       (1−β) q_v (log q_v − log m_v − KL(q‖m))
+    # all 0 where q_v = p_v = 0 (padding columns: their logits are constants, −inf).
     student_logits, teacher_logits, temperature, lse_s, lse_t, student_side = residuals
-    z_s, z_t = _scaled(student_logits, temperature), _scaled(teacher_logits, temperature)
+    z_s = _scaled(student_logits, temperature, valid_vocab_size)
+    z_t = _scaled(teacher_logits, temperature, valid_vocab_size)
     log_q, log_p, log_ref = _dense_terms(z_s, z_t, lse_s, lse_t, divergence, beta)
     q = jnp.exp(log_q)
     if divergence == "forward_kl":
         grad = q - jnp.exp(log_p)
     else:
-        grad = q * (log_q - log_ref - student_side[..., None])
+        grad = jnp.where(log_q > -jnp.inf, q * (log_q - log_ref - student_side[..., None]), 0.0)
         if divergence == "jsd":
             grad = (1.0 - beta) * grad
     grad = grad * (cotangent / temperature)[..., None]
@@ -317,57 +363,83 @@ def _dense_divergence_bwd(divergence, beta, residuals, cotangent):
 _dense_divergence.defvjp(_dense_divergence_fwd, _dense_divergence_bwd)
 
 
-def _log1mexp(x: jax.Array) -> jax.Array:
-    """``log(1 − exp(x))`` for ``x < 0``, accurate on both sides of −log 2 (Mächler, 2012)."""
-    return jnp.where(x > -math.log(2.0), jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
-
-
-def _scatter_add_last(dense: jax.Array, ids: jax.Array, updates: jax.Array) -> jax.Array:
-    """``dense[..., ids] += updates`` along the last axis (duplicate ids accumulate)."""
+def _scatter_last(dense: jax.Array, ids: jax.Array, updates: jax.Array, how: str) -> jax.Array:
+    """``dense[..., ids] += updates`` (``how="add"``, duplicate ids accumulate) or
+    ``= updates`` (``how="set"``) along the last axis."""
     lead = dense.shape[:-1]
-    flat = jax.vmap(lambda row, i, u: row.at[i].add(u))(
+    flat = jax.vmap(lambda row, i, u: getattr(row.at[i], how)(u))(
         dense.reshape(-1, dense.shape[-1]), ids.reshape(-1, ids.shape[-1]),
         updates.reshape(-1, updates.shape[-1]))
     return flat.reshape(*lead, dense.shape[-1])
 
 
-@jax.custom_vjp
-def _logprobs_at(logits, ids, has_tail, temperature):
-    return _logprobs_at_fwd(logits, ids, has_tail, temperature)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _logprobs_at(logits, ids, has_tail, temperature, valid_vocab_size):
+    return _logprobs_at_fwd(logits, ids, has_tail, temperature, valid_vocab_size)[0]
 
 
-def _logprobs_at_fwd(logits, ids, has_tail, temperature):
-    z = _scaled(logits, temperature)
+def _logprobs_at_fwd(logits, ids, has_tail, temperature, valid_vocab_size):
+    z = _scaled(logits, temperature, valid_vocab_size)
     lse = _logsumexp(z)
     at_ids = jnp.take_along_axis(z, ids, axis=-1) - lse[..., None]
     if has_tail is None:
-        return at_ids, (logits, ids, None, temperature, lse, at_ids, None)
-    covered = _logsumexp(at_ids)
-    # Rounding can put the covered mass at (or above) 1: floor the tail at ~eps of the mass,
-    # and treat it as constant there (zero gradient), as the floor does.
-    tail_active = has_tail & (covered < -_TAIL_FLOOR)
-    floor = jnp.where(has_tail, math.log(_TAIL_FLOOR), -jnp.inf)
-    tail = jnp.where(tail_active, _log1mexp(jnp.where(tail_active, covered, -1.0)), floor)
+        return at_ids, (logits, ids, temperature, lse, at_ids, None)
+    # The tail is summed over the ids outside `ids` directly: log(1 − Σ_j q_j) loses it once it
+    # is below float32 epsilon of the mass (a confident student). The membership mask is a
+    # [..., vocab] bool made by one scatter, the only vocab-sized temporary this adds (a
+    # quarter of an f32 copy of the logits; the backward needs none). The masked logsumexp is
+    # written out: jax.nn.logsumexp(where=...) made XLA materialise f32 masked copies.
+    outside = _scatter_last(jnp.ones(z.shape, jnp.bool_), ids, jnp.zeros(ids.shape, jnp.bool_),
+                            "set")
+    tail_max = jnp.max(jnp.where(outside, z, -jnp.inf), axis=-1)
+    tail_max = jnp.where(tail_max > -jnp.inf, tail_max, 0.0)  # no tail ids: sum 0, log −inf
+    tail_sum = jnp.sum(jnp.where(outside, jnp.exp(z - tail_max[..., None]), 0.0), axis=-1)
+    tail = jnp.where(has_tail, jnp.log(tail_sum) + tail_max - lse, -jnp.inf)
     out = jnp.concatenate([at_ids, tail[..., None]], axis=-1)
-    return out, (logits, ids, tail_active, temperature, lse, at_ids, tail)
+    return out, (logits, ids, temperature, lse, at_ids, tail)
 
 
-def _logprobs_at_bwd(residuals, cotangent):
-    # log q_j = z_{id_j} − lse, so d/dz_v = δ(v = id_j) − q_v; the tail
-    # log(1 − Σ_j q_j) has d/dz_v = [v ∉ ids] q_v / q_tail − q_v. Hence, with a the cotangent,
-    #   grad_v = q_v (c − Σ a) + Σ_j δ(v = id_j) (a_j − c q_v),   c = a_tail / q_tail.
-    logits, ids, tail_active, temperature, lse, at_ids, tail = residuals
+def _sum_of_others(x: jax.Array) -> jax.Array:
+    """``Σ_{b≠j} x_b`` for each j of the last axis, never as ``Σ_b x_b − x_j`` (which cancels
+    when x_j dominates): an exclusive prefix sum plus an exclusive suffix sum."""
+    zero = jnp.zeros_like(x[..., :1])
+    before = jnp.concatenate([zero, jnp.cumsum(x[..., :-1], axis=-1)], axis=-1)
+    after = jnp.concatenate([jnp.flip(jnp.cumsum(jnp.flip(x[..., 1:], -1), axis=-1), -1), zero],
+                            axis=-1)
+    return before + after
+
+
+def _logprobs_at_bwd(valid_vocab_size, residuals, cotangent):
+    # log q_j = z_{id_j} − lse, so d/dz_v = δ(v = id_j) − q_v; the tail log q_tail =
+    # logsumexp_{u ∉ ids} z_u − lse has d/dz_v = [v ∉ ids] q_v / q_tail − q_v. With a the
+    # cotangent over the k+1 buckets b (ids, then tail) and A = Σ_b a_b:
+    #   v = id_j:  a_j − q_j A = a_j Σ_{b≠j} q_b − q_j Σ_{b≠j} a_b
+    #   otherwise: a_tail exp(z_v − lse − log q_tail) − q_v A
+    # written so that nothing cancels when the student is sure of its top ids: q_v / q_tail is
+    # formed in log space, 1 − q_j is the mass of the other buckets, A − a_j the sum of the
+    # others, and the ids' values are *set* from these, not corrected by subtracting a large
+    # a_tail q_v / q_tail from the dense term. Top-k ids are distinct; sampled ids (no tail)
+    # may repeat in unused slots, whose cotangent is 0.
+    logits, ids, temperature, lse, at_ids, tail = residuals
+    z = _scaled(logits, temperature, valid_vocab_size)
+    q = jnp.exp(z - lse[..., None])
     if tail is None:
-        a_ids, total, tail_coef = cotangent, jnp.sum(cotangent, axis=-1), 0.0
-    else:
-        a_ids, a_tail = cotangent[..., :-1], jnp.where(tail_active, cotangent[..., -1], 0.0)
-        total = jnp.sum(a_ids, axis=-1) + a_tail
-        tail_coef = jnp.where(tail_active, a_tail * jnp.exp(-jnp.where(tail_active, tail, 0.0)),
-                              0.0)
-    q = jnp.exp(_scaled(logits, temperature) - lse[..., None])
-    dense = q * ((tail_coef - total) / temperature)[..., None]
-    sparse = (a_ids - jnp.asarray(tail_coef)[..., None] * jnp.exp(at_ids)) / temperature
-    grad = _scatter_add_last(dense, ids, sparse)
+        total = jnp.sum(cotangent, axis=-1)
+        dense = q * (-total / temperature)[..., None]
+        grad = _scatter_last(dense, ids, cotangent / temperature, "add")
+        return grad.astype(logits.dtype), None, None, jnp.zeros_like(temperature)
+    live = tail > -jnp.inf  # a tail bucket that holds mass (not k = vocab)
+    a_ids = cotangent[..., :-1]
+    a_tail = jnp.where(live, cotangent[..., -1], 0.0)
+    total = jnp.sum(a_ids, axis=-1) + a_tail
+    # min(·, 0): exact outside the ids (q_v <= q_tail there); the ids' entries are replaced.
+    log_share = jnp.minimum(z - (lse + jnp.where(live, tail, 0.0))[..., None], 0.0)
+    dense = (a_tail[..., None] * jnp.exp(log_share) - q * total[..., None]) / temperature
+    buckets_q = jnp.exp(jnp.concatenate([at_ids, tail[..., None]], axis=-1))
+    others_q = _sum_of_others(buckets_q)[..., :-1]
+    others_a = _sum_of_others(jnp.concatenate([a_ids, a_tail[..., None]], axis=-1))[..., :-1]
+    at_ids_grad = (a_ids * others_q - buckets_q[..., :-1] * others_a) / temperature
+    grad = _scatter_last(dense, ids, at_ids_grad, "set")
     return grad.astype(logits.dtype), None, None, jnp.zeros_like(temperature)
 
 
@@ -393,37 +465,41 @@ def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """
     ignored = labels == IGNORE_INDEX
     safe = jnp.where(ignored, 0, labels).astype(jnp.int32)
-    log_q = _logprobs_at(logits, safe[..., None], None, jnp.float32(1.0))[..., 0]
+    log_q = _logprobs_at(logits, safe[..., None], None, jnp.float32(1.0), None)[..., 0]
     return jnp.where(ignored, 0.0, -log_q)
 
 
-def topk_bucket_logprobs(student_logits: jax.Array, targets: TopKTargets,
-                         temperature) -> tuple[jax.Array, jax.Array]:
+def topk_bucket_logprobs(student_logits: jax.Array, targets: TopKTargets, temperature, *,
+                         valid_vocab_size: int | None = None) -> tuple[jax.Array, jax.Array]:
     r"""Student and teacher log-probabilities over the k+1 buckets of top-k targets.
 
-    Buckets are the k teacher ids and the tail (every other id). With
-    :math:`\log q = \operatorname{log\_softmax}(s/T)` and :math:`K` the ids:
+    Buckets are the k (distinct) teacher ids and the tail (every other real id). With
+    :math:`\log q = \operatorname{log\_softmax}(\tilde s/T)` (:math:`\tilde s` = the
+    logits restricted to the real ids, :func:`restrict_to_vocab`) and :math:`K` the ids:
 
     .. math::
-        \log q_{\mathrm{tail}} = \log\Bigl(1 - \sum_{j \in K} q_j\Bigr)
-            = \operatorname{log1mexp}\Bigl(\operatorname{logsumexp}_{j\in K} \log q_j\Bigr)
+        \log q_{\mathrm{tail}} = \log \sum_{v \notin K} q_v
+            = \operatorname{logsumexp}_{v \notin K} (\tilde s_v / T)
+              - \operatorname{logsumexp}_{v} (\tilde s_v / T)
 
-    The student's tail is a difference of two masses, so it is resolved to about float32
-    epsilon of the total mass; smaller tails are floored there (with zero gradient). A teacher
-    tail of −inf means the ids cover the whole vocabulary (k = V): the tail bucket is then
-    empty on both sides, so the student's rounding residue there counts for nothing and the
-    loss equals the dense one.
+    summed over the tail ids directly (never as :math:`1 - \sum_{j\in K} q_j`, which cancels
+    in float32 once the student is sure of its top ids), so a tail of any size, and its
+    gradient, keep float32 precision. A teacher tail of −inf means the ids cover the whole
+    vocabulary (k = V): the tail bucket is then empty on both sides and the loss equals the
+    dense one.
 
     Args:
       student_logits: ``[..., vocab]``.
       targets: ``TopKTargets`` with ``[..., k]`` ids/log-probs and ``[...]`` tail log-mass.
       temperature: T, which must equal the cache temperature.
+      valid_vocab_size: ids from it on are padding (see :func:`token_losses`); ``None``: none.
     Returns:
       ``(student, teacher)`` log-probabilities, each ``[..., k+1]`` float32 (tail last).
     """
     tail_logmass = targets.tail_logmass.astype(_F32)
     student = _logprobs_at(student_logits, targets.ids.astype(jnp.int32),
-                           tail_logmass > -jnp.inf, jnp.asarray(temperature, _F32))
+                           tail_logmass > -jnp.inf, jnp.asarray(temperature, _F32),
+                           valid_vocab_size)
     teacher = jnp.concatenate([targets.logprobs.astype(_F32), tail_logmass[..., None]], axis=-1)
     return student, teacher
 
@@ -441,10 +517,20 @@ class TokenLosses(NamedTuple):
 
 
 def token_losses(student_logits: jax.Array, targets: Targets, labels=None, *,
-                 temperature, divergence: str = "forward_kl", beta: float = 0.5) -> TokenLosses:
+                 temperature, divergence: str = "forward_kl", beta: float = 0.5,
+                 valid_vocab_size: int | None = None) -> TokenLosses:
     r"""Per-token divergence, cross-entropy and metrics for any kind of teacher targets.
 
-    With :math:`z = s/T`, :math:`\log q = \operatorname{log\_softmax}(z)`:
+    With :math:`n` = ``valid_vocab_size`` (``None``: every id is real), the ids :math:`v \ge n`
+    are padding columns of the model's head, and every distribution below is over the real
+    ids alone: :math:`\tilde s` = :func:`restrict_to_vocab` (s, n) (−inf at padding),
+    :math:`z = \tilde s/T`, :math:`\log q = \operatorname{log\_softmax}(z)`, so
+    :math:`q_v = e^{s_v/T} / \sum_{u<n} e^{s_u/T}` for :math:`v < n` and 0 at padding (the
+    teacher's likewise; a teacher's −inf or −1e9 logits at padding are ignored). Padding
+    columns thus get no gradient from the divergence, and top-1 agreement uses the student's
+    argmax over the real ids. The hard-label cross-entropy stays over the full logits at
+    T = 1: it is the language-modelling loss of the model as it will be used, and it keeps
+    pushing the padded logits down.
 
     - ``DenseTargets``: :math:`\log p = \operatorname{log\_softmax}(t/T)`; divergence as in
       :func:`token_divergence` over the vocabulary; entropy of p; top id = argmax t.
@@ -463,23 +549,25 @@ def token_losses(student_logits: jax.Array, targets: Targets, labels=None, *,
       Unlike the exact divergences (clamped at 0 against float32 rounding), one draw's
       estimate can be negative.
 
-    Teacher terms are under ``stop_gradient``; logits must be finite. Returns a
-    :class:`TokenLosses`; its ``cross_entropy`` is ``None`` when ``labels`` is ``None``.
+    Student logits must be finite; teacher logits may be −inf (p = 0: those terms count 0;
+    the reverse KL is then +inf where the student has mass, as its definition says).
+    Teacher terms are under ``stop_gradient``. Returns a :class:`TokenLosses`; its
+    ``cross_entropy`` is ``None`` when ``labels`` is ``None``.
     """
     divergence = _resolve_divergence(divergence, beta)
     temperature = jnp.asarray(temperature, _F32)
-    student_top = jnp.argmax(student_logits, axis=-1)
+    student_top = jnp.argmax(restrict_to_vocab(student_logits, valid_vocab_size), axis=-1)
     if isinstance(targets, DenseTargets):
         teacher_logits = jax.lax.stop_gradient(targets.logits)
-        div = jnp.maximum(
-            _dense_divergence(student_logits, teacher_logits, temperature, divergence, beta), 0.0)
-        z_t = _scaled(teacher_logits, temperature)
+        div = jnp.maximum(_dense_divergence(student_logits, teacher_logits, temperature,
+                                            divergence, beta, valid_vocab_size), 0.0)
+        z_t = _scaled(teacher_logits, temperature, valid_vocab_size)
         entropy = token_entropy(z_t - _logsumexp(z_t)[..., None])
-        teacher_top = jnp.argmax(teacher_logits, axis=-1)
+        teacher_top = jnp.argmax(restrict_to_vocab(teacher_logits, valid_vocab_size), axis=-1)
     elif isinstance(targets, TopKTargets):
         targets = jax.lax.stop_gradient(targets)
-        student_buckets, teacher_buckets = topk_bucket_logprobs(student_logits, targets,
-                                                                temperature)
+        student_buckets, teacher_buckets = topk_bucket_logprobs(
+            student_logits, targets, temperature, valid_vocab_size=valid_vocab_size)
         div = jnp.maximum(token_divergence(student_buckets, teacher_buckets, divergence, beta),
                           0.0)
         entropy = token_entropy(teacher_buckets)
@@ -489,7 +577,8 @@ def token_losses(student_logits: jax.Array, targets: Targets, labels=None, *,
         counts = targets.counts.astype(_F32)
         total = jnp.sum(counts, axis=-1, keepdims=True)
         weights = jnp.where(total > 0, counts / jnp.maximum(total, 1e-30), 0.0)
-        at_ids = _logprobs_at(student_logits, targets.ids.astype(jnp.int32), None, temperature)
+        at_ids = _logprobs_at(student_logits, targets.ids.astype(jnp.int32), None, temperature,
+                              valid_vocab_size)
         entropy = targets.entropy.astype(_F32)
         div = -jnp.sum(weights * at_ids, axis=-1) - entropy
         teacher_top = _id_of_max(targets.ids, counts)
@@ -534,7 +623,7 @@ def combine_token_losses(terms: TokenLosses, mask: jax.Array | None, use_hard_la
 
 def targets_distillation_loss(student_logits, targets: Targets, attention_mask=None, labels=None,
                               use_hard_labels=False, temperature=4.0, alpha=0.9, *,
-                              divergence="forward_kl", beta=0.5):
+                              divergence="forward_kl", beta=0.5, valid_vocab_size=None):
     r"""Distillation loss against dense, top-k or sampled teacher targets.
 
     Same parameters, mask and α semantics as :func:`distillation_loss`; the per-token
@@ -548,27 +637,32 @@ def targets_distillation_loss(student_logits, targets: Targets, attention_mask=N
     with the CE term only when ``use_hard_labels``. Sparse targets were computed at the cache
     temperature, which must equal ``temperature``; ``SampledTargets`` support only
     ``divergence="forward_kl"`` (the estimator is unbiased for the forward KL alone).
+    ``valid_vocab_size`` restricts the divergence (not the CE) to the real ids, as in
+    :func:`token_losses`.
 
     Args:
       student_logits: ``[batch, seq, vocab]``.
       targets: :class:`DenseTargets`, :class:`TopKTargets` or :class:`SampledTargets`.
       attention_mask: ``[batch, seq]`` or ``None``; labels: ``[batch, seq]`` aligned, or None.
+      valid_vocab_size: the tokenizer's vocabulary size n (a Python int) when the head is
+        padded past it; ``None`` (or n >= vocab): every id is real.
     Returns:
       ``(loss, metrics)``: scalar float32 and a dict with ``kl_loss``, ``teacher_entropy``,
       ``top1_agreement`` and, when labels are given, ``ce_loss``.
     """
     check_loss_inputs(student_logits, targets, attention_mask, labels, use_hard_labels,
-                      temperature, alpha, divergence, beta)
+                      temperature, alpha, divergence, beta, valid_vocab_size=valid_vocab_size)
     terms = token_losses(student_logits, targets, labels, temperature=temperature,
-                         divergence=divergence, beta=beta)
+                         divergence=divergence, beta=beta, valid_vocab_size=valid_vocab_size)
     mask = loss_mask(attention_mask, labels, student_logits.shape[:-1])
     return combine_token_losses(terms, mask, use_hard_labels, temperature, alpha)
 
 
 def check_loss_inputs(student_logits, targets: Targets, attention_mask, labels, use_hard_labels,
-                      temperature, alpha, divergence, beta) -> None:
+                      temperature, alpha, divergence, beta, *, valid_vocab_size=None) -> None:
     """All trace-time checks of a distillation loss call; raises ``KdpipeError``/``ConfigError``."""
     _check_settings(temperature, alpha, divergence, beta)
+    _check_valid_vocab_size(valid_vocab_size)
     if isinstance(targets, SampledTargets) and divergence != "forward_kl":
         raise ConfigError(f"divergence: sampled teacher targets support only 'forward_kl' "
                           f"(their estimator is unbiased for it alone), got {divergence!r}")
@@ -581,7 +675,7 @@ def check_loss_inputs(student_logits, targets: Targets, attention_mask, labels, 
 
 def distillation_loss(student_logits, teacher_logits, attention_mask=None, labels=None,
                       use_hard_labels=False, temperature=4.0, alpha=0.9, *,
-                      divergence="forward_kl", beta=0.5):
+                      divergence="forward_kl", beta=0.5, valid_vocab_size=None):
     r"""Knowledge-distillation loss (Hinton et al., 2015), EasyDeL 0.3's signature and semantics.
 
     With :math:`p = \operatorname{softmax}(t/T)` (teacher, no gradient),
@@ -600,6 +694,9 @@ def distillation_loss(student_logits, teacher_logits, attention_mask=None, label
 
     With neither mask nor labels the means are plain means. The KL is summed directly (never
     as cross-entropy minus entropy), in float32 fused with the upcast of bf16/f16 inputs.
+    With ``valid_vocab_size`` = n, p and q are the softmaxes over the real ids v < n only
+    (:func:`restrict_to_vocab`), so a padded head's columns (a full-mode cache's −1e9
+    logits) neither enter the divergence nor get its gradient; the CE stays over all ids.
 
     Args:
       student_logits: ``[batch, seq, vocab]``.
@@ -611,6 +708,8 @@ def distillation_loss(student_logits, teacher_logits, attention_mask=None, label
       temperature: T > 0. alpha: α in [0, 1].
       divergence: ``"forward_kl"`` (default, the seed's), ``"reverse_kl"`` or ``"jsd"``.
       beta: the generalized-JSD β in [0, 1] (0.5 symmetric; 0 = forward KL, 1 = reverse KL).
+      valid_vocab_size: the tokenizer's vocabulary size (a Python int) when the heads are
+        padded past it; ``None`` (default, EasyDeL's semantics) or >= vocab: all ids are real.
     Returns:
       ``(loss, metrics)``: scalar float32 and ``kl_loss``, ``teacher_entropy`` (of p at T),
       ``top1_agreement`` (masked fraction of tokens where the argmaxes agree), and ``ce_loss``
@@ -623,7 +722,8 @@ def distillation_loss(student_logits, teacher_logits, attention_mask=None, label
     """
     return targets_distillation_loss(student_logits, DenseTargets(teacher_logits),
                                      attention_mask, labels, use_hard_labels, temperature,
-                                     alpha, divergence=divergence, beta=beta)
+                                     alpha, divergence=divergence, beta=beta,
+                                     valid_vocab_size=valid_vocab_size)
 
 
 # --------------------------------------------------------------------------- intermediate layers

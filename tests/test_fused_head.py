@@ -10,6 +10,7 @@ import pytest
 from pipeline import fused_head, losses
 from pipeline.errors import ConfigError, KdpipeError
 from pipeline.fused_head import fused_head_distillation_loss
+from test_losses import ref_buckets, ref_divergence, ref_topk_grad
 
 BATCH, SEQ, HIDDEN, VOCAB = 2, 7, 8, 30  # 14 tokens: chunks of 4 leave a ragged last chunk
 
@@ -154,3 +155,67 @@ def test_fused_bad_inputs():
     for call, error, pattern in cases:
         with pytest.raises(error, match=pattern):
             call()
+
+
+@pytest.mark.parametrize("kind,divergence", [(0, "reverse_kl"), (1, "jsd"), (2, "forward_kl")])
+def test_fused_equals_unchunked_with_a_padded_vocab(kind, divergence):
+    """valid_vocab_size = 25 of 30: teacher at -1e9 on the padding (a full-mode cache)."""
+    hidden, head, teacher, attention, labels = make_case(5)
+    real = 25
+    teacher = jnp.where(jnp.arange(VOCAB) < real, teacher, -1e9)
+    labels = jnp.where(labels == -100, -100, labels % real)
+    targets = all_targets(teacher, 2.0)[kind]
+    common = dict(attention_mask=attention, labels=labels, use_hard_labels=True,
+                  temperature=2.0, alpha=0.7, divergence=divergence, valid_vocab_size=real)
+
+    (want, want_metrics), want_grads = jax.value_and_grad(
+        lambda h, w: losses.targets_distillation_loss(h @ w.T, targets, **common), (0, 1),
+        has_aux=True)(hidden, head)
+    (got, got_metrics), got_grads = jax.jit(jax.value_and_grad(
+        lambda h, w: fused_head_distillation_loss(h, w, targets, **common, chunk_size=4), (0, 1),
+        has_aux=True))(hidden, head)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    for key in want_metrics:
+        np.testing.assert_allclose(float(got_metrics[key]), float(want_metrics[key]),
+                                   rtol=1e-5, atol=1e-6, err_msg=key)
+    for g, w in zip(got_grads, want_grads):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fused_topk_confident_student_matches_float64(dtype):
+    """Logits up to about ±80, the teacher's top 4 = the student's: loss and gradients vs
+    float64. Hidden states on a quarter grid and a ternary head make every logit exact in
+    float32 (and the inputs exact in bf16), so this measures the loss, not the matmul."""
+    rng = np.random.default_rng(11)
+    vocab, width, tokens = 64, 8, 14
+    head64 = rng.integers(-1, 2, (vocab, width)).astype(np.float64)
+    hidden64 = np.clip(np.round(rng.normal(size=(1, tokens, width)) * 8 * 4) / 4, -31.75, 31.75)
+    logits64 = hidden64 @ head64.T
+    assert np.abs(logits64).max() <= 80
+    ids = np.argsort(-logits64, axis=-1)[..., :4].astype(np.int32)
+    logprobs = np.broadcast_to(np.log([0.6, 0.1, 0.1, 0.1]), ids.shape)
+    tail = np.full((1, tokens), np.log(0.1))
+    targets = losses.TopKTargets(jnp.asarray(ids), jnp.asarray(logprobs, jnp.float32),
+                                 jnp.asarray(tail, jnp.float32))
+    grad_rtol = 1e-5 if dtype == jnp.float32 else 2.0 ** -8 + 1e-5
+    for divergence in losses.DIVERGENCES:
+        loss_and_grads = jax.jit(jax.value_and_grad(
+            lambda h, w, temperature: fused_head_distillation_loss(
+                h, w, targets, temperature=temperature, alpha=1.0, divergence=divergence,
+                chunk_size=4)[0], (0, 1)))
+        for temperature in (1.0, 2.0, 4.0):
+            loss, (d_hidden, d_head) = loss_and_grads(
+                jnp.asarray(hidden64, dtype), jnp.asarray(head64, dtype), temperature)
+            student_b, teacher_b, _, _ = ref_buckets(logits64, ids, logprobs, tail, temperature)
+            scale = temperature ** 2 / tokens
+            want = scale * ref_divergence(student_b, teacher_b, divergence, 0.5).sum()
+            d_logits = scale * ref_topk_grad(logits64, ids, logprobs, tail, temperature,
+                                             divergence)
+            where = f"{divergence} {jnp.dtype(dtype).name} T={temperature}"
+            np.testing.assert_allclose(float(loss), want, rtol=1e-5, err_msg=where)
+            for got, want_grad in ((d_hidden, d_logits @ head64), (d_head, d_logits[0].T @
+                                                                    hidden64[0])):
+                got = np.asarray(got.astype(jnp.float32), np.float64)
+                np.testing.assert_allclose(got, want_grad, rtol=grad_rtol,
+                                           atol=1e-6 * np.abs(want_grad).max(), err_msg=where)

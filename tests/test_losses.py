@@ -17,10 +17,25 @@ from pipeline.losses import DenseTargets, SampledTargets, TopKTargets
 # --------------------------------------------------------------------------- float64 reference
 
 
-def ref_log_softmax(x):
+def ref_restrict(x, valid=None):
+    """x in float64 with the ids from ``valid`` on (padding columns) at -inf."""
+    x = np.asarray(x, np.float64)
+    if valid is None:
+        return x
+    return np.where(np.arange(x.shape[-1]) < valid, x, -np.inf)
+
+
+def ref_logsumexp(x):
     x = np.asarray(x, np.float64)
     m = x.max(-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+    m = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore"):
+        return (m + np.log(np.exp(x - m).sum(-1, keepdims=True)))[..., 0]
+
+
+def ref_log_softmax(x, valid=None):
+    x = ref_restrict(x, valid)
+    return x - ref_logsumexp(x)[..., None]
 
 
 def ref_kl(log_a, log_b):
@@ -36,7 +51,8 @@ def ref_divergence(log_q, log_p, divergence, beta):
         return ref_kl(log_p, log_q)
     if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
         return ref_kl(log_q, log_p)
-    log_m = np.log(beta * np.exp(log_p) + (1 - beta) * np.exp(log_q))
+    with np.errstate(divide="ignore"):
+        log_m = np.log(beta * np.exp(log_p) + (1 - beta) * np.exp(log_q))
     return beta * ref_kl(log_p, log_m) + (1 - beta) * ref_kl(log_q, log_m)
 
 
@@ -69,34 +85,76 @@ def ref_ce(s, labels):
 
 
 def ref_dense(s, t, attention_mask=None, labels=None, use_hard=False, temperature=4.0, alpha=0.9,
-              divergence="forward_kl", beta=0.5):
+              divergence="forward_kl", beta=0.5, valid=None):
+    """The loss over the real ids (< valid) for the divergence; CE over all ids."""
     s, t = np.asarray(s, np.float64), np.asarray(t, np.float64)
-    log_q, log_p = ref_log_softmax(s / temperature), ref_log_softmax(t / temperature)
+    log_q = ref_log_softmax(s / temperature, valid)
+    log_p = ref_log_softmax(t / temperature, valid)
     div = ref_divergence(log_q, log_p, divergence, beta)
-    entropy = -(np.exp(log_p) * log_p).sum(-1)
-    agree = (s.argmax(-1) == t.argmax(-1)).astype(np.float64)
+    entropy = -ref_kl(log_p, np.zeros_like(log_p))
+    agree = (ref_restrict(s, valid).argmax(-1) == ref_restrict(t, valid).argmax(-1))
     ce = None if labels is None else ref_ce(s, labels)
-    return ref_combine(div, ce, entropy, agree, ref_mask(s.shape[:-1], attention_mask, labels),
-                       use_hard, temperature, alpha)
+    return ref_combine(div, ce, entropy, agree.astype(np.float64),
+                       ref_mask(s.shape[:-1], attention_mask, labels), use_hard, temperature, alpha)
+
+
+def ref_buckets(s, ids, logprobs, tail, temperature, valid=None):
+    """Student and teacher log-probs over the k+1 top-k buckets, float64; also log q.
+
+    The student's tail is summed over the ids outside the top k directly (no 1 - sum).
+    """
+    log_q = ref_log_softmax(np.asarray(s, np.float64) / temperature, valid)
+    outside = np.ones(log_q.shape, bool)
+    np.put_along_axis(outside, np.asarray(ids), False, -1)
+    q_tail = ref_logsumexp(np.where(outside, log_q, -np.inf))
+    tail = np.asarray(tail, np.float64)
+    q_tail = np.where(np.isneginf(tail), -np.inf, q_tail)
+    student = np.concatenate([np.take_along_axis(log_q, ids, -1), q_tail[..., None]], -1)
+    teacher = np.concatenate([np.asarray(logprobs, np.float64), tail[..., None]], -1)
+    return student, teacher, log_q, outside
 
 
 def ref_topk(s, ids, logprobs, tail, attention_mask=None, labels=None, use_hard=False,
-             temperature=4.0, alpha=0.9, divergence="forward_kl", beta=0.5):
+             temperature=4.0, alpha=0.9, divergence="forward_kl", beta=0.5, valid=None):
     s = np.asarray(s, np.float64)
-    log_q = ref_log_softmax(s / temperature)
-    q_ids = np.take_along_axis(log_q, ids, -1)
-    q_tail = np.log1p(-np.exp(q_ids).sum(-1))
-    tail = np.asarray(tail, np.float64)
-    q_tail = np.where(np.isneginf(tail), -np.inf, q_tail)
-    student = np.concatenate([q_ids, q_tail[..., None]], -1)
-    teacher = np.concatenate([np.asarray(logprobs, np.float64), tail[..., None]], -1)
+    student, teacher, _, _ = ref_buckets(s, ids, logprobs, tail, temperature, valid)
     div = ref_divergence(student, teacher, divergence, beta)
-    entropy = -np.where(np.isneginf(teacher), 0.0, np.exp(teacher) * teacher).sum(-1)
+    entropy = -ref_kl(teacher, np.zeros_like(teacher))
     top = np.take_along_axis(ids, logprobs.argmax(-1)[..., None], -1)[..., 0]
-    agree = (s.argmax(-1) == top).astype(np.float64)
+    agree = (ref_restrict(s, valid).argmax(-1) == top).astype(np.float64)
     ce = None if labels is None else ref_ce(s, labels)
     return ref_combine(div, ce, entropy, agree, ref_mask(s.shape[:-1], attention_mask, labels),
                        use_hard, temperature, alpha)
+
+
+def ref_topk_grad(s, ids, logprobs, tail, temperature, divergence, beta=0.5, valid=None):
+    """d div / d s of one top-k divergence per token, float64, through the bucket Jacobian.
+
+    With g_b = d div / d log q_b (the buckets taken as free variables),
+    d log q_j / d z_v = [v = id_j] - q_v and d log q_tail / d z_v = [v outside] q_v / q_tail - q_v.
+    At the student's argmax, g_j - q_j sum(g) cancels even in float64 when q_j ~ 1, so that
+    entry is taken from shift invariance instead: the gradient sums to 0 over the ids.
+    """
+    student, teacher, log_q, outside = ref_buckets(s, ids, logprobs, tail, temperature, valid)
+    q_b = np.exp(student)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if divergence == "forward_kl":
+            g = -np.exp(teacher)
+        elif divergence == "reverse_kl":
+            g = np.where(q_b > 0, q_b * (student - teacher + 1.0), 0.0)
+        else:
+            log_m = np.log(beta * np.exp(teacher) + (1 - beta) * q_b)
+            g = np.where(q_b > 0, (1 - beta) * q_b * (student - log_m), 0.0)
+    q = np.exp(log_q)
+    grad = -q * g.sum(-1, keepdims=True)
+    with np.errstate(over="ignore", invalid="ignore"):
+        tail_share = np.where(outside, np.exp(log_q - student[..., -1:]), 0.0)
+        grad += np.where(np.isneginf(student[..., -1:]), 0.0, g[..., -1:] * tail_share)
+    for index in np.ndindex(ids.shape[:-1]):
+        np.add.at(grad[index], ids[index], g[index][:-1])
+        top = np.argmax(log_q[index])
+        grad[index][top] = -(grad[index][:top].sum() + grad[index][top + 1:].sum())
+    return grad / temperature
 
 
 def numeric_grad(f, x, eps=1e-6):
@@ -159,7 +217,8 @@ def check_metrics(got, want, rtol=2e-5, atol=2e-6):
                           ((2, 5, 17), False, False, False), ((2, 5, 17), False, False, True),
                           ((3, 4, 64), True, True, True)])
 def test_dense_matches_reference(shape, divergence, use_hard, with_mask, with_labels):
-    s, t, attention, labels = make_inputs(hash((shape, divergence)) % 1000, shape)
+    s, t, attention, labels = make_inputs(100 * shape[-1] + losses.DIVERGENCES.index(divergence),
+                                          shape)
     f = jitted_dense(divergence, use_hard, with_mask, with_labels)
     for temperature in (1.0, 2.0, 4.0):
         for alpha in (0.0, 0.5, 0.9, 1.0):
@@ -193,8 +252,8 @@ def test_jsd_endpoints_are_forward_and_reverse_kl():
     s, t, attention, labels = make_inputs(11, (2, 4, 13))
     for beta, same_as in ((0.0, "forward_kl"), (1.0, "reverse_kl")):
         got = losses.distillation_loss(s, t, attention, divergence="jsd", beta=beta)[0]
-        want = losses.distillation_loss(s, t, attention, divergence=same_as)[0]
-        np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+        want = ref_dense(s, t, attention, divergence=same_as)[0]
+        np.testing.assert_allclose(float(got), want, rtol=1e-5)
     small = 1e-4
     near = losses.distillation_loss(s, t, attention, temperature=1.0, divergence="jsd",
                                     beta=small)[0]
@@ -296,22 +355,23 @@ def test_topk_with_k_equal_vocab_equals_dense(divergence):
 @pytest.mark.parametrize("k", [1, 4])
 def test_topk_tail_matches_reference(divergence, k):
     s, t, attention, labels = make_inputs(30 + k, (2, 4, 40), scale=2.0)
-    for temperature in (1.0, 4.0):
+    for temperature in (1.0, 2.0, 4.0):
         targets = topk_targets(t, k, temperature)
-        got = losses.targets_distillation_loss(s, targets, attention, labels, True, temperature,
-                                               0.6, divergence=divergence, beta=0.3)
-        want = ref_topk(s, np.asarray(targets.ids), np.asarray(targets.logprobs),
-                        np.asarray(targets.tail_logmass), attention, labels, True, temperature,
-                        0.6, divergence, 0.3)
-        check_metrics(got, want, rtol=1e-4)
-    grad = jax.grad(lambda x: losses.targets_distillation_loss(
-        x, targets, attention, labels, True, temperature, 0.6, divergence=divergence,
-        beta=0.3)[0])(s)
-    want = numeric_grad(lambda x: ref_topk(
-        x, np.asarray(targets.ids), np.asarray(targets.logprobs),
-        np.asarray(targets.tail_logmass), attention, labels, True, temperature, 0.6, divergence,
-        0.3)[0], s)
-    np.testing.assert_allclose(np.asarray(grad), want, rtol=2e-3, atol=1e-6)
+        reference = functools.partial(
+            ref_topk, ids=np.asarray(targets.ids), logprobs=np.asarray(targets.logprobs),
+            tail=np.asarray(targets.tail_logmass), attention_mask=attention, labels=labels,
+            use_hard=True, temperature=temperature, alpha=0.6, divergence=divergence, beta=0.3)
+
+        def loss(x):
+            return losses.targets_distillation_loss(x, targets, attention, labels, True,
+                                                    temperature, 0.6, divergence=divergence,
+                                                    beta=0.3)
+
+        (value, metrics), grad = jax.value_and_grad(loss, has_aux=True)(s)
+        check_metrics((value, metrics), reference(s), rtol=1e-4)
+        want = numeric_grad(lambda x: reference(x)[0], s)
+        np.testing.assert_allclose(np.asarray(grad), want, rtol=2e-3, atol=1e-6,
+                                   err_msg=f"T={temperature}")
 
 
 def test_topk_tail_is_finite_for_a_confident_student():
@@ -324,6 +384,75 @@ def test_topk_tail_is_finite_for_a_confident_student():
         value, grad = jax.value_and_grad(lambda x: losses.targets_distillation_loss(
             x, targets, temperature=1.0, divergence=divergence)[0])(s)
         assert np.isfinite(float(value)) and np.all(np.isfinite(grad)), divergence
+
+
+CONFIDENT_TOPS = (15.0, 20.0, 25.0, 40.0, 80.0)
+
+
+def confident_student_case(dtype=jnp.float32, vocab=1000, seed=0):
+    """One token per value of ``top``, the student's logit at id 0 (the rest N(0, 1), but -top
+    at a teacher id and at a tail id); the teacher's top 4 are ids 0-3 with probabilities
+    0.6, 0.1, 0.1, 0.1 and a tail of 0.1. Logits are rounded to ``dtype``.
+
+    Returns ``(student logits in dtype, TopKTargets, the rounded logits in float64)``.
+    """
+    rng = np.random.default_rng(seed)
+    tops = np.asarray(CONFIDENT_TOPS)
+    s = rng.normal(size=(1, len(tops), vocab))
+    s[..., 0], s[..., 3], s[..., vocab // 2] = tops, -tops, -tops
+    student = jnp.asarray(s, dtype)
+    ids = np.broadcast_to(np.arange(4, dtype=np.int32), (1, len(tops), 4))
+    logprobs = np.broadcast_to(np.log([0.6, 0.1, 0.1, 0.1]), ids.shape)
+    targets = TopKTargets(jnp.asarray(ids), jnp.asarray(logprobs, jnp.float32),
+                          jnp.full((1, len(tops)), np.log(0.1), jnp.float32))
+    return student, targets, np.asarray(student.astype(jnp.float32), np.float64)
+
+
+def topk_divergence_and_grad(student, targets, temperature, divergence, beta=0.5):
+    """Per-token top-k divergence and its gradient w.r.t. each token's logits (jitted)."""
+    def total(x, temperature):
+        div = losses.token_losses(x, targets, temperature=temperature, divergence=divergence,
+                                  beta=beta).divergence
+        return jnp.sum(div), div
+
+    (_, div), grad = jax.jit(jax.value_and_grad(total, has_aux=True))(student, temperature)
+    return np.asarray(div), np.asarray(grad.astype(jnp.float32), np.float64)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_topk_confident_student_matches_float64(divergence, dtype):
+    """The student's tail mass (down to e^-160) and its gradient have float32 accuracy:
+    1e-5 relative against float64 of the same (rounded) logits; a bf16 gradient is within
+    bf16 rounding of the float64 one."""
+    student, targets, s64 = confident_student_case(dtype)
+    ids, logprobs, tail = (np.asarray(x) for x in targets)
+    grad_rtol = 1e-5 if dtype == jnp.float32 else 2.0 ** -8 + 1e-5
+    for temperature in (1.0, 2.0, 4.0):
+        div, grad = topk_divergence_and_grad(student, targets, temperature, divergence, 0.3)
+        student_b, teacher_b, _, _ = ref_buckets(s64, ids, logprobs, tail, temperature)
+        want_div = ref_divergence(student_b, teacher_b, divergence, 0.3)
+        want_grad = ref_topk_grad(s64, ids, logprobs, tail, temperature, divergence, 0.3)
+        where = f"{divergence} {jnp.dtype(dtype).name} T={temperature}"
+        np.testing.assert_allclose(div, want_div, rtol=1e-5, err_msg=where)
+        scale = np.abs(want_grad).max(-1, keepdims=True)
+        assert np.all(np.abs(grad - want_grad) <= grad_rtol * np.abs(want_grad) + 1e-7 * scale), (
+            where, np.max(np.abs(grad - want_grad) / (np.abs(want_grad) + 1e-7 * scale)))
+        # The gradient along the tail (every logit outside the top 4 moved together).
+        np.testing.assert_allclose(grad[..., 4:].sum(-1), want_grad[..., 4:].sum(-1),
+                                   rtol=grad_rtol, err_msg=where)
+
+
+def test_topk_float64_gradient_reference_is_the_numeric_one():
+    """ref_topk_grad (the bucket Jacobian) against central differences of ref_topk."""
+    s, t, _, _ = make_inputs(8, (1, 2, 12), scale=2.0)
+    targets = topk_targets(t, 3, 2.0)
+    ids, logprobs, tail = (np.asarray(x) for x in targets)
+    for divergence in losses.DIVERGENCES:
+        want = numeric_grad(lambda x: ref_topk(x, ids, logprobs, tail, temperature=2.0, alpha=1.0,
+                                               divergence=divergence, beta=0.3)[0], s)
+        got = ref_topk_grad(s, ids, logprobs, tail, 2.0, divergence, 0.3) * 4.0 / 2  # T² / N
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9, err_msg=divergence)
 
 
 def draw_samples(rng, t, temperature, n_draws, n_slots):
@@ -392,6 +521,158 @@ def test_targets_from_batch():
         losses.targets_from_batch({**batch, "teacher_logits": ids})
     with pytest.raises(KdpipeError, match="missing.*teacher_entropy"):
         losses.targets_from_batch({"teacher_sample_ids": ids, "teacher_sample_counts": ids})
+
+
+# --------------------------------------------------------------------------- padded vocabularies
+
+REAL_V, PADDED_V = 13, 16
+
+
+def padded_case(seed):
+    """Logits over a head padded past the tokenizer: ids >= REAL_V are padding.
+
+    Returns student logits (its argmax on a padded id at token [0, 0]), the teacher's real
+    logits, the teacher as a full-mode cache stores it (-1e9 at padding), mask and labels.
+    """
+    s, t, attention, labels = make_inputs(seed, (2, 3, PADDED_V))
+    labels = np.where(labels == -100, -100, labels % REAL_V).astype(np.int32)
+    s[0, 0, REAL_V + 1] = s[0, 0].max() + 5.0
+    full_mode = np.where(np.arange(PADDED_V) < REAL_V, t, -1e9).astype(np.float32)
+    return s, t, full_mode, attention, labels
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_padded_vocab_dense_matches_reference_over_real_ids(divergence):
+    """Teacher at -1e9 (a full-mode cache) or -inf on the padding: the divergence, entropy and
+    top-1 agreement are those over the real ids; the CE is over the full logits."""
+    s, t, full_mode, attention, labels = padded_case(60 + losses.DIVERGENCES.index(divergence))
+    minus_inf = np.where(np.arange(PADDED_V) < REAL_V, t, -np.inf).astype(np.float32)
+    for teacher in (full_mode, minus_inf):
+        def loss(x, temperature):
+            return losses.distillation_loss(x, teacher, attention, labels, True, temperature,
+                                            0.7, divergence=divergence, beta=0.3,
+                                            valid_vocab_size=REAL_V)
+
+        for temperature in (1.0, 2.0):
+            (value, metrics), grad = jax.value_and_grad(loss, has_aux=True)(s, temperature)
+            reference = functools.partial(ref_dense, t=t, attention_mask=attention,
+                                          labels=labels, use_hard=True, temperature=temperature,
+                                          alpha=0.7, divergence=divergence, beta=0.3,
+                                          valid=REAL_V)
+            check_metrics((value, metrics), reference(s), rtol=1e-5)
+            want = numeric_grad(lambda x: reference(x)[0], s)
+            np.testing.assert_allclose(np.asarray(grad), want, rtol=1e-3, atol=1e-6)
+
+
+def test_minus_inf_teacher_logits_count_zero_without_valid_vocab_size():
+    """p = 0 terms of the forward KL and the JSD count 0 (no nan), whatever the id."""
+    s, t, attention, labels = make_inputs(64, (2, 3, 10))
+    t[..., 7:] = -np.inf
+    for divergence in ("forward_kl", "jsd"):
+        (value, metrics), grad = jax.value_and_grad(lambda x: losses.distillation_loss(
+            x, t, attention, labels, True, 2.0, 0.7, divergence=divergence), has_aux=True)(s)
+        check_metrics((value, metrics), ref_dense(s, t, attention, labels, True, 2.0, 0.7,
+                                                  divergence), rtol=1e-5)
+        assert np.all(np.isfinite(np.asarray(grad))), divergence
+
+
+def padded_sparse_targets(t, temperature):
+    """Top-k (k = 4) and sampled targets of the teacher restricted to the real ids."""
+    log_p = ref_log_softmax(np.asarray(t, np.float64) / temperature, REAL_V)
+    ids = np.argsort(-log_p, axis=-1)[..., :4].astype(np.int32)
+    logprobs = np.take_along_axis(log_p, ids, -1)
+    outside = np.ones(log_p.shape, bool)
+    np.put_along_axis(outside, ids, False, -1)
+    tail = ref_logsumexp(np.where(outside, log_p, -np.inf))
+    topk = TopKTargets(jnp.asarray(ids), jnp.asarray(logprobs, jnp.float32),
+                       jnp.asarray(tail, jnp.float32))
+    counts = np.random.default_rng(5).integers(1, 4, ids.shape).astype(np.float32)
+    entropy = -ref_kl(log_p, np.zeros_like(log_p))
+    sampled = SampledTargets(jnp.asarray(ids), jnp.asarray(counts),
+                             jnp.asarray(entropy, jnp.float32))
+    return topk, sampled
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_padded_vocab_sparse_targets_match_reference_over_real_ids(divergence):
+    s, t, _, attention, labels = padded_case(70 + losses.DIVERGENCES.index(divergence))
+    temperature = 2.0
+    topk, sampled = padded_sparse_targets(t, temperature)
+    ids, logprobs, tail = (np.asarray(x) for x in topk)
+
+    def loss(x, targets):
+        return losses.targets_distillation_loss(x, targets, attention, labels, True, temperature,
+                                                0.7, divergence=divergence, beta=0.3,
+                                                valid_vocab_size=REAL_V)
+
+    (value, metrics), grad = jax.value_and_grad(loss, has_aux=True)(s, topk)
+    reference = functools.partial(ref_topk, ids=ids, logprobs=logprobs, tail=tail,
+                                  attention_mask=attention, labels=labels, use_hard=True,
+                                  temperature=temperature, alpha=0.7, divergence=divergence,
+                                  beta=0.3, valid=REAL_V)
+    check_metrics((value, metrics), reference(s), rtol=1e-5)
+    want = numeric_grad(lambda x: reference(x)[0], s)
+    np.testing.assert_allclose(np.asarray(grad), want, rtol=1e-3, atol=1e-6)
+    if divergence != "forward_kl":
+        return
+    value = loss(s, sampled)[0]
+    log_q = ref_log_softmax(np.asarray(s, np.float64) / temperature, REAL_V)
+    counts = np.asarray(sampled.counts, np.float64)
+    div = (-(counts * np.take_along_axis(log_q, ids, -1)).sum(-1) / counts.sum(-1)
+           - np.asarray(sampled.entropy, np.float64))
+    agree = ref_restrict(s, REAL_V).argmax(-1) == ids[..., 0]
+    want = ref_combine(div, ref_ce(s, labels), np.asarray(sampled.entropy, np.float64),
+                       agree.astype(np.float64), ref_mask(s.shape[:-1], attention, labels), True,
+                       temperature, 0.7)
+    np.testing.assert_allclose(float(value), want[0], rtol=1e-5)
+
+
+def test_padding_columns_get_no_kd_gradient():
+    """Only the hard-label CE (over the full logits) reaches the padding columns."""
+    s, t, full_mode, attention, labels = padded_case(80)
+    topk, sampled = padded_sparse_targets(t, 1.0)
+    for targets in (DenseTargets(full_mode), topk, sampled):
+        for divergence in (("forward_kl",) if isinstance(targets, SampledTargets)
+                           else losses.DIVERGENCES):
+            def loss(x, alpha, use_hard):
+                return losses.targets_distillation_loss(
+                    x, targets, attention, labels, use_hard, 1.0, alpha, divergence=divergence,
+                    valid_vocab_size=REAL_V)[0]
+
+            where = f"{type(targets).__name__} {divergence}"
+            kd_only = np.asarray(jax.grad(loss)(s, 1.0, False))
+            assert np.all(np.isfinite(kd_only)), where
+            assert np.all(kd_only[..., REAL_V:] == 0.0), where
+            assert np.any(kd_only[..., :REAL_V] != 0.0), where
+            mixed = np.asarray(jax.grad(loss)(s, 0.5, True))
+            ce_only = np.asarray(jax.grad(lambda x: 0.5 * losses.masked_token_mean(
+                losses.token_cross_entropy(x, labels), ref_mask(s.shape[:-1], attention,
+                                                                labels)))(s))
+            np.testing.assert_allclose(mixed[..., REAL_V:], ce_only[..., REAL_V:], rtol=1e-6,
+                                       atol=1e-9, err_msg=where)
+
+
+def test_restrict_to_vocab_and_valid_vocab_size_bounds():
+    s, t, full_mode, attention, labels = padded_case(90)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        got = losses.restrict_to_vocab(jnp.asarray(s, dtype), REAL_V)
+        assert got.dtype == dtype
+        np.testing.assert_array_equal(np.asarray(got, np.float64),
+                                      ref_restrict(np.asarray(jnp.asarray(s, dtype), np.float64),
+                                                   REAL_V))
+    for valid in (None, PADDED_V, PADDED_V + 5):
+        np.testing.assert_array_equal(np.asarray(losses.restrict_to_vocab(s, valid)), s)
+    # A size at least the logits' width restricts nothing.
+    plain = losses.distillation_loss(s, full_mode, attention, labels, True, 2.0, 0.5,
+                                     divergence="jsd")
+    for valid in (PADDED_V, PADDED_V + 5):
+        wide = losses.distillation_loss(s, full_mode, attention, labels, True, 2.0, 0.5,
+                                        divergence="jsd", valid_vocab_size=valid)
+        assert float(wide[0]) == float(plain[0])
+    for bad in (0, -3, 12.0, "13", True):
+        with pytest.raises(ConfigError, match=rf"valid_vocab_size: expected None or an int >= 1"
+                                              rf".*{bad!r}"):
+            losses.distillation_loss(s, full_mode, valid_vocab_size=bad)
 
 
 # --------------------------------------------------------------------------- small pieces
