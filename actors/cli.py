@@ -42,13 +42,16 @@ def _load(args):
 
 
 def _teacher(config):
+    from pipeline.data import read_info
     from pipeline.errors import ConfigError
     from pipeline.models.hf_io import load_pretrained
+    from pipeline.train import check_model_context
 
     spec = config.model.teacher
     if not spec.from_pretrained:
         raise ConfigError("model.teacher.path: this verb needs the teacher's Hugging Face "
                           "directory (config.json + *.safetensors)")
+    check_model_context(spec, "teacher", read_info(config.data.prepared_dir).seq_len)
     return load_pretrained(spec.path, dtype=spec.dtype)
 
 
@@ -76,6 +79,9 @@ def cmd_cache(args) -> int:
     fingerprint = teacher_fingerprint(config.model.teacher.path)
     for split in (("train", "eval") if args.split == "all" else (args.split,)):
         result = fill_cache(config, teacher, split, teacher_fp=fingerprint, progress=True)
+        if not result.shards_written and not result.shards_skipped:
+            print(f"{split}: no rows, nothing to cache")
+            continue
         print(f"{split}: wrote {len(result.shards_written)} shards, "
               f"{len(result.shards_skipped)} already committed, "
               f"{result.tokens_per_s:,.0f} tokens/s")
@@ -88,6 +94,8 @@ def cmd_train(args) -> int:
     result = train(_load(args))
     print(json.dumps({"step": result.step, "eval": result.final_eval,
                       "tokens_per_s": round(result.tokens_per_s, 1),
+                      "skipped_updates": result.skipped_updates,
+                      "empty_batches": result.empty_batches,
                       "export": str(result.run_dir / "student")}, indent=1))
     return 0
 
@@ -104,6 +112,8 @@ def cmd_run(args) -> int:
         raise error.user_error from error
     result = outcome.result
     print(json.dumps({"step": result.step, "eval": result.final_eval,
+                      "skipped_updates": result.skipped_updates,
+                      "empty_batches": result.empty_batches,
                       "teacher_source": outcome.source, "teacher_hosts": outcome.teacher_hosts,
                       "student_hosts": outcome.student_hosts,
                       "shards_written": len(outcome.shards_written),
@@ -117,8 +127,8 @@ def cmd_run(args) -> int:
 def cmd_eval(args) -> int:
     from pipeline.train import evaluate_checkpoint
 
-    step, values = evaluate_checkpoint(_load(args), step=args.step)
-    print(json.dumps({"step": step, **values}, indent=1))
+    step, values, targets = evaluate_checkpoint(_load(args), step=args.step)
+    print(json.dumps({"step": step, "teacher_targets": targets, **values}, indent=1))
     return 0
 
 
@@ -133,7 +143,7 @@ def cmd_export(args) -> int:
 def cmd_inspect(args) -> int:
     from actors.inspect import describe
 
-    print(describe(Path(args.path)))
+    print(describe(args.path))
     return 0
 
 
@@ -150,12 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    def verb(name, func, help_text, *, config=True):
+    def verb(name, func, help_text, *, config=True, overrides=True):
         sub = verbs.add_parser(name, help=help_text, description=help_text)
         if config:
             sub.add_argument("config", help="run config YAML (see configs/ and docs/config-reference.md)")
-        sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                         help="override a config field, e.g. --set loss.temperature=2 (repeatable)")
+        if overrides:
+            sub.add_argument("--set", dest="overrides", action="append", default=[],
+                             metavar="KEY=VALUE", help="override a config field, e.g. --set "
+                             "loss.temperature=2 (repeatable)")
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                          help="show tracebacks of user errors")
         sub.set_defaults(func=func)
@@ -183,16 +195,23 @@ def build_parser() -> argparse.ArgumentParser:
                      "'auto'); default: RAY_ADDRESS, else an embedded local Ray on this machine")
     sub = verb("eval", cmd_eval,
                "evaluate a checkpoint on the held-out split: CE on hard labels, KL to the teacher, "
-               "top-1 agreement")
+               "top-1 agreement; the teacher's targets come from the eval cache (offline, and "
+               "remote/hybrid when it is complete) or the teacher run on this host (live, and "
+               "remote/hybrid otherwise), as teacher_targets in the output says")
     sub.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     sub = verb("export", cmd_export,
-               "write a checkpoint's student as a Hugging Face directory (config.json + safetensors)")
+               "write a checkpoint's student as a Hugging Face directory (config.json + "
+               "safetensors); needs the checkpoint and the config's student only (no teacher, "
+               "cache or prepared data)")
     sub.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     sub.add_argument("--out", help="output directory (default: <run_dir>/student)")
     sub = verb("inspect", cmd_inspect,
                "describe a cache (manifest, size, bytes/token, completeness), a run directory or a "
-               "checkpoint directory (steps, position)", config=False)
-    sub.add_argument("path", help="a cache directory, a run directory or its checkpoints/")
+               "checkpoint directory (steps, position); reads a path, not a config, so --set is "
+               "refused", config=False, overrides=False)
+    sub.add_argument("path", help="a cache: a local directory or a TensorStore kvstore URL as "
+                     "cache.path takes them (gs://bucket/prefix/, file:///path/); or a local run "
+                     "directory or its checkpoints/")
     sub = verb("demo", cmd_demo,
                "the whole pipeline on this machine: tokenizer, teacher, top-k cache, a distilled "
                "student and a hard-label student, compared on held-out Python stdlib sources",

@@ -5,9 +5,9 @@ with two Orbax items:
 
 - ``state``: the train state, any pytree of ``jax.Array`` (``StandardSave``; every process of
   a multi-host run calls ``save`` with its shards);
-- ``meta``: JSON (``JsonSave``) with the ``TrainPosition`` (step, global sample offset, RNG seed
-  and key data), the ``RunIdentity`` it belongs to, and the state's signature (each leaf's
-  path, shape and dtype).
+- ``meta``: JSON (``JsonSave``) with the ``TrainPosition`` (step, global sample offset, seed,
+  skipped-update counts), the ``RunIdentity`` it belongs to, and the state's signature (each
+  leaf's path, shape and dtype).
 
 ``Checkpoints`` opens the directory and refuses it, with ``CheckpointError`` naming what
 differs, if any checkpoint there belongs to another config, model or dataset, and before it
@@ -26,7 +26,7 @@ Typical use in a training loop::
         if checkpoints.latest_step() is not None:
             state, position = checkpoints.restore(abstract_state_with_shardings)
         ...
-        checkpoints.save(TrainPosition.from_key(step, batches.offset, seed, key), state)
+        checkpoints.save(TrainPosition(step, batches.offset, seed), state)
 """
 
 from __future__ import annotations
@@ -52,28 +52,30 @@ _MAX_LISTED = 5
 class TrainPosition:
     """Where a run stands: enough, with the state, to continue it exactly.
 
+    The run's random state is not here: the data order follows from ``data.seed`` and the
+    global sample offset, and the model's RNG streams (dropout) are variables of the saved state.
+
     Attributes:
-      step: optimizer steps taken.
+      step: training steps taken (applied and skipped updates).
       global_sample_offset: global samples consumed (``pipeline.data.HostBatches.offset``).
-      rng_seed: the seed the run's RNG was made from.
-      rng_key_data: ``jax.random.key_data`` of the current key, as plain ints.
+      rng_seed: the run's ``train.seed``.
+      skipped_updates: updates skipped so far because the loss or gradient was not finite.
+      empty_batches: updates skipped so far because the batch had no loss token.
     """
 
     step: int
     global_sample_offset: int
     rng_seed: int
-    rng_key_data: tuple[int, ...] = ()
+    skipped_updates: int = 0
+    empty_batches: int = 0
 
     @classmethod
-    def from_key(cls, step: int, global_sample_offset: int, rng_seed: int,
-                 key: jax.Array) -> TrainPosition:
-        """A position holding ``key`` (a typed or raw uint32 JAX PRNG key)."""
-        data = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-        return cls(step, global_sample_offset, rng_seed, tuple(int(x) for x in np.asarray(data).ravel()))
-
-    def rng_key(self) -> jax.Array:
-        """The saved key as a typed JAX PRNG key (default implementation)."""
-        return jax.random.wrap_key_data(np.asarray(self.rng_key_data, np.uint32))
+    def from_json(cls, data: Mapping[str, Any]) -> TrainPosition:
+        """The position saved as ``data``. A checkpoint of an earlier version, without the
+        counts (0 then) or with the ``rng_key_data`` it once held (a key that was never read
+        back), is accepted."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in names})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,9 +314,7 @@ class Checkpoints:
             raise CheckpointError(f"{self.directory / str(step)}: corrupt checkpoint, its state "
                                   f"cannot be read ({_root_cause(e)}); move it away to resume "
                                   f"from an earlier one") from e
-        position = meta["position"]
-        position["rng_key_data"] = tuple(position.get("rng_key_data", ()))
-        return restored.state, TrainPosition(**position)
+        return restored.state, TrainPosition.from_json(meta["position"])
 
     def wait(self) -> None:
         """Block until every save in flight is committed."""

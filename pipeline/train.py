@@ -39,18 +39,20 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from pipeline.cache import CacheReader, RunDeclaration
+from pipeline.cache import CacheReader, RunDeclaration, read_manifest
+from pipeline.cache.format import split_location
 from pipeline.cache.reader import prefetch
-from pipeline.checkpoint import Checkpoints, RunIdentity, TrainPosition
+from pipeline.checkpoint import Checkpoints, RunIdentity, TrainPosition, read_checkpoint_metas
 from pipeline.config import (CacheConfig, ModelSpec, RunConfig, build_optimizer, build_schedule,
-                             config_hash, config_to_dict, stable_hash)
+                             check_context, config_hash, config_to_dict, stable_hash)
 from pipeline.data import DatasetInfo, HostBatches, TokenDataset, eval_batches, host_offsets, read_info
-from pipeline.errors import ConfigError
+from pipeline.errors import CacheError, CheckpointError, ConfigError
 from pipeline.metrics import ExampleLog, MetricsLogger, progress_bar, write_report
-from pipeline.models.hf_io import load_pretrained, save_pretrained, teacher_fingerprint
+from pipeline.models.hf_io import (CONFIG_FILE, load_pretrained, read_config, save_pretrained,
+                                   teacher_fingerprint)
 from pipeline.models.llama import Llama, LlamaConfig
 from pipeline.models.sharding import BATCH_SPEC, make_mesh, shard_model
-from pipeline.step import DistillLossConfig, TrainState, jit_distillation_step
+from pipeline.step import DistillLossConfig, LossMetrics, TrainState, jit_distillation_step
 
 EXPORT_DIR = "student"
 # Eval metrics are token-weighted means of the per-batch values (each batch's num_tokens).
@@ -81,7 +83,8 @@ class Host:
 
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
-    """How a run ended."""
+    """How a run ended. ``skipped_updates`` (non-finite) and ``empty_batches`` (no loss token)
+    count the updates skipped over the whole run, resumes included (``LossMetrics``)."""
 
     step: int
     global_sample_offset: int
@@ -90,22 +93,42 @@ class TrainResult:
     tokens_per_s: float
     skipped_updates: int
     run_dir: Path
+    empty_batches: int = 0
 
 
 # --------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------
 
-def build_model(spec: ModelSpec, vocab_size: int, seed: int, mesh: Mesh) -> Llama:
+def build_model(spec: ModelSpec, vocab_size: int, seed: int, mesh: Mesh, *,
+                frozen: bool = False) -> Llama:
     """The model of ``spec`` with its parameters laid out on ``mesh``: loaded from
     ``spec.path`` (each device reading only its slices), or initialised from ``seed`` with the
-    architecture of the spec and ``vocab_size`` (the tokenizer's unless the spec sets one)."""
+    architecture of the spec and ``vocab_size`` (the tokenizer's unless the spec sets one).
+
+    It computes in ``spec.dtype``. A model to train keeps its parameters in
+    ``spec.param_dtype`` (unset: float32 master weights); a ``frozen`` one (a teacher) keeps
+    them in ``spec.dtype``: it is never updated, so it has no small update to lose, and a
+    bfloat16 teacher takes half the memory."""
+    param_dtype = spec.dtype if frozen else spec.param_dtype or "float32"
     if spec.from_pretrained:
-        return load_pretrained(spec.path, dtype=spec.dtype, mesh=mesh)
+        return load_pretrained(spec.path, dtype=spec.dtype, param_dtype=param_dtype, mesh=mesh)
     config = LlamaConfig.from_hf_config(spec.hf_config(vocab_size))
-    model = Llama(config, dtype=jnp.dtype(spec.dtype), rngs=nnx.Rngs(seed))
+    model = Llama(config, dtype=spec.dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
     shard_model(model, mesh)
     return model
+
+
+def check_model_context(spec: ModelSpec, name: str, seq_len: int) -> None:
+    """Refuse rows of ``seq_len`` tokens past the context of ``model.<name>``
+    (``pipeline.config.check_context``): the ``max_position_embeddings`` of its config.json
+    when it is loaded from ``spec.path`` (read before any weight), else of the spec."""
+    if spec.from_pretrained:
+        config_file = Path(spec.path) / CONFIG_FILE
+        check_context(seq_len, f"model.{name}", read_config(spec.path).max_position_embeddings,
+                      origin=f", in {config_file}")
+    else:
+        check_context(seq_len, f"model.{name}", spec.max_position_embeddings)
 
 
 def model_fingerprint(spec: ModelSpec, vocab_size: int, seed: int) -> str:
@@ -130,7 +153,7 @@ class TargetReader(Protocol):
 
 def cache_location(cache: CacheConfig, split: str) -> str:
     """Where a split's targets live: ``<cache.path>/<split>`` (a path or kvstore URL)."""
-    return f"{cache.path.rstrip('/')}/{split}"
+    return split_location(cache.path, split)
 
 
 def open_cache(config: RunConfig, info: DatasetInfo, split: str, vocab_size: int, *,
@@ -153,12 +176,15 @@ def open_cache(config: RunConfig, info: DatasetInfo, split: str, vocab_size: int
 # The step
 # --------------------------------------------------------------------------------------------
 
-def step_options(config: RunConfig, *, is_training: bool = True) -> dict:
-    """The static keyword arguments of ``distillation_step`` that ``config`` sets."""
+def step_options(config: RunConfig, tokenizer_vocab_size: int, *, is_training: bool = True) -> dict:
+    """The static keyword arguments of ``distillation_step`` that ``config`` sets, for data of
+    a tokenizer of ``tokenizer_vocab_size`` ids (the divergence is over those ids alone when
+    the models' heads are wider)."""
     loss = config.loss
     return dict(
         loss_config=DistillLossConfig(divergence=loss.divergence, beta=loss.beta,
-                                      use_hard_labels=loss.use_hard_labels),
+                                      use_hard_labels=loss.use_hard_labels,
+                                      valid_vocab_size=tokenizer_vocab_size),
         learning_rate_fn=build_schedule(config.optimizer, config.train.steps) if is_training else None,
         gradient_accumulation_steps=config.train.grad_accum_steps if is_training else 1,
         is_training=is_training,
@@ -194,7 +220,7 @@ def evaluate(config: RunConfig, state: TrainState, dataset: TokenDataset, *, hos
     """
     with_teacher = reader is not None or teacher is not None
     eval_config = config if with_teacher else _ce_only(config)
-    options = step_options(eval_config, is_training=False)
+    options = step_options(eval_config, dataset.info.vocab_size, is_training=False)
     rows_per_host = config.eval.batch_size // host.count
     totals: dict[str, float] = {}
     tokens = 0.0
@@ -251,6 +277,33 @@ def _all_on_mesh(state: TrainState, mesh: Mesh) -> TrainState:
         return jax.make_array_from_callback(value.shape, replicated, lambda index: value[index])
 
     return _from_saved_tree(state, jax.tree.map(place, _saved_tree(state)))
+
+
+class _SkipCounts:
+    """Skipped updates of the run, by reason (``LossMetrics.skipped_updates``: non-finite;
+    ``empty_batches``: no loss token): the restored checkpoint's counts plus this session's.
+
+    This session's are summed on the device, one small jitted add per step, and read only when
+    asked (a checkpoint, the end of the run), so counting adds no host sync to a step. They
+    come from the step's replicated outputs, so every host of a group holds the same counts.
+    """
+
+    NAMES = ("skipped_updates", "empty_batches")
+
+    def __init__(self, position: TrainPosition | None):
+        self._restored = {name: getattr(position, name) if position else 0 for name in self.NAMES}
+        self._session = None
+
+    def add(self, metrics: LossMetrics) -> None:
+        step = {name: getattr(metrics, name) for name in self.NAMES}
+        self._session = step if self._session is None else _add_counts(self._session, step)
+
+    def totals(self) -> dict[str, int]:
+        session = {} if self._session is None else jax.device_get(self._session)
+        return {name: self._restored[name] + int(session.get(name, 0)) for name in self.NAMES}
+
+
+_add_counts = jax.jit(lambda total, step: jax.tree.map(jnp.add, total, step))
 
 
 class _StopVote:
@@ -340,14 +393,15 @@ def prepare_run(config: RunConfig, *, host: Host = Host(), teacher: Llama | None
     eval_data = (TokenDataset(config.data.prepared_dir, "eval", vocab_size=vocab_size)
                  if info.splits.get("eval", {}).get("num_rows") else None)
 
-    mesh = make_mesh(**dict(zip(("data", "fsdp", "tensor"), config.mesh.shape(jax.device_count()))))
-    student = build_model(config.model.student, vocab_size, config.train.seed, mesh)
-    state = _all_on_mesh(TrainState.create(student, build_optimizer(config.optimizer,
-                                                                    config.train.steps)), mesh)
+    check_model_context(config.model.student, "student", info.seq_len)
+    if source == "live" and config.model.has_teacher:
+        check_model_context(config.model.teacher, "teacher", info.seq_len)
+    state, mesh = _student_state(config, vocab_size)
 
     teacher_state = None
     if source == "live" and teacher is None and config.model.teacher.from_pretrained:
-        teacher = build_model(config.model.teacher, vocab_size, config.train.seed, mesh)
+        teacher = build_model(config.model.teacher, vocab_size, config.train.seed, mesh,
+                              frozen=True)
     elif teacher is not None:
         shard_model(teacher, mesh)
     if teacher is not None:
@@ -370,42 +424,112 @@ def prepare_run(config: RunConfig, *, host: Host = Host(), teacher: Llama | None
         if eval_data is not None and teacher_state is None:
             eval_reader = open_cache(config, info, "eval", vocab_size, teacher_fp=teacher_fp)
             _require_complete(eval_reader, "eval")
-    identity = RunIdentity(config_hash(config), config_to_dict(config, hashed_only=True),
-                           model_fingerprint(config.model.student, vocab_size, config.train.seed),
-                           train_data.fingerprint)
+    identity = _identity(config, vocab_size, train_data.fingerprint)
     return RunSetup(info=info, vocab_size=vocab_size, train_data=train_data, eval_data=eval_data,
                     sharding=NamedSharding(mesh, BATCH_SPEC), state=state,
                     teacher_state=teacher_state, train_reader=train_reader,
                     eval_reader=eval_reader, identity=identity)
 
 
-def restore_checkpoint(config: RunConfig, setup: RunSetup, step: int | None = None
-                       ) -> tuple[TrainState, TrainPosition]:
-    """The student state of checkpoint ``step`` (default: the latest) of ``config.run_dir``."""
-    with Checkpoints(config.checkpoint_dir, setup.identity, keep=config.checkpoint.keep,
+def _student_state(config: RunConfig, vocab_size: int) -> tuple[TrainState, Mesh]:
+    """A fresh student with its optimizer state, laid out on the mesh of ``config.mesh``."""
+    mesh = make_mesh(**dict(zip(("data", "fsdp", "tensor"), config.mesh.shape(jax.device_count()))))
+    student = build_model(config.model.student, vocab_size, config.train.seed, mesh)
+    state = _all_on_mesh(TrainState.create(student, build_optimizer(config.optimizer,
+                                                                    config.train.steps)), mesh)
+    return state, mesh
+
+
+def _identity(config: RunConfig, vocab_size: int, dataset_fingerprint: str) -> RunIdentity:
+    """What the checkpoints of ``config``'s run must match."""
+    return RunIdentity(config_hash(config), config_to_dict(config, hashed_only=True),
+                       model_fingerprint(config.model.student, vocab_size, config.train.seed),
+                       dataset_fingerprint)
+
+
+def restore_checkpoint(config: RunConfig, state: TrainState, identity: RunIdentity,
+                       step: int | None = None) -> tuple[TrainState, TrainPosition]:
+    """Checkpoint ``step`` (default: the latest) of ``config.run_dir`` restored into the
+    layout of ``state``, once its identity is checked against ``identity``."""
+    with Checkpoints(config.checkpoint_dir, identity, keep=config.checkpoint.keep,
                      async_save=False) as checkpoints:
-        saved, position = checkpoints.restore(_saved_tree(setup.state), step)
-    return _from_saved_tree(setup.state, saved), position
+        saved, position = checkpoints.restore(_saved_tree(state), step)
+    return _from_saved_tree(state, saved), position
 
 
-def evaluate_checkpoint(config: RunConfig, *, step: int | None = None) -> tuple[int, dict[str, float]]:
-    """``(step, held-out metrics)`` of a checkpoint (``kdpipe eval``)."""
-    setup = prepare_run(config, train_targets=False)
-    if setup.eval_data is None:
+def _complete_cache(config: RunConfig, split: str) -> bool:
+    """True when ``split``'s cache exists with all its shards committed."""
+    if config.cache is None:
+        return False
+    try:
+        manifest = read_manifest(cache_location(config.cache, split))
+    except CacheError:  # nothing written there yet
+        return False
+    return len(manifest.committed) == manifest.num_shards
+
+
+def evaluate_checkpoint(config: RunConfig, *, step: int | None = None
+                        ) -> tuple[int, dict[str, float], str]:
+    """``(step, held-out metrics, where the teacher's targets came from)`` of a checkpoint
+    (``kdpipe eval``).
+
+    The targets come from the eval cache (``offline``) or the teacher run on this host
+    (``live``). A ``remote`` or ``hybrid`` config, whose teacher hosts only ``kdpipe run``
+    starts, is evaluated as an offline one when its eval cache is complete, else as a live one.
+    """
+    info = read_info(config.data.prepared_dir)
+    if not info.splits.get("eval", {}).get("num_rows"):
         raise ConfigError(f"data.eval_fraction: the prepared dataset {config.data.prepared_dir} has "
                           f"no held-out rows to evaluate on")
-    state, position = restore_checkpoint(config, setup, step)
-    return position.step, evaluate(config, state, setup.eval_data, host=Host(),
-                                   sharding=setup.sharding, reader=setup.eval_reader,
-                                   teacher=setup.teacher_state)
+    if config.teacher_source in ("remote", "hybrid"):
+        source = "offline" if _complete_cache(config, "eval") else "live"
+        config = dataclasses.replace(config, cluster=dataclasses.replace(config.cluster,
+                                                                         teacher_source=source))
+    setup = prepare_run(config, train_targets=False)
+    state, position = restore_checkpoint(config, setup.state, setup.identity, step)
+    values = evaluate(config, state, setup.eval_data, host=Host(), sharding=setup.sharding,
+                      reader=setup.eval_reader, teacher=setup.teacher_state)
+    if setup.eval_reader is not None:
+        targets = f"cache {setup.eval_reader.location}"
+    elif setup.teacher_state is not None:
+        targets = f"live teacher {config.model.teacher.path} on this host"
+    else:
+        targets = "none (held-out cross-entropy only)"
+    return position.step, values, targets
+
+
+def _saved_vocab_size(meta: Mapping, where: str) -> int:
+    """The student's vocabulary size recorded in a checkpoint's state signature: the rows of
+    its token embedding (``Embedder.embedding_vd`` ``[vocab, hidden]``)."""
+    for path, shape, _ in meta["signature"]:
+        if path.startswith("['params']") and "'embedding_vd'" in path:
+            return shape[0]
+    raise CheckpointError(f"{where}: the checkpoint's state has no student token embedding "
+                          f"(params ... embedding_vd); not a checkpoint of a kdpipe student")
 
 
 def export_checkpoint(config: RunConfig, *, out: str | None = None,
                       step: int | None = None) -> tuple[int, Path]:
     """Write a checkpoint's student as a Hugging Face directory (``kdpipe export``); returns
-    ``(step, path)``. Default path: ``<run_dir>/student``."""
-    setup = prepare_run(config, train_targets=False)
-    state, position = restore_checkpoint(config, setup, step)
+    ``(step, path)``. Default path: ``<run_dir>/student``.
+
+    Needs the checkpoint and ``model.student`` only, whatever the teacher source: no teacher,
+    cache or prepared data. The vocabulary size (unless ``model.student.vocab_size`` sets it)
+    and the dataset fingerprint of the run's identity come from the checkpoint's own record.
+    """
+    directory = Path(config.checkpoint_dir).absolute()
+    metas = read_checkpoint_metas(directory)
+    chosen = max(metas, default=None) if step is None else step
+    if chosen not in metas:
+        raise CheckpointError(f"{directory}: no checkpoint "
+                              + ("to export" if step is None else
+                                 f"of step {step} (have {sorted(metas)})"))
+    meta = metas[chosen]
+    vocab_size = (config.model.student.vocab_size
+                  or _saved_vocab_size(meta, str(directory / str(chosen))))
+    state, _ = _student_state(config, vocab_size)
+    identity = _identity(config, vocab_size, meta["identity"]["dataset_fingerprint"])
+    state, position = restore_checkpoint(config, state, identity, chosen)
     path = Path(out) if out else Path(config.run_dir) / EXPORT_DIR
     save_pretrained(state.model(), path)
     return position.step, path
@@ -455,15 +579,16 @@ def _train(config: RunConfig, *, host: Host, teacher: Llama | None,
     train_reader, eval_reader = setup.train_reader, setup.eval_reader
     source, run_dir = config.teacher_source, Path(config.run_dir)
     train_teacher = teacher_state if source == "live" and not config.hard_labels_only else None
-    options = step_options(_ce_only(config) if config.hard_labels_only else config)
+    options = step_options(_ce_only(config) if config.hard_labels_only else config, info.vocab_size)
     primary = host.is_primary
     with Checkpoints(config.checkpoint_dir, setup.identity, keep=config.checkpoint.keep,
                      async_save=config.checkpoint.async_save) as checkpoints:
-        offset, start = 0, 0
+        offset, start, position = 0, 0, None
         if checkpoints.latest_step() is not None:
             saved, position = checkpoints.restore(_saved_tree(state))
             state = _from_saved_tree(state, saved)
             offset, start = position.global_sample_offset, position.step
+        skips = _SkipCounts(position)
         logger = MetricsLogger(run_dir, enabled=primary, tensorboard=config.logging.tensorboard,
                                resume_step=start)
         examples = (ExampleLog(run_dir, host.index, host.count, resume_step=start)
@@ -477,9 +602,8 @@ def _train(config: RunConfig, *, host: Host, teacher: Llama | None,
 
         def save(step: int) -> None:
             if step not in checkpoints.all_steps():
-                checkpoints.save(TrainPosition.from_key(step, batches.offset, config.train.seed,
-                                                        jax.random.key(config.train.seed)),
-                                 _saved_tree(state))
+                checkpoints.save(TrainPosition(step, batches.offset, config.train.seed,
+                                               **skips.totals()), _saved_tree(state))
 
         def run_eval(step: int) -> dict:
             if eval_data is None or not config.eval.every_steps:
@@ -492,7 +616,6 @@ def _train(config: RunConfig, *, host: Host, teacher: Llama | None,
         progress = progress_bar("train", enabled=primary and config.logging.progress,
                                 every_s=config.logging.progress_every_s)
         task = progress.add_task("train", total=config.train.steps, completed=start, status="")
-        skipped = 0
         last_train: dict = {}
         last_eval: dict = {}
         tick, tick_step, tokens_per_s = time.perf_counter(), start, 0.0
@@ -513,6 +636,7 @@ def _train(config: RunConfig, *, host: Host, teacher: Llama | None,
                     local = {**local, **next(targets_ahead)}
                 state, metrics = jit_distillation_step(state, global_batch(local, sharding),
                                                        train_teacher, **options)
+                skips.add(metrics)
                 logged = {}
                 if step % config.logging.every_steps == 0 or step == config.train.steps:
                     logged = _to_host(metrics.as_dict())
@@ -520,7 +644,6 @@ def _train(config: RunConfig, *, host: Host, teacher: Llama | None,
                     tokens_per_s = batch_tokens * (step - tick_step) / (now - tick)
                     tick, tick_step = now, step
                     logged["tokens_per_s"] = tokens_per_s
-                    skipped += int(logged.get("skipped_updates", 0))
                     last_train = logger.log(step, logged)
                     progress.update(task, status=f"loss {logged['loss']:.4f}  "
                                                  f"{tokens_per_s:,.0f} tok/s")
@@ -552,20 +675,22 @@ def _train(config: RunConfig, *, host: Host, teacher: Llama | None,
         save(final_step)
         checkpoints.wait()
         save_pretrained(state.model(), run_dir / EXPORT_DIR)
+        counts = skips.totals()
         if primary and config.logging.report:
             rows_out = [{"split": "train", **{k: last_train.get(k, float("nan"))
                                               for k in ("loss", "kl_loss", "ce_loss", "tokens_per_s")}},
                         {"split": "eval", **last_eval}]
             write_report(run_dir, f"kdpipe run: {run_dir.name}", rows_out,
                          notes=[f"steps: {final_step}", f"teacher source: {source}",
-                                f"skipped non-finite updates: {skipped}",
+                                f"skipped non-finite updates: {counts['skipped_updates']}",
+                                f"skipped batches without loss tokens: {counts['empty_batches']}",
                                 f"student exported to {run_dir / EXPORT_DIR}"])
         logger.close()
         if examples is not None:
             examples.close()
     return TrainResult(step=final_step, global_sample_offset=batches.offset, final_eval=last_eval,
-                       final_train=last_train, tokens_per_s=tokens_per_s, skipped_updates=skipped,
-                       run_dir=run_dir)
+                       final_train=last_train, tokens_per_s=tokens_per_s, run_dir=run_dir,
+                       **counts)
 
 
 def _require_complete(reader: CacheReader, split: str) -> None:
