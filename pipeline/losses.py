@@ -171,6 +171,16 @@ def check_targets(student_logits: jax.Array, targets: Targets) -> None:
 # --------------------------------------------------------------------------- masks, reduction
 
 
+def merge_token_axes(tree, token_ndim: int):
+    """Each array in ``tree`` with its ``token_ndim`` leading (token) axes merged into one.
+
+    ``[batch, seq, ...]`` → ``[batch·seq, ...]`` for ``token_ndim=2``; ``None`` leaves stay.
+    """
+    def merge(x):
+        return x.reshape(math.prod(x.shape[:token_ndim]), *x.shape[token_ndim:])
+    return jax.tree.map(merge, tree)
+
+
 def loss_mask(attention_mask, labels, batch_shape: Sequence[int]) -> jax.Array:
     """The token mask ``m = attention_mask × (labels != -100)``, ``[batch, seq]`` float32.
 
@@ -242,7 +252,29 @@ def _scaled(logits: jax.Array, temperature, valid_vocab_size: int | None = None)
 
 
 def _logsumexp(z: jax.Array) -> jax.Array:
-    return jax.nn.logsumexp(z, axis=-1)
+    # jax.nn.logsumexp's value, but its shift is the row max clamped from below instead of
+    # selected by isfinite: XLA's CPU backend fuses no select into its YNNPACK kernels, so the
+    # select split the dense loss's gradient into pieces with [tokens, vocab] temporaries
+    # between them (tests/test_loss_memory.py). An all −inf row still gives −inf; logits are
+    # finite (student) or −inf (teacher), so a +inf max does not occur.
+    shift = jax.lax.stop_gradient(jnp.maximum(jnp.max(z, axis=-1), jnp.finfo(z.dtype).min))
+    return shift + jnp.log(jnp.sum(jnp.exp(z - shift[..., None]), axis=-1))
+
+
+@jax.custom_jvp
+def _clamp_rounding(divergence: jax.Array) -> jax.Array:
+    """``max(div, 0)`` in value, the identity in derivative.
+
+    An exact divergence is ≥ 0; the clamp only removes float32 rounding below 0, so the
+    gradient stays the divergence's own, and a gradient-only program (``jax.grad``) need not
+    compute the divergence's value at all.
+    """
+    return jnp.maximum(divergence, 0.0)
+
+
+@_clamp_rounding.defjvp
+def _clamp_rounding_jvp(primals, tangents):
+    return _clamp_rounding(*primals), tangents[0]
 
 
 def _resolve_divergence(divergence: str, beta: float) -> str:
@@ -484,9 +516,9 @@ def topk_bucket_logprobs(student_logits: jax.Array, targets: TopKTargets, temper
 
     summed over the tail ids directly (never as :math:`1 - \sum_{j\in K} q_j`, which cancels
     in float32 once the student is sure of its top ids), so a tail of any size, and its
-    gradient, keep float32 precision. A teacher tail of −inf means the ids cover the whole
-    vocabulary (k = V): the tail bucket is then empty on both sides and the loss equals the
-    dense one.
+    gradient, keep float32 precision. When the ids cover the whole (real) vocabulary the tail
+    bucket is empty on both sides (a teacher tail of −inf, or a finite one, which is then
+    rounding residue, is dropped) and the loss equals the dense one.
 
     Args:
       student_logits: ``[..., vocab]``.
@@ -500,6 +532,8 @@ def topk_bucket_logprobs(student_logits: jax.Array, targets: TopKTargets, temper
     student = _logprobs_at(student_logits, targets.ids.astype(jnp.int32),
                            tail_logmass > -jnp.inf, jnp.asarray(temperature, _F32),
                            valid_vocab_size)
+    # No id outside the k (k = the real vocabulary): the teacher's tail is rounding residue.
+    tail_logmass = jnp.where(student[..., -1] > -jnp.inf, tail_logmass, -jnp.inf)
     teacher = jnp.concatenate([targets.logprobs.astype(_F32), tail_logmass[..., None]], axis=-1)
     return student, teacher
 
@@ -559,8 +593,8 @@ def token_losses(student_logits: jax.Array, targets: Targets, labels=None, *,
     student_top = jnp.argmax(restrict_to_vocab(student_logits, valid_vocab_size), axis=-1)
     if isinstance(targets, DenseTargets):
         teacher_logits = jax.lax.stop_gradient(targets.logits)
-        div = jnp.maximum(_dense_divergence(student_logits, teacher_logits, temperature,
-                                            divergence, beta, valid_vocab_size), 0.0)
+        div = _clamp_rounding(_dense_divergence(student_logits, teacher_logits, temperature,
+                                                divergence, beta, valid_vocab_size))
         z_t = _scaled(teacher_logits, temperature, valid_vocab_size)
         entropy = token_entropy(z_t - _logsumexp(z_t)[..., None])
         teacher_top = jnp.argmax(restrict_to_vocab(teacher_logits, valid_vocab_size), axis=-1)
@@ -652,6 +686,13 @@ def targets_distillation_loss(student_logits, targets: Targets, attention_mask=N
     """
     check_loss_inputs(student_logits, targets, attention_mask, labels, use_hard_labels,
                       temperature, alpha, divergence, beta, valid_vocab_size=valid_vocab_size)
+    # The per-token math runs on [tokens, vocab] whatever the batch: on [1, seq, vocab] (one
+    # long sequence) XLA's CPU kernels for a two-operand reduction over the vocabulary run
+    # ~20x slower (jax 0.10.2; benchmarks/bench_loss.py). The barrier keeps XLA from folding
+    # the reshape back into the reductions.
+    student_logits, targets, attention_mask, labels = jax.lax.optimization_barrier(
+        merge_token_axes((student_logits, targets, attention_mask, labels),
+                         student_logits.ndim - 1))
     terms = token_losses(student_logits, targets, labels, temperature=temperature,
                          divergence=divergence, beta=beta, valid_vocab_size=valid_vocab_size)
     mask = loss_mask(attention_mask, labels, student_logits.shape[:-1])

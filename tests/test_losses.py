@@ -331,10 +331,11 @@ def topk_targets(t, k, temperature):
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
 def test_topk_with_k_equal_vocab_equals_dense(divergence):
+    """Also when the teacher's tail is rounding residue (1e-7) instead of exactly -inf."""
     s, t, attention, labels = make_inputs(21, (2, 5, 12))
-    targets = topk_targets(t, 12, 2.0)
+    exact = topk_targets(t, 12, 2.0)
 
-    def sparse(x):
+    def sparse(x, targets):
         return losses.targets_distillation_loss(x, targets, attention, labels, True, 2.0, 0.8,
                                                 divergence=divergence)
 
@@ -342,13 +343,16 @@ def test_topk_with_k_equal_vocab_equals_dense(divergence):
         return losses.distillation_loss(x, t, attention, labels, True, 2.0, 0.8,
                                         divergence=divergence)
 
-    (got, got_m), got_grad = jax.value_and_grad(sparse, has_aux=True)(s)
     (want, want_m), want_grad = jax.value_and_grad(dense, has_aux=True)(s)
-    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
-    for key in ("kl_loss", "ce_loss", "teacher_entropy", "top1_agreement"):
-        np.testing.assert_allclose(float(got_m[key]), float(want_m[key]), rtol=1e-5, err_msg=key)
-    assert np.all(np.isfinite(got_grad))
-    np.testing.assert_allclose(np.asarray(got_grad), np.asarray(want_grad), atol=1e-6)
+    residue = exact._replace(tail_logmass=jnp.full_like(exact.tail_logmass, np.log(1e-7)))
+    for targets in (exact, residue):
+        (got, got_m), got_grad = jax.value_and_grad(sparse, has_aux=True)(s, targets)
+        np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+        for key in ("kl_loss", "ce_loss", "teacher_entropy", "top1_agreement"):
+            np.testing.assert_allclose(float(got_m[key]), float(want_m[key]), rtol=1e-5,
+                                       err_msg=key)
+        assert np.all(np.isfinite(got_grad))
+        np.testing.assert_allclose(np.asarray(got_grad), np.asarray(want_grad), atol=1e-6)
 
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
