@@ -15,7 +15,7 @@ split by ``pipeline.data.HostBatches`` and assembled into global arrays here). I
    ``Preempted``; on ``pause`` it does so at the next checkpoint step. The hosts of a group
    agree on the step to stop at (``_StopVote``), so a notice to one host stops them all there;
 5. at the end evaluates, saves, exports the student as a Hugging Face directory and writes
-   ``report.md``.
+   ``report.md``, with the updates skipped over the whole run (``_SkipCounts``).
 
 A run whose loss is the hard-label cross-entropy alone (``loss.alpha == 0`` with
 ``loss.use_hard_labels``) needs no teacher for training; it still evaluates against the

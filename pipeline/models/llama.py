@@ -449,7 +449,8 @@ class Attention(nnx.Module):
         scores = jnp.where(mask_bklm, scores * self.scale, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
         out = jnp.einsum("bkglm,bmkh->blkgh", probs, v).reshape(b, l, n, h)
-        return jnp.einsum("blnh,nhd->bld", out, _used(self.o_nhd, x.dtype)), probs.reshape(b, n, l, l)
+        out = jnp.einsum("blnh,nhd->bld", out, _used(self.o_nhd, x.dtype))
+        return out, probs.reshape(b, n, l, l)
 
 
 class MLP(nnx.Module):
