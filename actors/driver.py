@@ -1117,6 +1117,7 @@ def run(config: RunConfig, *, address: str | None = None, console=None,
 
     from pipeline.data import read_info
     from pipeline.models.hf_io import teacher_fingerprint
+    from pipeline.train import check_model_context
 
     started = time.monotonic()
     console = console or Console()
@@ -1129,6 +1130,9 @@ def run(config: RunConfig, *, address: str | None = None, console=None,
         raise ConfigError(f"model.teacher.path: teacher source '{source}' loads the teacher from a "
                           f"Hugging Face directory (config.json + *.safetensors); none is given")
     info = read_info(config.data.prepared_dir)
+    check_model_context(config.model.student, "student", info.seq_len)
+    if needs_teacher_hosts or source == "live":
+        check_model_context(config.model.teacher, "teacher", info.seq_len)
     num_rows = {split: info.splits.get(split, {}).get("num_rows", 0) for split in SPLITS}
     teacher_fp = teacher_fingerprint(config.model.teacher.path) if needs_teacher_hosts else None
     pending = (_pending_shards(config, num_rows, teacher_fp)

@@ -1,19 +1,23 @@
-"""``kdpipe inspect``: what a cache, a run directory or a checkpoint directory holds."""
+"""``kdpipe inspect``: what a cache, a run directory or a checkpoint directory holds.
+
+A cache is found wherever ``cache.path`` may put one: a local directory or any TensorStore
+kvstore URL (``pipeline.cache.format.kvstore_spec`` reads both). Run and checkpoint directories
+are local.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from pipeline.cache.format import MANIFEST_KEY as MANIFEST, open_kvstore, split_location
 from pipeline.errors import KdpipeError
 
-MANIFEST = "manifest.json"
 
-
-def _cache_split(location: Path) -> list[str]:
+def _cache_split(location: str) -> list[str]:
     from pipeline.cache import read_manifest
 
-    manifest = read_manifest(str(location))
+    manifest = read_manifest(location)
     target = manifest.target
     committed = sorted(manifest.committed)
     sequences = sum(manifest.shard_range(s)[1] - manifest.shard_range(s)[0] for s in committed)
@@ -42,12 +46,8 @@ def _cache_split(location: Path) -> list[str]:
 
 
 def _checkpoints(directory: Path) -> list[str]:
-    import logging
-
     from pipeline.checkpoint import read_checkpoint_metas
 
-    # Orbax warns through absl that a read-only manager saves nothing: true, and not news here.
-    logging.getLogger("absl").setLevel(logging.ERROR)
     metas = read_checkpoint_metas(directory)
     if not metas:
         return [f"checkpoints {directory}: none"]
@@ -78,14 +78,28 @@ def _run_dir(directory: Path) -> list[str]:
     return lines + _checkpoints(directory / "checkpoints")
 
 
-def describe(path: Path) -> str:
-    """A human summary of ``path``: a cache split, a cache with train/eval splits, a run
-    directory or a checkpoint directory. KdpipeError when it is none of these."""
-    if (path / MANIFEST).exists():
-        return "\n".join(_cache_split(path))
-    splits = [path / s for s in ("train", "eval") if (path / s / MANIFEST).exists()]
+def _cache_splits(location: str) -> list[str]:
+    """The cache splits at ``location``: itself when it holds a manifest, else those of its
+    train/ and eval/ that do (none: not a cache)."""
+    kvstore = open_kvstore(location)
+    if kvstore.read(MANIFEST).result().state == "value":
+        return [location]
+    return [split_location(location, split) for split in ("train", "eval")
+            if kvstore.read(f"{split}/{MANIFEST}").result().state == "value"]
+
+
+def describe(location: str) -> str:
+    """A human summary of ``location``: a cache split or a cache with train/eval splits (a
+    local path or a kvstore URL), a run directory or a checkpoint directory (local paths).
+    KdpipeError when it is none of these."""
+    path, local = Path(location), "://" not in location
+    splits = _cache_splits(location) if path.is_dir() or not local else []
     if splits:
         return "\n".join(line for split in splits for line in _cache_split(split))
+    if not local:
+        raise KdpipeError(f"path: {location} holds no cache (no {MANIFEST} there or under "
+                          f"train/ or eval/); run and checkpoint directories are read from "
+                          f"local paths only")
     if (path / "checkpoints").is_dir() or (path / "metrics.jsonl").exists():
         return "\n".join(_run_dir(path))
     if path.is_dir() and any(p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists()

@@ -32,6 +32,7 @@ Typical use in a training loop::
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import sys
 from collections.abc import Mapping
@@ -161,12 +162,20 @@ def _read_meta(manager: ocp.CheckpointManager, directory: Path, step: int) -> di
 
 def read_checkpoint_metas(directory: str | os.PathLike) -> dict[int, dict[str, Any]]:
     """``{step: metadata}`` of every committed checkpoint in ``directory``, read-only and
-    without identity checks (for ``kdpipe inspect``); ``{}`` when there is none."""
+    without identity checks (for ``kdpipe inspect`` and ``kdpipe export``); ``{}`` when there is
+    none."""
     directory = Path(directory).absolute()
     if not directory.is_dir():
         return {}
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-        create=False, read_only=True))
+    # Orbax warns through absl that a read-only manager saves nothing: true, and not news here.
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+            create=False, read_only=True))
+    finally:
+        absl.setLevel(level)
     try:
         return {step: _read_meta(manager, directory, step) for step in sorted(manager.all_steps())}
     finally:

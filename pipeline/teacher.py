@@ -90,8 +90,13 @@ def fill_cache(config: RunConfig, teacher: Llama, split: str, *, teacher_fp: str
     writer. Rows go through the teacher in batches of ``batch_size`` (default: the student's
     microbatch, ``train.global_batch_size / train.grad_accum_steps``), in row order; the
     stored bytes do not depend on the batch size or on which host writes which shard.
+
+    A split without rows (``data.eval_fraction: 0`` leaves the eval split empty) has nothing to
+    cache: nothing is created, and the result lists no shards (readers skip such a split).
     """
     info = read_info(config.data.prepared_dir)
+    if not info.splits.get(split, {}).get("num_rows"):
+        return FillResult(split=split, shards_written=(), shards_skipped=(), tokens=0, seconds=0.0)
     vocab_size = teacher.config.vocab_size
     dataset = TokenDataset(config.data.prepared_dir, split, vocab_size=vocab_size)
     manifest = cache_manifest(config, info, split, vocab_size=vocab_size, teacher_fp=teacher_fp)
