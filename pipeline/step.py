@@ -333,7 +333,8 @@ def distillation_step(
     totals = {key: jnp.maximum(value, 1.0) for key, value in denominators.items()}
     use_hidden, use_attention = hidden_state_weight > 0, attention_weight > 0
     kd_options = dict(use_hard_labels=loss_config.use_hard_labels, temperature=temperature,
-                      alpha=alpha, divergence=loss_config.divergence, beta=loss_config.beta)
+                      alpha=alpha, divergence=loss_config.divergence, beta=loss_config.beta,
+                      valid_vocab_size=loss_config.valid_vocab_size)
 
     def teacher_outputs(micro):
         if teacher_state is None:

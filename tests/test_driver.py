@@ -1,13 +1,15 @@
 """`kdpipe run` (actors.driver) on an embedded Ray at a tiny size.
 
 One Ray and one tiny dataset/teacher per module; seven runs of the same 20-step distillation
-(cache in full mode, float32), each with its own run directory:
+(cache in full mode, float32; teacher and student heads padded 24 ids past the tokenizer's
+vocabulary, as Qwen-family checkpoints are), each with its own run directory:
 
 - offline, 2 student hosts, a teacher held back until the student has taken its first step:
   the student waits for shards and never reads one before its commit record exists;
 - offline again, 1 host, on the now complete cache: no teacher host starts, and the loss
   trajectory equals the 2-host run's (1e-4 relative);
-- live, remote and hybrid (on a cache missing some shards), 1 host each: the same training;
+- live, remote and hybrid (on a cache missing some shards), 1 host each: the same training
+  (the padded ids are outside the teacher's distribution whatever the source);
 - offline with the teacher host SIGKILLed after writing a shard's files, before its commit
   record: a new host takes its place, redoes the shard, and the cache equals the uninterrupted
   one (every stored array, every commit record's crc32); with cluster.max_failures=0 the same
@@ -48,7 +50,7 @@ SHARD_SEQUENCES = 32
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     work = tmp_path_factory.mktemp("driver")
-    overrides = make_tiny_run(work) + [
+    overrides = make_tiny_run(work, padded_vocab=24) + [
         "cache.mode=full", "cache.value_dtype=float32", f"cache.shard_sequences={SHARD_SEQUENCES}",
         f"cache.path={work / 'cache'}", f"train.steps={STEPS}", "checkpoint.every_steps=10",
         "eval.every_steps=10"]

@@ -222,6 +222,43 @@ def test_dense_and_topk_with_k_equal_vocab_give_the_same_step():
     assert_trees_close(topk_state.opt_state, dense_state.opt_state, atol=1e-6)
 
 
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_padded_head_live_and_cached_teachers_give_the_same_step(teacher, divergence):
+    """Heads padded past a tokenizer of ``real`` ids (Qwen-family): the live teacher's raw
+    logits and a full-mode cache's (PADDED_LOGIT at padding) are the same targets, and the
+    KL is the float64 divergence between the two models restricted to the real ids: finite
+    for reverse KL and JSD too, where the padding would otherwise dominate."""
+    from pipeline.cache import compress
+    from pipeline.cache.format import TargetSpec
+    from test_losses import ref_divergence, ref_log_softmax
+
+    real = VOCAB - 8
+    batch = make_batch(3)
+    batch["input_ids"] %= real
+    batch["labels"] = np.where(batch["labels"] == -100, -100, batch["labels"] % real)
+    logits = teacher.model()(batch["input_ids"], batch["attention_mask"]).logits
+    spec = TargetSpec(mode="full", vocab_size=VOCAB, tokenizer_vocab_size=real,
+                      value_dtype="float32", temperature=None)
+    cached = compress.decode(compress.encode(logits, np.arange(len(logits)), spec), spec)
+    options = dict(CACHED, loss_config=DistillLossConfig(
+        divergence=divergence, use_hard_labels=True, valid_vocab_size=real))
+    state = student_state(ADAM)
+    live_state, live = jit_distillation_step(fresh(state), batch, teacher, **options)
+    cached_state, from_cache = jit_distillation_step(fresh(state), {**batch, **cached}, None,
+                                                     **options)
+    assert_metrics_close(from_cache, live, rtol=1e-5, atol=1e-6)
+    assert_trees_close(cached_state.params, live_state.params, atol=1e-6)
+
+    student = np.asarray(state.model()(batch["input_ids"], batch["attention_mask"]).logits)
+    t = options["temperature"]
+    div = ref_divergence(ref_log_softmax(student[..., :real].astype(np.float64) / t),
+                         ref_log_softmax(np.asarray(logits, np.float64)[..., :real] / t),
+                         divergence, 0.5)
+    m = batch["attention_mask"] * (batch["labels"] != -100)
+    want = t ** 2 * np.sum(div * m) / np.sum(m)
+    np.testing.assert_allclose(float(live.kl_loss), want, rtol=2e-5)
+
+
 def test_chunked_head_matches_plain_logits(teacher):
     batch, state = live_batch(), student_state(tie_embeddings=True)
     options = dict(gradient_accumulation_steps=4, **LIVE)

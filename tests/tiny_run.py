@@ -17,10 +17,12 @@ from pipeline.metrics import read_example_logs, read_metrics
 TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny-test.yaml"
 
 
-def make_tiny_run(directory: Path) -> list[str]:
+def make_tiny_run(directory: Path, *, padded_vocab: int = 0) -> list[str]:
     """A tokenizer, a prepared dataset (about 150 train and 30 eval rows of 32 tokens) and a
     randomly initialised teacher saved as a Hugging Face directory, all under ``directory``;
-    returns the ``--set`` overrides of configs/tiny-test.yaml that use them."""
+    returns the ``--set`` overrides of configs/tiny-test.yaml that use them. With
+    ``padded_vocab``, the teacher's and the student's heads have that many ids past the
+    tokenizer's, as Qwen-family checkpoints do."""
     from pipeline.data import prepare_dataset, read_info, train_bpe_tokenizer
     from pipeline.models.hf_io import save_pretrained
     from pipeline.models.sharding import make_mesh
@@ -37,10 +39,10 @@ def make_tiny_run(directory: Path) -> list[str]:
     train_bpe_tokenizer([textwrap.__file__], config.demo.tokenizer_vocab_size,
                         Path(config.data.tokenizer))
     prepare_dataset(config.data, progress=False)
-    teacher = build_model(config.model.teacher, read_info(config.data.prepared_dir).vocab_size, 1,
-                          make_mesh())
+    vocab_size = read_info(config.data.prepared_dir).vocab_size + padded_vocab
+    teacher = build_model(config.model.teacher, vocab_size, 1, make_mesh())
     save_pretrained(teacher, directory / "teacher")
-    return overrides
+    return overrides + ([f"model.student.vocab_size={vocab_size}"] if padded_vocab else [])
 
 
 def quiet_run(config, **kwargs):

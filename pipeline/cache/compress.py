@@ -34,17 +34,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from pipeline.cache.format import PADDED_LOGIT, TargetSpec, id_bits, mantissa_bytes
+from pipeline.losses import restrict_to_vocab
 
 # q8 log-probs are clamped here so that the per-token scale stays finite (e^-100 ~ 0 in f32).
 Q8_LOGPROB_FLOOR = -100.0
 
 
 def scaled_logits(logits: jax.Array, spec: TargetSpec) -> jax.Array:
-    """logits / T_cache in f32 with padded ids at -inf. [..., V] -> [..., V]."""
-    x = logits.astype(jnp.float32) / spec.temperature
-    if spec.tokenizer_vocab_size < spec.vocab_size:
-        x = jnp.where(jnp.arange(spec.vocab_size) < spec.tokenizer_vocab_size, x, -jnp.inf)
-    return x
+    """logits / T_cache in f32 with padded ids at -inf (``pipeline.losses.restrict_to_vocab``,
+    the definition every teacher source shares). [..., V] -> [..., V]."""
+    return restrict_to_vocab(logits.astype(jnp.float32) / spec.temperature,
+                             spec.tokenizer_vocab_size)
 
 
 def pack_bits(values: jax.Array, widths: jax.Array, num_bytes: int) -> jax.Array:
