@@ -287,8 +287,9 @@ def _resolve_divergence(divergence: str, beta: float) -> str:
 
 
 def _xlogx_ratio(log_a: jax.Array, log_b: jax.Array) -> jax.Array:
-    """``a (log a − log b)`` elementwise, 0 where ``a = 0``, with finite gradients there."""
-    present = log_a > -jnp.inf
+    """``a (log a − log b)`` elementwise, 0 where ``a = 0``, with finite gradients there
+    (a nan stays nan)."""
+    present = log_a != -jnp.inf
     log_a = jnp.where(present, log_a, 0.0)
     log_b = jnp.where(present, log_b, 0.0)
     return jnp.where(present, jnp.exp(log_a) * (log_a - log_b), 0.0)
@@ -385,7 +386,7 @@ def _dense_divergence_bwd(divergence, beta, valid_vocab_size, residuals, cotange
     if divergence == "forward_kl":
         grad = q - jnp.exp(log_p)
     else:
-        grad = jnp.where(log_q > -jnp.inf, q * (log_q - log_ref - student_side[..., None]), 0.0)
+        grad = jnp.where(log_q != -jnp.inf, q * (log_q - log_ref - student_side[..., None]), 0.0)
         if divergence == "jsd":
             grad = (1.0 - beta) * grad
     grad = grad * (cotangent / temperature)[..., None]
@@ -460,7 +461,7 @@ def _logprobs_at_bwd(valid_vocab_size, residuals, cotangent):
         dense = q * (-total / temperature)[..., None]
         grad = _scatter_last(dense, ids, cotangent / temperature, "add")
         return grad.astype(logits.dtype), None, None, jnp.zeros_like(temperature)
-    live = tail > -jnp.inf  # a tail bucket that holds mass (not k = vocab)
+    live = tail != -jnp.inf  # a tail bucket that holds mass (not k = vocab); nan stays nan
     a_ids = cotangent[..., :-1]
     a_tail = jnp.where(live, cotangent[..., -1], 0.0)
     total = jnp.sum(a_ids, axis=-1) + a_tail
@@ -530,10 +531,10 @@ def topk_bucket_logprobs(student_logits: jax.Array, targets: TopKTargets, temper
     """
     tail_logmass = targets.tail_logmass.astype(_F32)
     student = _logprobs_at(student_logits, targets.ids.astype(jnp.int32),
-                           tail_logmass > -jnp.inf, jnp.asarray(temperature, _F32),
+                           tail_logmass != -jnp.inf, jnp.asarray(temperature, _F32),
                            valid_vocab_size)
     # No id outside the k (k = the real vocabulary): the teacher's tail is rounding residue.
-    tail_logmass = jnp.where(student[..., -1] > -jnp.inf, tail_logmass, -jnp.inf)
+    tail_logmass = jnp.where(student[..., -1] != -jnp.inf, tail_logmass, -jnp.inf)
     teacher = jnp.concatenate([targets.logprobs.astype(_F32), tail_logmass[..., None]], axis=-1)
     return student, teacher
 

@@ -580,6 +580,27 @@ def test_minus_inf_teacher_logits_count_zero_without_valid_vocab_size():
         assert np.all(np.isfinite(np.asarray(grad))), divergence
 
 
+def test_nan_inputs_give_a_nan_loss_and_gradient():
+    """The zero-probability rule (-inf log-probs count 0) never hides a poisoned input."""
+    s, t, _, _ = make_inputs(66, (1, 2, 9))
+    bad_t = t.copy()
+    bad_t[0, 0, 3] = np.nan
+    bad_s = s.copy()
+    bad_s[0, 1, 2] = np.nan
+    good = topk_targets(t, 3, 1.0)
+    poisoned = [DenseTargets(bad_t), good._replace(logprobs=good.logprobs.at[0, 0, 1].set(np.nan)),
+                good._replace(tail_logmass=good.tail_logmass.at[0, 0].set(np.nan))]
+    for divergence in losses.DIVERGENCES:
+        for targets in poisoned:
+            value, grad = jax.value_and_grad(lambda x: losses.targets_distillation_loss(
+                x, targets, temperature=1.0, divergence=divergence)[0])(s)
+            assert np.isnan(float(value)), (divergence, type(targets).__name__)
+        for targets in (DenseTargets(t), good):
+            grad = jax.grad(lambda x: losses.targets_distillation_loss(
+                x, targets, temperature=1.0, divergence=divergence)[0])(bad_s)
+            assert np.any(np.isnan(np.asarray(grad))), (divergence, type(targets).__name__)
+
+
 def padded_sparse_targets(t, temperature):
     """Top-k (k = 4) and sampled targets of the teacher restricted to the real ids."""
     log_p = ref_log_softmax(np.asarray(t, np.float64) / temperature, REAL_V)
