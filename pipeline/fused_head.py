@@ -80,7 +80,8 @@ def fused_head_distillation_loss(hidden, head, targets, attention_mask=None, lab
     temperature = jnp.asarray(temperature, _F32)
     div_weight = alpha * temperature ** 2 * mask / denominator
     ce_weight = (1.0 - alpha) * mask / denominator if use_hard_labels else jnp.zeros_like(mask)
-    flat_targets, flat_labels = losses.merge_token_axes((targets, labels), 2)
+    flat_targets = type(targets)(*(x.reshape(tokens, *x.shape[2:]) for x in targets))
+    flat_labels = None if labels is None else labels.reshape(tokens)
     config = (divergence, beta, valid_vocab_size, min(chunk_size, tokens))
     loss, div, ce, entropy, agreement = _fused_loss(
         hidden.reshape(tokens, hidden.shape[-1]), head,

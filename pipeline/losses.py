@@ -171,16 +171,6 @@ def check_targets(student_logits: jax.Array, targets: Targets) -> None:
 # --------------------------------------------------------------------------- masks, reduction
 
 
-def merge_token_axes(tree, token_ndim: int):
-    """Each array in ``tree`` with its ``token_ndim`` leading (token) axes merged into one.
-
-    ``[batch, seq, ...]`` → ``[batch·seq, ...]`` for ``token_ndim=2``; ``None`` leaves stay.
-    """
-    def merge(x):
-        return x.reshape(math.prod(x.shape[:token_ndim]), *x.shape[token_ndim:])
-    return jax.tree.map(merge, tree)
-
-
 def loss_mask(attention_mask, labels, batch_shape: Sequence[int]) -> jax.Array:
     """The token mask ``m = attention_mask × (labels != -100)``, ``[batch, seq]`` float32.
 
@@ -251,14 +241,25 @@ def _scaled(logits: jax.Array, temperature, valid_vocab_size: int | None = None)
     return restrict_to_vocab(logits.astype(_F32) / temperature, valid_vocab_size)
 
 
-def _logsumexp(z: jax.Array) -> jax.Array:
-    # jax.nn.logsumexp's value, but its shift is the row max clamped from below instead of
-    # selected by isfinite: XLA's CPU backend fuses no select into its YNNPACK kernels, so the
+def _softmax_parts(z: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(shift, Σ_v exp(z_v − shift))`` over the last axis: logsumexp = shift + log Σ and
+    softmax = ``_shifted_exp(z, shift) / Σ``."""
+    # jax.nn.logsumexp's shift is the row max selected by isfinite; here the max is clamped
+    # from below instead: XLA's CPU backend fuses no select into its YNNPACK kernels, so the
     # select split the dense loss's gradient into pieces with [tokens, vocab] temporaries
     # between them (tests/test_loss_memory.py). An all −inf row still gives −inf; logits are
     # finite (student) or −inf (teacher), so a +inf max does not occur.
     shift = jax.lax.stop_gradient(jnp.maximum(jnp.max(z, axis=-1), jnp.finfo(z.dtype).min))
-    return shift + jnp.log(jnp.sum(jnp.exp(z - shift[..., None]), axis=-1))
+    return shift, jnp.sum(_shifted_exp(z, shift), axis=-1)
+
+
+def _shifted_exp(z: jax.Array, shift: jax.Array) -> jax.Array:
+    return jnp.exp(z - shift[..., None])
+
+
+def _logsumexp(z: jax.Array) -> jax.Array:
+    shift, total = _softmax_parts(z)
+    return shift + jnp.log(total)
 
 
 @jax.custom_jvp
@@ -356,7 +357,8 @@ def _dense_divergence_fwd(student_logits, teacher_logits, temperature, divergenc
     # Zero-probability terms (padding columns, -inf teacher logits) count 0 via _xlogx_ratio.
     z_s = _scaled(student_logits, temperature, valid_vocab_size)
     z_t = _scaled(teacher_logits, temperature, valid_vocab_size)
-    lse_s, lse_t = _logsumexp(z_s), _logsumexp(z_t)
+    parts = _softmax_parts(z_s), _softmax_parts(z_t)
+    lse_s, lse_t = (shift + jnp.log(total) for shift, total in parts)
     log_q, log_p, log_ref = _dense_terms(z_s, z_t, lse_s, lse_t, divergence, beta)
     if divergence == "forward_kl":
         div = jnp.sum(_xlogx_ratio(log_p, log_q), axis=-1)
@@ -368,7 +370,7 @@ def _dense_divergence_fwd(student_logits, teacher_logits, temperature, divergenc
         if divergence == "jsd":
             teacher_side = jnp.sum(_xlogx_ratio(log_p, log_ref), axis=-1)
             div = beta * teacher_side + (1.0 - beta) * student_side
-    residuals = (student_logits, teacher_logits, temperature, lse_s, lse_t, student_side)
+    residuals = (student_logits, teacher_logits, temperature, parts, student_side)
     return div, residuals
 
 
@@ -378,14 +380,18 @@ def _dense_divergence_bwd(divergence, beta, valid_vocab_size, residuals, cotange
     #   reverse KL:  q_v (log q_v − log p_v − KL(q‖p))
     #   JSD_β:       (1−β) q_v (log q_v − log m_v − KL(q‖m))
     # all 0 where q_v = p_v = 0 (padding columns: their logits are constants, −inf).
-    student_logits, teacher_logits, temperature, lse_s, lse_t, student_side = residuals
+    student_logits, teacher_logits, temperature, parts, student_side = residuals
     z_s = _scaled(student_logits, temperature, valid_vocab_size)
     z_t = _scaled(teacher_logits, temperature, valid_vocab_size)
-    log_q, log_p, log_ref = _dense_terms(z_s, z_t, lse_s, lse_t, divergence, beta)
-    q = jnp.exp(log_q)
     if divergence == "forward_kl":
-        grad = q - jnp.exp(log_p)
+        # The forward's exp(z − shift) terms again (XLA merges them): no third and fourth exp.
+        (shift_s, total_s), (shift_t, total_t) = parts
+        grad = (_shifted_exp(z_s, shift_s) / total_s[..., None]
+                - _shifted_exp(z_t, shift_t) / total_t[..., None])
     else:
+        lse_s, lse_t = (shift + jnp.log(total) for shift, total in parts)
+        log_q, log_p, log_ref = _dense_terms(z_s, z_t, lse_s, lse_t, divergence, beta)
+        q = jnp.exp(log_q)
         grad = jnp.where(log_q != -jnp.inf, q * (log_q - log_ref - student_side[..., None]), 0.0)
         if divergence == "jsd":
             grad = (1.0 - beta) * grad
@@ -413,23 +419,68 @@ def _logprobs_at(logits, ids, has_tail, temperature, valid_vocab_size):
 
 def _logprobs_at_fwd(logits, ids, has_tail, temperature, valid_vocab_size):
     z = _scaled(logits, temperature, valid_vocab_size)
-    lse = _logsumexp(z)
-    at_ids = jnp.take_along_axis(z, ids, axis=-1) - lse[..., None]
     if has_tail is None:
+        lse = _logsumexp(z)
+        at_ids = jnp.take_along_axis(z, ids, axis=-1) - lse[..., None]
         return at_ids, (logits, ids, temperature, lse, at_ids, None)
-    # The tail is summed over the ids outside `ids` directly: log(1 − Σ_j q_j) loses it once it
-    # is below float32 epsilon of the mass (a confident student). The membership mask is a
-    # [..., vocab] bool made by one scatter, the only vocab-sized temporary this adds (a
-    # quarter of an f32 copy of the logits; the backward needs none). The masked logsumexp is
-    # written out: jax.nn.logsumexp(where=...) made XLA materialise f32 masked copies.
-    outside = _scatter_last(jnp.ones(z.shape, jnp.bool_), ids, jnp.zeros(ids.shape, jnp.bool_),
-                            "set")
-    tail_max = jnp.max(jnp.where(outside, z, -jnp.inf), axis=-1)
-    tail_max = jnp.where(tail_max > -jnp.inf, tail_max, 0.0)  # no tail ids: sum 0, log −inf
-    tail_sum = jnp.sum(jnp.where(outside, jnp.exp(z - tail_max[..., None]), 0.0), axis=-1)
-    tail = jnp.where(has_tail, jnp.log(tail_sum) + tail_max - lse, -jnp.inf)
+    z_ids, tail_lse = _ids_and_tail(logits, z, ids, temperature, valid_vocab_size)
+    # The ids and the tail partition the (real) vocabulary: lse needs no pass of its own.
+    lse = _logsumexp(jnp.concatenate([z_ids, tail_lse[..., None]], axis=-1))
+    at_ids = z_ids - lse[..., None]
+    tail = jnp.where(has_tail, tail_lse - lse, -jnp.inf)
     out = jnp.concatenate([at_ids, tail[..., None]], axis=-1)
     return out, (logits, ids, temperature, lse, at_ids, tail)
+
+
+def _ids_and_tail(logits, z, ids, temperature, valid_vocab_size):
+    r"""``(z at ids [..., k], logsumexp of z over the real ids outside ids [...])``, for
+    distinct ids; the tail is −inf when no real id is outside them.
+
+    The tail is summed over the ids outside ``ids`` directly: :math:`\log(1 - \sum_j q_j)`
+    loses it once it is below float32 epsilon of the mass (a confident student). With
+    :math:`c = \max_{v \notin K} z_v` every tail term is :math:`e^{z_v - c} \le 1`, and
+
+    .. math::
+        \sum_{v \notin K} e^{z_v - c} = \sum_v e^{-|z_v - c|} - \sum_{j \in K} e^{-|z_j - c|}
+
+    (an id above c enters both sums as :math:`e^{c - z_j}`). The left side is at least 1 (the
+    term at c) and the subtracted sum at most k, so the difference loses at most a factor
+    k + 1 of float32 precision, never all of it; and the first sum is one elementwise pass
+    over the logits with no membership mask, which XLA's CPU backend fuses into its
+    reduction (a [tokens, vocab] mask and the select on it made it materialise the masked
+    logits: benchmarks/bench_topk_memory.py). c is exact: among the student's k + 1 largest
+    real logits at least one lies outside the k ids, and none outside is larger.
+    """
+    # On [tokens, vocab]: XLA's CPU top_k is two-dimensional (else a reshaped copy of z).
+    lead, vocab = logits.shape[:-1], logits.shape[-1]
+    logits, z, ids = (x.reshape(-1, x.shape[-1]) for x in (logits, z, ids))
+    real = vocab if valid_vocab_size is None else min(valid_vocab_size, vocab)
+    if logits.dtype == _F32:
+        ranked, scale = logits, temperature  # XLA fuses the scaling into each consumer
+    else:
+        ranked, scale = z, 1.0  # XLA's CPU top_k is native for float32 only (else a sort)
+    # Padding ids may be among the largest logits: k + 1 real ones are among the top
+    # k + 1 + (vocab - real).
+    values, candidates = jax.lax.top_k(ranked, min(vocab, ids.shape[-1] + 1 + vocab - real))
+    outside = ~_is_among(candidates, ids) & (candidates < real)
+    tail_max = jnp.max(jnp.where(outside, values / scale, -jnp.inf), axis=-1)
+    c = jnp.where(tail_max == -jnp.inf, 0.0, tail_max)[..., None]  # a nan max stays nan
+    z_ids = jnp.take_along_axis(logits, ids, axis=-1).astype(_F32) / temperature
+    z_ids = jnp.where(ids < real, z_ids, -jnp.inf)
+    padding = jnp.where(jnp.arange(vocab) < real, 0.0, jnp.inf)  # e^-inf = 0 there
+    mirrored = jnp.sum(jnp.exp(-jnp.abs(ranked / scale - (c + padding))), axis=-1)
+    tail_sum = mirrored - jnp.sum(jnp.exp(-jnp.abs(z_ids - c)), axis=-1)
+    tail_lse = jnp.log(jnp.maximum(tail_sum, 1.0)) + c[..., 0]
+    tail_lse = jnp.where(tail_max == -jnp.inf, -jnp.inf, tail_lse)
+    return z_ids.reshape(*lead, -1), tail_lse.reshape(lead)
+
+
+def _is_among(values: jax.Array, ids: jax.Array) -> jax.Array:
+    """``[tokens, n]`` bool: whether each of ``values`` ``[tokens, n]`` is one of ``ids``
+    ``[tokens, k]`` (a binary search in the sorted ids, no ``[tokens, n, k]`` comparison)."""
+    ordered = jnp.sort(ids, axis=-1)
+    at = jnp.minimum(jax.vmap(jnp.searchsorted)(ordered, values), ids.shape[-1] - 1)
+    return jnp.take_along_axis(ordered, at, axis=-1) == values
 
 
 def _sum_of_others(x: jax.Array) -> jax.Array:
@@ -687,13 +738,6 @@ def targets_distillation_loss(student_logits, targets: Targets, attention_mask=N
     """
     check_loss_inputs(student_logits, targets, attention_mask, labels, use_hard_labels,
                       temperature, alpha, divergence, beta, valid_vocab_size=valid_vocab_size)
-    # The per-token math runs on [tokens, vocab] whatever the batch: on [1, seq, vocab] (one
-    # long sequence) XLA's CPU kernels for a two-operand reduction over the vocabulary run
-    # ~20x slower (jax 0.10.2; benchmarks/bench_loss.py). The barrier keeps XLA from folding
-    # the reshape back into the reductions.
-    student_logits, targets, attention_mask, labels = jax.lax.optimization_barrier(
-        merge_token_axes((student_logits, targets, attention_mask, labels),
-                         student_logits.ndim - 1))
     terms = token_losses(student_logits, targets, labels, temperature=temperature,
                          divergence=divergence, beta=beta, valid_vocab_size=valid_vocab_size)
     mask = loss_mask(attention_mask, labels, student_logits.shape[:-1])
