@@ -63,3 +63,39 @@ def test_logsumexp_matches_float64_on_rows_with_infinite_entries():
     grad = jax.grad(lambda x: losses._logsumexp(x)[0:2].sum())(jnp.asarray(z, jnp.float32))
     ref = np.exp(z[:2] - want[:2, None])
     np.testing.assert_allclose(np.asarray(grad)[:2], ref, rtol=1e-5, atol=1e-7)
+
+
+TOPK_SHAPE, TOPK_K, TOPK_PADDING = (2, 512, 8192), 64, 64
+
+
+def topk_loss(valid_vocab_size):
+    def loss(student, ids, logprobs, tail_logmass):
+        targets = losses.TopKTargets(ids, logprobs, tail_logmass)
+        return losses.targets_distillation_loss(student, targets, temperature=TEMPERATURE,
+                                                valid_vocab_size=valid_vocab_size)[0]
+    return loss
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["full_head", "padded_head"])
+@pytest.mark.parametrize("differentiate", [lambda f: f, jax.value_and_grad],
+                         ids=["forward", "value_and_grad"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_topk_temp_memory_is_per_token_plus_one_float32_copy_at_most(dtype, differentiate,
+                                                                     padded):
+    """The exact top-k tail (losses.topk_bucket_logprobs) needs no [tokens, vocab] temporary
+    in float32 (no membership mask, no masked copy of the logits): XLA temp <= 1/8 of the
+    logits plus 32 bytes per candidate of the tail's max (the student's k + 1 + padding
+    largest logits). Other dtypes may add one float32 copy of the logits (their upcast)."""
+    *tokens, vocab = TOPK_SHAPE
+    valid = vocab - TOPK_PADDING if padded else None
+    shapes = (jax.ShapeDtypeStruct(TOPK_SHAPE, dtype),
+              jax.ShapeDtypeStruct((*tokens, TOPK_K), jnp.int32),
+              jax.ShapeDtypeStruct((*tokens, TOPK_K), jnp.float32),
+              jax.ShapeDtypeStruct(tuple(tokens), jnp.float32))
+    compiled = jax.jit(differentiate(topk_loss(valid))).lower(*shapes).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    float32_copy = 4 * np.prod(TOPK_SHAPE)
+    candidates = np.prod(tokens) * (TOPK_K + 1 + (TOPK_PADDING if padded else 0))
+    bound = float32_copy // 8 + 32 * candidates + (0 if dtype == "float32" else float32_copy)
+    assert temp <= bound, (f"{TOPK_SHAPE} k={TOPK_K} {dtype} valid_vocab_size={valid}: "
+                           f"{temp / 2**20:.1f} MiB of XLA temp, bound {bound / 2**20:.1f} MiB")

@@ -459,6 +459,47 @@ def test_topk_float64_gradient_reference_is_the_numeric_one():
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9, err_msg=divergence)
 
 
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_topk_tail_when_padding_and_ids_hold_the_students_largest_logits(dtype):
+    """The tail's max is taken among the student's k + 1 + padding largest logits: padding
+    columns above everything, the teacher's ids above a tail 60 lower, ties among the ids and
+    at the tail's max, the student's largest real logit in the tail. Divergence and gradient
+    against float64 of the same (rounded) logits."""
+    vocab, real = 48, 40
+    s = np.random.default_rng(31).normal(size=(1, 4, vocab)) - 60.0
+    s[..., real:] = 50.0
+    s[0, 0, :6] = (30.0, 30.0, 20.0, 20.0, 10.0, 10.0)
+    s[0, 1, [3, 2, 1, 0, 9]] = 5.0
+    s[0, 2, [7, 0, 5, 2, 1]] = (3.0, 2.0, 1.0, 2.5, 0.5)
+    s[0, 3, :4] = (8.0, 7.0, 6.0, 5.0)
+    ids = np.array([[[0, 1, 2, 3], [3, 2, 1, 0], [0, 5, 2, 1], [2, 0, 3, 1]]], np.int32)
+    logprobs = np.broadcast_to(np.log([0.6, 0.1, 0.1, 0.1]), ids.shape)
+    tail = np.full(ids.shape[:-1], np.log(0.1))
+    targets = TopKTargets(jnp.asarray(ids), jnp.asarray(logprobs, jnp.float32),
+                          jnp.asarray(tail, jnp.float32))
+    student = jnp.asarray(s, dtype)
+    s64 = np.asarray(student.astype(jnp.float32), np.float64)
+    grad_rtol = 1e-5 if dtype == jnp.float32 else 2.0 ** -8 + 1e-5
+    for divergence, temperature in (("forward_kl", 1.0), ("reverse_kl", 2.0), ("jsd", 1.0)):
+        def total(x):
+            div = losses.token_losses(x, targets, temperature=temperature, divergence=divergence,
+                                      beta=0.3, valid_vocab_size=real).divergence
+            return jnp.sum(div), div
+
+        (_, div), grad = jax.jit(jax.value_and_grad(total, has_aux=True))(student)
+        grad = np.asarray(grad.astype(jnp.float32), np.float64)
+        student_b, teacher_b, _, _ = ref_buckets(s64, ids, logprobs, tail, temperature, real)
+        want_grad = ref_topk_grad(s64, ids, logprobs, tail, temperature, divergence, 0.3, real)
+        where = f"{divergence} {jnp.dtype(dtype).name} T={temperature}"
+        np.testing.assert_allclose(np.asarray(div), ref_divergence(student_b, teacher_b,
+                                                                   divergence, 0.3),
+                                   rtol=1e-5, err_msg=where)
+        scale = np.abs(want_grad).max(-1, keepdims=True)
+        assert np.all(np.abs(grad - want_grad) <= grad_rtol * np.abs(want_grad) + 1e-7 * scale), (
+            where, np.max(np.abs(grad - want_grad) / (np.abs(want_grad) + 1e-7 * scale)))
+
+
 def draw_samples(rng, t, temperature, n_draws, n_slots):
     log_p = ref_log_softmax(np.asarray(t, np.float64) / temperature)
     p = np.exp(log_p)
