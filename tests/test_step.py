@@ -539,7 +539,7 @@ def test_hard_labels_only_step_needs_no_teacher_and_matches_plain_cross_entropy(
     with jax.enable_x64(True):
         params64 = jax.tree.map(lambda p: np.asarray(p, np.float64), state.params)
         ce, grads = jax.value_and_grad(reference_ce)(params64)
-    expected = jax.tree.map(lambda p, g: p - 0.1 * g, params64, grads)
+        expected = jax.tree.map(lambda p, g: p - 0.1 * np.asarray(g), params64, grads)
     new_state, metrics = jit_distillation_step(fresh(state), batch, None, alpha=0.0,
                                                loss_config=DistillLossConfig(use_hard_labels=True))
     assert metrics.kl_loss is None and metrics.top1_agreement is None
