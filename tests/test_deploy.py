@@ -52,18 +52,20 @@ def readme_block(heading: str) -> str:
     return section.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
 
 
-def _as_run_here(block: str, *, work: Path, config: Path, ray_start_options: str,
-                 address: str) -> str:
+def _as_run_here(block: str, *, work: Path, config: Path, demo_outputs: Path,
+                 ray_start_options: str, address: str) -> str:
     """The README block as this test runs it: the tiny config instead of configs/demo.yaml (for
-    ``kdpipe demo`` and the job), ``work/demo`` instead of ``$PWD/runs/demo``, the head's own
-    ports and temp dir, RAY_ADDRESS pointing submit.sh at them, and no final `ray stop`."""
+    the job), ``work/demo`` instead of ``$PWD/runs/demo``, the head's own ports and temp dir,
+    RAY_ADDRESS pointing submit.sh at them, and no final `ray stop`. Its `kdpipe demo` becomes a
+    copy of ``demo_outputs``: what the session's `kdpipe demo --config <tiny>` (conftest.py's
+    ``demo_dir``, checked by test_cli.py) wrote, the same command run once for the session."""
     lines = block.strip().splitlines()
     assert lines[-1].split("#")[0].strip() == "ray stop", block
     script = "\n".join(lines[:-1])
     if not (REPO / ".venv" / "bin" / "activate").exists():  # the project's venv lives elsewhere
         script = script.replace("source .venv/bin/activate", f"export PATH={VENV_BIN}:$PATH", 1)
     for old, new in [("configs/demo.yaml", str(config)),
-                     ("kdpipe demo ", f"kdpipe demo --config {config} "),
+                     ("kdpipe demo ", f"cp -r {demo_outputs} {work / 'demo'}  # "),
                      ("$PWD/runs/demo", str(work / "demo")),
                      ("ray start --head ", f"ray start --head {ray_start_options} "),
                      ("deploy/submit.sh ", f"RAY_ADDRESS={address} deploy/submit.sh ")]:
@@ -99,7 +101,7 @@ def _stop_session(sid: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def readme_run(tmp_path_factory):
+def readme_run(tmp_path_factory, demo_dir):
     """deploy/README.md "On one machine", run (see ``_as_run_here``) up to its `ray stop`.
     Yields a dict: the job server's ``address``, the client ``env`` (the fresh HOME, token mode),
     ``work``, the tiny ``config``, the block's ``output`` and ``returncode``; stops the head after."""
@@ -116,6 +118,7 @@ def readme_run(tmp_path_factory):
                f"--temp-dir {temp_dir} --num-cpus 1 --disable-usage-stats")
     address = f"http://127.0.0.1:{dashboard}"
     script = _as_run_here(readme_block("On one machine"), work=work, config=config,
+                          demo_outputs=demo_dir / "runs" / "tiny-test",
                           ray_start_options=options, address=address)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     path = [p for p in env.get("PATH", "").split(os.pathsep) if Path(p) != VENV_BIN]
@@ -172,8 +175,9 @@ def _poll(address: str, env: dict, job_id: str) -> dict:
 
 
 def test_readme_one_machine_block_runs_a_job_to_succeeded(readme_run):
-    """The README's commands, as written: `kdpipe demo` makes the data and the teacher, the
-    token is made before the head starts (so the head has token auth on), and submit.sh's job
+    """The README's commands, as written (`kdpipe demo`'s data and teacher copied from the
+    session's run of the same command, see ``_as_run_here``): the token is made before the head
+    starts (so the head has token auth on), and submit.sh's job
     installs the project (deploy/runtime_env.yaml), joins the cluster (RAY_ADDRESS set by Ray),
     has a teacher host fill its cache from the demo's teacher while a student host trains, and
     ends SUCCEEDED."""
