@@ -43,8 +43,8 @@ from pipeline.cache import CacheReader, RunDeclaration, read_manifest
 from pipeline.cache.format import split_location
 from pipeline.cache.reader import prefetch
 from pipeline.checkpoint import Checkpoints, RunIdentity, TrainPosition, read_checkpoint_metas
-from pipeline.config import (CacheConfig, ModelSpec, RunConfig, build_optimizer, build_schedule,
-                             check_context, config_hash, config_to_dict, stable_hash)
+from pipeline.config import (CacheConfig, ModelSpec, RunConfig, check_context, config_hash,
+                             config_to_dict, stable_hash)
 from pipeline.data import DatasetInfo, HostBatches, TokenDataset, eval_batches, host_offsets, read_info
 from pipeline.errors import CacheError, CheckpointError, ConfigError
 from pipeline.metrics import ExampleLog, MetricsLogger, progress_bar, write_report
@@ -52,6 +52,7 @@ from pipeline.models.hf_io import (CONFIG_FILE, load_pretrained, read_config, sa
                                    teacher_fingerprint)
 from pipeline.models.llama import Llama, LlamaConfig
 from pipeline.models.sharding import BATCH_SPEC, make_mesh, shard_model
+from pipeline.optim import build_optimizer, build_schedule
 from pipeline.step import DistillLossConfig, LossMetrics, TrainState, jit_distillation_step
 
 EXPORT_DIR = "student"

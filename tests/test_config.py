@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pipeline.config import (LossConfig, MeshConfig, OptimizerConfig, RunConfig, build_optimizer,
-                             build_schedule, config_from_dict, config_hash, config_to_dict,
-                             load_config, render_reference)
+from pipeline.config import (LossConfig, MeshConfig, OptimizerConfig, RunConfig, config_from_dict,
+                             config_hash, config_to_dict, load_config, render_reference)
 from pipeline.errors import ConfigError
+from pipeline.optim import build_optimizer, build_schedule
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDENT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,

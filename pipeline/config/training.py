@@ -1,0 +1,164 @@
+"""The sections that fix what a run computes: data, cache, loss, optimizer and train (all in
+the config hash but for their paths and cadences)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, Literal
+
+from pipeline.config.fields import Section, field
+from pipeline.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig(Section):
+    """Raw inputs, tokenizer, packing, the prepared token dataset and the sample order."""
+
+    PATH: ClassVar[str] = "data"
+    sources: tuple[str, ...] = field((), "Input files, directories or glob patterns (`**` "
+                                     "recurses), read in this order. By extension: .jsonl "
+                                     "(one JSON object a line), .parquet, .arrow (Hugging Face "
+                                     "`datasets` files); any other file is one UTF-8 text "
+                                     "document. A directory stands for its .jsonl/.parquet/"
+                                     ".arrow/.txt files.", hashed=False)
+    tokenizer: str = field("tokenizer.json", "Hugging Face `tokenizer.json` file (or a "
+                           "directory holding one).", hashed=False)
+    prepared_dir: str = field("data/prepared", "Directory of the prepared token dataset "
+                              "(written by prepare-data, read by cache/train/eval).", hashed=False)
+    seq_len: int = field(512, "Tokens per training sequence; at most the student's and the "
+                         "teacher's max_position_embeddings.", gt=0)
+    pack: bool = field(True, "Concatenate documents (each followed by eos_token) and cut the "
+                       "stream into seq_len windows; false: every document starts a new row.")
+    eos_token: str | None = field("<|endoftext|>", "Token appended after every document; must "
+                                  "exist in the tokenizer. null: none.")
+    text_field: str = field("text", "JSONL key / column holding a plain document (loss on "
+                            "every token).")
+    prompt_field: str = field("prompt", "JSONL key / column of a prompt (no loss on its tokens).")
+    completion_field: str = field("completion", "JSONL key / column of the completion that "
+                                  "follows the prompt (loss only on these tokens).")
+    eval_fraction: float = field(0.05, "Share of documents held out for eval. A document is held "
+                                 "out when the first 8 bytes of the SHA-256 of its text, read "
+                                 "as a fraction of 2^64, fall below this value: stable under "
+                                 "reordering, renaming and appending data.", ge=0.0, lt=1.0)
+    seed: int = field(0, "Seed of the sample order; (seed, epoch) fix each epoch's permutation.")
+    shuffle_window: int = field(
+        0, "0: each epoch is a uniform shuffle of all rows. N > 0: each epoch visits blocks of N "
+        "consecutive rows in a random order and the rows of each block in a random order, so "
+        "the first steps of `kdpipe run` (offline) need only the first cache shards, not nearly "
+        "all of them. Use a multiple of cache.shard_sequences, and blocks of many documents.",
+        ge=0)
+    rows_per_shard: int = field(8192, "Rows per parquet shard file of the prepared dataset.",
+                                gt=0, hashed=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig(Section):
+    """The teacher-output cache (omit the section for a live or remote teacher only). Field names
+    follow ``pipeline.cache.format.TargetSpec`` and ``CacheManifest``."""
+
+    PATH: ClassVar[str] = "cache"
+    path: str = field("cache", "Cache location: a local directory or a TensorStore kvstore URL "
+                      "(gs://bucket/prefix/).", hashed=False)
+    mode: Literal["full", "topk", "sampled"] = field("topk", "What is stored per token: all "
+                                                     "logits, the top k log-probabilities plus "
+                                                     "the tail mass, or n_draws sampled ids with "
+                                                     "counts and the teacher entropy.")
+    k: int = field(64, "Top-k size (mode topk).", gt=0)
+    n_draws: int = field(64, "Draws per token (mode sampled).", gt=0, le=255)
+    value_dtype: Literal["q8", "bfloat16", "float32"] | None = field(
+        None, "Stored values: q8 (8-bit log-probs with a per-token scale; topk only), bfloat16 or "
+        "float32. null: q8 for topk, float32 for full; must stay null for sampled.")
+    id_encoding: Literal["gap", "packed"] = field("gap", "Token ids as sorted gaps (smaller) or "
+                                                  "fixed-width packed bits.")
+    temperature: float | None = field(None, "T_cache: the teacher temperature the topk/sampled "
+                                      "targets are taken at; such a cache only serves "
+                                      "loss.temperature == T_cache. null: loss.temperature.",
+                                      gt=0.0)
+    seed: int = field(0, "Seed of the sampled draws (mode sampled).")
+    shard_sequences: int = field(256, "Sequences per cache shard: the unit one teacher host "
+                                 "writes and commits.", gt=0, hashed=False)
+    chunk_sequences: int = field(1, "Sequences per inner chunk: the unit a reader fetches; must "
+                                 "divide shard_sequences.", gt=0, hashed=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mode == "sampled" and self.value_dtype is not None:
+            raise ConfigError(f"cache.value_dtype: must be null in mode sampled (it stores counts), "
+                              f"got {self.value_dtype!r}")
+        if self.mode == "full" and self.value_dtype == "q8":
+            raise ConfigError("cache.value_dtype: q8 is for mode topk; use bfloat16 or float32 "
+                              "in mode full")
+        if self.shard_sequences % self.chunk_sequences:
+            raise ConfigError(f"cache.chunk_sequences ({self.chunk_sequences}) must divide "
+                              f"cache.shard_sequences ({self.shard_sequences})")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig(Section):
+    """The distillation loss (``pipeline.losses.targets_distillation_loss`` and friends)."""
+
+    PATH: ClassVar[str] = "loss"
+    temperature: float = field(4.0, "Softmax temperature T of teacher and student; the KL term "
+                               "is scaled by T^2.", gt=0.0)
+    alpha: float = field(0.9, "Weight of the KL term; (1 - alpha) weighs the hard-label CE.",
+                         ge=0.0, le=1.0)
+    use_hard_labels: bool = field(False, "Add the cross-entropy on the dataset's labels.")
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = field(
+        "forward_kl", "KL(teacher || student), KL(student || teacher), or the generalised "
+        "Jensen-Shannon divergence with weight beta.")
+    beta: float = field(0.5, "Mixture weight of the generalised JSD.", ge=0.0, le=1.0)
+    hidden_state_weight: float = field(0.0, "Weight of the hidden-state loss (0: off).", ge=0.0)
+    hidden_state_layers: tuple[int, ...] | None = field(None, "Indices into hidden_states "
+                                                        "(negatives count from the end); null: all.")
+    hidden_state_loss: Literal["mse", "cosine"] = field(
+        "mse", "Hidden-state distance: mse (summed over features) or cosine (1 - cosine similarity).")
+    attention_weight: float = field(0.0, "Weight of the attention-map MSE (0: off).", ge=0.0)
+    attention_layers: tuple[int, ...] | None = field(None, "Layer indices for the attention "
+                                                     "loss; null: all.")
+    attention_normalize: bool = field(False, "Row-normalise attention maps before the MSE.")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig(Section):
+    """AdamW with linear warmup then cosine decay (``build_optimizer``)."""
+
+    PATH: ClassVar[str] = "optimizer"
+    learning_rate: float = field(3e-4, "Peak learning rate, reached after warmup_steps.", gt=0.0)
+    warmup_steps: int = field(100, "Steps of linear warmup from 0 to learning_rate.", ge=0)
+    decay_steps: int | None = field(None, "Step at which the cosine decay reaches its end "
+                                    "(counted from step 0); null: train.steps.", gt=0)
+    min_lr_ratio: float = field(0.1, "Final learning rate as a fraction of learning_rate.",
+                                ge=0.0, le=1.0)
+    b1: float = field(0.9, "Adam beta1.", ge=0.0, lt=1.0)
+    b2: float = field(0.95, "Adam beta2.", ge=0.0, lt=1.0)
+    eps: float = field(1e-8, "Adam epsilon.", gt=0.0)
+    weight_decay: float = field(0.1, "Decoupled weight decay, applied to matrices only (not to "
+                                "norm scales or biases).", ge=0.0)
+    clip_grad_norm: float | None = field(1.0, "Clip gradients to this global norm; null: no "
+                                         "clipping.", gt=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(Section):
+    """Steps, batch sizes and gradient accumulation."""
+
+    PATH: ClassVar[str] = "train"
+    steps: int = field(1000, "Optimizer steps of the run.", gt=0)
+    global_batch_size: int = field(32, "Sequences per optimizer step, over all student hosts.", gt=0)
+    grad_accum_steps: int = field(1, "Microbatches per step on each host (token-weighted "
+                                  "accumulation). Not in the config hash: a resumed run may "
+                                  "change it to fit fewer hosts.", gt=0, hashed=False)
+    seed: int = field(0, "Seed of the student's initialisation and of the step's RNG.")
+    logits_chunk_size: int = field(0, "Tokens per chunk of the fused output head + loss "
+                                   "(pipeline.fused_head); 0: materialise the full logits.",
+                                   ge=0, hashed=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.global_batch_size % self.grad_accum_steps:
+            raise ConfigError(f"train.grad_accum_steps ({self.grad_accum_steps}) must divide "
+                              f"train.global_batch_size ({self.global_batch_size})")
+
+    def micro_batch_size(self, hosts: int) -> int:
+        """Sequences per microbatch on each of ``hosts`` hosts."""
+        return self.global_batch_size // (hosts * self.grad_accum_steps)
