@@ -146,7 +146,7 @@ def test_progress_bar_disabled_prints_nothing():
 def test_driver_view_eta_follows_the_recent_steps():
     """kdpipe run's view without a terminal: its student ETA comes from the steps after the
     first (which holds the compilation), although the students report step 0 before it."""
-    from actors.driver import ProgressView
+    from actors.view import ProgressView
 
     clock = FakeClock()
     console, out = _plain_console()
