@@ -192,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                "cluster.teacher_source picks the source, cluster.{teacher,student}.hosts the "
                "group sizes; a complete cache is reused; resumes from run_dir's checkpoints")
     sub.add_argument("--address", help="Ray cluster to join (GCS address, e.g. 10.0.0.2:6379, or "
-                     "'auto'); default: RAY_ADDRESS, else an embedded local Ray on this machine")
+                     "'auto'); default: RAY_ADDRESS, else the config's cluster.address, else an "
+                     "embedded local Ray on this machine")
     sub = verb("eval", cmd_eval,
                "evaluate a checkpoint on the held-out split: CE on hard labels, KL to the teacher, "
                "top-1 agreement; the teacher's targets come from the eval cache (offline, and "

@@ -1,9 +1,10 @@
 """Connect the driver to Ray: an embedded local Ray by default, a cluster when given an address.
 
-- No address (and no RAY_ADDRESS): start Ray inside this process, the laptop default. Its
-  dashboard, if started, listens on 127.0.0.1 only.
-- ``address`` or RAY_ADDRESS (what ``ray job submit`` sets for the job's entrypoint): join that
-  cluster's GCS ("10.0.0.2:6379", "auto").
+- No address (no argument, no RAY_ADDRESS, no ``cluster.address``): start Ray inside this
+  process, the laptop default. Its dashboard, if started, listens on 127.0.0.1 only.
+- ``address`` (``kdpipe run --address``), else RAY_ADDRESS (what ``ray job submit`` sets for the
+  job's entrypoint), else the config's ``cluster.address``: join that cluster's GCS
+  ("10.0.0.2:6379", "auto").
 
 Token authentication stays on and is never turned off here. An embedded Ray enables it by
 itself; a driver joining a cluster sends the token Ray finds (RAY_AUTH_TOKEN,
@@ -25,17 +26,20 @@ from pipeline.errors import ConfigError
 LOOPBACK = "127.0.0.1"
 
 
-def resolve_address(address: str | None) -> str | None:
-    """The cluster address to join: the argument, else RAY_ADDRESS, else None (embedded Ray).
+def resolve_address(address: str | None, configured: str | None = None) -> str | None:
+    """The cluster address to join: ``address``, else RAY_ADDRESS, else ``configured`` (the
+    config's ``cluster.address``), else None (embedded Ray).
 
     Raises:
       ConfigError: an ``http://`` address: that is a dashboard/job-server address, for
         ``ray job submit``, not for a driver joining the cluster.
     """
-    chosen = address or os.environ.get("RAY_ADDRESS") or None
+    named = [("address", address), ("RAY_ADDRESS", os.environ.get("RAY_ADDRESS")),
+             ("cluster.address", configured)]
+    name, chosen = next(((n, a) for n, a in named if a), (None, None))
     if chosen is not None and chosen.startswith(("http://", "https://")):
         raise ConfigError(
-            f"address: expected a Ray GCS address such as 10.0.0.2:6379 or 'auto', got {chosen!r} "
+            f"{name}: expected a Ray GCS address such as 10.0.0.2:6379 or 'auto', got {chosen!r} "
             f"(a dashboard URL; submit with `ray job submit --address {chosen}` instead)"
         )
     return chosen
@@ -49,17 +53,19 @@ class Connection:
     dashboard_url: str | None
 
 
-def connect(address: str | None = None, *, num_cpus: int | None = None,
-            dashboard: bool = True, namespace: str = "kdpipe") -> Connection:
+def connect(address: str | None = None, *, configured: str | None = None,
+            num_cpus: int | None = None, dashboard: bool = True,
+            namespace: str = "kdpipe") -> Connection:
     """Start or join Ray for this driver process.
 
     Args:
-      address: a GCS address to join; None falls back to RAY_ADDRESS, then to an embedded Ray.
+      address: a GCS address to join; None falls back to RAY_ADDRESS, then to ``configured``.
+      configured: the config's ``cluster.address``; None: an embedded Ray.
       num_cpus: embedded Ray only: the CPUs it advertises (default: all of this machine).
       dashboard: embedded Ray only: start the dashboard (bound to 127.0.0.1).
       namespace: Ray namespace of the driver (named actors/placement groups live there).
     """
-    chosen = resolve_address(address)
+    chosen = resolve_address(address, configured)
     if chosen is None:
         # "local": always a new Ray in this process, even when another one (a `ray start`, a
         # test cluster) left its address in Ray's temp dir, which a bare ray.init() would join.

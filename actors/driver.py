@@ -1,7 +1,7 @@
 """The driver of ``kdpipe run``: both host groups, the teacher source, one progress view.
 
 ``run(config, address=None)`` connects to Ray (an embedded local Ray, or the cluster at
-``address``/RAY_ADDRESS), starts the student group (one JAX program over its hosts, each host
+``address``, RAY_ADDRESS or ``cluster.address``), starts the student group (one JAX program over its hosts, each host
 calling ``pipeline.train.train`` with its ``Host``) and, as the config's
 ``cluster.teacher_source`` asks, the teacher group:
 
@@ -151,7 +151,7 @@ def check_embedded_fit(specs: list[GroupSpec]) -> None:
                 + f", but the embedded local Ray has {{{', '.join(f'{k!r}: {have.get(k, 0):g}' for k in ask)}}} "
                 f"in all (short of {', '.join(short)}) and never grows; lower "
                 f"cluster.{spec.name}.hosts or cluster.{spec.name}.resources, or join a cluster "
-                f"with --address or RAY_ADDRESS")
+                f"with --address, RAY_ADDRESS or cluster.address")
         held.update(ask)
 
 
@@ -977,8 +977,8 @@ def run(config: RunConfig, *, address: str | None = None, console=None,
 
     Args:
       config: the run (relative paths are taken from the current directory).
-      address: a Ray cluster to join; None: RAY_ADDRESS, else an embedded local Ray. A Ray
-        already initialised in this process is used as it is.
+      address: a Ray cluster to join; None: RAY_ADDRESS, else ``cluster.address``, else an
+        embedded local Ray. A Ray already initialised in this process is used as it is.
       console: a ``rich.console.Console`` for the view (default: stdout).
       fill: the teacher hosts' shard function, ``fill(host, config, split, shard, teacher_fp)``
         (``fill_shard``; tests slow it down).
@@ -1026,7 +1026,7 @@ def run(config: RunConfig, *, address: str | None = None, console=None,
     start_teachers = source in ("remote", "hybrid") or (source == "offline" and not queue.empty)
 
     own_ray = not ray.is_initialized()
-    embedded = own_ray and connect(address).address is None
+    embedded = own_ray and connect(address, configured=config.cluster.address).address is None
     teachers = students = None
     seconds: dict[str, float] = {}
     try:

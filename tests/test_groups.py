@@ -223,3 +223,15 @@ def test_resolve_address(monkeypatch):
     assert resolve_address("auto") == "auto"
     with pytest.raises(ConfigError, match="address: expected a Ray GCS address .* got 'http://h:8265'"):
         resolve_address("http://h:8265")
+
+
+def test_resolve_address_falls_back_to_cluster_address(monkeypatch):
+    """``cluster.address`` is joined when neither --address nor RAY_ADDRESS is given."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert resolve_address(None, "10.0.0.3:6379") == "10.0.0.3:6379"
+    assert resolve_address("auto", "10.0.0.3:6379") == "auto"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.2:6379")
+    assert resolve_address(None, "10.0.0.3:6379") == "10.0.0.2:6379"
+    monkeypatch.delenv("RAY_ADDRESS")
+    with pytest.raises(ConfigError, match="cluster.address: expected a Ray GCS address"):
+        resolve_address(None, "http://h:8265")

@@ -145,10 +145,13 @@ class ClusterConfig(Section):
                                  hashed=False)
     student: GroupConfig = field(doc="Student hosts: one JAX program across them.",
                                  factory=GroupConfig, hashed=False)
-    max_failures: int = field(3, "Restarts after failures (errors, dead actors) before the run "
-                              "gives up.", ge=0, hashed=False)
-    max_preemptions: int = field(10, "Restarts after preemptions (SIGTERM, lost nodes) before "
-                                 "the run gives up.", ge=0, hashed=False)
+    max_failures: int = field(3, "Retries after failures (a host's process or node died) before "
+                              "the run gives up: one budget for the whole run, which both groups "
+                              "count against (each teacher host replaced, each re-formation of "
+                              "the student group).", ge=0, hashed=False)
+    max_preemptions: int = field(10, "Retries after preemptions (a preempted node, a SIGTERM "
+                                 "notice to a student host) before the run gives up: one budget "
+                                 "for the whole run, as max_failures.", ge=0, hashed=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
