@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 import signal
 import threading
 import time
@@ -68,6 +67,7 @@ from actors.groups import (LOCAL_HOST_CPU, PLACEMENT_TIMEOUT_S, GroupSpec, HostG
 from actors.hosts import HostEnv
 from actors.view import ProgressView
 from pipeline.config import GroupConfig, RunConfig
+from pipeline.data.order import eval_schedule, fill_order, train_schedule
 from pipeline.errors import ConfigError
 
 # The driver loop's turn: how long it waits for finished work before refreshing the view.
@@ -169,38 +169,6 @@ def start_position(config: RunConfig) -> tuple[int, int]:
         return 0, 0
     position = metas[max(metas)]["position"]
     return int(position["step"]), int(position["global_sample_offset"])
-
-
-def fill_order(config: RunConfig, num_rows: Mapping[str, int], pending: Mapping[str, set[int]],
-               start: tuple[int, int] = (0, 0)) -> list[tuple[str, int]]:
-    """The pending ``(split, shard)`` pairs in the order the student first reads them.
-
-    A train shard is due at the first global sample (from ``start``) that is one of its rows
-    (the order of ``pipeline.data.global_order``, over at most one epoch); the eval shards the
-    evaluation reads are due just before the first eval step's samples; shards the run never
-    reads come last.
-    """
-    from pipeline.data import global_order
-
-    shard_rows, batch = config.cache.shard_sequences, config.train.global_batch_size
-    step, offset = start
-    due: dict[tuple[str, int], float] = {}
-    remaining = (config.train.steps - step) * batch
-    offsets = np.arange(offset, offset + min(max(remaining, 0), num_rows["train"]), dtype=np.int64)
-    if len(offsets):
-        shards = global_order(num_rows["train"], config.data.seed, offsets,
-                              config.data.shuffle_window) // shard_rows
-        first_shards, first_index = np.unique(shards, return_index=True)
-        due.update({("train", int(s)): int(i) for s, i in zip(first_shards, first_index)})
-    if num_rows.get("eval"):
-        every = config.eval.every_steps
-        eval_step = (every - step % every if every else config.train.steps - step)
-        read = num_rows["eval"] if config.eval.max_batches is None else min(
-            num_rows["eval"], config.eval.max_batches * config.eval.batch_size)
-        for s in range(-(-read // shard_rows)):
-            due[("eval", s)] = eval_step * batch - 0.5  # before the samples of the next step
-    jobs = [(split, s) for split in SPLITS for s in sorted(pending.get(split, ()))]
-    return sorted(jobs, key=lambda job: due.get(job, float("inf")))
 
 
 class HostLossesError(RuntimeError):
@@ -550,33 +518,6 @@ class HybridTargets:
         return self.remote.fetch(rows, ref)
 
 
-def train_schedule(config: RunConfig, num_rows: int, offset: int, host_index: int,
-                   host_count: int) -> Iterator[np.ndarray]:
-    """The train rows a student host reads, batch after batch, from global sample ``offset``
-    (``pipeline.data.HostBatches``' order)."""
-    from pipeline.data import global_order, host_offsets
-
-    batch = config.train.global_batch_size
-    for step in itertools.count():
-        offsets = host_offsets(offset + step * batch, batch, host_index, host_count)
-        yield global_order(num_rows, config.data.seed, offsets, config.data.shuffle_window)
-
-
-def eval_schedule(config: RunConfig, num_rows: int, host_index: int,
-                  host_count: int) -> Iterator[np.ndarray]:
-    """The eval rows a student host reads at every evaluation (``pipeline.train.evaluate``'s),
-    over and over."""
-    size = config.eval.batch_size
-    per_host = size // host_count
-    count = -(-num_rows // size)
-    if config.eval.max_batches is not None:
-        count = min(count, config.eval.max_batches)
-    batches = [np.minimum(np.arange(i * size + host_index * per_host,
-                                    i * size + (host_index + 1) * per_host), num_rows - 1)
-               for i in range(count)]
-    return itertools.cycle(batches)
-
-
 @dataclasses.dataclass(frozen=True)
 class StudentPlan:
     """What every student host needs to find its teacher targets."""
@@ -622,8 +563,13 @@ def student_targets(host, config: RunConfig, plan: StudentPlan) -> dict[str, Any
             cache_location(config.cache, split), split, on_wait)
 
     _, offset = start_position(config)
-    schedules = {"train": lambda: train_schedule(config, rows["train"], offset, host.rank, host.num_hosts),
-                 "eval": lambda: eval_schedule(config, rows["eval"], host.rank, host.num_hosts)}
+    schedules = {"train": lambda: train_schedule(
+                     rows["train"], offset, seed=config.data.seed,
+                     shuffle_window=config.data.shuffle_window,
+                     global_batch=config.train.global_batch_size, host_index=host.rank,
+                     host_count=host.num_hosts),
+                 "eval": lambda: eval_schedule(rows["eval"], config.eval, host_index=host.rank,
+                                               host_count=host.num_hosts)}
     targets: dict[str, Any] = {}
     for split in SPLITS:
         if not rows[split]:
@@ -1022,7 +968,11 @@ def run(config: RunConfig, *, address: str | None = None, console=None,
     pending = (_pending_shards(config, num_rows, teacher_fp)
                if needs_teacher_hosts and source == "offline" else {})
     start = start_position(config)
-    queue = ShardQueue(fill_order(config, num_rows, pending, start) if pending else [])
+    queue = ShardQueue(fill_order(num_rows, pending, data=config.data, eval_config=config.eval,
+                                  global_batch=config.train.global_batch_size,
+                                  steps=config.train.steps,
+                                  shard_rows=config.cache.shard_sequences, start=start)
+                       if pending else [])
     start_teachers = source in ("remote", "hybrid") or (source == "offline" and not queue.empty)
 
     own_ray = not ray.is_initialized()

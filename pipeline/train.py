@@ -46,6 +46,7 @@ from pipeline.checkpoint import Checkpoints, RunIdentity, TrainPosition, read_ch
 from pipeline.config import (CacheConfig, ModelSpec, RunConfig, check_context, config_hash,
                              config_to_dict, stable_hash)
 from pipeline.data import DatasetInfo, HostBatches, TokenDataset, eval_batches, host_offsets, read_info
+from pipeline.data.order import eval_rows
 from pipeline.errors import CacheError, CheckpointError, ConfigError
 from pipeline.metrics import ExampleLog, MetricsLogger, progress_bar, write_report
 from pipeline.models.hf_io import (CONFIG_FILE, load_pretrained, read_config, save_pretrained,
@@ -222,15 +223,12 @@ def evaluate(config: RunConfig, state: TrainState, dataset: TokenDataset, *, hos
     with_teacher = reader is not None or teacher is not None
     eval_config = config if with_teacher else _ce_only(config)
     options = step_options(eval_config, dataset.info.vocab_size, is_training=False)
-    rows_per_host = config.eval.batch_size // host.count
+    where = dict(host_index=host.index, host_count=host.count, max_batches=config.eval.max_batches)
     totals: dict[str, float] = {}
     tokens = 0.0
-    for index, batch in enumerate(eval_batches(dataset, config.eval.batch_size, host_index=host.index,
-                                               host_count=host.count,
-                                               max_batches=config.eval.max_batches)):
+    for (rows, _), batch in zip(eval_rows(dataset.num_rows, config.eval.batch_size, **where),
+                                eval_batches(dataset, config.eval.batch_size, **where)):
         if reader is not None:
-            start = index * config.eval.batch_size + host.index * rows_per_host
-            rows = np.minimum(np.arange(start, start + rows_per_host), dataset.num_rows - 1)
             batch = {**batch, **jax.device_get(reader.read(rows))}
         _, metrics = jit_distillation_step(state, global_batch(batch, sharding), teacher, **options)
         values = _to_host(metrics.as_dict())

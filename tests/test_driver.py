@@ -33,9 +33,9 @@ import pytest
 import ray
 
 from actors.cluster import connect
-from actors.driver import (ShardQueue, absolute_paths, eval_schedule, fill_order, fill_shard,
-                           train_schedule)
+from actors.driver import ShardQueue, absolute_paths, fill_shard
 from pipeline.config import load_config
+from pipeline.data.order import eval_schedule, fill_order, train_schedule
 from pipeline.metrics import read_metrics
 from tiny_run import TINY, config_of, make_tiny_run, quiet_run
 
@@ -232,12 +232,18 @@ def test_teacher_host_losses_past_the_budget_end_the_run(tiny):
 
 # ---- pure parts of the driver ---------------------------------------------------------------
 
+def fill_args(config) -> dict:
+    """``fill_order``'s keyword arguments for the run ``config``."""
+    return dict(data=config.data, eval_config=config.eval, global_batch=config.train.global_batch_size,
+                steps=config.train.steps, shard_rows=config.cache.shard_sequences)
+
+
 def test_fill_order_follows_the_students_first_reads(tiny):
     from pipeline.data import global_order
 
     config = config_of(tiny, "order")
     rows = {"train": 150, "eval": 34}
-    order = fill_order(config, rows, {"train": set(range(5)), "eval": {0, 1}})
+    order = fill_order(rows, {"train": set(range(5)), "eval": {0, 1}}, **fill_args(config))
     assert sorted(order) == [("eval", 0), ("eval", 1)] + [("train", s) for s in range(5)]
     first = global_order(150, config.data.seed, np.arange(4)) // SHARD_SEQUENCES
     assert order[0] == ("train", int(first[0]))
@@ -251,7 +257,7 @@ def test_fill_order_follows_the_students_first_reads(tiny):
         (global_order(150, config.data.seed, np.arange(10 * 4)) // 32).tolist())
     assert all(order.index(("train", s)) > due_eval for s in later)
     # resumed at step 12: order from the checkpoint's offset; committed shards are not queued
-    resumed = fill_order(config, rows, {"train": {0, 2}}, start=(12, 48))
+    resumed = fill_order(rows, {"train": {0, 2}}, start=(12, 48), **fill_args(config))
     assert sorted(resumed) == [("train", 0), ("train", 2)]
 
 
@@ -259,7 +265,7 @@ def test_windowed_shuffle_lets_the_fill_serve_the_first_steps_after_two_shards(t
     from pipeline.data import global_order
 
     config = config_of(tiny, "order-window", f"data.shuffle_window={2 * SHARD_SEQUENCES}")
-    order = fill_order(config, {"train": 150, "eval": 34}, {"train": set(range(5))})
+    order = fill_order({"train": 150, "eval": 34}, {"train": set(range(5))}, **fill_args(config))
     # the first 16 steps (64 samples) read a block of two shards (three if the short last
     # block comes first), and those are written first
     first = set((global_order(150, config.data.seed, np.arange(64), 64) // SHARD_SEQUENCES).tolist())
@@ -291,10 +297,12 @@ def test_schedules_match_what_train_and_evaluate_read(tiny):
     for host in range(2):
         batches = HostBatches(dataset, seed=config.data.seed, global_batch=4, host_index=host,
                               host_count=2, offset=8)
-        schedule = train_schedule(config, dataset.num_rows, 8, host, 2)
+        schedule = train_schedule(dataset.num_rows, 8, seed=config.data.seed,
+                                  shuffle_window=config.data.shuffle_window, global_batch=4,
+                                  host_index=host, host_count=2)
         for _ in range(40):  # past the end of the first epoch
             np.testing.assert_array_equal(next(schedule), next(batches)[0])
-    evals = eval_schedule(config, 34, 1, 2)
+    evals = eval_schedule(34, config.eval, host_index=1, host_count=2)
     assert [next(evals).tolist() for _ in range(3)] == [[2, 3], [6, 7], [2, 3]]
 
 

@@ -1,6 +1,4 @@
-"""Token datasets: prepare them from raw text, read them back in a deterministic global order.
-
-Preparing (``prepare_dataset``, what ``kdpipe prepare-data`` runs):
+"""Preparing a token dataset from raw text (``prepare_dataset``, what ``kdpipe prepare-data`` runs).
 
 1. Read documents from ``data.sources``: ``.jsonl`` (an object a line with ``text``, or
    ``prompt`` + ``completion``), ``.parquet`` and ``.arrow`` (Hugging Face ``datasets`` files,
@@ -18,21 +16,7 @@ Preparing (``prepare_dataset``, what ``kdpipe prepare-data`` runs):
    each split's fingerprint: the SHA-256 of its rows' contents, so it depends on the data and
    never on paths or on how the rows are split into files.
 
-Reading (``TokenDataset``, ``HostBatches``): the order of a split is a permutation fixed by
-``(seed, epoch)``. A run's position is ONE integer, the global sample offset o: global sample
-o is row ``permutation(seed, o // N)[o % N]`` of a split of N rows. The step with offset o
-consumes global samples ``[o, o + G)``; host h of H takes the h-th contiguous block of
-``G / H`` of them. The global batches therefore do not depend on H, and a run resumed at offset
-o on any number of hosts sees each example exactly once per epoch.
-
-Typical use::
-
-    info = prepare_dataset(cfg.data)                       # once, before training
-    train = TokenDataset(cfg.data.prepared_dir, "train", vocab_size=model_vocab)
-    batches = HostBatches(train, seed=cfg.data.seed, global_batch=cfg.train.global_batch_size,
-                          host_index=jax.process_index(), host_count=jax.process_count(),
-                          offset=position.global_sample_offset)   # 0 for a fresh run
-    example_ids, batch = next(batches)                     # batches.offset goes in the checkpoint
+``pipeline.data.dataset`` reads the result back.
 """
 
 from __future__ import annotations
@@ -42,9 +26,8 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -52,14 +35,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import DataConfig
+from pipeline.data.dataset import (FORMAT_NAME, FORMAT_VERSION, IGNORE_INDEX, METADATA_FILE, SPLITS,
+                                   DatasetInfo)
 from pipeline.errors import DataError
 from pipeline.metrics import progress_bar
 
-IGNORE_INDEX = -100
-FORMAT_NAME = "kdpipe-tokens"
-FORMAT_VERSION = 1
-METADATA_FILE = "metadata.json"
-SPLITS = ("train", "eval")
 # A parquet row group is the unit of random access when reading a shuffled batch: small enough
 # that a batch scattered over many groups does not read much more than it needs.
 ROW_GROUP_ROWS = 256
@@ -378,26 +358,6 @@ class _SplitWriter:
 # prepare-data
 # ------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class DatasetInfo:
-    """The metadata of a prepared dataset (``metadata.json``).
-
-    ``splits[name]`` holds ``num_rows``, ``num_tokens`` (real tokens), ``num_target_tokens``
-    (labels != -100), ``max_token_id``, ``fingerprint`` and ``shards``.
-    """
-
-    seq_len: int
-    pack: bool
-    vocab_size: int
-    eos_token_id: int | None
-    tokenizer_fingerprint: str
-    splits: dict
-
-    def fingerprint(self, split: str = "train") -> str:
-        """The split's content fingerprint (what a teacher cache records)."""
-        return self.splits[split]["fingerprint"]
-
-
 def _document_batches(files: list[Path], data: DataConfig, on_file_done) -> Iterator[list[Document]]:
     batch: list[Document] = []
     for path in files:
@@ -499,206 +459,3 @@ def prepare_dataset(data: DataConfig, *, overwrite: bool = False, progress: bool
         raise
     return info
 
-
-def read_info(prepared_dir: str | os.PathLike) -> DatasetInfo:
-    """The ``DatasetInfo`` of a prepared dataset; ``DataError`` if missing or not ours."""
-    path = Path(prepared_dir) / METADATA_FILE
-    try:
-        metadata = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"data.prepared_dir: {path} does not exist; run `kdpipe prepare-data` "
-                        f"first") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"data.prepared_dir: {path} is unreadable or not JSON ({e})") from None
-    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_NAME:
-        raise DataError(f"data.prepared_dir: {path} is not a kdpipe token dataset")
-    if metadata.get("version") != FORMAT_VERSION:
-        raise DataError(f"data.prepared_dir: {path} has format version {metadata.get('version')}; "
-                        f"this kdpipe reads version {FORMAT_VERSION} (prepare the data again)")
-    fields = DatasetInfo.__dataclass_fields__
-    return DatasetInfo(**{k: metadata[k] for k in fields})
-
-
-# ------------------------------------------------------------------------------------------
-# Reading: global order and host batches
-# ------------------------------------------------------------------------------------------
-
-@lru_cache(maxsize=4)
-def _permutation(num_rows: int, seed: int, epoch: int, window: int) -> np.ndarray:
-    rng = np.random.default_rng([seed, epoch])
-    if not window or window >= num_rows:
-        return rng.permutation(num_rows)
-    starts = rng.permutation(np.arange(0, num_rows, window))
-    return np.concatenate([start + rng.permutation(min(window, num_rows - start))
-                           for start in starts])
-
-
-def global_order(num_rows: int, seed: int, offsets: np.ndarray, window: int = 0) -> np.ndarray:
-    """Row ids of global samples ``offsets``: ``permutation(seed, o // N)[o % N]``.
-
-    ``window`` 0: each epoch is a uniform permutation of all ``N`` rows. ``window`` W > 0: each
-    epoch visits the blocks of W consecutive rows (the last may be shorter) in a random order,
-    and the rows of each block in a random order, so consecutive samples come from one block.
-    A cache of teacher targets being written in the order the samples need it (``kdpipe run``)
-    then serves the first steps after its first few shards, not nearly all of them.
-    """
-    offsets = np.asarray(offsets, np.int64)
-    rows = np.empty_like(offsets)
-    epochs = offsets // num_rows
-    for epoch in np.unique(epochs):
-        where = epochs == epoch
-        rows[where] = _permutation(num_rows, seed, int(epoch), window)[offsets[where] % num_rows]
-    return rows
-
-
-def host_offsets(offset: int, global_batch: int, host_index: int, host_count: int) -> np.ndarray:
-    """Global sample offsets that host ``host_index`` of ``host_count`` reads for the step that
-    starts at ``offset``: the host's contiguous block of the global batch. ``[G / H]`` int64."""
-    if host_count <= 0 or global_batch % host_count:
-        raise DataError(f"global batch size ({global_batch}) must be divisible by the host "
-                        f"count ({host_count})")
-    if not 0 <= host_index < host_count:
-        raise DataError(f"host_index: expected 0 <= host_index < {host_count}, got {host_index}")
-    per_host = global_batch // host_count
-    return offset + host_index * per_host + np.arange(per_host, dtype=np.int64)
-
-
-class TokenDataset:
-    """Random access to the rows of one split of a prepared dataset.
-
-    ``vocab_size`` (the model's) is checked against the dataset's largest token id when given.
-    """
-
-    def __init__(self, prepared_dir: str | os.PathLike, split: str = "train", *,
-                 vocab_size: int | None = None):
-        self.directory = Path(prepared_dir)
-        self.info = read_info(self.directory)
-        if split not in self.info.splits:
-            raise DataError(f"split: expected one of {sorted(self.info.splits)}, got {split!r}")
-        self.split = split
-        meta = self.info.splits[split]
-        self.num_rows: int = meta["num_rows"]
-        self.seq_len = self.info.seq_len
-        self.fingerprint: str = meta["fingerprint"]
-        self.vocab_size = vocab_size
-        if vocab_size is not None and meta["max_token_id"] >= vocab_size:
-            raise DataError(f"{self.directory} ({split}): token id {meta['max_token_id']} >= the "
-                            f"model's vocab size {vocab_size}; the data was tokenized with a "
-                            f"larger vocabulary than the model's")
-        self._files = [self.directory / shard["file"] for shard in meta["shards"]]
-        self._starts = np.cumsum([0] + [shard["rows"] for shard in meta["shards"]])
-        self._groups: list[tuple[int, int]] = []  # (file, row group) in row order
-        group_starts = []
-        for file_index, path in enumerate(self._files):
-            try:
-                metadata = pq.ParquetFile(path).metadata
-            except (pa.ArrowException, OSError) as e:
-                raise DataError(f"{path}: cannot read the token shard ({e})") from e
-            first = self._starts[file_index]
-            for g in range(metadata.num_row_groups):
-                self._groups.append((file_index, g))
-                group_starts.append(first)
-                first += metadata.row_group(g).num_rows
-            if first != self._starts[file_index + 1]:
-                raise DataError(f"{path}: holds {first - self._starts[file_index]} rows, "
-                                f"metadata.json says {meta['shards'][file_index]['rows']}")
-        self._group_starts = np.asarray(group_starts + [self.num_rows], np.int64)
-        self._read_group = lru_cache(maxsize=32)(self._load_group)
-
-    def _load_group(self, group: int) -> dict[str, np.ndarray]:
-        file_index, g = self._groups[group]
-        path = self._files[file_index]
-        try:
-            table = pq.ParquetFile(path).read_row_group(g)
-            out = {}
-            for name in ("input_ids", "attention_mask", "labels"):
-                flat = table.column(name).combine_chunks().flatten().to_numpy()
-                out[name] = flat.astype(np.int32).reshape(-1, self.seq_len)
-        except (pa.ArrowException, OSError, KeyError, ValueError) as e:
-            raise DataError(f"{path}: malformed token shard (row group {g}: {e})") from e
-        if self.vocab_size is not None:
-            top = max(out["input_ids"].max(), out["labels"].max())
-            if top >= self.vocab_size:
-                raise DataError(f"{path}: token id {top} >= the model's vocab size {self.vocab_size}")
-        return out
-
-    def read_rows(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """Rows by id: ``input_ids``, ``attention_mask``, ``labels``, each ``[len(rows), L]``
-        int32 (the ``batch`` of ``pipeline.step.distillation_step``)."""
-        rows = np.asarray(rows, np.int64)
-        out = {k: np.empty((len(rows), self.seq_len), np.int32)
-               for k in ("input_ids", "attention_mask", "labels")}
-        groups = np.searchsorted(self._group_starts, rows, side="right") - 1
-        for group in np.unique(groups):
-            where = np.nonzero(groups == group)[0]
-            data = self._read_group(int(group))
-            local = rows[where] - self._group_starts[group]
-            for key in out:
-                out[key][where] = data[key][local]
-        return out
-
-
-class HostBatches:
-    """This host's batches in the global order, resumable from one global sample offset.
-
-    ``offset`` is the whole iterator state: save it in the checkpoint, pass it back as
-    ``offset=`` (on any number of hosts with the same ``global_batch``) to resume.
-
-    ``next()`` returns ``(example_ids [G/H] int64, batch)``; ``batch`` is the dict of
-    ``pipeline.step.distillation_step`` takes, with arrays ``[G/H, L]`` int32.
-    """
-
-    def __init__(self, dataset: TokenDataset, *, seed: int, global_batch: int,
-                 host_index: int = 0, host_count: int = 1, offset: int = 0,
-                 shuffle_window: int = 0):
-        host_offsets(0, global_batch, host_index, host_count)  # validates the split
-        if dataset.num_rows == 0:
-            raise DataError(f"{dataset.directory} ({dataset.split}): the split has no rows")
-        if offset < 0:
-            raise DataError(f"offset: expected >= 0, got {offset}")
-        self.dataset, self.seed, self.global_batch = dataset, seed, global_batch
-        self.shuffle_window = shuffle_window
-        self.host_index, self.host_count = host_index, host_count
-        self.offset = offset
-
-    @property
-    def epoch(self) -> int:
-        """The epoch the next batch starts in."""
-        return self.offset // self.dataset.num_rows
-
-    def __iter__(self) -> HostBatches:
-        return self
-
-    def rows_at(self, offset: int) -> np.ndarray:
-        """The row ids ``[G/H]`` this host reads for the step that starts at global sample
-        ``offset`` (what ``next()`` returns when ``self.offset == offset``), e.g. to fetch a
-        batch's teacher targets ahead of time."""
-        offsets = host_offsets(offset, self.global_batch, self.host_index, self.host_count)
-        return global_order(self.dataset.num_rows, self.seed, offsets, self.shuffle_window)
-
-    def __next__(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        rows = self.rows_at(self.offset)
-        batch = self.dataset.read_rows(rows)
-        self.offset += self.global_batch
-        return rows, batch
-
-
-def eval_batches(dataset: TokenDataset, batch_size: int, *, host_index: int = 0,
-                 host_count: int = 1, max_batches: int | None = None
-                 ) -> Iterable[dict[str, np.ndarray]]:
-    """The split in row order, ``batch_size`` rows per global batch, this host's block of each.
-
-    The last batch is padded with empty rows (``attention_mask`` 0, ``labels`` -100) so every
-    batch has the same shape ``[batch_size / host_count, L]`` (one compile).
-    """
-    count = -(-dataset.num_rows // batch_size)
-    if max_batches is not None:
-        count = min(count, max_batches)
-    for step in range(count):
-        offsets = host_offsets(step * batch_size, batch_size, host_index, host_count)
-        real = offsets < dataset.num_rows
-        batch = dataset.read_rows(np.where(real, offsets, 0))
-        batch["input_ids"][~real] = 0
-        batch["attention_mask"][~real] = 0
-        batch["labels"][~real] = IGNORE_INDEX
-        yield batch
