@@ -43,8 +43,8 @@ from pipeline.cache import CacheReader, RunDeclaration, read_manifest
 from pipeline.cache.format import split_location
 from pipeline.cache.reader import prefetch
 from pipeline.checkpoint import Checkpoints, RunIdentity, TrainPosition, read_checkpoint_metas
-from pipeline.config import (CacheConfig, ModelSpec, RunConfig, check_context, config_hash,
-                             config_to_dict, stable_hash)
+from pipeline.config import (MESH_AXES, CacheConfig, ModelSpec, RunConfig, check_context,
+                             config_hash, config_to_dict, stable_hash)
 from pipeline.data import DatasetInfo, HostBatches, TokenDataset, eval_batches, host_offsets, read_info
 from pipeline.data.order import eval_rows
 from pipeline.errors import CacheError, CheckpointError, ConfigError
@@ -432,7 +432,7 @@ def prepare_run(config: RunConfig, *, host: Host = Host(), teacher: Llama | None
 
 def _student_state(config: RunConfig, vocab_size: int) -> tuple[TrainState, Mesh]:
     """A fresh student with its optimizer state, laid out on the mesh of ``config.mesh``."""
-    mesh = make_mesh(**dict(zip(("data", "fsdp", "tensor"), config.mesh.shape(jax.device_count()))))
+    mesh = make_mesh(**dict(zip(MESH_AXES, config.mesh.shape(jax.device_count()))))
     student = build_model(config.model.student, vocab_size, config.train.seed, mesh)
     state = _all_on_mesh(TrainState.create(student, build_optimizer(config.optimizer,
                                                                     config.train.steps)), mesh)

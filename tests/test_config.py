@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pipeline.config import (LossConfig, MeshConfig, OptimizerConfig, RunConfig, config_from_dict,
-                             config_hash, config_to_dict, load_config, render_reference)
+from pipeline.config import (MESH_AXES, LossConfig, MeshConfig, OptimizerConfig, RunConfig,
+                             config_from_dict, config_hash, config_to_dict, load_config,
+                             render_reference)
 from pipeline.errors import ConfigError
 from pipeline.optim import build_optimizer, build_schedule
 
@@ -161,6 +162,8 @@ def test_student_host_counts_and_mesh_shape():
     config = make("train.global_batch_size=12", "cluster.student.min_hosts=1",
                   "cluster.student.max_hosts=5")
     assert config.student_host_counts() == (1, 2, 3, 4)
+    # one size field per mesh axis, in mesh order: shape() returns them in MESH_AXES order
+    assert tuple(f.name for f in dataclasses.fields(MeshConfig)) == MESH_AXES
     assert MeshConfig(data=-1, tensor=2).shape(8) == (4, 1, 2)
     assert MeshConfig(data=2, fsdp=2).shape(4) == (2, 2, 1)
     with pytest.raises(ConfigError, match="multiply to 4 but 8 devices"):

@@ -16,11 +16,11 @@ import pytest
 from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
+from pipeline.config import MESH_AXES
 from pipeline.errors import ConfigError
 from pipeline.models.hf_io import load_pretrained, read_config
 from pipeline.models.llama import Llama
-from pipeline.models.sharding import (DEFAULT_RULES, MESH_AXES, make_mesh, param_path,
-                                      spec_for)
+from pipeline.models.sharding import DEFAULT_RULES, make_mesh, param_path, spec_for
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
 NAMES = sorted(p.name for p in FIXTURES.iterdir() if p.is_dir())

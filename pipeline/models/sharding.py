@@ -18,24 +18,25 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from pipeline.config import MESH_AXES
 from pipeline.errors import ConfigError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+DATA, FSDP, TENSOR = MESH_AXES
 
 # A batch's leading axis is split over every data-parallel device (data and fsdp).
-BATCH_SPEC = P(("data", "fsdp"))
+BATCH_SPEC = P((DATA, FSDP))
 
 Rules = tuple[tuple[str, P], ...]
 
 # (regex searched in the parameter path, spec). The first match wins. The axis suffix of each
 # name says what each spec entry shards: q_dnh is [hidden, heads, head_dim].
 DEFAULT_RULES: Rules = (
-    (r"(^|/)(embedding_vd|lm_head_vd)$", P("tensor", "fsdp")),
-    (r"/attn/(q_dnh|k_dkh|v_dkh)$", P("fsdp", "tensor", None)),
-    (r"/attn/(q_bias_nh|k_bias_kh|v_bias_kh)$", P("tensor", None)),
-    (r"/attn/o_nhd$", P("tensor", None, "fsdp")),
-    (r"/mlp/(gate_df|up_df)$", P("fsdp", "tensor")),
-    (r"/mlp/down_fd$", P("tensor", "fsdp")),
+    (r"(^|/)(embedding_vd|lm_head_vd)$", P(TENSOR, FSDP)),
+    (r"/attn/(q_dnh|k_dkh|v_dkh)$", P(FSDP, TENSOR, None)),
+    (r"/attn/(q_bias_nh|k_bias_kh|v_bias_kh)$", P(TENSOR, None)),
+    (r"/attn/o_nhd$", P(TENSOR, None, FSDP)),
+    (r"/mlp/(gate_df|up_df)$", P(FSDP, TENSOR)),
+    (r"/mlp/down_fd$", P(TENSOR, FSDP)),
     (r"(^|/)scale$", P()),  # RMSNorm scales: small, replicated
 )
 
@@ -50,7 +51,7 @@ def make_mesh(*, data: int = 1, fsdp: int = -1, tensor: int = 1,
       ConfigError: the sizes do not multiply to the number of devices.
     """
     devices = list(jax.devices() if devices is None else devices)
-    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    sizes = dict(zip(MESH_AXES, (data, fsdp, tensor)))
     free = [name for name, size in sizes.items() if size == -1]
     bad = [f"{name}={size}" for name, size in sizes.items() if size != -1 and size < 1]
     if len(free) > 1 or bad:
