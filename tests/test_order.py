@@ -63,7 +63,8 @@ def reference_train(num_rows: int, window: int, offset: int, host: int, hosts: i
             for i in range(per_host)]
 
 
-def reference_eval(num_rows: int, host: int, hosts: int, max_batches=None) -> list[tuple[list, list]]:
+def reference_eval(num_rows: int, host: int, hosts: int,
+                   max_batches: int | None = None) -> list[tuple[list, list]]:
     """Per eval batch: (rows, real) of host ``host``; padding past the last row reads row N-1."""
     per_host = EVAL_BATCH // hosts
     count = (num_rows + EVAL_BATCH - 1) // EVAL_BATCH
@@ -93,7 +94,8 @@ def recording(prepared: Path, split: str) -> RecordingDataset:
 # ---- train ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("window", [0, 8])
-def test_train_rows_are_the_reference_rows_the_student_and_the_remote_schedule_read(prepared, window):
+def test_train_rows_are_the_reference_rows_the_student_and_the_remote_schedule_read(prepared,
+                                                                                    window):
     dataset = TokenDataset(prepared, "train")
     n = dataset.num_rows
     steps = n // BATCH + 3  # across an epoch boundary
@@ -126,11 +128,13 @@ def test_eval_rows_are_the_reference_rows_the_student_reads(prepared, max_batche
     for hosts in (1, 2):
         for host in range(hosts):
             want = reference_eval(n, host, hosts, max_batches)
-            got = eval_rows(n, EVAL_BATCH, host_index=host, host_count=hosts, max_batches=max_batches)
+            got = eval_rows(n, EVAL_BATCH, host_index=host, host_count=hosts,
+                            max_batches=max_batches)
             assert [(b.rows.tolist(), b.real.tolist()) for b in got] == want
             schedule = eval_schedule(n, EvalConfig(batch_size=EVAL_BATCH, max_batches=max_batches),
                                      host_index=host, host_count=hosts)
-            assert [next(schedule).tolist() for _ in range(2 * len(want))] == 2 * [r for r, _ in want]
+            cycled = [next(schedule).tolist() for _ in range(2 * len(want))]
+            assert cycled == 2 * [rows for rows, _ in want]
             dataset = recording(prepared, "eval")
             batches = list(eval_batches(dataset, EVAL_BATCH, host_index=host, host_count=hosts,
                                         max_batches=max_batches))
@@ -138,7 +142,8 @@ def test_eval_rows_are_the_reference_rows_the_student_reads(prepared, max_batche
             for (rows, real), batch in zip(want, batches):
                 real = np.asarray(real)
                 read = dataset.read_rows(np.asarray(rows))
-                for key, blank in (("input_ids", 0), ("attention_mask", 0), ("labels", IGNORE_INDEX)):
+                for key, blank in (("input_ids", 0), ("attention_mask", 0),
+                                   ("labels", IGNORE_INDEX)):
                     np.testing.assert_array_equal(batch[key][real], read[key][real])
                     assert (batch[key][~real] == blank).all()
     assert not reference_eval(n, 1, 2)[-1][1][-1]  # the case of a padded last batch is covered
@@ -203,7 +208,8 @@ def first_reads(prepared: Path, *, window: int, steps: int, every: int, start_st
         if step % every == 0 or step == steps:
             for h in range(2):
                 list(eval_batches(evaluation, EVAL_BATCH, host_index=h, host_count=2))
-            needed += sorted({("eval", row // SHARD_ROWS) for row in itertools.chain(*evaluation.reads)})
+            rows = itertools.chain(*evaluation.reads)
+            needed += sorted({("eval", row // SHARD_ROWS) for row in rows})
             evaluation.reads.clear()
     return list(dict.fromkeys(needed))
 

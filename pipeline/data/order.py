@@ -135,7 +135,8 @@ def fill_order(num_rows: Mapping[str, int], pending: Mapping[str, set[int]], *,
     remaining = (steps - step) * global_batch
     offsets = np.arange(offset, offset + min(max(remaining, 0), num_rows["train"]), dtype=np.int64)
     if len(offsets):
-        shards = global_order(num_rows["train"], data.seed, offsets, data.shuffle_window) // shard_rows
+        rows = global_order(num_rows["train"], data.seed, offsets, data.shuffle_window)
+        shards = rows // shard_rows
         first_shards, first_index = np.unique(shards, return_index=True)
         due.update({("train", int(s)): int(i) for s, i in zip(first_shards, first_index)})
     if num_rows.get("eval"):
