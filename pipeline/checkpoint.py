@@ -31,11 +31,13 @@ Typical use in a training loop::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -182,15 +184,17 @@ def read_checkpoint_metas(directory: str | os.PathLike) -> dict[int, dict[str, A
         manager.close()
 
 
-def _silence_failed_orbax_reads() -> None:
-    """Orbax reads a state's arrays in coroutines; when several reads fail, one failure is
-    raised (and reported to the user as a CheckpointError) while the others stay inside
-    their coroutines, which Python prints as "Exception ignored in: <coroutine ...>" with a
-    dump of TensorStore specs whenever it collects them, often at exit. From the first failed
-    restore on, the unraisable hook drops exactly those reports; all others still go through."""
+@contextlib.contextmanager
+def _orbax_read_failures_unreported() -> Iterator[None]:
+    """Within the block, Python's reports of Orbax's failed reads are dropped; all others, and
+    everything after the block, go to the hook that was there before.
+
+    Orbax reads a state's arrays in coroutines; when several reads fail, one failure is raised
+    (and reported to the user as a CheckpointError) while the others stay inside their
+    coroutines, which Python prints as "Exception ignored in: <coroutine ...>" with a dump of
+    TensorStore specs whenever it collects them (often at exit). The block's end collects them
+    while the filter is on, so the block must not keep the failure alive past its end."""
     previous = sys.unraisablehook
-    if getattr(previous, "kdpipe_orbax_filter", False):
-        return
 
     def hook(unraisable):
         code = getattr(unraisable.object, "cr_code", None)
@@ -198,8 +202,12 @@ def _silence_failed_orbax_reads() -> None:
             return
         previous(unraisable)
 
-    hook.kdpipe_orbax_filter = True
     sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        gc.collect()
+        sys.unraisablehook = previous
 
 
 class Checkpoints:
@@ -315,14 +323,19 @@ class Checkpoints:
         if mismatched:
             raise CheckpointError(f"{self.directory / str(step)}: the saved state does not match "
                                   f"the target state: {_listing(mismatched)}")
-        try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract)))
-        except Exception as e:  # Orbax/TensorStore raise many types for damaged files
-            _silence_failed_orbax_reads()
+        failure = None
+        with _orbax_read_failures_unreported():
+            try:
+                restored = self._manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract)))
+            except Exception as e:  # Orbax/TensorStore raise many types for damaged files
+                failure = _root_cause(e)
+            # Only the message is kept: the error's frames hold the other failed reads, which
+            # the block's end collects.
+        if failure is not None:
             raise CheckpointError(f"{self.directory / str(step)}: corrupt checkpoint, its state "
-                                  f"cannot be read ({_root_cause(e)}); move it away to resume "
-                                  f"from an earlier one") from e
+                                  f"cannot be read ({failure}); move it away to resume from an "
+                                  f"earlier one")
         return restored.state, TrainPosition.from_json(meta["position"])
 
     def wait(self) -> None:

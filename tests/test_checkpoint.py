@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pipeline.checkpoint import Checkpoints, RunIdentity, TrainPosition, tree_signature
+from pipeline.checkpoint import (Checkpoints, RunIdentity, TrainPosition,
+                                 _orbax_read_failures_unreported, tree_signature)
 from pipeline.errors import CheckpointError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -140,7 +141,11 @@ def _corrupt_state(step_dir: Path) -> None:
         path.write_bytes(bytes(data))
 
 
-def test_corrupt_state_is_an_error_not_a_fresh_start(saved):
+def test_corrupt_state_is_an_error_not_a_fresh_start(saved, monkeypatch):
+    def hook(unraisable):
+        sys.__unraisablehook__(unraisable)
+
+    monkeypatch.setattr(sys, "unraisablehook", hook)
     _corrupt_state(saved / "6")
     before = snapshot(saved)
     with Checkpoints(saved, IDENTITY) as checkpoints:
@@ -149,6 +154,47 @@ def test_corrupt_state_is_an_error_not_a_fresh_start(saved):
                                                   r"read"):
             checkpoints.restore(make_state(0))
     assert snapshot(saved) == before
+    assert sys.unraisablehook is hook  # the failed reads' filter was scoped to the restore
+
+
+def _suspended_coroutine(filename: str):
+    """A coroutine compiled as if from ``filename``, suspended inside a ``try`` whose
+    ``finally`` raises: when it is collected, Python reports an unraisable RuntimeError, as it
+    does for Orbax's failed reads."""
+    namespace = {}
+    exec(compile(textwrap.dedent("""
+        import types
+
+        @types.coroutine
+        def pause():
+            yield
+
+        async def read():
+            try:
+                await pause()
+            finally:
+                raise RuntimeError("failed read")
+        """), filename, "exec"), namespace)
+    coroutine = namespace["read"]()
+    coroutine.send(None)
+    return coroutine
+
+
+def test_failed_orbax_reads_are_unreported_only_within_the_block(monkeypatch):
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook",
+                        lambda unraisable: reported.append(unraisable.object.cr_code.co_filename))
+    previous = sys.unraisablehook
+    orbax_file = os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "reads.py")
+    with _orbax_read_failures_unreported():
+        cycle = [_suspended_coroutine(orbax_file)]
+        cycle.append(cycle)  # garbage only a collection frees: the block's end does
+        del cycle
+        _suspended_coroutine("elsewhere.py")  # freed at once, and not Orbax's: reported
+    assert sys.unraisablehook is previous
+    assert reported == ["elsewhere.py"]
+    _suspended_coroutine(orbax_file)  # outside the block every report goes through
+    assert reported == ["elsewhere.py", orbax_file]
 
 
 def test_corrupt_metadata_is_refused_at_open(saved):
