@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -17,7 +18,8 @@ import numpy as np
 import pytest
 
 from pipeline.checkpoint import (Checkpoints, RunIdentity, TrainPosition,
-                                 _orbax_read_failures_unreported, tree_signature)
+                                 _orbax_read_failures_unreported, read_checkpoint_metas,
+                                 tree_signature)
 from pipeline.errors import CheckpointError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -178,6 +180,26 @@ def _suspended_coroutine(filename: str):
     coroutine = namespace["read"]()
     coroutine.send(None)
     return coroutine
+
+
+def test_reading_metas_quiets_orbax_and_leaves_the_absl_level_as_it_was(saved):
+    absl = logging.getLogger("absl")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    level = absl.level
+    absl.addHandler(handler)
+    absl.setLevel(logging.INFO)
+    try:
+        metas = read_checkpoint_metas(saved)
+        after = absl.level
+    finally:
+        absl.removeHandler(handler)
+        absl.setLevel(level)
+    assert sorted(metas) == [4, 6] and metas[6]["position"]["step"] == 6
+    assert after == logging.INFO
+    # Orbax's warnings that a read-only manager saves nothing are not shown
+    assert not [r.getMessage() for r in records if r.levelno >= logging.WARNING]
 
 
 def test_failed_orbax_reads_are_unreported_only_within_the_block(monkeypatch):
