@@ -44,15 +44,14 @@ def _load(args):
 def _teacher(config):
     from pipeline.data import read_info
     from pipeline.errors import ConfigError
-    from pipeline.models.hf_io import load_pretrained
-    from pipeline.train import check_model_context
+    from pipeline.models.build import build_model, check_model_context
 
     spec = config.model.teacher
     if not spec.from_pretrained:
         raise ConfigError("model.teacher.path: this verb needs the teacher's Hugging Face "
                           "directory (config.json + *.safetensors)")
     check_model_context(spec, "teacher", read_info(config.data.prepared_dir).seq_len)
-    return load_pretrained(spec.path, dtype=spec.dtype)
+    return build_model(spec, frozen=True)
 
 
 def cmd_prepare_data(args) -> int:

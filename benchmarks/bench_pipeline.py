@@ -76,9 +76,9 @@ def build_workspace(args, work: Path) -> list[str]:
     from actors.demo import stdlib_sources
     from pipeline.config import load_config
     from pipeline.data import prepare_dataset, read_info, train_bpe_tokenizer
+    from pipeline.models.build import build_model
     from pipeline.models.hf_io import save_pretrained
     from pipeline.models.sharding import make_mesh
-    from pipeline.train import build_model
 
     sources = stdlib_sources(args.files)
     overrides = [f"data.tokenizer={work / 'tokenizer.json'}", f"data.prepared_dir={work / 'data'}",

@@ -36,22 +36,20 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pipeline.cache import CacheReader, RunDeclaration, read_manifest
 from pipeline.cache.format import split_location
 from pipeline.cache.reader import prefetch
 from pipeline.checkpoint import Checkpoints, RunIdentity, TrainPosition, read_checkpoint_metas
-from pipeline.config import (MESH_AXES, CacheConfig, ModelSpec, RunConfig, check_context,
-                             config_hash, config_to_dict, stable_hash)
+from pipeline.config import MESH_AXES, CacheConfig, RunConfig, config_hash, config_to_dict
 from pipeline.data import DatasetInfo, HostBatches, TokenDataset, eval_batches, host_offsets, read_info
 from pipeline.data.order import eval_rows
 from pipeline.errors import CacheError, CheckpointError, ConfigError
 from pipeline.metrics import ExampleLog, MetricsLogger, progress_bar, write_report
-from pipeline.models.hf_io import (CONFIG_FILE, load_pretrained, read_config, save_pretrained,
-                                   teacher_fingerprint)
-from pipeline.models.llama import Llama, LlamaConfig
+from pipeline.models.build import build_model, check_model_context, model_fingerprint
+from pipeline.models.hf_io import save_pretrained, teacher_fingerprint
+from pipeline.models.llama import Llama
 from pipeline.models.sharding import BATCH_SPEC, make_mesh, shard_model
 from pipeline.optim import build_optimizer, build_schedule
 from pipeline.step import DistillLossConfig, LossMetrics, TrainState, jit_distillation_step
@@ -96,49 +94,6 @@ class TrainResult:
     skipped_updates: int
     run_dir: Path
     empty_batches: int = 0
-
-
-# --------------------------------------------------------------------------------------------
-# Models
-# --------------------------------------------------------------------------------------------
-
-def build_model(spec: ModelSpec, vocab_size: int, seed: int, mesh: Mesh, *,
-                frozen: bool = False) -> Llama:
-    """The model of ``spec`` with its parameters laid out on ``mesh``: loaded from
-    ``spec.path`` (each device reading only its slices), or initialised from ``seed`` with the
-    architecture of the spec and ``vocab_size`` (the tokenizer's unless the spec sets one).
-
-    It computes in ``spec.dtype``. A model to train keeps its parameters in
-    ``spec.param_dtype`` (unset: float32 master weights); a ``frozen`` one (a teacher) keeps
-    them in ``spec.dtype``: it is never updated, so it has no small update to lose, and a
-    bfloat16 teacher takes half the memory."""
-    param_dtype = spec.dtype if frozen else spec.param_dtype or "float32"
-    if spec.from_pretrained:
-        return load_pretrained(spec.path, dtype=spec.dtype, param_dtype=param_dtype, mesh=mesh)
-    config = LlamaConfig.from_hf_config(spec.hf_config(vocab_size))
-    model = Llama(config, dtype=spec.dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
-    shard_model(model, mesh)
-    return model
-
-
-def check_model_context(spec: ModelSpec, name: str, seq_len: int) -> None:
-    """Refuse rows of ``seq_len`` tokens past the context of ``model.<name>``
-    (``pipeline.config.check_context``): the ``max_position_embeddings`` of its config.json
-    when it is loaded from ``spec.path`` (read before any weight), else of the spec."""
-    if spec.from_pretrained:
-        config_file = Path(spec.path) / CONFIG_FILE
-        check_context(seq_len, f"model.{name}", read_config(spec.path).max_position_embeddings,
-                      origin=f", in {config_file}")
-    else:
-        check_context(seq_len, f"model.{name}", spec.max_position_embeddings)
-
-
-def model_fingerprint(spec: ModelSpec, vocab_size: int, seed: int) -> str:
-    """Identifies a model's architecture and initial weights, for checkpoint identity: the
-    weights' hash for a loaded model, the architecture and seed for an initialised one."""
-    if spec.from_pretrained:
-        return teacher_fingerprint(spec.path)
-    return "init:" + stable_hash({"architecture": spec.hf_config(vocab_size), "seed": seed})
 
 
 # --------------------------------------------------------------------------------------------

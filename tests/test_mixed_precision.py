@@ -16,10 +16,10 @@ from safetensors.numpy import load_file
 
 from pipeline.config import ModelConfig, ModelSpec
 from pipeline.errors import ConfigError
+from pipeline.models.build import build_model
 from pipeline.models.hf_io import SINGLE_FILE, load_pretrained, save_pretrained
 from pipeline.models.sharding import make_mesh
 from pipeline.step import TrainState, jit_distillation_step
-from pipeline.train import build_model
 
 VOCAB, SEQ, STEPS = 48, 8, 4
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"

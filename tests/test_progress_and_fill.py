@@ -201,9 +201,9 @@ def tiny(tmp_path_factory):
     only the sequences holding that token."""
     from pipeline.config import load_config
     from pipeline.data import read_info
+    from pipeline.models.build import build_model
     from pipeline.models.hf_io import save_pretrained
     from pipeline.models.sharding import make_mesh
-    from pipeline.train import build_model
 
     work = tmp_path_factory.mktemp("fill")
     overrides = make_tiny_run(work)[:2]  # the tokenizer and the data, not the tied teacher

@@ -24,9 +24,9 @@ def make_tiny_run(directory: Path, *, padded_vocab: int = 0) -> list[str]:
     ``padded_vocab``, the teacher's and the student's heads have that many ids past the
     tokenizer's, as Qwen-family checkpoints do."""
     from pipeline.data import prepare_dataset, read_info, train_bpe_tokenizer
+    from pipeline.models.build import build_model
     from pipeline.models.hf_io import save_pretrained
     from pipeline.models.sharding import make_mesh
-    from pipeline.train import build_model
 
     text = Path(textwrap.__file__).read_text()[:12000]
     docs = directory / "docs.jsonl"

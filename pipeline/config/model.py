@@ -47,14 +47,20 @@ class ModelSpec(Section):
         return self.path is not None
 
     def hf_config(self, tokenizer_vocab_size: int) -> dict[str, Any]:
-        """The architecture as a Hugging Face ``config.json`` dict (Llama family), for a model
-        that is initialised rather than loaded; ``vocab_size`` falls back to the tokenizer's."""
+        """The architecture as a Hugging Face ``config.json`` dict of model_type ``llama`` (the
+        family an initialised model belongs to), for a model that is initialised rather than
+        loaded; ``vocab_size`` falls back to the tokenizer's. ``pipeline.models.registry``
+        names its transformers class and reads it back."""
+        # Imported here: the models import JAX, which loading a config does not need.
+        from pipeline.models.registry import family_of
+
         if self.from_pretrained:
             raise ValueError("hf_config() describes an initialised model; this one is loaded from path")
         heads = self.num_attention_heads
+        model_type = "llama"
         return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            "architectures": [family_of(model_type).architectures[model_type]],
+            "model_type": model_type,
             "vocab_size": self.vocab_size or tokenizer_vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,

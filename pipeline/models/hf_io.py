@@ -1,10 +1,10 @@
-"""Hugging Face checkpoint directories <-> ``Llama`` models.
+"""Hugging Face checkpoint directories <-> models of every family in ``pipeline.models.registry``.
 
 A checkpoint directory holds ``config.json`` and the weights as safetensors: one
 ``model.safetensors``, or several files listed by ``model.safetensors.index.json``. kdpipe
 reads safetensors only; pickle-based weights (``pytorch_model.bin``) are refused, never
-unpickled. ``_NAME_TABLE`` is the one place that maps Hugging Face tensor names to our
-parameter paths, with the layout change between them.
+unpickled. config.json's ``model_type`` picks the family; the family's name table (e.g.
+``pipeline.models.llama.names``) maps Hugging Face tensor names to our parameter paths.
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ import dataclasses
 import hashlib
 import json
 import re
-from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +27,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from pipeline.errors import ConfigError, KdpipeError, ModelLoadError
-from pipeline.models.llama import Llama, LlamaConfig
+from pipeline.models.layouts import Layout, NameRow
+from pipeline.models.registry import config_from_hf, family_of
 from pipeline.models.sharding import DEFAULT_RULES, Rules, param_path, spec_for
 
 CONFIG_FILE = "config.json"
@@ -38,59 +38,7 @@ INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 _SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-# Tensors transformers itself drops at load time: the RoPE cache that old Llama checkpoints saved.
-_IGNORED_TENSOR = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 _PARAM_DTYPES = ("float32", "bfloat16", "float16")
-
-
-class _Layout(NamedTuple):
-    """How one tensor's Hugging Face layout relates to ours (``s`` is our shape)."""
-
-    hf_shape: Callable[[tuple], tuple]
-    to_ours: Callable[[np.ndarray, tuple], np.ndarray]  # (hf tensor, our shape) -> view
-    to_hf: Callable[[np.ndarray], np.ndarray]
-
-
-_SAME = _Layout(lambda s: s, lambda w, s: w, lambda x: x)
-# torch Linear weights are [out, in]; ours are [in, out].
-_LINEAR = _Layout(lambda s: (s[1], s[0]), lambda w, s: w.T, lambda x: x.T)
-# q/k/v: [heads*head_dim, hidden] <-> [hidden, heads, head_dim]
-_HEADS_IN = _Layout(
-    lambda s: (s[1] * s[2], s[0]),
-    lambda w, s: w.reshape(s[1], s[2], s[0]).transpose(2, 0, 1),
-    lambda x: x.transpose(1, 2, 0).reshape(x.shape[1] * x.shape[2], x.shape[0]),
-)
-# o: [hidden, heads*head_dim] <-> [heads, head_dim, hidden]
-_HEADS_OUT = _Layout(
-    lambda s: (s[2], s[0] * s[1]),
-    lambda w, s: w.reshape(s[2], s[0], s[1]).transpose(1, 2, 0),
-    lambda x: x.transpose(2, 0, 1).reshape(x.shape[2], x.shape[0] * x.shape[1]),
-)
-# q/k/v bias: [heads*head_dim] <-> [heads, head_dim]
-_HEAD_BIAS = _Layout(lambda s: (s[0] * s[1],), lambda w, s: w.reshape(s), lambda x: x.reshape(-1))
-
-# Hugging Face name -> (our parameter path, layout); {i} is the layer index. A row applies when
-# the model has that parameter (biases for qwen2, q/k norms for qwen3, lm_head when untied).
-# Rows are in transformers' order, which is the order of a save (layer by layer).
-_NAME_TABLE = (
-    ("model.embed_tokens.weight", "embedder/embedding_vd", _SAME),
-    ("model.layers.{i}.input_layernorm.weight", "layers/{i}/input_norm/scale", _SAME),
-    ("model.layers.{i}.self_attn.q_proj.weight", "layers/{i}/attn/q_dnh", _HEADS_IN),
-    ("model.layers.{i}.self_attn.k_proj.weight", "layers/{i}/attn/k_dkh", _HEADS_IN),
-    ("model.layers.{i}.self_attn.v_proj.weight", "layers/{i}/attn/v_dkh", _HEADS_IN),
-    ("model.layers.{i}.self_attn.q_proj.bias", "layers/{i}/attn/q_bias_nh", _HEAD_BIAS),
-    ("model.layers.{i}.self_attn.k_proj.bias", "layers/{i}/attn/k_bias_kh", _HEAD_BIAS),
-    ("model.layers.{i}.self_attn.v_proj.bias", "layers/{i}/attn/v_bias_kh", _HEAD_BIAS),
-    ("model.layers.{i}.self_attn.q_norm.weight", "layers/{i}/attn/q_norm/scale", _SAME),
-    ("model.layers.{i}.self_attn.k_norm.weight", "layers/{i}/attn/k_norm/scale", _SAME),
-    ("model.layers.{i}.self_attn.o_proj.weight", "layers/{i}/attn/o_nhd", _HEADS_OUT),
-    ("model.layers.{i}.post_attention_layernorm.weight", "layers/{i}/post_attn_norm/scale", _SAME),
-    ("model.layers.{i}.mlp.gate_proj.weight", "layers/{i}/mlp/gate_df", _LINEAR),
-    ("model.layers.{i}.mlp.up_proj.weight", "layers/{i}/mlp/up_df", _LINEAR),
-    ("model.layers.{i}.mlp.down_proj.weight", "layers/{i}/mlp/down_fd", _LINEAR),
-    ("model.norm.weight", "final_norm/scale", _SAME),
-    ("lm_head.weight", "lm_head_vd", _SAME),
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,17 +47,18 @@ class _Tensor:
 
     path: tuple  # nnx state path
     hf_name: str
-    layout: _Layout
+    layout: Layout
     shape: tuple  # ours
     hf_shape: tuple
 
 
-def _tensor_plan(state: nnx.State, num_layers: int) -> list[_Tensor]:
-    """Every parameter of ``state`` with its Hugging Face name, in transformers' order
-    (embedding, then layer by layer, then the final norm and head)."""
-    first_layer_row = next(r for r, row in enumerate(_NAME_TABLE) if "{i}" in row[0])
+def _tensor_plan(state: nnx.State, hf_names: tuple[NameRow, ...],
+                 num_layers: int) -> list[_Tensor]:
+    """Every parameter of ``state`` with its Hugging Face name from the family's ``hf_names``,
+    in transformers' order (embedding, then layer by layer, then the final norm and head)."""
+    first_layer_row = next(r for r, row in enumerate(hf_names) if "{i}" in row[0])
     names = {}  # our path -> (hf name, layout, order)
-    for row, (hf_template, our_template, layout) in enumerate(_NAME_TABLE):
+    for row, (hf_template, our_template, layout) in enumerate(hf_names):
         if "{i}" in hf_template:
             layers = range(num_layers)
         else:
@@ -124,11 +73,13 @@ def _tensor_plan(state: nnx.State, num_layers: int) -> list[_Tensor]:
     return [tensor for _, tensor in sorted(plan, key=lambda entry: entry[0])]
 
 
-def read_config(path: str | Path) -> LlamaConfig:
-    """The ``LlamaConfig`` of checkpoint directory ``path`` (its ``config.json``).
+def read_config(path: str | Path) -> Any:
+    """The config of checkpoint directory ``path`` (its ``config.json``), read by the family
+    of its ``model_type`` (``pipeline.models.registry``).
 
     Raises:
-      ModelLoadError: no directory, no or unreadable config.json, or an unsupported config.
+      ModelLoadError: no directory, no or unreadable config.json, or an unsupported
+        ``model_type`` (the message lists the supported ones) or config.
     """
     path = Path(path)
     if not path.is_dir():
@@ -143,7 +94,7 @@ def read_config(path: str | Path) -> LlamaConfig:
     if not isinstance(hf, dict):
         raise ModelLoadError(f"{config_file}: expected a JSON object, got {type(hf).__name__}")
     try:
-        return LlamaConfig.from_hf_config(hf)
+        return config_from_hf(hf)
     except ModelLoadError as err:
         raise ModelLoadError(f"{path}/{err}") from err
 
@@ -203,8 +154,9 @@ def _param_dtype(dtype, name: str = "dtype") -> jnp.dtype:
 
 
 def load_pretrained(path: str | Path, *, dtype=jnp.float32, param_dtype=None,
-                    mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> Llama:
-    """Loads a Hugging Face checkpoint directory into a ``Llama`` computing in ``dtype``, with
+                    mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> nnx.Module:
+    """Loads a Hugging Face checkpoint directory into a model of its family (e.g. ``Llama``)
+    computing in ``dtype``, with
     its parameters in ``param_dtype`` (``None``: ``dtype``). Weights stored in bfloat16 load
     exactly into float32 parameters.
 
@@ -222,10 +174,11 @@ def load_pretrained(path: str | Path, *, dtype=jnp.float32, param_dtype=None,
     config = read_config(path)
     dtype = _param_dtype(dtype)
     param_dtype = dtype if param_dtype is None else _param_dtype(param_dtype, "param_dtype")
-    abstract = nnx.eval_shape(lambda: Llama(config, dtype=dtype, param_dtype=param_dtype,
-                                            rngs=nnx.Rngs(0)))
+    family = family_of(config.model_type)
+    abstract = nnx.eval_shape(lambda: family.model(config, dtype=dtype, param_dtype=param_dtype,
+                                                   rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
-    plan = _tensor_plan(abstract_state, config.num_hidden_layers)
+    plan = _tensor_plan(abstract_state, family.hf_names, config.num_hidden_layers)
     shardings = {}  # decided before any weight is read, so bad rules fail fast
     if mesh is not None:
         shardings = {t.path: NamedSharding(mesh, spec_for(param_path(t.path), t.shape, mesh, rules))
@@ -249,13 +202,12 @@ def load_pretrained(path: str | Path, *, dtype=jnp.float32, param_dtype=None,
     return nnx.merge(graphdef, state)
 
 
-def _check_tensors(path: Path, config: LlamaConfig, plan: list[_Tensor], handles: dict) -> None:
-    """Raises one ModelLoadError listing every missing, unexpected and mis-shaped tensor."""
+def _check_tensors(path: Path, config, plan: list[_Tensor], handles: dict) -> None:
+    """Raises one ModelLoadError listing every missing, unexpected and mis-shaped tensor
+    (tensors the family ignores, as transformers does, are neither)."""
     expected = {tensor.hf_name for tensor in plan}
-    ignored = {name for name in handles if _IGNORED_TENSOR.fullmatch(name)}
-    if config.tie_word_embeddings:
-        # Some tied checkpoints also store the head; transformers ties over it, and so do we.
-        ignored |= {"lm_head.weight"} & set(handles)
+    ignored_tensor = family_of(config.model_type).ignored_tensor
+    ignored = {name for name in handles if ignored_tensor(config, name)}
     missing = sorted(expected - set(handles))
     unexpected = sorted(set(handles) - expected - ignored)
     found = {t.hf_name: tuple(handles[t.hf_name].get_slice(t.hf_name).get_shape())
@@ -283,7 +235,7 @@ def _to_host(value: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(value, tiled=True))
 
 
-def save_pretrained(model: Llama, path: str | Path, *,
+def save_pretrained(model: nnx.Module, path: str | Path, *,
                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
     """Writes ``model`` as a Hugging Face checkpoint that transformers loads unchanged.
 
@@ -301,7 +253,8 @@ def save_pretrained(model: Llama, path: str | Path, *,
         raise KdpipeError(f"{path}: exists and is not a directory; export the model to a new or "
                           f"an existing directory instead")
     config = model.config
-    plan = _tensor_plan(nnx.state(model), config.num_hidden_layers)
+    plan = _tensor_plan(nnx.state(model), family_of(config.model_type).hf_names,
+                        config.num_hidden_layers)
     leaves = dict(nnx.to_flat_state(nnx.state(model)))
     shards: list[list[_Tensor]] = [[]]
     shard_bytes = 0
@@ -350,7 +303,7 @@ def save_pretrained(model: Llama, path: str | Path, *,
 def teacher_fingerprint(path: str | Path) -> str:
     """``"sha256:<hex>"`` over a checkpoint's architecture and weights, for the cache manifest.
 
-    Hashes the interpreted ``LlamaConfig`` (not config.json's bytes, so bookkeeping keys such
+    Hashes the interpreted config (not config.json's bytes, so bookkeeping keys such
     as ``transformers_version`` do not count) and every stored tensor in name order (name,
     dtype, shape, bytes), so it does not depend on how the weights are split into files.
     Reads every weight once.

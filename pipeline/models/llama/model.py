@@ -1,0 +1,306 @@
+"""The Llama-family decoder's layers and model in flax.nnx (architecture: ``LlamaConfig``).
+
+Numerics follow transformers' eager implementation: RMSNorm normalises in float32 and casts
+back before the scale; attention scores and softmax are float32; logits come back in float32.
+Two dtypes, as MaxText's ``weight_dtype`` and ``dtype``: parameters are stored in
+``param_dtype`` and computation runs in ``dtype`` (each parameter is cast where it is used, so
+the embeddings, activations and matmuls are ``dtype``). A bfloat16 student with float32
+parameters keeps float32 master weights: updates far below bfloat16's spacing (2^-8 at 1.0)
+are not rounded away, and optax keeps its moments in the parameters' dtype.
+
+Parameter names carry their axes as a suffix (``q_dnh`` is ``[hidden, heads, head_dim]``), which
+is what ``pipeline.models.sharding``'s rules and ``pipeline.models.llama.names``' Hugging Face
+name table key on. Shape letters: b batch, l/m query/key position, d hidden, v vocab, n query
+heads, k key/value heads, g query heads per key/value head, h head_dim, f intermediate (MLP)
+size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pipeline.errors import DataError
+from pipeline.models import ModelOutput
+from pipeline.models.llama.config import LlamaConfig
+
+
+def rope_inverse_frequencies(config: LlamaConfig) -> np.ndarray:
+    """RoPE inverse frequencies ``[head_dim // 2]`` float32, after any ``llama3`` scaling.
+
+    ``inv_freq[i] = rope_theta ** (-2i / head_dim)`` (Su et al. 2021, RoFormer); with
+    ``Llama3RopeScaling`` each is then scaled by wavelength band as that class describes.
+    """
+    dim = config.head_dim
+    inv_freq = 1.0 / config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    scaling = config.rope_scaling
+    if scaling is not None:
+        context = scaling.original_max_position_embeddings
+        wavelen = 2 * math.pi / inv_freq
+        low_freq_wavelen = context / scaling.low_freq_factor
+        high_freq_wavelen = context / scaling.high_freq_factor
+        smooth = (context / wavelen - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor)
+        interpolated = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+        inv_freq = np.where(
+            wavelen > low_freq_wavelen,
+            inv_freq / scaling.factor,
+            np.where(wavelen < high_freq_wavelen, inv_freq, interpolated),
+        )
+    return inv_freq.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates ``x`` ``[b, l, heads, h]`` by position; ``cos``/``sin`` are ``[l, h]`` float32.
+
+    Half-split convention of transformers' Llama (``rotate_half``), not interleaved pairs:
+    ``x * cos + concat(-x2, x1) * sin`` with ``x1, x2`` the two halves of the head.
+    """
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x32 * cos[:, None, :] + rotated * sin[:, None, :]).astype(x.dtype)
+
+
+def grouped_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask_bklm: jax.Array,
+                            scale: float) -> tuple[jax.Array, jax.Array]:
+    """``softmax(q k^T * scale, masked) v`` with ``n // k`` query heads per key/value head.
+
+    Args:
+      q: ``[b, l, n, h]`` queries; k, v: ``[b, l, k, h]`` keys and values (after RoPE).
+      mask_bklm: ``[b, 1, 1, l, l]`` bool, True where query l may attend key m.
+      scale: multiplies the scores (``head_dim ** -0.5``).
+
+    Returns:
+      ``([b, l, n, h] output, [b, n, l, l] attention probabilities)`` in q's dtype; scores and
+      softmax are float32.
+    """
+    b, l, n, h = q.shape
+    num_kv = k.shape[2]
+    # Query head n uses key/value head n // g (transformers' repeat_kv order).
+    q = q.reshape(b, l, num_kv, n // num_kv, h)
+    scores = jnp.einsum("blkgh,bmkh->bkglm", q, k, preferred_element_type=jnp.float32)
+    # A finite minimum, not -inf: a fully masked row (a left-padding query) becomes a uniform
+    # average instead of NaN; its output is padding and ignored downstream.
+    scores = jnp.where(mask_bklm, scores * scale, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkglm,bmkh->blkgh", probs, v).reshape(b, l, n, h)
+    return out, probs.reshape(b, n, l, l)
+
+
+def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
+    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+def _used(param: nnx.Param, dtype) -> jax.Array:
+    """A parameter's value in the compute dtype (its gradient flows back in its own dtype)."""
+    return param[...].astype(dtype)
+
+
+class RMSNorm(nnx.Module):
+    """``x / sqrt(mean(x^2) + eps) * scale`` over the last axis, normalised in float32 and cast
+    back to ``x``'s dtype before the scale (as transformers' LlamaRMSNorm)."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))  # [dim]
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return normed.astype(x.dtype) * _used(self.scale, x.dtype)
+
+
+class Embedder(nnx.Module):
+    """Token embedding table ``embedding_vd`` ``[vocab, hidden]``; its output is in ``dtype``,
+    the compute dtype every later layer follows."""
+
+    def __init__(self, config: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        shape = (config.vocab_size, config.hidden_size)
+        self.embedding_vd = nnx.Param(_normal(rngs, shape, config.initializer_range, param_dtype))
+        self.dtype = dtype
+
+    def __call__(self, input_ids: jax.Array) -> jax.Array:
+        """``[b, l]`` int ids -> ``[b, l, d]`` embeddings."""
+        # Gather, then cast: only the rows used are converted, not the whole table.
+        return jnp.take(self.embedding_vd[...], input_ids, axis=0).astype(self.dtype)
+
+
+class Attention(nnx.Module):
+    """Causal grouped-query self-attention with RoPE (and Qwen2 biases / Qwen3 q,k norms)."""
+
+    def __init__(self, config: LlamaConfig, *, param_dtype, rngs: nnx.Rngs):
+        d, n, k, h = (config.hidden_size, config.num_attention_heads,
+                      config.num_key_value_heads, config.head_dim)
+        std = config.initializer_range
+        self.q_dnh = nnx.Param(_normal(rngs, (d, n, h), std, param_dtype))
+        self.k_dkh = nnx.Param(_normal(rngs, (d, k, h), std, param_dtype))
+        self.v_dkh = nnx.Param(_normal(rngs, (d, k, h), std, param_dtype))
+        self.o_nhd = nnx.Param(_normal(rngs, (n, h, d), std, param_dtype))
+        self.q_bias_nh = nnx.Param(jnp.zeros((n, h), param_dtype)) if config.qkv_bias else None
+        self.k_bias_kh = nnx.Param(jnp.zeros((k, h), param_dtype)) if config.qkv_bias else None
+        self.v_bias_kh = nnx.Param(jnp.zeros((k, h), param_dtype)) if config.qkv_bias else None
+        eps = config.rms_norm_eps
+        self.q_norm = RMSNorm(h, eps, param_dtype=param_dtype) if config.qk_norm else None
+        self.k_norm = RMSNorm(h, eps, param_dtype=param_dtype) if config.qk_norm else None
+        self.scale = h**-0.5
+
+    def __call__(self, x, cos, sin, mask_bklm):
+        """Self-attention of ``x`` ``[b, l, d]``.
+
+        Args:
+          cos, sin: ``[l, h]`` float32 RoPE tables.
+          mask_bklm: ``[b, 1, 1, l, l]`` bool, True where query l may attend key m.
+
+        Returns:
+          ``([b, l, d] output, [b, n, l, l] attention probabilities in x's dtype)``.
+        """
+        q = jnp.einsum("bld,dnh->blnh", x, _used(self.q_dnh, x.dtype))
+        k = jnp.einsum("bld,dkh->blkh", x, _used(self.k_dkh, x.dtype))
+        v = jnp.einsum("bld,dkh->blkh", x, _used(self.v_dkh, x.dtype))
+        if self.q_bias_nh is not None:
+            q = q + _used(self.q_bias_nh, x.dtype)
+            k = k + _used(self.k_bias_kh, x.dtype)
+            v = v + _used(self.v_bias_kh, x.dtype)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        out, probs = grouped_query_attention(q, k, v, mask_bklm, self.scale)
+        return jnp.einsum("blnh,nhd->bld", out, _used(self.o_nhd, x.dtype)), probs
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: ``down(silu(x @ gate) * (x @ up))``."""
+
+    def __init__(self, config: LlamaConfig, *, param_dtype, rngs: nnx.Rngs):
+        d, f = config.hidden_size, config.intermediate_size
+        std = config.initializer_range
+        self.gate_df = nnx.Param(_normal(rngs, (d, f), std, param_dtype))
+        self.up_df = nnx.Param(_normal(rngs, (d, f), std, param_dtype))
+        self.down_fd = nnx.Param(_normal(rngs, (f, d), std, param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``[b, l, d]`` -> ``[b, l, d]``."""
+        gate = jax.nn.silu(x @ _used(self.gate_df, x.dtype))
+        return (gate * (x @ _used(self.up_df, x.dtype))) @ _used(self.down_fd, x.dtype)
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: ``h = x + attn(norm(x))``, ``out = h + mlp(norm(h))``."""
+
+    def __init__(self, config: LlamaConfig, *, param_dtype, rngs: nnx.Rngs):
+        eps = config.rms_norm_eps
+        self.input_norm = RMSNorm(config.hidden_size, eps, param_dtype=param_dtype)
+        self.attn = Attention(config, param_dtype=param_dtype, rngs=rngs)
+        self.post_attn_norm = RMSNorm(config.hidden_size, eps, param_dtype=param_dtype)
+        self.mlp = MLP(config, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask_bklm):
+        """``[b, l, d]`` -> ``([b, l, d], [b, n, l, l] attention probabilities)``."""
+        attn_out, probs = self.attn(self.input_norm(x), cos, sin, mask_bklm)
+        h = x + attn_out
+        return h + self.mlp(self.post_attn_norm(h)), probs
+
+
+class Llama(nnx.Module):
+    """A Llama-family causal LM following the protocol of ``pipeline.models``.
+
+    Args:
+      config: the architecture.
+      dtype: compute dtype (float32 or bfloat16) of the embeddings, activations and matmuls;
+        a Hugging Face export is written in it (``torch_dtype``).
+      param_dtype: dtype the parameters are stored (and trained) in; ``None``: ``dtype``.
+      rngs: random initialisation (``nnx.Rngs(seed)``).
+    """
+
+    def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, param_dtype=None,
+                 rngs: nnx.Rngs):
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        param_dtype = self.dtype if param_dtype is None else jnp.dtype(param_dtype)
+        self.embedder = Embedder(config, dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(config, param_dtype=param_dtype, rngs=rngs)
+                                for _ in range(config.num_hidden_layers)])
+        self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
+        head_shape = (config.vocab_size, config.hidden_size)
+        self.lm_head_vd = None if config.tie_word_embeddings else nnx.Param(
+            _normal(rngs, head_shape, config.initializer_range, param_dtype))
+
+    def output_head(self) -> jax.Array:
+        """The output projection ``[vocab, hidden]`` in the compute dtype (the embedding table
+        when tied)."""
+        if self.lm_head_vd is None:
+            return _used(self.embedder.embedding_vd, self.dtype)
+        return _used(self.lm_head_vd, self.dtype)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        compute_logits: bool = True,
+    ) -> ModelOutput:
+        """Runs the decoder over positions ``0..seq-1``.
+
+        Args:
+          input_ids: ``[batch, seq]`` integer token ids.
+          attention_mask: ``[batch, seq]``, 1 (or True) for real tokens, 0 for padding; combined
+            with the causal mask (and mistral's sliding window). ``None``: no padding.
+          output_hidden_states, output_attentions, compute_logits: see ``ModelOutput``.
+
+        Returns:
+          ``ModelOutput``; ``logits`` ``[batch, seq, vocab]`` float32. Outputs at padding
+          positions are finite but meaningless.
+        """
+        if input_ids.ndim != 2:
+            raise DataError(f"input_ids: expected [batch, seq], got shape {input_ids.shape}")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise DataError(
+                f"attention_mask: expected shape {input_ids.shape} (as input_ids), got "
+                f"{attention_mask.shape}"
+            )
+        seq = input_ids.shape[1]
+        mask_bklm = self._mask(attention_mask, input_ids.shape[0], seq)
+        freqs = np.arange(seq, dtype=np.float32)[:, None] * rope_inverse_frequencies(self.config)
+        angles = np.concatenate([freqs, freqs], axis=-1)  # [l, h]
+        cos, sin = jnp.asarray(np.cos(angles)), jnp.asarray(np.sin(angles))
+
+        x = self.embedder(input_ids)
+        hidden_states = [x]
+        attentions = []
+        for layer in self.layers:
+            x, probs = layer(x, cos, sin, mask_bklm)
+            hidden_states.append(x)
+            attentions.append(probs)
+        x = self.final_norm(x)
+        # transformers' convention: the last entry is the final-normed state, not the raw one.
+        hidden_states[-1] = x
+        logits = None
+        if compute_logits:
+            logits = jnp.einsum("bld,vd->blv", x, self.output_head(),
+                                preferred_element_type=jnp.float32)
+        return ModelOutput(
+            last_hidden_state=x,
+            logits=logits,
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+        )
+
+    def _mask(self, attention_mask, batch: int, seq: int) -> jax.Array:
+        """``[batch, 1, 1, seq, seq]`` bool: causal, sliding window, padding of the keys."""
+        query = np.arange(seq)[:, None]
+        key = np.arange(seq)[None, :]
+        allowed = key <= query
+        if self.config.sliding_window is not None:
+            allowed &= query - key < self.config.sliding_window
+        mask = jnp.broadcast_to(jnp.asarray(allowed), (batch, seq, seq))
+        if attention_mask is not None:
+            mask = mask & attention_mask.astype(bool)[:, None, :]
+        return mask[:, None, None]
