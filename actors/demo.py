@@ -76,10 +76,10 @@ def run_demo(config_path: str, overrides: list[str]) -> dict:
     from rich.table import Table
 
     from actors.driver import run
-    from pipeline.cache import read_manifest
+    from pipeline.cache import read_manifest, split_location
     from pipeline.data import prepare_dataset, train_bpe_tokenizer
     from pipeline.metrics import table_cell, write_report
-    from pipeline.train import cache_location, train
+    from pipeline.train import train
 
     console = Console()
     config = load_config(config_path, overrides)
@@ -119,9 +119,8 @@ def run_demo(config_path: str, overrides: list[str]) -> dict:
         results[name] = outcomes[name].result
         seconds[phase_name] = time.perf_counter() - start
     fill_seconds = outcomes["distilled"].seconds.get("cache fill", 0.0)
-    manifest = read_manifest(cache_location(runs["distilled"].cache, "train"))
-    cache_bytes = sum(size for commit in manifest.commits for _, size, _ in commit.files)
-    bytes_per_token = cache_bytes / (manifest.num_sequences * manifest.seq_len)
+    manifest = read_manifest(split_location(runs["distilled"].cache.path, "train"))
+    bytes_per_token = manifest.committed_bytes / (manifest.num_sequences * manifest.seq_len)
 
     # The teacher is not measured against itself: no KL or agreement in its row (None, shown "—").
     rows = [{"model": "teacher", "held-out CE": teacher_result.final_eval.get("ce_loss"),

@@ -52,11 +52,10 @@ import dataclasses
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 from ray.util.placement_group import placement_group_table
 
@@ -65,22 +64,14 @@ from actors.groups import (LOCAL_HOST_CPU, PLACEMENT_TIMEOUT_S, GroupSpec, HostG
                            HostGroupError, HostTimeoutError, InsufficientResourcesError,
                            cluster_census)
 from actors.hosts import HostEnv
+from actors.remote import SERVICE, RemoteTargets, TargetService, remote_readers
 from actors.view import ProgressView
 from pipeline.config import GroupConfig, RunConfig
-from pipeline.data.order import eval_schedule, fill_order, train_schedule
+from pipeline.data.order import fill_order
 from pipeline.errors import ConfigError
 
 # The driver loop's turn: how long it waits for finished work before refreshing the view.
 POLL_S = 0.5
-# A student waiting for a shard lists the commit records this often.
-SHARD_POLL_S = 0.2
-# Long enough for any teacher to commit a shard; a dead teacher group ends the run sooner
-# (the driver tears the student group down).
-SHARD_WAIT_TIMEOUT_S = 6 * 3600.0
-# Batches a student host asks remote teachers for ahead of the one it reads.
-REMOTE_AHEAD = 4
-# Hybrid: the commit records are listed at most this often (each listing reads them all).
-COMMIT_REFRESH_S = 1.0
 # A re-formed student group gets this long to be placed at one size before a smaller one is
 # tried (Ray notices a lost node, the old reservation is released).
 REFORM_PLACEMENT_S = 120.0
@@ -229,7 +220,7 @@ def load_teacher(host, config: RunConfig) -> float:
         spec = config.model.teacher
         model = load_pretrained(spec.path, dtype=spec.dtype)
         host.state["teacher"] = (model, TrainState.create(model))
-        host.state["datasets"] = {}
+        host.state[SERVICE] = TargetService.of(config, model.config.vocab_size)
     return time.perf_counter() - start
 
 
@@ -240,22 +231,6 @@ def fill_shard(host, config: RunConfig, split: str, shard: int, teacher_fp: str)
     load_teacher(host, config)
     return fill_cache(config, host.state["teacher"][0], split, teacher_fp=teacher_fp,
                       shards=[shard])
-
-
-def teacher_targets(host, config: RunConfig, split: str, rows: np.ndarray) -> dict[str, np.ndarray]:
-    """The encoded targets of ``rows`` of ``split`` (a remote teacher's answer to a student)."""
-    from pipeline.data import TokenDataset, read_info
-    from pipeline.teacher import encode_targets, target_spec
-
-    load_teacher(host, config)
-    model, state = host.state["teacher"]
-    datasets = host.state["datasets"]
-    if split not in datasets:
-        datasets[split] = TokenDataset(config.data.prepared_dir, split,
-                                       vocab_size=model.config.vocab_size)
-        host.state["spec"] = target_spec(config, read_info(config.data.prepared_dir),
-                                         vocab_size=model.config.vocab_size)
-    return encode_targets(state, datasets[split].read_rows(rows), rows, host.state["spec"])
 
 
 class TeacherWork:
@@ -380,144 +355,6 @@ class TeacherWork:
 # Student hosts' teacher targets
 # --------------------------------------------------------------------------------------------
 
-class CommittedCacheReader:
-    """A cache that teacher hosts may still be writing, read where committed only.
-
-    ``read(rows)`` first waits for the shards of ``rows`` to be committed (telling
-    ``on_wait(split, missing_shards)``, then ``on_wait(split, [])``), so the student never reads
-    a shard being written. Opens the cache once a teacher host has created it.
-    """
-
-    def __init__(self, open_reader: Callable[[], Any], location: str, split: str,
-                 on_wait: Callable[[str, list[int]], None]):
-        self._open_reader, self.location, self.split = open_reader, location, split
-        self._on_wait = on_wait
-        self._reader = None
-        self._listed_at = 0.0
-        self.waited_s = 0.0
-        self.first_read: dict[int, float] = {}  # shard -> time.time() of its first read
-
-    def _cache(self, wait: bool = True):
-        """The reader, once the cache exists; waits for a teacher host to create it, or
-        returns None at once when not ``wait``."""
-        if self._reader is None:
-            from pipeline.cache.format import MANIFEST_KEY, open_kvstore
-
-            deadline = time.monotonic() + SHARD_WAIT_TIMEOUT_S
-            store = open_kvstore(self.location)
-            if store.read(MANIFEST_KEY).result().state != "value":
-                if not wait:
-                    return None
-                self._on_wait(self.split, ["manifest"])
-                start = time.monotonic()
-                while store.read(MANIFEST_KEY).result().state != "value":
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"cache {self.location}: no teacher host created it "
-                                           f"within {SHARD_WAIT_TIMEOUT_S:g} s")
-                    time.sleep(SHARD_POLL_S)
-                self.waited_s += time.monotonic() - start
-                self._on_wait(self.split, [])
-            self._reader = self._open_reader()
-        return self._reader
-
-    def _shards(self, rows: np.ndarray) -> list[int]:
-        return sorted(set((np.asarray(rows) // self._cache().manifest.shard_sequences).tolist()))
-
-    def has(self, rows: np.ndarray) -> bool:
-        """Whether every shard of ``rows`` is committed (commits listed at most every
-        COMMIT_REFRESH_S)."""
-        reader = self._cache(wait=False)
-        if reader is None:
-            return False
-        shards = set(self._shards(rows))
-        if not shards <= reader.committed_shards and time.monotonic() - self._listed_at > COMMIT_REFRESH_S:
-            reader.refresh()
-            self._listed_at = time.monotonic()
-        return shards <= reader.committed_shards
-
-    def read(self, rows: np.ndarray):
-        reader = self._cache()
-        shards = self._shards(rows)
-        missing = [s for s in shards if s not in reader.committed_shards]
-        if missing and not set(missing) <= reader.refresh():
-            self._on_wait(self.split, [s for s in missing if s not in reader.committed_shards])
-            start = time.monotonic()
-            reader.wait_for_shards(missing, timeout_s=SHARD_WAIT_TIMEOUT_S, poll_s=SHARD_POLL_S)
-            self.waited_s += time.monotonic() - start
-            self._on_wait(self.split, [])
-        now = time.time()
-        for s in shards:
-            self.first_read.setdefault(s, now)
-        return reader.read(rows)
-
-
-class RemoteTargets:
-    """Targets computed by teacher hosts on request and handed over Ray's object store.
-
-    ``schedule`` yields the row batches this student host will read, in order; requests run
-    REMOTE_AHEAD batches ahead of the one being read, spread round-robin over the teacher
-    hosts. A read off the schedule is requested on the spot. ``wanted(rows)`` (hybrid) skips
-    batches another source will serve.
-    """
-
-    def __init__(self, teachers: list, config: RunConfig, split: str, spec, vocab_size: int,
-                 schedule: Iterator[np.ndarray], *, first: int = 0,
-                 wanted: Callable[[np.ndarray], bool] = lambda rows: True):
-        self._teachers, self._config, self._split = teachers, config, split
-        self._spec, self._vocab_size = spec, vocab_size
-        self._schedule, self._wanted = schedule, wanted
-        self._next = first  # the teacher host of the next request
-        self._ahead: collections.deque = collections.deque()
-        self.batches = 0
-
-    def _request(self, rows: np.ndarray):
-        teacher = self._teachers[self._next % len(self._teachers)]
-        self._next += 1
-        return teacher.run.remote((teacher_targets, (self._config, self._split, rows), {}))
-
-    def _top_up(self) -> None:
-        while len(self._ahead) < REMOTE_AHEAD:
-            upcoming = next(self._schedule)
-            self._ahead.append((upcoming, self._request(upcoming) if self._wanted(upcoming) else None))
-
-    def take(self, rows: np.ndarray):
-        """The request made ahead for ``rows`` (None if none), keeping REMOTE_AHEAD in flight."""
-        self._top_up()
-        ref = None
-        if np.array_equal(self._ahead[0][0], rows):
-            ref = self._ahead.popleft()[1]
-            self._top_up()
-        return ref
-
-    def fetch(self, rows: np.ndarray, ref=None):
-        import jax.numpy as jnp
-
-        from pipeline.cache import compress
-
-        stored = ray.get(ref if ref is not None else self._request(rows))
-        self.batches += 1
-        return compress.decode({k: jnp.asarray(v) for k, v in stored.items()}, self._spec,
-                               self._vocab_size)
-
-    def read(self, rows: np.ndarray):
-        return self.fetch(rows, self.take(rows))
-
-
-class HybridTargets:
-    """The cache where all shards of a batch are committed, a remote teacher otherwise."""
-
-    def __init__(self, cache: CommittedCacheReader, remote: RemoteTargets):
-        self.cache, self.remote = cache, remote
-        self.cached_batches = 0
-
-    def read(self, rows: np.ndarray):
-        ref = self.remote.take(rows)
-        if self.cache.has(rows):
-            self.cached_batches += 1
-            return self.cache.read(rows)
-        return self.remote.fetch(rows, ref)
-
-
 @dataclasses.dataclass(frozen=True)
 class StudentPlan:
     """What every student host needs to find its teacher targets."""
@@ -542,66 +379,21 @@ class StudentReport:
     preempted: bool = False  # ... because this host got a preemption notice (SIGTERM)
 
 
-def student_targets(host, config: RunConfig, plan: StudentPlan) -> dict[str, Any] | None:
-    """split -> target reader for this student host (None: live, the teacher runs in the step)."""
-    from pipeline.data import read_info
-    from pipeline.teacher import target_spec
-    from pipeline.train import cache_location, open_cache
+def train_student(host, config: RunConfig, plan: StudentPlan) -> StudentReport:
+    """One student host's part of the run: ``pipeline.train.train`` as process ``host.rank``
+    of the group's JAX program, with the plan's teacher targets."""
+    from pipeline.targets import CommittedCacheReader, run_targets
+    from pipeline.train import Host, Preempted, train
 
-    if plan.source == "live" or plan.teacher_fp is None:
-        return None  # the teacher runs in the step, or a hard-label run reads a finished cache
-    info = read_info(config.data.prepared_dir)
-    vocab_size = config.model.student.vocab_size or info.vocab_size
-    rows = {split: info.splits.get(split, {}).get("num_rows", 0) for split in SPLITS}
+    start = time.perf_counter()
 
     def on_wait(split: str, missing: list) -> None:
         host.report(waiting=f"{split} shards {missing}" if missing else None)
 
-    def cached(split: str) -> CommittedCacheReader:
-        return CommittedCacheReader(
-            lambda: open_cache(config, info, split, vocab_size, teacher_fp=plan.teacher_fp),
-            cache_location(config.cache, split), split, on_wait)
-
-    _, offset = start_position(config)
-    schedules = {"train": lambda: train_schedule(
-                     rows["train"], offset, seed=config.data.seed,
-                     shuffle_window=config.data.shuffle_window,
-                     global_batch=config.train.global_batch_size, host_index=host.rank,
-                     host_count=host.num_hosts),
-                 "eval": lambda: eval_schedule(rows["eval"], config.eval, host_index=host.rank,
-                                               host_count=host.num_hosts)}
-    targets: dict[str, Any] = {}
-    for split in SPLITS:
-        if not rows[split]:
-            continue
-        if plan.source == "offline":
-            targets[split] = cached(split)
-            continue
-        # the teacher's logit width: what the teacher hosts encode with
-        from pipeline.models.hf_io import read_config
-
-        spec = target_spec(config, info, vocab_size=read_config(config.model.teacher.path).vocab_size)
-        # students start on different teacher hosts so that their first requests spread out
-        first = host.rank * len(plan.teachers) // host.num_hosts
-        if plan.source == "remote":
-            targets[split] = RemoteTargets(list(plan.teachers), config, split, spec, vocab_size,
-                                           schedules[split](), first=first)
-        else:
-            cache = cached(split)
-            remote = RemoteTargets(list(plan.teachers), config, split, spec, vocab_size,
-                                   schedules[split](), first=first,
-                                   wanted=lambda batch, cache=cache: not cache.has(batch))
-            targets[split] = HybridTargets(cache, remote)
-    return targets
-
-
-def train_student(host, config: RunConfig, plan: StudentPlan) -> StudentReport:
-    """One student host's part of the run: ``pipeline.train.train`` as process ``host.rank``
-    of the group's JAX program, with the plan's teacher targets."""
-    from pipeline.train import Host, Preempted, train
-
-    start = time.perf_counter()
-    targets = student_targets(host, config, plan)
+    remote = remote_readers(plan.teachers, config, host.rank, host.num_hosts) if plan.teachers else None
+    targets = run_targets(config, plan.source, teacher_fp=plan.teacher_fp,
+                          offset=start_position(config)[1], host_index=host.rank,
+                          host_count=host.num_hosts, remote=remote, on_wait=on_wait)
 
     def on_step(step: int, metrics: dict) -> None:
         host.report(step=step, **{k: metrics[k] for k in ("loss", "tokens_per_s") if k in metrics})
@@ -893,16 +685,15 @@ class RunOutcome:
 
 def _pending_shards(config: RunConfig, num_rows: Mapping[str, int], teacher_fp: str) -> dict[str, set[int]]:
     """split -> shards not committed yet. A cache written by another teacher is refused."""
-    from pipeline.cache import read_manifest
+    from pipeline.cache import num_shards, read_manifest, split_location
     from pipeline.errors import CacheError
-    from pipeline.train import cache_location
 
     pending = {}
     for split in SPLITS:
         if not num_rows.get(split):
             continue
-        total = set(range(-(-num_rows[split] // config.cache.shard_sequences)))
-        location = cache_location(config.cache, split)
+        total = set(range(num_shards(num_rows[split], config.cache.shard_sequences)))
+        location = split_location(config.cache.path, split)
         try:
             manifest = read_manifest(location)
         except CacheError:  # no manifest yet: nothing written
@@ -945,6 +736,7 @@ def run(config: RunConfig, *, address: str | None = None, console=None,
     """
     from rich.console import Console
 
+    from pipeline.cache import num_shards
     from pipeline.data import read_info
     from pipeline.models.hf_io import teacher_fingerprint
     from pipeline.train import check_model_context
@@ -1001,7 +793,7 @@ def run(config: RunConfig, *, address: str | None = None, console=None,
         students = StudentWork(config, plan, student_spec, student, work)
         students.start(config.cluster.student.hosts)
         seconds["startup"] = time.monotonic() - started
-        cache_total = {split: -(-num_rows[split] // config.cache.shard_sequences)
+        cache_total = {split: num_shards(num_rows[split], config.cache.shard_sequences)
                        for split in SPLITS if num_rows[split]} if pending else {}
         view = ProgressView(
             console, source=source, steps=config.train.steps, start_step=start[0],

@@ -21,7 +21,7 @@ def _cache_split(location: str) -> list[str]:
     target = manifest.target
     committed = sorted(manifest.committed)
     sequences = sum(manifest.shard_range(s)[1] - manifest.shard_range(s)[0] for s in committed)
-    stored = sum(size for commit in manifest.commits for _, size, _ in commit.files)
+    stored = manifest.committed_bytes
     tokens = sequences * manifest.seq_len
     what = {"topk": f"top-{target.k} log-probs + tail mass",
             "sampled": f"{target.n_draws} sampled draws (ids + counts) + teacher entropy",

@@ -19,13 +19,12 @@ from collections.abc import Iterable
 import jax
 import numpy as np
 
-from pipeline.cache import CacheManifest, CacheWriter, TargetSpec, compress
+from pipeline.cache import CacheManifest, CacheWriter, TargetSpec, compress, split_location
 from pipeline.config import RunConfig
 from pipeline.data import DatasetInfo, TokenDataset, read_info
 from pipeline.metrics import progress_bar
 from pipeline.models.llama import Llama
 from pipeline.step import TrainState
-from pipeline.train import cache_location
 
 
 def target_spec(config: RunConfig, info: DatasetInfo, *, vocab_size: int) -> TargetSpec:
@@ -103,7 +102,7 @@ def fill_cache(config: RunConfig, teacher: Llama, split: str, *, teacher_fp: str
     batch_size = batch_size or config.train.global_batch_size // config.train.grad_accum_steps
     state = TrainState.create(teacher)
     start = time.perf_counter()
-    with CacheWriter(cache_location(config.cache, split), manifest, name=f"split {split}") as writer:
+    with CacheWriter(split_location(config.cache.path, split), manifest, name=f"split {split}") as writer:
         wanted = range(manifest.num_shards) if shards is None else shards
         pending = writer.pending_shards(wanted)
         skipped = tuple(sorted(set(wanted) - set(pending)))

@@ -26,23 +26,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from pipeline.cache import CacheReader, RunDeclaration, read_manifest
-from pipeline.cache.format import split_location
+from pipeline.cache import CacheReader, read_manifest, split_location
 from pipeline.cache.reader import prefetch
 from pipeline.checkpoint import Checkpoints, RunIdentity, TrainPosition, read_checkpoint_metas
-from pipeline.config import MESH_AXES, CacheConfig, RunConfig, config_hash, config_to_dict
+from pipeline.config import MESH_AXES, RunConfig, config_hash, config_to_dict
 from pipeline.data import DatasetInfo, HostBatches, TokenDataset, eval_batches, host_offsets, read_info
 from pipeline.data.order import eval_rows
 from pipeline.errors import CacheError, CheckpointError, ConfigError
@@ -53,6 +52,8 @@ from pipeline.models.llama import Llama
 from pipeline.models.sharding import BATCH_SPEC, make_mesh, shard_model
 from pipeline.optim import build_optimizer, build_schedule
 from pipeline.step import DistillLossConfig, LossMetrics, TrainState, jit_distillation_step
+from pipeline.targets import (SOURCES, Openers, TargetReader, open_cache, pick_readers,
+                              require_complete)
 
 EXPORT_DIR = "student"
 # Eval metrics are token-weighted means of the per-batch values (each batch's num_tokens).
@@ -94,39 +95,6 @@ class TrainResult:
     skipped_updates: int
     run_dir: Path
     empty_batches: int = 0
-
-
-# --------------------------------------------------------------------------------------------
-# Teacher targets
-# --------------------------------------------------------------------------------------------
-
-class TargetReader(Protocol):
-    """Teacher targets of one split by row, as ``CacheReader`` serves them: ``read(rows [B])``
-    returns the teacher keys of pipeline/losses.py (``[B, L, ...]``). The driver plugs in others
-    (a cache still being written, a remote teacher) through ``train(targets=...)``."""
-
-    def read(self, rows: np.ndarray) -> Mapping[str, jax.Array | np.ndarray]: ...
-
-
-def cache_location(cache: CacheConfig, split: str) -> str:
-    """Where a split's targets live: ``<cache.path>/<split>`` (a path or kvstore URL)."""
-    return split_location(cache.path, split)
-
-
-def open_cache(config: RunConfig, info: DatasetInfo, split: str, vocab_size: int, *,
-               teacher_fp: str | None = None) -> CacheReader:
-    """The cache reader of ``split``, checked against what this run declares (CacheError on
-    any mismatch, naming the field)."""
-    declaration = RunDeclaration(
-        tokenizer_fingerprint=info.tokenizer_fingerprint,
-        dataset_fingerprint=info.fingerprint(split),
-        vocab_size=vocab_size,
-        seq_len=info.seq_len,
-        temperature=config.loss.temperature,
-        tokenizer_vocab_size=info.vocab_size,
-        teacher_fingerprint=teacher_fp,
-    )
-    return CacheReader(cache_location(config.cache, split), declaration)
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,14 +301,12 @@ def prepare_run(config: RunConfig, *, host: Host = Host(), teacher: Llama | None
                 train_targets: bool = True,
                 targets: Mapping[str, TargetReader] | None = None) -> RunSetup:
     """Open the data, build the student (fresh, on the mesh of ``config.mesh``), and find the
-    teacher targets: ``targets`` (split -> reader) when given, else the cache readers
-    (``offline``; the train cache only when ``train_targets``), or the live teacher
-    (``teacher``, else ``model.teacher.path``).
+    teacher targets: ``targets`` (split -> reader) when given, else the readers of the
+    source (``pipeline.targets.pick_readers``: complete caches; the train split only when
+    ``train_targets``), or the live teacher (``teacher``, else ``model.teacher.path``).
     Every mismatch between config, data, cache and teacher is refused here, before a step."""
     source = config.teacher_source
-    if source in ("remote", "hybrid") and targets is None:
-        raise ConfigError(f"cluster.teacher_source: '{source}' needs teacher actors; run it with "
-                          f"`kdpipe run`, which starts them (`kdpipe train` runs offline or live)")
+    in_step = SOURCES[source].teacher_in_step
     info = read_info(config.data.prepared_dir)
     vocab_size = config.model.student.vocab_size or info.vocab_size
     train_data = TokenDataset(config.data.prepared_dir, "train", vocab_size=vocab_size)
@@ -348,36 +314,38 @@ def prepare_run(config: RunConfig, *, host: Host = Host(), teacher: Llama | None
                  if info.splits.get("eval", {}).get("num_rows") else None)
 
     check_model_context(config.model.student, "student", info.seq_len)
-    if source == "live" and config.model.has_teacher:
+    if in_step and config.model.has_teacher:
         check_model_context(config.model.teacher, "teacher", info.seq_len)
     state, mesh = _student_state(config, vocab_size)
 
     teacher_state = None
-    if source == "live" and teacher is None and config.model.teacher.from_pretrained:
+    if in_step and teacher is None and config.model.teacher.from_pretrained:
         teacher = build_model(config.model.teacher, vocab_size, config.train.seed, mesh,
                               frozen=True)
     elif teacher is not None:
         shard_model(teacher, mesh)
     if teacher is not None:
         teacher_state = TrainState.create(teacher)
-    if source == "live" and teacher_state is None and not config.hard_labels_only:
+    if in_step and teacher_state is None and not config.hard_labels_only:
         raise ConfigError("model.teacher.path: a live teacher is needed (cluster.teacher_source: "
                           "live) but none is given")
-    train_reader = eval_reader = None
-    if targets is not None:
-        if train_targets and not config.hard_labels_only:
-            train_reader = targets.get("train")
-        if eval_data is not None and teacher_state is None:
-            eval_reader = targets.get("eval")
-    elif source == "offline" and config.cache is not None:
-        teacher_fp = (teacher_fingerprint(config.model.teacher.path)
-                      if config.model.teacher.from_pretrained else None)
-        if train_targets and not config.hard_labels_only:
-            train_reader = open_cache(config, info, "train", vocab_size, teacher_fp=teacher_fp)
-            _require_complete(train_reader, "train")
-        if eval_data is not None and teacher_state is None:
-            eval_reader = open_cache(config, info, "eval", vocab_size, teacher_fp=teacher_fp)
-            _require_complete(eval_reader, "eval")
+    wanted = ((["train"] if train_targets and not config.hard_labels_only else [])
+              + (["eval"] if eval_data is not None and teacher_state is None else []))
+    if targets is None:
+        @functools.cache
+        def teacher_fp() -> str | None:  # hashes the weights: only for a cache to check
+            return (teacher_fingerprint(config.model.teacher.path)
+                    if config.model.teacher.from_pretrained else None)
+
+        def complete_cache(split: str) -> CacheReader:
+            return require_complete(open_cache(config.cache, info, split, vocab_size,
+                                               temperature=config.loss.temperature,
+                                               teacher_fp=teacher_fp()), split)
+
+        targets = pick_readers(source, wanted, Openers(
+            cache=complete_cache if config.cache is not None else None)) or {}
+    train_reader, eval_reader = (targets.get(split) if split in wanted else None
+                                 for split in ("train", "eval"))
     identity = _identity(config, vocab_size, train_data.fingerprint)
     return RunSetup(info=info, vocab_size=vocab_size, train_data=train_data, eval_data=eval_data,
                     sharding=NamedSharding(mesh, BATCH_SPEC), state=state,
@@ -416,7 +384,7 @@ def _complete_cache(config: RunConfig, split: str) -> bool:
     if config.cache is None:
         return False
     try:
-        manifest = read_manifest(cache_location(config.cache, split))
+        manifest = read_manifest(split_location(config.cache.path, split))
     except CacheError:  # nothing written there yet
         return False
     return len(manifest.committed) == manifest.num_shards
@@ -435,7 +403,7 @@ def evaluate_checkpoint(config: RunConfig, *, step: int | None = None
     if not info.splits.get("eval", {}).get("num_rows"):
         raise ConfigError(f"data.eval_fraction: the prepared dataset {config.data.prepared_dir} has "
                           f"no held-out rows to evaluate on")
-    if config.teacher_source in ("remote", "hybrid"):
+    if SOURCES[config.teacher_source].asks_teacher_hosts:
         source = "offline" if _complete_cache(config, "eval") else "live"
         config = dataclasses.replace(config, cluster=dataclasses.replace(config.cluster,
                                                                          teacher_source=source))
@@ -532,7 +500,8 @@ def _train(config: RunConfig, *, host: Host, teacher: Llama | None,
     state, teacher_state = setup.state, setup.teacher_state
     train_reader, eval_reader = setup.train_reader, setup.eval_reader
     source, run_dir = config.teacher_source, Path(config.run_dir)
-    train_teacher = teacher_state if source == "live" and not config.hard_labels_only else None
+    train_teacher = (teacher_state if SOURCES[source].teacher_in_step and not config.hard_labels_only
+                     else None)
     options = step_options(_ce_only(config) if config.hard_labels_only else config, info.vocab_size)
     primary = host.is_primary
     with Checkpoints(config.checkpoint_dir, setup.identity, keep=config.checkpoint.keep,
@@ -646,11 +615,3 @@ def _train(config: RunConfig, *, host: Host, teacher: Llama | None,
                        final_train=last_train, tokens_per_s=tokens_per_s, run_dir=run_dir,
                        **counts)
 
-
-def _require_complete(reader: CacheReader, split: str) -> None:
-    missing = reader.manifest.num_shards - len(reader.committed_shards)
-    if missing:
-        raise ConfigError(
-            f"cache.path: the {split} cache at {reader.location} has {missing} of "
-            f"{reader.manifest.num_shards} shards not written yet; run `kdpipe cache` to finish it "
-            f"(or `kdpipe run`, which trains while the teacher group writes)")

@@ -7,7 +7,8 @@ the modes and what may change after caching (temperature) are documented in
 """
 
 from pipeline.cache.format import (CacheManifest, RunDeclaration, ShardCommit, TargetSpec,
-                                   check_compatible, load_manifest, open_kvstore)
+                                   check_compatible, load_manifest, num_shards, open_kvstore,
+                                   shard_of, split_location)
 from pipeline.cache.reader import CacheReader
 from pipeline.cache.writer import CacheWriter
 
@@ -18,4 +19,5 @@ def read_manifest(location) -> CacheManifest:
 
 
 __all__ = ["CacheManifest", "CacheReader", "CacheWriter", "RunDeclaration", "ShardCommit",
-           "TargetSpec", "check_compatible", "read_manifest"]
+           "TargetSpec", "check_compatible", "num_shards", "read_manifest", "shard_of",
+           "split_location"]

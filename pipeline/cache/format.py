@@ -52,6 +52,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline.errors import CacheError, ConfigError
 
 FORMAT_VERSION = 1
@@ -200,6 +202,22 @@ class ShardCommit:
                    tuple((f["array"], int(f["bytes"]), int(f["crc32"])) for f in obj["files"]))
 
 
+def num_shards(num_sequences: int, shard_sequences: int) -> int:
+    """Shards of a cache of ``num_sequences`` sequences, ``shard_sequences`` to a shard (the
+    last one may be short)."""
+    return -(-num_sequences // shard_sequences)
+
+
+def shard_of(sequence_index, shard_sequences: int):
+    """The shard of a sequence (of each, for an array of sequence indices)."""
+    return sequence_index // shard_sequences
+
+
+def shards_of(sequence_indices, shard_sequences: int) -> list[int]:
+    """The shards holding ``sequence_indices``, sorted, each once."""
+    return sorted(set(shard_of(np.asarray(sequence_indices), shard_sequences).ravel().tolist()))
+
+
 @dataclasses.dataclass(frozen=True)
 class CacheManifest:
     """Everything needed to refuse a wrong pairing of cache and run, plus commit states.
@@ -232,7 +250,7 @@ class CacheManifest:
 
     @property
     def num_shards(self) -> int:
-        return -(-self.num_sequences // self.shard_sequences)
+        return num_shards(self.num_sequences, self.shard_sequences)
 
     def shard_range(self, shard: int) -> tuple[int, int]:
         """Sequence indices [start, stop) of a shard (the last one may be short)."""
@@ -240,11 +258,20 @@ class CacheManifest:
         return start, min(start + self.shard_sequences, self.num_sequences)
 
     def shard_of(self, sequence_index: int) -> int:
-        return sequence_index // self.shard_sequences
+        return shard_of(sequence_index, self.shard_sequences)
+
+    def shards_of(self, sequence_indices) -> list[int]:
+        """The shards holding ``sequence_indices``, sorted, each once."""
+        return shards_of(sequence_indices, self.shard_sequences)
 
     @property
     def committed(self) -> frozenset[int]:
         return frozenset(c.shard for c in self.commits)
+
+    @property
+    def committed_bytes(self) -> int:
+        """Bytes of the committed shards' files, as their commit records list them."""
+        return sum(size for commit in self.commits for _, size, _ in commit.files)
 
     def header_json(self) -> dict:
         """manifest.json contents: all fields but the commits."""

@@ -83,7 +83,7 @@ class CacheReader:
         if indices.min() < 0 or indices.max() >= m.num_sequences:
             raise CacheError(f"cache read: sequence_indices expected in [0, {m.num_sequences}), "
                              f"got [{indices.min()}, {indices.max()}]")
-        shards = sorted(set((indices // m.shard_sequences).tolist()))
+        shards = m.shards_of(indices)
         if not set(shards) <= self.committed_shards:
             self.refresh()
         missing = [s for s in shards if s not in self._commits]
