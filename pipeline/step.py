@@ -35,6 +35,7 @@ from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec
 
 from pipeline import losses
+from pipeline.config import hard_labels_only
 from pipeline.errors import ConfigError, DataError, KdpipeError
 from pipeline.fused_head import fused_head_distillation_loss
 
@@ -203,7 +204,8 @@ def _check_arguments(student_state, batch, teacher_state, loss_config, partition
     if teacher_state is not None and cached:
         raise ConfigError(f"teacher_state is given and the batch also holds teacher outputs "
                           f"{cached}: give one teacher, live or cached")
-    if teacher_state is None and (cached or not _hard_labels_only(loss_config, alpha)):
+    needs_teacher = not hard_labels_only(alpha, loss_config.use_hard_labels)
+    if teacher_state is None and (cached or needs_teacher):
         try:
             losses.targets_from_batch(batch)
         except KdpipeError as error:
@@ -215,11 +217,6 @@ def _check_arguments(student_state, batch, teacher_state, loss_config, partition
     if teacher_state is None and not cached and chunk is not None:
         raise ConfigError(f"logits_chunk_size={chunk} fuses the head with a teacher's targets; "
                           f"a hard-label-only step (no teacher, alpha=0) takes logits_chunk_size=None")
-
-
-def _hard_labels_only(loss_config: DistillLossConfig, alpha: float) -> bool:
-    """A step whose loss is the cross-entropy on the labels alone: it needs no teacher."""
-    return alpha == 0.0 and loss_config.use_hard_labels
 
 
 def _constrain(tree, partition_spec):

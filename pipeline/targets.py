@@ -13,7 +13,9 @@ source      reader of a split
 ==========  ========================================================================
 
 A new source is one reader (class) here plus one entry of ``SOURCES`` and its value in
-``pipeline.config.TeacherSource``. Nothing here imports Ray.
+``pipeline.config.TeacherSource``; the config's checks (``RunConfig``), ``kdpipe train`` and
+``kdpipe run`` ask ``SOURCES`` what a source needs. Nothing here imports Ray, and nothing
+heavier than numpy at import: the config's checks read ``SOURCES``.
 """
 
 from __future__ import annotations
@@ -25,17 +27,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from pipeline.cache import CacheReader, RunDeclaration, split_location
-from pipeline.cache.format import MANIFEST_KEY, open_kvstore
-from pipeline.data import DatasetInfo, read_info
-from pipeline.data.dataset import SPLITS
-from pipeline.data.order import eval_schedule, train_schedule
 from pipeline.errors import ConfigError
 
 if TYPE_CHECKING:
     import jax
 
+    from pipeline.cache import CacheReader
     from pipeline.config import CacheConfig, RunConfig
+    from pipeline.data import DatasetInfo
 
 # A student waiting for a shard lists the commit records this often.
 SHARD_POLL_S = 0.2
@@ -68,6 +67,8 @@ def open_cache(cache: CacheConfig, info: DatasetInfo, split: str, vocab_size: in
     """The cache reader of ``split``, checked against what a run with ``loss.temperature``
     ``temperature`` and a student of ``vocab_size`` logits declares (CacheError on any
     mismatch, naming the field)."""
+    from pipeline.cache import CacheReader, RunDeclaration, split_location
+
     declaration = RunDeclaration(
         tokenizer_fingerprint=info.tokenizer_fingerprint,
         dataset_fingerprint=info.fingerprint(split),
@@ -112,6 +113,8 @@ class CommittedCacheReader:
         """The reader, once the cache exists; waits for a teacher host to create it, or
         returns None at once when not ``wait``."""
         if self._reader is None:
+            from pipeline.cache.format import MANIFEST_KEY, open_kvstore
+
             deadline = time.monotonic() + SHARD_WAIT_TIMEOUT_S
             store = open_kvstore(self.location)
             if store.read(MANIFEST_KEY).result().state != "value":
@@ -242,6 +245,11 @@ def run_targets(config: RunConfig, source: str, *, teacher_fp: str | None, offse
     hosts may still write them; ``on_wait(split, missing)`` hears of each wait), teacher hosts
     asked through ``remote`` on this host's row schedules. None: the teacher runs in the step,
     or a hard-label run (no ``teacher_fp``) reads a finished cache as ``kdpipe train`` does."""
+    from pipeline.cache import split_location
+    from pipeline.data import read_info
+    from pipeline.data.dataset import SPLITS
+    from pipeline.data.order import eval_schedule, train_schedule
+
     if teacher_fp is None:
         return None
     info = read_info(config.data.prepared_dir)

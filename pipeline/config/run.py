@@ -11,7 +11,7 @@ from pipeline.config.model import ModelConfig, check_context
 from pipeline.config.runtime import (CheckpointConfig, ClusterConfig, DemoConfig, EvalConfig,
                                      LoggingConfig, MeshConfig, TeacherSource)
 from pipeline.config.training import (CacheConfig, DataConfig, LossConfig, OptimizerConfig,
-                                      TrainConfig)
+                                      TrainConfig, hard_labels_only)
 from pipeline.errors import ConfigError
 
 
@@ -83,9 +83,8 @@ class RunConfig(Section):
 
     @property
     def hard_labels_only(self) -> bool:
-        """True when the loss is the cross-entropy on the labels alone (``loss.alpha == 0`` with
-        ``loss.use_hard_labels``): training needs no teacher targets."""
-        return self.loss.alpha == 0.0 and self.loss.use_hard_labels
+        """``hard_labels_only`` of ``loss``: training needs no teacher targets."""
+        return hard_labels_only(self.loss.alpha, self.loss.use_hard_labels)
 
     def _check_teacher_source(self) -> None:
         source = self.cluster.teacher_source
@@ -96,10 +95,13 @@ class RunConfig(Section):
                               "`cache:` section, or set cluster.teacher_source: live (or remote), "
                               "or train on hard labels alone (loss.alpha: 0 with "
                               "loss.use_hard_labels: true)")
-        if self.teacher_source in ("offline", "hybrid") and self.cache is None:
+        from pipeline.targets import SOURCES  # what each source reads (it imports no config)
+
+        needs = SOURCES[self.teacher_source]
+        if needs.reads_cache and self.cache is None:
             raise ConfigError(f"cache: cluster.teacher_source '{self.teacher_source}' reads teacher "
                               f"targets from a cache, but there is no `cache:` section")
-        if self.teacher_source in ("live", "remote", "hybrid") and not self.model.has_teacher:
+        if (needs.teacher_in_step or needs.asks_teacher_hosts) and not self.model.has_teacher:
             raise ConfigError(f"model.teacher: cluster.teacher_source '{self.teacher_source}' runs "
                               f"the teacher, but model.teacher has neither a path nor an architecture")
         cache = self.cache

@@ -93,6 +93,12 @@ class CacheConfig(Section):
                               f"cache.shard_sequences ({self.shard_sequences})")
 
 
+def hard_labels_only(alpha: float, use_hard_labels: bool) -> bool:
+    """Whether the loss is the cross-entropy on the labels alone (``alpha == 0`` with
+    ``use_hard_labels``): such a run, or step, needs no teacher targets."""
+    return alpha == 0.0 and use_hard_labels
+
+
 @dataclasses.dataclass(frozen=True)
 class LossConfig(Section):
     """The distillation loss (``pipeline.losses.targets_distillation_loss`` and friends)."""
