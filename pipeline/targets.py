@@ -209,6 +209,12 @@ class Source:
     def teacher_in_step(self) -> bool:
         return self.open is None
 
+    @property
+    def fills_cache(self) -> bool:
+        """Whether ``kdpipe run``'s teacher hosts write the shards it reads (a cache alone
+        serves it, so nothing else would)."""
+        return self.reads_cache and not self.asks_teacher_hosts
+
 
 SOURCES: dict[str, Source] = {
     "live": Source(None),

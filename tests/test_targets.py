@@ -54,6 +54,10 @@ def test_every_teacher_source_has_one_entry():
     assert set(SOURCES) == set(typing.get_args(TeacherSource))
 
 
+def test_only_offline_has_its_cache_filled_by_the_teacher_hosts():
+    assert [name for name, source in SOURCES.items() if source.fills_cache] == ["offline"]
+
+
 def test_live_reads_nothing_the_teacher_runs_in_the_step():
     assert SOURCES["live"].teacher_in_step
     assert pick_readers("live", SPLITS, openers()) is None
