@@ -189,6 +189,36 @@ def test_evaluate_asks_the_targets_of_the_rows_it_reads(prepared, monkeypatch):
                                           dataset.read_rows(np.asarray(rows))["input_ids"][real])
 
 
+@pytest.mark.parametrize("window", [0, 8])
+def test_the_remote_teachers_schedules_are_the_rows_the_student_reads(prepared, window):
+    """What pipeline.targets.run_targets has teacher hosts compute ahead, batch after batch, is
+    what HostBatches and evaluate read (RemoteTargets.take matches a request to its rows)."""
+    from pipeline.config import load_config
+    from pipeline.targets import run_targets
+    from tiny_run import TINY
+
+    config = load_config(TINY, [f"data.prepared_dir={prepared}", f"data.seed={SEED}",
+                                f"data.shuffle_window={window}", f"train.global_batch_size={BATCH}",
+                                f"eval.batch_size={EVAL_BATCH}", "eval.max_batches=null",
+                                "cluster.teacher_source=remote"])
+    train, n_eval = TokenDataset(prepared, "train"), TokenDataset(prepared, "eval").num_rows
+    for host in range(2):
+        schedules = {}
+
+        def remote(split, schedule, wanted):
+            schedules[split] = schedule
+            return object()
+
+        run_targets(config, "remote", teacher_fp="teacher", offset=3 * BATCH, host_index=host,
+                    host_count=2, remote=remote, on_wait=lambda split, missing: None)
+        batches = HostBatches(train, seed=SEED, global_batch=BATCH, host_index=host, host_count=2,
+                              offset=3 * BATCH, shuffle_window=window)
+        for _ in range(train.num_rows // BATCH + 2):
+            np.testing.assert_array_equal(next(schedules["train"]), next(batches)[0])
+        want = [rows for rows, _ in reference_eval(n_eval, host, 2)]
+        assert [next(schedules["eval"]).tolist() for _ in range(2 * len(want))] == 2 * want
+
+
 # ---- the cache's fill order -----------------------------------------------------------------
 
 def first_reads(prepared: Path, *, window: int, steps: int, every: int, start_step: int) -> list:
