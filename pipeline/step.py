@@ -219,14 +219,18 @@ def _check_arguments(student_state, batch, teacher_state, loss_config, partition
                           f"a hard-label-only step (no teacher, alpha=0) takes logits_chunk_size=None")
 
 
-def _constrain(tree, partition_spec):
-    """Hints XLA to lay every batch array's leading axes out as ``partition_spec`` says.
+def _batch_sharding(partition_spec: PartitionSpec | NamedSharding | None) -> NamedSharding | None:
+    """The batch's sharding with its mesh explicit: a NamedSharding as given; a bare
+    PartitionSpec on the current mesh (``jax.set_mesh``), as EasyDeL's ``partition_spec`` is
+    meant, looked up here, once, at the step's boundary (callers that hold their mesh, such as
+    pipeline/train.py, pass a NamedSharding or pre-sharded arrays and need no current mesh).
 
-    The mesh axes must be of type Auto (as ``pipeline.models.sharding.make_mesh`` makes them):
-    on Explicit axes every op of the model would need its own sharding annotation.
+    The mesh axes the spec names must be of type Auto (as
+    ``pipeline.models.sharding.make_mesh`` makes them): on Explicit axes every op of the model
+    would need its own sharding annotation.
     """
     if partition_spec is None:
-        return tree
+        return None
     if isinstance(partition_spec, NamedSharding):
         mesh, spec = partition_spec.mesh, partition_spec.spec
     else:
@@ -239,7 +243,14 @@ def _constrain(tree, partition_spec):
                     f"partition_spec {spec}: axis {name!r} must be an Auto axis of the mesh "
                     f"(a NamedSharding's or the current one, jax.set_mesh), got mesh axes "
                     f"{dict(zip(mesh.axis_names, map(str, mesh.axis_types)))}")
-    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, partition_spec), tree)
+    return partition_spec if isinstance(partition_spec, NamedSharding) else NamedSharding(mesh, spec)
+
+
+def _constrain(tree, sharding: NamedSharding | None):
+    """Hints XLA to lay every batch array's leading axes out as ``sharding`` says."""
+    if sharding is None:
+        return tree
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), tree)
 
 
 def _microbatches(batch: Mapping[str, jax.Array], steps: int) -> dict[str, jax.Array]:
@@ -300,9 +311,10 @@ def distillation_step(
       loss_config: ``DistillLossConfig`` (divergence, beta, use_hard_labels); ``None`` = defaults.
       learning_rate_fn: schedule of the step counter, reported in the metrics only.
       partition_spec: sharding of the batch axes (e.g. ``PartitionSpec("data")``), applied to
-        the batch and to every microbatch; a bare PartitionSpec refers to the current mesh
-        (``jax.set_mesh``), a NamedSharding brings its own; the named axes must be Auto axes
-        (as ``pipeline.models.sharding.make_mesh`` makes them).
+        the batch and to every microbatch; a NamedSharding brings its mesh (no current mesh
+        needed), a bare PartitionSpec refers to the current mesh (``jax.set_mesh``), as in
+        EasyDeL; the named axes must be Auto axes (as ``pipeline.models.sharding.make_mesh``
+        makes them).
       gradient_accumulation_steps: microbatches per update; must divide ``B``.
       is_training: ``False`` evaluates: same loss metrics, no gradient, state returned as is.
       temperature, alpha: KD temperature T > 0 and the KD/CE mix alpha in [0, 1].
@@ -325,7 +337,8 @@ def distillation_step(
     _check_arguments(student_state, batch, teacher_state, loss_config, partition_spec,
                      gradient_accumulation_steps, is_training, alpha, hidden_state_weight,
                      attention_weight, logits_chunk_size)
-    batch = _constrain({key: jnp.asarray(value) for key, value in batch.items()}, partition_spec)
+    sharding = _batch_sharding(partition_spec)
+    batch = _constrain({key: jnp.asarray(value) for key, value in batch.items()}, sharding)
     denominators = _denominators(batch)
     totals = {key: jnp.maximum(value, 1.0) for key, value in denominators.items()}
     use_hidden, use_attention = hidden_state_weight > 0, attention_weight > 0
@@ -387,7 +400,7 @@ def distillation_step(
 
     def accumulate(carry, micro):
         grad_sum, other, term_sums = carry
-        micro = _constrain(micro, partition_spec)
+        micro = _constrain(micro, sharding)
         teacher_out = teacher_outputs(micro)
         if is_training:
             grad_fn = jax.grad(objective, has_aux=True)

@@ -422,12 +422,19 @@ _TWO_DEVICE_SCRIPT = textwrap.dedent(r"""
         # The batch arrives on one device; partition_spec alone must spread it over both.
         parallel, parallel_metrics = jit_distillation_step(replicated, batch, None,
                                                            partition_spec=P("data"), **options)
+    # The same step with its mesh explicit, and no current mesh anywhere.
+    assert jax.sharding.get_abstract_mesh().empty
+    explicit, explicit_metrics = jit_distillation_step(
+        jax.device_put(student_state(), NamedSharding(mesh, P())), batch, None,
+        partition_spec=NamedSharding(mesh, P("data")), **options)
     PINNED = r'sharding_constraint %\w+ <@mesh, \[\{"data"\}, \{\}\]> : tensor<ROWSx6xi32>'
     diff = lambda a, b: max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
                             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
     print(json.dumps(dict(
         params_diff=diff(parallel.params, single.params),
         metrics_diff=diff(parallel_metrics, single_metrics),
+        explicit_diff=max(diff(explicit.params, parallel.params),
+                          diff(explicit_metrics, parallel_metrics)),
         loss=float(single_metrics.loss),
         # the whole batch [4, 6] and each microbatch [2, 6] pinned to the data axis
         constrained=all(re.search(PINNED.replace("ROWS", str(rows)), hlo) is not None
@@ -447,6 +454,7 @@ def test_data_parallel_step_on_two_cpu_devices_matches_one_device():
     assert result["constrained"], result
     assert result["params_devices"] == 2 and np.isfinite(result["loss"]), result
     assert result["params_diff"] < 1e-6 and result["metrics_diff"] < 1e-5, result
+    assert result["explicit_diff"] == 0, result
 
 
 def test_short_distillation_run_reduces_the_kl():
