@@ -1,4 +1,5 @@
-"""Connect the driver to Ray: an embedded local Ray by default, a cluster when given an address.
+"""The Ray cluster the driver runs on: connect to it (an embedded local Ray by default, a
+cluster when given an address), and the placement of each host group on it.
 
 - No address (no argument, no RAY_ADDRESS, no ``cluster.address``): start Ray inside this
   process, the laptop default. Its dashboard, if started, listens on 127.0.0.1 only.
@@ -16,11 +17,15 @@ without authentication (its workers fail to start). The HTTP clients of the job 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 
 import ray
 
+from actors.groups import LOCAL_HOST_CPU, GroupSpec, InsufficientResourcesError
+from actors.hosts import HostEnv
+from pipeline.config import GroupConfig
 from pipeline.errors import ConfigError
 
 LOOPBACK = "127.0.0.1"
@@ -75,3 +80,44 @@ def connect(address: str | None = None, *, configured: str | None = None,
         context = ray.init(address=chosen, namespace=namespace)
     url = context.dashboard_url or None
     return Connection(chosen, f"http://{url}" if url and "://" not in url else url)
+
+
+def group_spec(name: str, group: GroupConfig, *, one_machine: bool) -> GroupSpec:
+    """The placement of a group: ``group.resources`` per host, one host per node on a cluster
+    (STRICT_SPREAD), side by side (PACK) on a one-node Ray such as the embedded one. Hosts that
+    reserve nothing (all resources 0) take a sliver of a CPU, as ``GroupSpec.local``."""
+    resources = {k: v for k, v in group.resources.items() if v > 0}
+    platform = "tpu" if "TPU" in resources else "cuda" if "GPU" in resources else "cpu"
+    return GroupSpec(name, group.hosts, resources or {"CPU": LOCAL_HOST_CPU},
+                     strategy="PACK" if one_machine else "STRICT_SPREAD", env=HostEnv(platform))
+
+
+def check_embedded_fit(specs: list[GroupSpec]) -> None:
+    """Refuse groups that an embedded local Ray can never hold, before reserving anything.
+
+    The embedded Ray (started by this driver) never grows, so a placement it cannot hold
+    would only wait out PLACEMENT_TIMEOUT_S. The groups run at the same time: each is checked
+    on top of the ones before it. Hosts that reserve nothing count with their sliver of a CPU
+    (LOCAL_HOST_CPU).
+
+    Raises:
+      InsufficientResourcesError: naming the group, its hosts x resources and what Ray has.
+    """
+    have = ray.cluster_resources()
+    held: collections.Counter = collections.Counter()
+    for spec in specs:
+        ask: collections.Counter = collections.Counter()
+        for bundle in spec.bundles():
+            ask.update(bundle)
+        short = sorted(k for k, v in ask.items() if held[k] + v > have.get(k, 0) + 1e-9)
+        if short:
+            before = {k: held[k] for k in ask if held[k]}
+            raise InsufficientResourcesError(
+                f"cluster.{spec.name}: {spec.num_hosts} host(s) x "
+                f"{dict(spec.resources_per_host)} ask for {dict(ask)}"
+                + (f" on top of {before} held by the groups started before it" if before else "")
+                + f", but the embedded local Ray has {{{', '.join(f'{k!r}: {have.get(k, 0):g}' for k in ask)}}} "
+                f"in all (short of {', '.join(short)}) and never grows; lower "
+                f"cluster.{spec.name}.hosts or cluster.{spec.name}.resources, or join a cluster "
+                f"with --address, RAY_ADDRESS or cluster.address")
+        held.update(ask)

@@ -160,8 +160,8 @@ class HostGroupError(RuntimeError):
     @property
     def lost_ranks(self) -> list[int]:
         """Ranks whose actor is gone (process killed, node lost or preempted), as opposed to
-        ranks where the work function or the actor's start raised: the driver's two retry
-        budgets."""
+        ranks where the work function or the actor's start raised: ``actors.policy`` may retry
+        the former and raises the latter."""
         return [r for r, e in self.failures.items() if _is_lost(e)]
 
     @property

@@ -38,6 +38,12 @@ student losses count against the same ``cluster.max_failures`` and the same
 re-formed counts one per re-formation, however many of its hosts were lost. Growing the student
 group when nodes join is no failure and counts nothing.
 
+How the driver carries a ``Retry`` out: the ``ranks`` of a teacher outcome get new hosts
+(offline: their shards first back on the queue); a student outcome re-forms the student group
+(``TeacherLost``: the dead teacher hosts replaced first), recorded with the outcome's ``REASON``
+and ``detail``. Every outcome but ``NoHostsLeft`` carries those, so a new rule, such as
+retrying some ``WorkFailed``, is a change to ``decide`` alone.
+
 The shape follows Ray Train v2's ``FailurePolicy.make_decision`` (ray-project/ray:
 python/ray/train/v2/_internal/execution/failure_handling/default.py): one place decides, and
 its message gives the count and the limit.
@@ -102,15 +108,24 @@ class TeacherLost:
 
     @property
     def detail(self) -> str:
-        return f"a teacher host died under the students' requests and was replaced:\n{self.error}"
+        return (f"a teacher host died under the students' requests (teacher rank(s) "
+                f"{list(self.ranks)}):\n{self.error}")
 
 
 @dataclasses.dataclass(frozen=True)
 class WorkFailed:
-    """The work raised on live hosts of ``group`` (a user or code error)."""
+    """The work raised on live hosts of ``group`` (a user or code error): ``ranks``, those that
+    failed. Raised today; a rule that retried it would be carried out as for ``HostLost``."""
 
+    BUDGET: ClassVar[str] = "failures"
+    REASON: ClassVar[str] = "work failed"
     group: str
+    ranks: tuple[int, ...]
     error: BaseException
+
+    @property
+    def detail(self) -> str:
+        return str(self.error)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +194,7 @@ class FailurePolicy:
                 and any(isinstance(getattr(e, "cause", None), ray.exceptions.RayActorError)
                         for e in err.failures.values())):
             return TeacherLost(tuple(dead_teachers()), err)
-        return WorkFailed(err.group, err)
+        return WorkFailed(err.group, tuple(err.failures), err)
 
     def decide(self, outcome: Outcome) -> Decision:
         """``Retry`` or ``Raise`` (see the module docstring's table); counts a retried loss."""

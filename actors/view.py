@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from pipeline.metrics import PROGRESS_EVERY_S, RecentRate, format_seconds
 
 if TYPE_CHECKING:
-    from actors.driver import StudentRestart
+    from actors.student_group import StudentRestart
 
 
 class ProgressView:

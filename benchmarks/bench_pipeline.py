@@ -100,7 +100,7 @@ def build_workspace(args, work: Path) -> list[str]:
 def warm_up(host, config, teacher_fp: str) -> None:
     """Load the teacher and compile its forward pass and the encoder: one eval shard into a
     scratch cache of this host's own."""
-    from actors.driver import fill_shard
+    from actors.work import fill_shard
 
     scratch = dataclasses.replace(config.cache, path=f"{config.cache.path}-warmup-{host.rank}")
     fill_shard(host, dataclasses.replace(config, cache=scratch), "eval", 0, teacher_fp)
@@ -112,7 +112,7 @@ def fill_benchmark(config, num_shards: int, hosts: int, teacher_fp: str) -> dict
     tokens/s from the first shard handed out to the last committed."""
     import ray
 
-    from actors.driver import ShardQueue, TeacherWork
+    from actors.teacher_group import ShardQueue, TeacherWork
     from actors.groups import GroupSpec, HostGroup
     from actors.hosts import HostEnv
 
@@ -123,7 +123,7 @@ def fill_benchmark(config, num_shards: int, hosts: int, teacher_fp: str) -> dict
         work = TeacherWork(teachers, config, ShardQueue(shards), teacher_fp)
         while work.busy:
             ready, _ = ray.wait(work.refs, num_returns=1)
-            work.handle(ready[0])
+            work.collect(ready[0])
     tokens = sum(r.tokens for r in work.results)
     by_host = [sum(1 for _, _, rank in work.queue.done if rank == h) for h in range(hosts)]
     return {"hosts": hosts, "seconds": work.fill_seconds, "tokens": tokens,

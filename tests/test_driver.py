@@ -33,7 +33,9 @@ import pytest
 import ray
 
 from actors.cluster import connect
-from actors.driver import ShardQueue, absolute_paths, fill_shard
+from actors.driver import absolute_paths
+from actors.teacher_group import ShardQueue
+from actors.work import fill_shard
 from pipeline.config import load_config
 from pipeline.data.order import eval_schedule, fill_order, train_schedule
 from pipeline.metrics import read_metrics
@@ -221,7 +223,7 @@ def test_teacher_host_killed_mid_shard_is_replaced_and_the_cache_matches(tiny, o
 
 
 def test_teacher_host_losses_past_the_budget_end_the_run(tiny):
-    from actors.driver import HostLossesError
+    from actors.policy import HostLossesError
 
     config = config_of(tiny, "killed-no-budget", f"cache.path={tiny[0] / 'cache-no-budget'}",
                        "cluster.max_failures=0")

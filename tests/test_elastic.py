@@ -37,7 +37,8 @@ import pytest
 import ray
 
 from actors.cluster import connect
-from actors.driver import HostLossesError, train_student
+from actors.policy import HostLossesError
+from actors.work import train_student
 from pipeline.checkpoint import read_checkpoint_metas
 from pipeline.config import load_config
 from pipeline.metrics import read_example_logs
@@ -256,7 +257,8 @@ def uncommitted_shards(config) -> set[tuple[str, int]]:
 
 DRIVER = textwrap.dedent("""
     import sys, time
-    from actors.driver import fill_shard, run
+    from actors.driver import run
+    from actors.work import fill_shard
     from pipeline.config import load_config
 
     def eval_waits(host, config, split, shard, teacher_fp):

@@ -23,9 +23,9 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-import actors.driver
+import actors.student_group
 from actors.cluster import connect
-from actors.driver import train_student
+from actors.work import train_student
 from actors.groups import InsufficientResourcesError
 from pipeline.config import load_config
 from pipeline.metrics import read_example_logs
@@ -149,7 +149,7 @@ def test_lost_node_shrinks_the_group_and_training_continues(cluster, uninterrupt
 
 
 def test_group_grows_at_the_next_checkpoint_when_a_node_joins(cluster, uninterrupted, monkeypatch):
-    monkeypatch.setattr(actors.driver, "GROW_CHECK_S", 0.5)
+    monkeypatch.setattr(actors.student_group, "GROW_CHECK_S", 0.5)
     with_student_nodes(cluster, 1)
     config = config_of(cluster, "grow", STUDENT % (1, 1, 2))
     outcome = run_while(config, at_step=2, action=lambda: with_student_nodes(cluster, 2),
