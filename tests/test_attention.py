@@ -170,16 +170,18 @@ def test_splash_kernel_arguments_in_interpret_mode():
     np.testing.assert_allclose(np.asarray(out)[has_key], expected[has_key], atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("platform, dtype, seq, expected", [
-    ("cpu", "bfloat16", 4096, "blockwise"),
-    ("gpu", "bfloat16", 4096, "cudnn"),
-    ("gpu", "float32", 4096, "blockwise"),   # cuDNN's flash attention is 16-bit only
-    ("tpu", "float32", 4096, "splash"),
-    ("tpu", "float32", 4000, "blockwise"),   # splash needs a multiple of 128
+@pytest.mark.parametrize("platform, devices, dtype, seq, expected", [
+    ("cpu", 1, "bfloat16", 4096, "blockwise"),
+    ("cpu", 1, "float32", 512, "xla"),          # one block: the dense path, same memory, faster
+    ("gpu", 8, "bfloat16", 4096, "cudnn"),
+    ("gpu", 1, "float32", 4096, "blockwise"),   # cuDNN's flash attention is 16-bit only
+    ("tpu", 1, "float32", 4096, "splash"),
+    ("tpu", 1, "float32", 4000, "blockwise"),   # splash needs a multiple of 128
+    ("tpu", 4, "float32", 4096, "blockwise"),   # and a shard_map on a mesh (not done)
 ])
-def test_auto_picks_by_platform(platform, dtype, seq, expected):
-    assert attn.resolve_implementation("auto", dtype, seq, platform) == expected
-    assert attn.resolve_implementation("xla", dtype, seq, platform) == "xla"
+def test_auto_picks_by_platform(platform, devices, dtype, seq, expected):
+    assert attn.resolve_implementation("auto", dtype, seq, platform, devices) == expected
+    assert attn.resolve_implementation("xla", dtype, seq, platform, devices) == "xla"
 
 
 @pytest.mark.parametrize("change, message", [

@@ -6,6 +6,7 @@ transformers' outputs on fixed padded inputs (tests/fixtures/make_hf_fixtures.py
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -36,22 +37,29 @@ def _reference(name):
     return dict(np.load(FIXTURES / f"{name}.npz"))
 
 
-@jax.jit
-def _forward(graphdef, state, input_ids, attention_mask):
+@functools.partial(jax.jit, static_argnums=4)
+def _forward(graphdef, state, input_ids, attention_mask, output_attentions):
     model = nnx.merge(graphdef, state)
-    return model(input_ids, attention_mask, output_hidden_states=True, output_attentions=True)
+    return model(input_ids, attention_mask, output_hidden_states=True,
+                 output_attentions=output_attentions)
 
 
-def _run(model, ref):
+def _run(model, ref, output_attentions=True):
     graphdef, state = nnx.split(model)
     return _forward(graphdef, state, jnp.asarray(ref["input_ids"]),
-                    jnp.asarray(ref["attention_mask"]))
+                    jnp.asarray(ref["attention_mask"]), output_attentions)
 
 
+# Attention probabilities always come from the dense (xla) path: blockwise runs without them.
+ATTENTION = ["xla", "blockwise"]
+
+
+@pytest.mark.parametrize("attention", ATTENTION)
 @pytest.mark.parametrize("name", NAMES)
-def test_matches_transformers(name):
+def test_matches_transformers(name, attention):
     ref = _reference(name)
-    out = _run(load_pretrained(FIXTURES / name), ref)
+    out = _run(load_pretrained(FIXTURES / name, attention=attention), ref,
+               output_attentions=attention == "xla")
     real = ref["attention_mask"].astype(bool)  # padding positions carry no meaning
     assert out.logits.dtype == jnp.float32
     assert np.abs(np.asarray(out.logits) - ref["logits"])[real].max() <= 1e-4
@@ -59,6 +67,8 @@ def test_matches_transformers(name):
     for ours, theirs in zip(out.hidden_states, ref["hidden_states"]):
         assert np.abs(np.asarray(ours) - theirs)[real].max() <= 1e-4
     np.testing.assert_array_equal(out.hidden_states[-1], out.last_hidden_state)
+    if attention != "xla":
+        return
     assert len(out.attentions) == len(ref["attentions"])
     for ours, theirs in zip(out.attentions, ref["attentions"]):
         # [batch, heads, query, key]; rows of padding queries are meaningless
@@ -148,18 +158,21 @@ def _np_forward(model_dir: Path, input_ids, attention_mask):
     return hidden[-1] @ head.T, hidden
 
 
+@pytest.mark.parametrize("attention", ATTENTION)
 @pytest.mark.parametrize("name", NAMES)
-def test_matches_float64_numpy_reference(name):
+def test_matches_float64_numpy_reference(name, attention):
     ref = _reference(name)
     real = ref["attention_mask"].astype(bool)
     logits64, hidden64 = _np_forward(FIXTURES / name, ref["input_ids"], ref["attention_mask"])
-    out = _run(load_pretrained(FIXTURES / name), ref)
+    with_probs = attention == "xla"
+    out = _run(load_pretrained(FIXTURES / name, attention=attention), ref, with_probs)
     assert np.abs(np.asarray(out.logits) - logits64)[real].max() <= 1e-4
     for ours, theirs in zip(out.hidden_states, hidden64):
         assert np.abs(np.asarray(ours) - theirs)[real].max() <= 1e-4
 
     # bfloat16 parameters and activations: logits still float32, close to the reference
-    out16 = _run(load_pretrained(FIXTURES / name, dtype=jnp.bfloat16), ref)
+    out16 = _run(load_pretrained(FIXTURES / name, dtype=jnp.bfloat16, attention=attention), ref,
+                 with_probs)
     assert out16.logits.dtype == jnp.float32
     assert out16.last_hidden_state.dtype == jnp.bfloat16
     error = np.abs(np.asarray(out16.logits) - logits64)[real]

@@ -40,6 +40,12 @@ class ModelSpec(Section):
         None, "Student only: dtype of the parameters and optimizer state (master weights), cast "
         "to dtype where used. null: float32, so that updates far below bfloat16's spacing "
         "(2^-8 at 1.0) are kept. The teacher, never updated, keeps its parameters in dtype.")
+    attention: Literal["auto", "xla", "blockwise"] = field(
+        "auto", "How attention is computed (pipeline.models.attention). xla: dense [batch, "
+        "heads, seq, seq] scores, memory quadratic in seq; blockwise: plain JAX, memory linear "
+        "in seq; auto: cuDNN on GPU (16-bit dtype), the splash kernel on a single TPU device, "
+        "else xla up to 512 tokens and blockwise beyond. Attention maps (loss.attention_weight > 0) are always "
+        "computed the xla way.", hashed=False)
 
     @property
     def from_pretrained(self) -> bool:

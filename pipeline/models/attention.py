@@ -29,8 +29,10 @@ Implementations (``IMPLEMENTATIONS``):
   ``jax.custom_vjp``. Key blocks that causality or the sliding window mask whole are skipped.
 - ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (GPU, 16-bit inputs).
 - ``splash``: the Pallas TPU kernel of ``jax.experimental.pallas.ops.tpu.splash_attention``.
-- ``auto``: cudnn on GPU (16-bit inputs), splash on TPU (seq a multiple of 128), else
-  blockwise.
+- ``auto``: cudnn on GPU (16-bit inputs), splash on a single TPU device (seq a multiple of
+  128: a Pallas kernel is not partitioned by a sharded jit; it needs a ``shard_map``); otherwise
+  xla up to one block (``block_size`` tokens: blockwise would hold as large a score block and
+  compiles slower) and blockwise beyond.
 """
 
 from __future__ import annotations
@@ -48,12 +50,14 @@ IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn", "splash")
 
 # The splash kernel's sequence block: its sequences must be a multiple of it.
 _SPLASH_BLOCK = 128
+# blockwise's default query and key block length.
+BLOCK_SIZE = 512
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
               sliding_window: int | None = None, padding_mask: jax.Array | None = None,
               segment_ids: jax.Array | None = None, implementation: Implementation = "auto",
-              scale: float | None = None, block_size: int = 512) -> jax.Array:
+              scale: float | None = None, block_size: int = BLOCK_SIZE) -> jax.Array:
     """Scaled dot-product self-attention (see the module docstring).
 
     Args:
@@ -76,7 +80,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
     """
     _check_inputs(q, k, v, causal, sliding_window, padding_mask, segment_ids, block_size)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    chosen = resolve_implementation(implementation, q.dtype, q.shape[1])
+    chosen = resolve_implementation(implementation, q.dtype, q.shape[1], block_size=block_size)
     masks = dict(causal=causal, sliding_window=sliding_window, padding_mask=padding_mask,
                  segment_ids=segment_ids, scale=scale)
     if chosen == "xla":
@@ -89,21 +93,24 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
 
 
 def resolve_implementation(implementation: str, dtype, seq_len: int,
-                           platform: str | None = None) -> str:
-    """The implementation ``attention`` runs for ``implementation`` on ``platform`` (``None``:
-    JAX's default backend): ``auto`` picks cudnn on GPU for 16-bit inputs, splash on TPU for a
-    sequence that is a multiple of 128, blockwise otherwise; other names are returned as they
-    are, after checking that the platform has them."""
+                           platform: str | None = None, devices: int | None = None, *,
+                           block_size: int = BLOCK_SIZE) -> str:
+    """The implementation ``attention`` runs for ``implementation`` on ``platform`` with
+    ``devices`` devices (``None``: JAX's default backend and its device count): ``auto`` picks
+    cudnn on GPU for 16-bit inputs, splash on one TPU device for a sequence that is a multiple
+    of 128, else xla up to ``block_size`` tokens and blockwise beyond; other names are returned
+    as they are, after checking that the platform has them."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation: expected one of {IMPLEMENTATIONS}, got "
                          f"{implementation!r}")
     platform = jax.default_backend() if platform is None else platform
+    devices = jax.device_count() if devices is None else devices
     if implementation == "auto":
         if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
             return "cudnn"
-        if platform == "tpu" and seq_len % _SPLASH_BLOCK == 0:
+        if platform == "tpu" and devices == 1 and seq_len % _SPLASH_BLOCK == 0:
             return "splash"
-        return "blockwise"
+        return "xla" if seq_len <= block_size else "blockwise"
     needs = {"cudnn": "gpu", "splash": "tpu"}.get(implementation)
     if needs is not None and platform != needs:
         raise ValueError(f"implementation: {implementation!r} runs on {needs} only; this "
@@ -203,7 +210,7 @@ class _Blocks:
 
 
 def blockwise_attention(q, k, v, *, causal=True, sliding_window=None, padding_mask=None,
-                        segment_ids=None, scale=None, block_size=512):
+                        segment_ids=None, scale=None, block_size=BLOCK_SIZE):
     """The ``blockwise`` implementation: as ``attention``, with O(l) memory forward and
     backward. The sequence is padded to a multiple of the block (padding keys are masked)."""
     b, l, n, h = q.shape

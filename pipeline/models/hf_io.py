@@ -154,7 +154,8 @@ def _param_dtype(dtype, name: str = "dtype") -> jnp.dtype:
 
 
 def load_pretrained(path: str | Path, *, dtype=jnp.float32, param_dtype=None,
-                    mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> nnx.Module:
+                    mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
+                    attention: str = "auto") -> nnx.Module:
     """Loads a Hugging Face checkpoint directory into a model of its family (e.g. ``Llama``)
     computing in ``dtype``, with
     its parameters in ``param_dtype`` (``None``: ``dtype``). Weights stored in bfloat16 load
@@ -162,7 +163,8 @@ def load_pretrained(path: str | Path, *, dtype=jnp.float32, param_dtype=None,
 
     With a ``mesh``, each parameter is created directly with its ``NamedSharding`` under
     ``rules``: a device receives only its own slice, and the host holds one checkpoint tensor at
-    a time. Without one, parameters go to the default device.
+    a time. Without one, parameters go to the default device. ``attention``: the model's
+    attention implementation (``pipeline.models.attention``).
 
     Raises:
       ModelLoadError: unsupported config, no safetensors weights (pickle-only directories are
@@ -176,7 +178,7 @@ def load_pretrained(path: str | Path, *, dtype=jnp.float32, param_dtype=None,
     param_dtype = dtype if param_dtype is None else _param_dtype(param_dtype, "param_dtype")
     family = family_of(config.model_type)
     abstract = nnx.eval_shape(lambda: family.model(config, dtype=dtype, param_dtype=param_dtype,
-                                                   rngs=nnx.Rngs(0)))
+                                                   attention=attention, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
     plan = _tensor_plan(abstract_state, family.hf_names, config.num_hidden_layers)
     shardings = {}  # decided before any weight is read, so bad rules fail fast

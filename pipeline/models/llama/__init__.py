@@ -13,11 +13,10 @@ Modules: ``config`` (``LlamaConfig`` <-> config.json), ``model`` (the layers and
 """
 
 from pipeline.models.llama.config import ARCHITECTURES, Llama3RopeScaling, LlamaConfig
-from pipeline.models.llama.model import (Llama, RMSNorm, apply_rope, grouped_query_attention,
-                                         rope_inverse_frequencies)
+from pipeline.models.llama.model import Llama, RMSNorm, apply_rope, rope_inverse_frequencies
 from pipeline.models.llama.names import HF_NAMES, ignored_tensor
 
 __all__ = [
     "ARCHITECTURES", "HF_NAMES", "Llama", "Llama3RopeScaling", "LlamaConfig", "RMSNorm",
-    "apply_rope", "grouped_query_attention", "ignored_tensor", "rope_inverse_frequencies",
+    "apply_rope", "ignored_tensor", "rope_inverse_frequencies",
 ]

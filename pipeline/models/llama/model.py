@@ -26,6 +26,7 @@ from flax import nnx
 
 from pipeline.errors import DataError
 from pipeline.models import ModelOutput
+from pipeline.models.attention import attention, dense_attention
 from pipeline.models.llama.config import LlamaConfig
 
 
@@ -64,32 +65,6 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     x1, x2 = jnp.split(x32, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     return (x32 * cos[:, None, :] + rotated * sin[:, None, :]).astype(x.dtype)
-
-
-def grouped_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask_bklm: jax.Array,
-                            scale: float) -> tuple[jax.Array, jax.Array]:
-    """``softmax(q k^T * scale, masked) v`` with ``n // k`` query heads per key/value head.
-
-    Args:
-      q: ``[b, l, n, h]`` queries; k, v: ``[b, l, k, h]`` keys and values (after RoPE).
-      mask_bklm: ``[b, 1, 1, l, l]`` bool, True where query l may attend key m.
-      scale: multiplies the scores (``head_dim ** -0.5``).
-
-    Returns:
-      ``([b, l, n, h] output, [b, n, l, l] attention probabilities)`` in q's dtype; scores and
-      softmax are float32.
-    """
-    b, l, n, h = q.shape
-    num_kv = k.shape[2]
-    # Query head n uses key/value head n // g (transformers' repeat_kv order).
-    q = q.reshape(b, l, num_kv, n // num_kv, h)
-    scores = jnp.einsum("blkgh,bmkh->bkglm", q, k, preferred_element_type=jnp.float32)
-    # A finite minimum, not -inf: a fully masked row (a left-padding query) becomes a uniform
-    # average instead of NaN; its output is padding and ignored downstream.
-    scores = jnp.where(mask_bklm, scores * scale, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    out = jnp.einsum("bkglm,bmkh->blkgh", probs, v).reshape(b, l, n, h)
-    return out, probs.reshape(b, n, l, l)
 
 
 def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
@@ -131,9 +106,10 @@ class Embedder(nnx.Module):
 
 
 class Attention(nnx.Module):
-    """Causal grouped-query self-attention with RoPE (and Qwen2 biases / Qwen3 q,k norms)."""
+    """Causal grouped-query self-attention with RoPE (and Qwen2 biases / Qwen3 q,k norms),
+    computed by ``pipeline.models.attention`` with ``implementation``."""
 
-    def __init__(self, config: LlamaConfig, *, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, *, param_dtype, implementation, rngs: nnx.Rngs):
         d, n, k, h = (config.hidden_size, config.num_attention_heads,
                       config.num_key_value_heads, config.head_dim)
         std = config.initializer_range
@@ -147,17 +123,19 @@ class Attention(nnx.Module):
         eps = config.rms_norm_eps
         self.q_norm = RMSNorm(h, eps, param_dtype=param_dtype) if config.qk_norm else None
         self.k_norm = RMSNorm(h, eps, param_dtype=param_dtype) if config.qk_norm else None
-        self.scale = h**-0.5
+        self.sliding_window = config.sliding_window
+        self.implementation = implementation
 
-    def __call__(self, x, cos, sin, mask_bklm):
+    def __call__(self, x, cos, sin, padding_mask, with_probs: bool):
         """Self-attention of ``x`` ``[b, l, d]``.
 
         Args:
           cos, sin: ``[l, h]`` float32 RoPE tables.
-          mask_bklm: ``[b, 1, 1, l, l]`` bool, True where query l may attend key m.
+          padding_mask: ``[b, l]``, true for real tokens; ``None``: no padding.
+          with_probs: also return the probabilities (computed the dense ``xla`` way).
 
         Returns:
-          ``([b, l, d] output, [b, n, l, l] attention probabilities in x's dtype)``.
+          ``([b, l, d] output, [b, n, l, l] attention probabilities in x's dtype or None)``.
         """
         q = jnp.einsum("bld,dnh->blnh", x, _used(self.q_dnh, x.dtype))
         k = jnp.einsum("bld,dkh->blkh", x, _used(self.k_dkh, x.dtype))
@@ -171,7 +149,11 @@ class Attention(nnx.Module):
             k = self.k_norm(k)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
-        out, probs = grouped_query_attention(q, k, v, mask_bklm, self.scale)
+        masks = dict(causal=True, sliding_window=self.sliding_window, padding_mask=padding_mask)
+        if with_probs:
+            out, probs = dense_attention(q, k, v, **masks)
+        else:
+            out, probs = attention(q, k, v, **masks, implementation=self.implementation), None
         return jnp.einsum("blnh,nhd->bld", out, _used(self.o_nhd, x.dtype)), probs
 
 
@@ -194,16 +176,17 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
     """Pre-norm block: ``h = x + attn(norm(x))``, ``out = h + mlp(norm(h))``."""
 
-    def __init__(self, config: LlamaConfig, *, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, *, param_dtype, attention, rngs: nnx.Rngs):
         eps = config.rms_norm_eps
         self.input_norm = RMSNorm(config.hidden_size, eps, param_dtype=param_dtype)
-        self.attn = Attention(config, param_dtype=param_dtype, rngs=rngs)
+        self.attn = Attention(config, param_dtype=param_dtype, implementation=attention,
+                              rngs=rngs)
         self.post_attn_norm = RMSNorm(config.hidden_size, eps, param_dtype=param_dtype)
         self.mlp = MLP(config, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask_bklm):
-        """``[b, l, d]`` -> ``([b, l, d], [b, n, l, l] attention probabilities)``."""
-        attn_out, probs = self.attn(self.input_norm(x), cos, sin, mask_bklm)
+    def __call__(self, x, cos, sin, padding_mask, with_probs):
+        """``[b, l, d]`` -> ``([b, l, d], [b, n, l, l] attention probabilities or None)``."""
+        attn_out, probs = self.attn(self.input_norm(x), cos, sin, padding_mask, with_probs)
         h = x + attn_out
         return h + self.mlp(self.post_attn_norm(h)), probs
 
@@ -216,16 +199,20 @@ class Llama(nnx.Module):
       dtype: compute dtype (float32 or bfloat16) of the embeddings, activations and matmuls;
         a Hugging Face export is written in it (``torch_dtype``).
       param_dtype: dtype the parameters are stored (and trained) in; ``None``: ``dtype``.
+      attention: the implementation of ``pipeline.models.attention`` (``auto``, ``xla``,
+        ``blockwise``, ...); ``output_attentions=True`` computes the probabilities with
+        ``xla`` whatever it is.
       rngs: random initialisation (``nnx.Rngs(seed)``).
     """
 
     def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, param_dtype=None,
-                 rngs: nnx.Rngs):
+                 attention="auto", rngs: nnx.Rngs):
         self.config = config
         self.dtype = jnp.dtype(dtype)
         param_dtype = self.dtype if param_dtype is None else jnp.dtype(param_dtype)
         self.embedder = Embedder(config, dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(config, param_dtype=param_dtype, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(config, param_dtype=param_dtype,
+                                             attention=attention, rngs=rngs)
                                 for _ in range(config.num_hidden_layers)])
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
         head_shape = (config.vocab_size, config.hidden_size)
@@ -267,7 +254,6 @@ class Llama(nnx.Module):
                 f"{attention_mask.shape}"
             )
         seq = input_ids.shape[1]
-        mask_bklm = self._mask(attention_mask, input_ids.shape[0], seq)
         freqs = np.arange(seq, dtype=np.float32)[:, None] * rope_inverse_frequencies(self.config)
         angles = np.concatenate([freqs, freqs], axis=-1)  # [l, h]
         cos, sin = jnp.asarray(np.cos(angles)), jnp.asarray(np.sin(angles))
@@ -276,7 +262,7 @@ class Llama(nnx.Module):
         hidden_states = [x]
         attentions = []
         for layer in self.layers:
-            x, probs = layer(x, cos, sin, mask_bklm)
+            x, probs = layer(x, cos, sin, attention_mask, output_attentions)
             hidden_states.append(x)
             attentions.append(probs)
         x = self.final_norm(x)
@@ -292,15 +278,3 @@ class Llama(nnx.Module):
             hidden_states=tuple(hidden_states) if output_hidden_states else None,
             attentions=tuple(attentions) if output_attentions else None,
         )
-
-    def _mask(self, attention_mask, batch: int, seq: int) -> jax.Array:
-        """``[batch, 1, 1, seq, seq]`` bool: causal, sliding window, padding of the keys."""
-        query = np.arange(seq)[:, None]
-        key = np.arange(seq)[None, :]
-        allowed = key <= query
-        if self.config.sliding_window is not None:
-            allowed &= query - key < self.config.sliding_window
-        mask = jnp.broadcast_to(jnp.asarray(allowed), (batch, seq, seq))
-        if attention_mask is not None:
-            mask = mask & attention_mask.astype(bool)[:, None, :]
-        return mask[:, None, None]
