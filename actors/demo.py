@@ -29,13 +29,6 @@ from pipeline.config import (DemoConfig, ModelConfig, ModelSpec, RunConfig, load
 from pipeline.errors import ConfigError
 
 PHASES = ("tokenizer+data", "teacher", "distilled student (+ cache fill)", "hard-label student")
-# What "KL to teacher" is for each cache mode (pipeline.losses.token_losses).
-KL_MEANING = {
-    "topk": "the KL over the k+1 buckets of the top-k targets (the k cached ids and the tail "
-            "mass), not over the vocabulary",
-    "sampled": "the sampled estimate of the forward KL (unbiased; one draw's can be negative)",
-    "full": "the KL over the whole vocabulary",
-}
 
 
 def stdlib_sources(max_files: int) -> list[str]:
@@ -151,7 +144,7 @@ def run_demo(config_path: str, overrides: list[str]) -> dict:
              f"student's phase, the student training on the shards already committed",
              f"corpus: {len(sources)} Python stdlib files; KL and top-1 agreement are measured "
              f"against the teacher's cached held-out targets; KL to teacher is "
-             f"{KL_MEANING[manifest.target.mode]}"]
+             f"{manifest.target.kl_meaning}"]
     write_report(run_dir, "kdpipe demo: distilled vs hard-label student", rows, notes=notes,
                  runs={name: runs[name].run_dir for name in ("teacher", "distilled", "hard-labels")})
 

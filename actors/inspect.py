@@ -23,12 +23,9 @@ def _cache_split(location: str) -> list[str]:
     sequences = sum(manifest.shard_range(s)[1] - manifest.shard_range(s)[0] for s in committed)
     stored = manifest.committed_bytes
     tokens = sequences * manifest.seq_len
-    what = {"topk": f"top-{target.k} log-probs + tail mass",
-            "sampled": f"{target.n_draws} sampled draws (ids + counts) + teacher entropy",
-            "full": "full logits"}[target.mode]
     lines = [
         f"cache {location}",
-        f"  stores      {what}; values {target.value_dtype or '-'}, ids {target.id_encoding}, "
+        f"  stores      {target.stored}; values {target.value_dtype or '-'}, ids {target.id_encoding}, "
         f"T_cache {target.temperature if target.temperature is not None else 'any (full)'}",
         f"  vocab       {target.vocab_size} (tokenizer {target.tokenizer_vocab_size}), "
         f"seq_len {manifest.seq_len}, {manifest.num_sequences} sequences",

@@ -47,8 +47,8 @@ COMMIT_REFRESH_S = 1.0
 
 class TargetReader(Protocol):
     """Teacher targets of one split by row, as ``CacheReader`` serves them: ``read(rows [B])``
-    returns the teacher keys of pipeline/losses.py (``[B, L, ...]``), on the device when they
-    are decoded there."""
+    returns the teacher keys of pipeline/losses/targets.py (``[B, L, ...]``), on the device
+    when they are decoded there."""
 
     def read(self, rows: np.ndarray) -> Mapping[str, jax.Array | np.ndarray]: ...
 
@@ -113,16 +113,16 @@ class CommittedCacheReader:
         """The reader, once the cache exists; waits for a teacher host to create it, or
         returns None at once when not ``wait``."""
         if self._reader is None:
-            from pipeline.cache.format import MANIFEST_KEY, open_kvstore
+            from pipeline.cache.format import is_created, open_kvstore
 
             deadline = time.monotonic() + SHARD_WAIT_TIMEOUT_S
             store = open_kvstore(self.location)
-            if store.read(MANIFEST_KEY).result().state != "value":
+            if not is_created(store, self.location):
                 if not wait:
                     return None
                 self._on_wait(self.split, ["manifest"])
                 start = time.monotonic()
-                while store.read(MANIFEST_KEY).result().state != "value":
+                while not is_created(store, self.location):
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"cache {self.location}: no teacher host created it "
                                            f"within {SHARD_WAIT_TIMEOUT_S:g} s")

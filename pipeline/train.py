@@ -125,9 +125,13 @@ def step_options(config: RunConfig, tokenizer_vocab_size: int, *, is_training: b
     )
 
 
-def global_batch(local: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """This host's rows of a batch -> global arrays split over the mesh's batch axes."""
-    return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+def global_batch(local: Mapping[str, np.ndarray | jax.Array],
+                 sharding: NamedSharding) -> dict[str, jax.Array]:
+    """This host's rows of a batch -> global arrays split over the mesh's batch axes. Arrays
+    already on a device (teacher targets decoded there) go to the mesh's devices from there,
+    not through the host."""
+    return {key: jax.make_array_from_process_local_data(
+                sharding, value if isinstance(value, jax.Array) else np.asarray(value))
             for key, value in local.items()}
 
 
@@ -152,7 +156,7 @@ def evaluate(config: RunConfig, state: TrainState, dataset: TokenDataset, *, hos
     for (rows, _), batch in zip(eval_rows(dataset.num_rows, config.eval.batch_size, **where),
                                 eval_batches(dataset, config.eval.batch_size, **where)):
         if reader is not None:
-            batch = {**batch, **jax.device_get(reader.read(rows))}
+            batch = {**batch, **reader.read(rows)}
         _, metrics = jit_distillation_step(state, global_batch(batch, sharding), teacher, **options)
         values = _to_host(metrics.as_dict())
         weight = values["num_tokens"]
@@ -542,12 +546,12 @@ def _train(config: RunConfig, *, host: Host, teacher: Llama | None,
         last_train: dict = {}
         last_eval: dict = {}
         tick, tick_step, tokens_per_s = time.perf_counter(), start, 0.0
-        # The teacher targets of the next batches are read (and decoded) on a background
-        # thread while the current step runs.
+        # The teacher targets of the next batches are read on a background thread while the
+        # current step runs; decoded on the device, they stay there (global_batch).
         upcoming = (batches.rows_at(offset + i * config.train.global_batch_size)
                     for i in range(config.train.steps - start))
         targets_ahead = (None if train_reader is None else
-                         prefetch(lambda rows: jax.device_get(train_reader.read(rows)), upcoming))
+                         prefetch(train_reader.read, upcoming))
         with progress, (contextlib.nullcontext() if targets_ahead is None
                         else contextlib.closing(targets_ahead)):
             for step in range(start + 1, config.train.steps + 1):

@@ -277,3 +277,47 @@ if __name__ == "__main__":
     except CacheError:
         declared = manifest()
     write_shards(location, declared, shards, pause)
+
+
+def test_a_cache_is_created_once_its_arrays_exist_not_at_its_manifest(tmp_path):
+    from pipeline.cache.format import is_created, open_kvstore
+    from pipeline.cache.writer import create_or_join
+
+    location = str(tmp_path / "c")
+    m = manifest()
+    store = open_kvstore(location)
+    assert not is_created(store, location)
+    create_or_join(location, m)  # what a writer does first: a reader cannot open it yet
+    assert not is_created(store, location)
+    with pytest.raises(CacheError, match="cannot be opened"):
+        CacheReader(location, run_for(m))
+    CacheWriter(location, m).close()
+    assert is_created(store, location)
+    assert CacheReader(location, run_for(m)).committed_shards == frozenset()
+
+
+def test_shard_arithmetic_matches_the_rows_each_shard_holds():
+    from pipeline.cache.format import num_shards, shard_of, shards_of
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        rows, per_shard = int(rng.integers(1, 200)), int(rng.integers(1, 40))
+        m = manifest(num_sequences=rows, shard_sequences=per_shard, chunk_sequences=1)
+        holder = np.concatenate([np.full(m.shard_range(s)[1] - m.shard_range(s)[0], s)
+                                 for s in range(num_shards(rows, per_shard))])
+        assert len(holder) == rows and m.num_shards == num_shards(rows, per_shard)
+        picked = rng.integers(0, rows, size=int(rng.integers(1, 10)))
+        np.testing.assert_array_equal(shard_of(picked, per_shard), holder[picked])
+        assert shards_of(picked, per_shard) == sorted(set(holder[picked].tolist()))
+        assert m.shards_of(picked) == shards_of(picked, per_shard)
+
+
+def test_every_mode_says_what_it_stores_and_what_its_kl_is():
+    from pipeline.cache.format import MODES
+
+    specs = {"topk": TargetSpec("topk", V, REAL_V, k=5),
+             "sampled": TargetSpec("sampled", V, REAL_V, n_draws=7),
+             "full": TargetSpec("full", V, REAL_V, value_dtype="float32", temperature=None)}
+    assert set(specs) == set(MODES)
+    assert specs["topk"].stored.startswith("top-5 ") and "7 sampled draws" in specs["sampled"].stored
+    assert len({spec.kl_meaning for spec in specs.values()}) == len(MODES)

@@ -151,3 +151,34 @@ def test_a_remote_request_carries_the_split_and_rows_only():
         np.testing.assert_array_equal(args[1], rows)
         assert RunConfig.__name__.encode() not in payload
         assert len(payload) < 512  # the rows and a function's name, nothing config-sized
+
+
+def test_targets_decoded_on_the_device_reach_the_mesh_without_the_host(monkeypatch):
+    """global_batch hands device arrays to JAX as they are: on an accelerator a host copy
+    would be a device -> host -> device trip per batch (on CPU both paths share memory, so the
+    handover itself is what is checked)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    import pipeline.train
+    from pipeline.train import global_batch
+
+    handed = {}
+    make = jax.make_array_from_process_local_data
+
+    def spy(sharding, local_data):
+        handed[id(local_data)] = local_data
+        return make(sharding, local_data)
+
+    monkeypatch.setattr(pipeline.train.jax, "make_array_from_process_local_data", spy)
+    sharding = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), PartitionSpec("data"))
+    rows = 2 * jax.device_count()
+    want = np.arange(rows * 3 * 5, dtype=np.float32).reshape(rows, 3, 5)
+    decoded = jnp.asarray(want)
+    batch = global_batch({"teacher_logits": decoded, "input_ids": np.zeros((rows, 3), np.int32)},
+                         sharding)
+    assert handed.get(id(decoded)) is decoded  # not a host copy of it
+    assert batch["teacher_logits"].sharding == sharding
+    np.testing.assert_array_equal(np.asarray(batch["teacher_logits"]), want)
+    assert batch["input_ids"].shape == (rows, 3)

@@ -146,6 +146,22 @@ class TargetSpec:
         """Ids stored per token: k (topk), n_draws (sampled)."""
         return self.k if self.mode == "topk" else self.n_draws
 
+    @property
+    def stored(self) -> str:
+        """What is stored per token, in words (``kdpipe inspect``)."""
+        return {"topk": f"top-{self.k} log-probs + tail mass",
+                "sampled": f"{self.n_draws} sampled draws (ids + counts) + teacher entropy",
+                "full": "full logits"}[self.mode]
+
+    @property
+    def kl_meaning(self) -> str:
+        """What a KL to these targets is (pipeline.losses.token_losses), in words."""
+        return {"topk": "the KL over the k+1 buckets of the top-k targets (the k cached ids and "
+                        "the tail mass), not over the vocabulary",
+                "sampled": "the sampled estimate of the forward KL (unbiased; one draw's can be "
+                           "negative)",
+                "full": "the KL over the whole vocabulary"}[self.mode]
+
 
 @dataclasses.dataclass(frozen=True)
 class ArrayLayout:
@@ -405,6 +421,22 @@ def shard_file_key(array: ArrayLayout, shard: int) -> str:
     """kvstore key (under the cache root) of one array's file for one shard."""
     zeros = "/0" * len(array.trailing)
     return f"{array.name}/c/{shard}/0{zeros}"
+
+
+def array_metadata_key(array: ArrayLayout) -> str:
+    """kvstore key (under the cache root) of one array's zarr3 metadata."""
+    return f"{array.name}/zarr.json"
+
+
+def is_created(kvstore, location: str) -> bool:
+    """Whether a writer has created the cache at ``kvstore``: its manifest and then every array
+    the manifest declares (``writer.CacheWriter`` writes them in that order), so a reader can
+    open it."""
+    if kvstore.read(MANIFEST_KEY).result().state != "value":
+        return False
+    target = load_manifest(kvstore, location).target
+    return all(kvstore.read(array_metadata_key(a)).result().state == "value"
+               for a in array_layout(target))
 
 
 def commit_key(shard: int) -> str:
