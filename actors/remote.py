@@ -93,7 +93,8 @@ class RemoteTargets:
     def _top_up(self) -> None:
         while len(self._ahead) < REMOTE_AHEAD:
             upcoming = next(self._schedule)
-            self._ahead.append((upcoming, self._request(upcoming) if self._wanted(upcoming) else None))
+            ref = self._request(upcoming) if self._wanted(upcoming) else None
+            self._ahead.append((upcoming, ref))
 
     def take(self, rows: np.ndarray):
         """The request made ahead for ``rows`` (None if none), keeping REMOTE_AHEAD in flight."""
@@ -135,12 +136,14 @@ def remote_readers(teachers: Sequence, config: RunConfig, host_index: int,
 
         info = read_info(config.data.prepared_dir)
         # the teacher's logit width: what the teacher hosts encode with
-        spec = target_spec(config, info, vocab_size=read_config(config.model.teacher.path).vocab_size)
+        teacher_vocab = read_config(config.model.teacher.path).vocab_size
+        spec = target_spec(config, info, vocab_size=teacher_vocab)
         return spec, config.model.student.vocab_size or info.vocab_size
 
     def open_remote(split: str, schedule: Iterator[np.ndarray],
                     wanted: Callable[[np.ndarray], bool]) -> RemoteTargets:
         spec, vocab_size = widths()
-        return RemoteTargets(teachers, split, spec, vocab_size, schedule, first=first, wanted=wanted)
+        return RemoteTargets(teachers, split, spec, vocab_size, schedule, first=first,
+                             wanted=wanted)
 
     return open_remote

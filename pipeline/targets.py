@@ -139,7 +139,8 @@ class CommittedCacheReader:
         if reader is None:
             return False
         shards = set(reader.manifest.shards_of(rows))
-        if not shards <= reader.committed_shards and time.monotonic() - self._listed_at > COMMIT_REFRESH_S:
+        stale = time.monotonic() - self._listed_at > COMMIT_REFRESH_S
+        if not shards <= reader.committed_shards and stale:
             reader.refresh()
             self._listed_at = time.monotonic()
         return shards <= reader.committed_shards

@@ -80,7 +80,8 @@ def test_remote_asks_the_teacher_hosts_for_every_batch():
 
 @pytest.mark.parametrize("source", ["remote", "hybrid"])
 def test_sources_asking_teacher_hosts_are_refused_without_them(source):
-    with pytest.raises(ConfigError, match=f"cluster.teacher_source: '{source}' needs teacher actors"):
+    refused = f"cluster.teacher_source: '{source}' needs teacher actors"
+    with pytest.raises(ConfigError, match=refused):
         pick_readers(source, SPLITS, openers(remote=False))
     # refused even when no split is read (a hard-label run under kdpipe train)
     with pytest.raises(ConfigError, match="kdpipe run"):
