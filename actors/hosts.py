@@ -293,7 +293,7 @@ class HostActor:
             # setting is unused.
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
             # JAX's own preemption service would take SIGTERM over from this actor's handler;
-            # the student loop already agrees on a step to stop at (pipeline.train._StopVote).
+            # the student loop already agrees on a step to stop at (pipeline.loop_state.StopVote).
             jax.config.update("jax_enable_preemption_service", False)
             jax.distributed.initialize(
                 coordinator_address=coordinator,

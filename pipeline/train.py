@@ -13,9 +13,11 @@ split by ``pipeline.data.HostBatches`` and assembled into global arrays here). I
 4. logs metrics every ``logging.every_steps``, evaluates every ``eval.every_steps``, saves every
    ``checkpoint.every_steps``, and on SIGTERM (or ``stop``) saves a checkpoint and raises
    ``Preempted``; on ``pause`` it does so at the next checkpoint step. The hosts of a group
-   agree on the step to stop at (``_StopVote``), so a notice to one host stops them all there;
+   agree on the step to stop at (``pipeline.loop_state.StopVote``), so a notice to one host
+   stops them all there;
 5. at the end evaluates, saves, exports the student as a Hugging Face directory and writes
-   ``report.md``, with the updates skipped over the whole run (``_SkipCounts``).
+   ``report.md``, with the updates skipped over the whole run
+   (``pipeline.loop_state.SkipCounts``).
 
 A run whose loss is the hard-label cross-entropy alone (``loss.alpha == 0`` with
 ``loss.use_hard_labels``) needs no teacher for training; it still evaluates against the
@@ -27,14 +29,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -45,13 +45,14 @@ from pipeline.config import MESH_AXES, RunConfig, config_hash, config_to_dict
 from pipeline.data import DatasetInfo, HostBatches, TokenDataset, eval_batches, host_offsets, read_info
 from pipeline.data.order import eval_rows
 from pipeline.errors import CacheError, CheckpointError, ConfigError
+from pipeline.loop_state import SkipCounts, StopOnSigterm, StopVote
 from pipeline.metrics import ExampleLog, MetricsLogger, progress_bar, write_report
 from pipeline.models.build import build_model, check_model_context, model_fingerprint
 from pipeline.models.hf_io import save_pretrained, teacher_fingerprint
 from pipeline.models.llama import Llama
 from pipeline.models.sharding import BATCH_SPEC, make_mesh, shard_model
 from pipeline.optim import build_optimizer, build_schedule
-from pipeline.step import DistillLossConfig, LossMetrics, TrainState, jit_distillation_step
+from pipeline.step import DistillLossConfig, TrainState, jit_distillation_step
 from pipeline.targets import (SOURCES, Openers, TargetReader, open_cache, pick_readers,
                               require_complete)
 
@@ -203,82 +204,6 @@ def _all_on_mesh(state: TrainState, mesh: Mesh) -> TrainState:
         return jax.make_array_from_callback(value.shape, replicated, lambda index: value[index])
 
     return _from_saved_tree(state, jax.tree.map(place, _saved_tree(state)))
-
-
-class _SkipCounts:
-    """Skipped updates of the run, by reason (``LossMetrics.skipped_updates``: non-finite;
-    ``empty_batches``: no loss token): the restored checkpoint's counts plus this session's.
-
-    This session's are summed on the device, one small jitted add per step, and read only when
-    asked (a checkpoint, the end of the run), so counting adds no host sync to a step. They
-    come from the step's replicated outputs, so every host of a group holds the same counts.
-    """
-
-    NAMES = ("skipped_updates", "empty_batches")
-
-    def __init__(self, position: TrainPosition | None):
-        self._restored = {name: getattr(position, name) if position else 0 for name in self.NAMES}
-        self._session = None
-
-    def add(self, metrics: LossMetrics) -> None:
-        step = {name: getattr(metrics, name) for name in self.NAMES}
-        self._session = step if self._session is None else _add_counts(self._session, step)
-
-    def totals(self) -> dict[str, int]:
-        session = {} if self._session is None else jax.device_get(self._session)
-        return {name: self._restored[name] + int(session.get(name, 0)) for name in self.NAMES}
-
-
-_add_counts = jax.jit(lambda total, step: jax.tree.map(jnp.add, total, step))
-
-
-class _StopVote:
-    """The hosts of a group agree on the step to stop at.
-
-    After every step each host votes: CARRY_ON, PAUSE (stop at the next checkpoint step) or
-    STOP (stop now); the highest vote wins. A host that stopped alone would leave the others
-    waiting in the next step's collectives forever, so with several hosts the votes meet in a
-    max over the processes (one scalar collective), and each host reads the outcome one step
-    later: by then the collective has run, so reading it does not wait for the step just
-    dispatched. Every host reads the same outcome at the same step.
-    """
-
-    CARRY_ON, PAUSE, STOP = 0, 1, 2
-
-    def __init__(self, host: Host):
-        self._single = host.count == 1
-        self._pending = None
-        if not self._single:
-            mesh = Mesh(np.array(jax.devices()), ("hosts",))
-            self._sharding = NamedSharding(mesh, PartitionSpec("hosts"))
-            self._max = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, PartitionSpec()))
-
-    def cast(self, vote: int) -> int:
-        """Cast this step's vote; returns the decision to act on now (one host: this vote;
-        several: the highest vote of the previous step)."""
-        if self._single:
-            return vote
-        ballot = np.full((jax.local_device_count(),), vote, np.int32)
-        decided = self._pending
-        self._pending = self._max(jax.make_array_from_process_local_data(self._sharding, ballot))
-        return self.CARRY_ON if decided is None else int(decided)
-
-
-class _StopOnSigterm:
-    """Turns SIGTERM into a flag the loop checks between steps (main thread only)."""
-
-    def __init__(self):
-        self.requested = threading.Event()
-        self._previous = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, lambda *_: self.requested.set())
-        return self
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
 
 
 # --------------------------------------------------------------------------------------------
@@ -489,7 +414,7 @@ def train(config: RunConfig, *, host: Host = Host(), teacher: Llama | None = Non
       KdpipeError: bad config, data, cache or checkpoint.
     """
     # From the start: a SIGTERM during the (slow) setup still ends in a saved checkpoint.
-    with _StopOnSigterm() as sigterm:
+    with StopOnSigterm() as sigterm:
         return _train(config, host=host, teacher=teacher, targets=targets, on_step=on_step,
                       sigterm=sigterm.requested, stop=stop or threading.Event(),
                       pause=pause or threading.Event())
@@ -515,12 +440,12 @@ def _train(config: RunConfig, *, host: Host, teacher: Llama | None,
             saved, position = checkpoints.restore(_saved_tree(state))
             state = _from_saved_tree(state, saved)
             offset, start = position.global_sample_offset, position.step
-        skips = _SkipCounts(position)
+        skips = SkipCounts(position)
         logger = MetricsLogger(run_dir, enabled=primary, tensorboard=config.logging.tensorboard,
                                resume_step=start)
         examples = (ExampleLog(run_dir, host.index, host.count, resume_step=start)
                     if config.logging.example_ids else None)
-        votes = _StopVote(host)
+        votes = StopVote(host.count)
         batches = HostBatches(train_data, seed=config.data.seed,
                               global_batch=config.train.global_batch_size,
                               host_index=host.index, host_count=host.count, offset=offset,
@@ -585,16 +510,16 @@ def _train(config: RunConfig, *, host: Host, teacher: Llama | None,
                 if checkpoint_step:
                     save(step)
                 decision = votes.cast(
-                    _StopVote.STOP if sigterm.is_set() or stop.is_set() else
-                    _StopVote.PAUSE if pause.is_set() else _StopVote.CARRY_ON)
-                if decision == _StopVote.STOP or (decision == _StopVote.PAUSE and checkpoint_step):
+                    StopVote.STOP if sigterm.is_set() or stop.is_set() else
+                    StopVote.PAUSE if pause.is_set() else StopVote.CARRY_ON)
+                if decision == StopVote.STOP or (decision == StopVote.PAUSE and checkpoint_step):
                     save(step)
                     checkpoints.wait()
                     logger.close()
                     if examples is not None:
                         examples.close()
                     raise Preempted(step, "SIGTERM" if sigterm.is_set() else
-                                    "a stop request" if decision == _StopVote.STOP else
+                                    "a stop request" if decision == StopVote.STOP else
                                     "a pause at a checkpoint")
         final_step = max(start, config.train.steps)
         if config.eval.every_steps and final_step % config.eval.every_steps:
