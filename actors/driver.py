@@ -59,6 +59,7 @@ from actors.work import StudentPlan, StudentReport, fill_shard, start_position, 
 from pipeline.config import RunConfig
 from pipeline.data.order import fill_order
 from pipeline.errors import ConfigError
+from pipeline.targets import SOURCES
 
 # The driver loop's turn: how long it waits for finished work before refreshing the view.
 POLL_S = 0.5
@@ -152,25 +153,26 @@ def run(config: RunConfig, *, address: str | None = None, console=None,
     # the driver's view replaces the per-host progress bars
     config = dataclasses.replace(config, logging=dataclasses.replace(config.logging, progress=False))
     source = config.teacher_source
-    needs_teacher_hosts = source in ("offline", "remote", "hybrid") and not config.hard_labels_only
-    if (needs_teacher_hosts or source == "live") and not config.model.teacher.from_pretrained:
+    kind = SOURCES[source]
+    needs_teacher_hosts = not kind.teacher_in_step and not config.hard_labels_only
+    if (needs_teacher_hosts or kind.teacher_in_step) and not config.model.teacher.from_pretrained:
         raise ConfigError(f"model.teacher.path: teacher source '{source}' loads the teacher from a "
                           f"Hugging Face directory (config.json + *.safetensors); none is given")
     info = read_info(config.data.prepared_dir)
     check_model_context(config.model.student, "student", info.seq_len)
-    if needs_teacher_hosts or source == "live":
+    if needs_teacher_hosts or kind.teacher_in_step:
         check_model_context(config.model.teacher, "teacher", info.seq_len)
     num_rows = {split: info.splits.get(split, {}).get("num_rows", 0) for split in SPLITS}
     teacher_fp = teacher_fingerprint(config.model.teacher.path) if needs_teacher_hosts else None
     pending = (pending_shards(config.cache, num_rows, teacher_fp)
-               if needs_teacher_hosts and source == "offline" else {})
+               if needs_teacher_hosts and kind.fills_cache else {})
     start = start_position(config.checkpoint_dir)
     queue = ShardQueue(fill_order(num_rows, pending, data=config.data, eval_config=config.eval,
                                   global_batch=config.train.global_batch_size,
                                   steps=config.train.steps,
                                   shard_rows=config.cache.shard_sequences, start=start)
                        if pending else [])
-    start_teachers = source in ("remote", "hybrid") or (source == "offline" and not queue.empty)
+    start_teachers = kind.asks_teacher_hosts or (kind.fills_cache and not queue.empty)
 
     own_ray = not ray.is_initialized()
     embedded = own_ray and connect(address, configured=config.cluster.address).address is None
@@ -286,7 +288,7 @@ def _supervise(students: StudentWork, work: TeacherWork | None, policy: FailureP
                 _students_returned(students, work, policy, view)
             elif work is not None and ref in work.refs:  # else: a torn-down student group's
                 _teacher_returned(ref, work, policy, view, students.plan.source)
-        if work is not None and students.plan.source == "offline":
+        if work is not None and SOURCES[students.plan.source].fills_cache:
             view.fill_started = work.fill_started
             writing = ", ".join(f"{split} {shard}" for split, shard in work.queue.running.values())
             view.teacher_state = f"writing {writing}" if writing else (
@@ -343,5 +345,5 @@ def _teacher_returned(ref, work: TeacherWork, policy: FailurePolicy, view: Progr
         return
     if isinstance(event, ShardWritten):
         view.shard_written(event.result.split, event.result.tokens)
-    elif source != "offline":
+    elif not SOURCES[source].fills_cache:
         view.teacher_state = "serving targets"

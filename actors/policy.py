@@ -60,9 +60,7 @@ import ray
 
 from actors.groups import HostGroupError
 from pipeline.config import ClusterConfig
-
-# Teacher sources whose teacher hosts answer the students' requests (rather than fill a cache).
-SERVING_SOURCES = frozenset({"remote", "hybrid"})
+from pipeline.targets import SOURCES
 
 
 class HostLossesError(RuntimeError):
@@ -168,7 +166,8 @@ class FailurePolicy:
 
     def __init__(self, cluster: ClusterConfig, source: str):
         self._limits = {"failures": cluster.max_failures, "preemptions": cluster.max_preemptions}
-        self._source = source
+        # the teacher hosts answer the students' requests (rather than fill a cache)
+        self._serving = SOURCES[source].asks_teacher_hosts
         self._counts: collections.Counter = collections.Counter()  # (group, budget) -> retries
         self.stopping = False
 
@@ -190,7 +189,7 @@ class FailurePolicy:
             if any(err.failures[r].preempted for r in lost):
                 return HostPreempted(err.group, lost, err, str(err))
             return HostLost(err.group, lost, err, str(err))
-        if (err.group == "student" and self._source in SERVING_SOURCES and dead_teachers is not None
+        if (err.group == "student" and self._serving and dead_teachers is not None
                 and any(isinstance(getattr(e, "cause", None), ray.exceptions.RayActorError)
                         for e in err.failures.values())):
             return TeacherLost(tuple(dead_teachers()), err)
@@ -209,7 +208,7 @@ class FailurePolicy:
         if isinstance(outcome, TeacherLost) and not outcome.ranks:
             return Raise(outcome.error)
         if (isinstance(outcome, (HostLost, HostPreempted)) and outcome.group == "teacher"
-                and self._source in SERVING_SOURCES):
+                and self._serving):
             return Raise(outcome.error)
         budget = outcome.BUDGET
         self._counts[outcome.group, budget] += 1 if outcome.group == "student" else len(outcome.ranks)
