@@ -36,23 +36,25 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from pipeline.cache import CacheReader, read_manifest, split_location
 from pipeline.cache.reader import prefetch
 from pipeline.checkpoint import Checkpoints, RunIdentity, TrainPosition, read_checkpoint_metas
-from pipeline.config import MESH_AXES, RunConfig, config_hash, config_to_dict
+from pipeline.config import RunConfig
 from pipeline.data import DatasetInfo, HostBatches, TokenDataset, eval_batches, host_offsets, read_info
 from pipeline.data.order import eval_rows
 from pipeline.errors import CacheError, CheckpointError, ConfigError
 from pipeline.loop_state import SkipCounts, StopOnSigterm, StopVote
 from pipeline.metrics import ExampleLog, MetricsLogger, progress_bar, write_report
-from pipeline.models.build import build_model, check_model_context, model_fingerprint
+from pipeline.models.build import build_model, check_model_context
 from pipeline.models.hf_io import save_pretrained, teacher_fingerprint
 from pipeline.models.llama import Llama
-from pipeline.models.sharding import BATCH_SPEC, make_mesh, shard_model
-from pipeline.optim import build_optimizer, build_schedule
+from pipeline.models.sharding import BATCH_SPEC, shard_model
+from pipeline.optim import build_schedule
 from pipeline.step import DistillLossConfig, TrainState, jit_distillation_step
+from pipeline.student_state import (from_saved_tree, restore_checkpoint, run_identity,
+                                    saved_tree, student_state)
 from pipeline.targets import (SOURCES, Openers, TargetReader, open_cache, pick_readers,
                               require_complete)
 
@@ -177,36 +179,6 @@ def _ce_only(config: RunConfig) -> RunConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpointed state
-# --------------------------------------------------------------------------------------------
-
-def _saved_tree(state: TrainState) -> dict:
-    """What a checkpoint holds of a TrainState: its arrays (graphdef and tx are rebuilt)."""
-    return {"params": state.params, "other": state.other, "opt_state": state.opt_state,
-            "step": state.step}
-
-
-def _from_saved_tree(template: TrainState, tree: dict) -> TrainState:
-    return template.replace(params=tree["params"], other=tree["other"],
-                            opt_state=tree["opt_state"], step=tree["step"])
-
-
-def _all_on_mesh(state: TrainState, mesh: Mesh) -> TrainState:
-    """``state`` with the arrays not laid out on ``mesh`` yet (the step, optimizer counters:
-    each on one local device) replicated over it. A checkpoint restores into the template's
-    layouts, and a step over several processes refuses an input committed to one device."""
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def place(leaf):
-        if not isinstance(leaf, jax.Array) or isinstance(leaf.sharding, NamedSharding):
-            return leaf
-        value = np.asarray(leaf)
-        return jax.make_array_from_callback(value.shape, replicated, lambda index: value[index])
-
-    return _from_saved_tree(state, jax.tree.map(place, _saved_tree(state)))
-
-
-# --------------------------------------------------------------------------------------------
 # Setting a run up
 # --------------------------------------------------------------------------------------------
 
@@ -245,7 +217,7 @@ def prepare_run(config: RunConfig, *, host: Host = Host(), teacher: Llama | None
     check_model_context(config.model.student, "student", info.seq_len)
     if in_step and config.model.has_teacher:
         check_model_context(config.model.teacher, "teacher", info.seq_len)
-    state, mesh = _student_state(config, vocab_size)
+    state, mesh = student_state(config, vocab_size)
 
     teacher_state = None
     if in_step and teacher is None and config.model.teacher.from_pretrained:
@@ -275,37 +247,11 @@ def prepare_run(config: RunConfig, *, host: Host = Host(), teacher: Llama | None
             cache=complete_cache if config.cache is not None else None)) or {}
     train_reader, eval_reader = (targets.get(split) if split in wanted else None
                                  for split in ("train", "eval"))
-    identity = _identity(config, vocab_size, train_data.fingerprint)
+    identity = run_identity(config, vocab_size, train_data.fingerprint)
     return RunSetup(info=info, vocab_size=vocab_size, train_data=train_data, eval_data=eval_data,
                     sharding=NamedSharding(mesh, BATCH_SPEC), state=state,
                     teacher_state=teacher_state, train_reader=train_reader,
                     eval_reader=eval_reader, identity=identity)
-
-
-def _student_state(config: RunConfig, vocab_size: int) -> tuple[TrainState, Mesh]:
-    """A fresh student with its optimizer state, laid out on the mesh of ``config.mesh``."""
-    mesh = make_mesh(**dict(zip(MESH_AXES, config.mesh.shape(jax.device_count()))))
-    student = build_model(config.model.student, vocab_size, config.train.seed, mesh)
-    state = _all_on_mesh(TrainState.create(student, build_optimizer(config.optimizer,
-                                                                    config.train.steps)), mesh)
-    return state, mesh
-
-
-def _identity(config: RunConfig, vocab_size: int, dataset_fingerprint: str) -> RunIdentity:
-    """What the checkpoints of ``config``'s run must match."""
-    return RunIdentity(config_hash(config), config_to_dict(config, hashed_only=True),
-                       model_fingerprint(config.model.student, vocab_size, config.train.seed),
-                       dataset_fingerprint)
-
-
-def restore_checkpoint(config: RunConfig, state: TrainState, identity: RunIdentity,
-                       step: int | None = None) -> tuple[TrainState, TrainPosition]:
-    """Checkpoint ``step`` (default: the latest) of ``config.run_dir`` restored into the
-    layout of ``state``, once its identity is checked against ``identity``."""
-    with Checkpoints(config.checkpoint_dir, identity, keep=config.checkpoint.keep,
-                     async_save=False) as checkpoints:
-        saved, position = checkpoints.restore(_saved_tree(state), step)
-    return _from_saved_tree(state, saved), position
 
 
 def _complete_cache(config: RunConfig, split: str) -> bool:
@@ -378,8 +324,8 @@ def export_checkpoint(config: RunConfig, *, out: str | None = None,
     meta = metas[chosen]
     vocab_size = (config.model.student.vocab_size
                   or _saved_vocab_size(meta, str(directory / str(chosen))))
-    state, _ = _student_state(config, vocab_size)
-    identity = _identity(config, vocab_size, meta["identity"]["dataset_fingerprint"])
+    state, _ = student_state(config, vocab_size)
+    identity = run_identity(config, vocab_size, meta["identity"]["dataset_fingerprint"])
     state, position = restore_checkpoint(config, state, identity, chosen)
     path = Path(out) if out else Path(config.run_dir) / EXPORT_DIR
     save_pretrained(state.model(), path)
@@ -437,8 +383,8 @@ def _train(config: RunConfig, *, host: Host, teacher: Llama | None,
                      async_save=config.checkpoint.async_save) as checkpoints:
         offset, start, position = 0, 0, None
         if checkpoints.latest_step() is not None:
-            saved, position = checkpoints.restore(_saved_tree(state))
-            state = _from_saved_tree(state, saved)
+            saved, position = checkpoints.restore(saved_tree(state))
+            state = from_saved_tree(state, saved)
             offset, start = position.global_sample_offset, position.step
         skips = SkipCounts(position)
         logger = MetricsLogger(run_dir, enabled=primary, tensorboard=config.logging.tensorboard,
@@ -455,7 +401,7 @@ def _train(config: RunConfig, *, host: Host, teacher: Llama | None,
         def save(step: int) -> None:
             if step not in checkpoints.all_steps():
                 checkpoints.save(TrainPosition(step, batches.offset, config.train.seed,
-                                               **skips.totals()), _saved_tree(state))
+                                               **skips.totals()), saved_tree(state))
 
         def run_eval(step: int) -> dict:
             if eval_data is None or not config.eval.every_steps:
