@@ -124,7 +124,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from pipeline.train import evaluate_checkpoint
+    from pipeline.checkpoint_commands import evaluate_checkpoint
 
     step, values, targets = evaluate_checkpoint(_load(args), step=args.step)
     print(json.dumps({"step": step, "teacher_targets": targets, **values}, indent=1))
@@ -132,7 +132,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from pipeline.train import export_checkpoint
+    from pipeline.checkpoint_commands import export_checkpoint
 
     step, path = export_checkpoint(_load(args), out=args.out, step=args.step)
     print(f"step {step} exported to {path}")

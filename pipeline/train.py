@@ -38,13 +38,13 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from pipeline.cache import CacheReader, read_manifest, split_location
+from pipeline.cache import CacheReader
 from pipeline.cache.reader import prefetch
-from pipeline.checkpoint import Checkpoints, RunIdentity, TrainPosition, read_checkpoint_metas
+from pipeline.checkpoint import Checkpoints, RunIdentity, TrainPosition
 from pipeline.config import RunConfig
 from pipeline.data import DatasetInfo, HostBatches, TokenDataset, eval_batches, host_offsets, read_info
 from pipeline.data.order import eval_rows
-from pipeline.errors import CacheError, CheckpointError, ConfigError
+from pipeline.errors import ConfigError
 from pipeline.loop_state import SkipCounts, StopOnSigterm, StopVote
 from pipeline.metrics import ExampleLog, MetricsLogger, progress_bar, write_report
 from pipeline.models.build import build_model, check_model_context
@@ -53,8 +53,7 @@ from pipeline.models.llama import Llama
 from pipeline.models.sharding import BATCH_SPEC, shard_model
 from pipeline.optim import build_schedule
 from pipeline.step import DistillLossConfig, TrainState, jit_distillation_step
-from pipeline.student_state import (from_saved_tree, restore_checkpoint, run_identity,
-                                    saved_tree, student_state)
+from pipeline.student_state import from_saved_tree, run_identity, saved_tree, student_state
 from pipeline.targets import (SOURCES, Openers, TargetReader, open_cache, pick_readers,
                               require_complete)
 
@@ -252,84 +251,6 @@ def prepare_run(config: RunConfig, *, host: Host = Host(), teacher: Llama | None
                     sharding=NamedSharding(mesh, BATCH_SPEC), state=state,
                     teacher_state=teacher_state, train_reader=train_reader,
                     eval_reader=eval_reader, identity=identity)
-
-
-def _complete_cache(config: RunConfig, split: str) -> bool:
-    """True when ``split``'s cache exists with all its shards committed."""
-    if config.cache is None:
-        return False
-    try:
-        manifest = read_manifest(split_location(config.cache.path, split))
-    except CacheError:  # nothing written there yet
-        return False
-    return len(manifest.committed) == manifest.num_shards
-
-
-def evaluate_checkpoint(config: RunConfig, *, step: int | None = None
-                        ) -> tuple[int, dict[str, float], str]:
-    """``(step, held-out metrics, where the teacher's targets came from)`` of a checkpoint
-    (``kdpipe eval``).
-
-    The targets come from the eval cache (``offline``) or the teacher run on this host
-    (``live``). A ``remote`` or ``hybrid`` config, whose teacher hosts only ``kdpipe run``
-    starts, is evaluated as an offline one when its eval cache is complete, else as a live one.
-    """
-    info = read_info(config.data.prepared_dir)
-    if not info.splits.get("eval", {}).get("num_rows"):
-        raise ConfigError(f"data.eval_fraction: the prepared dataset {config.data.prepared_dir} has "
-                          f"no held-out rows to evaluate on")
-    if SOURCES[config.teacher_source].asks_teacher_hosts:
-        source = "offline" if _complete_cache(config, "eval") else "live"
-        config = dataclasses.replace(config, cluster=dataclasses.replace(config.cluster,
-                                                                         teacher_source=source))
-    setup = prepare_run(config, train_targets=False)
-    state, position = restore_checkpoint(config, setup.state, setup.identity, step)
-    values = evaluate(config, state, setup.eval_data, host=Host(), sharding=setup.sharding,
-                      reader=setup.eval_reader, teacher=setup.teacher_state)
-    if setup.eval_reader is not None:
-        targets = f"cache {setup.eval_reader.location}"
-    elif setup.teacher_state is not None:
-        targets = f"live teacher {config.model.teacher.path} on this host"
-    else:
-        targets = "none (held-out cross-entropy only)"
-    return position.step, values, targets
-
-
-def _saved_vocab_size(meta: Mapping, where: str) -> int:
-    """The student's vocabulary size recorded in a checkpoint's state signature: the rows of
-    its token embedding (``Embedder.embedding_vd`` ``[vocab, hidden]``)."""
-    for path, shape, _ in meta["signature"]:
-        if path.startswith("['params']") and "'embedding_vd'" in path:
-            return shape[0]
-    raise CheckpointError(f"{where}: the checkpoint's state has no student token embedding "
-                          f"(params ... embedding_vd); not a checkpoint of a kdpipe student")
-
-
-def export_checkpoint(config: RunConfig, *, out: str | None = None,
-                      step: int | None = None) -> tuple[int, Path]:
-    """Write a checkpoint's student as a Hugging Face directory (``kdpipe export``); returns
-    ``(step, path)``. Default path: ``<run_dir>/student``.
-
-    Needs the checkpoint and ``model.student`` only, whatever the teacher source: no teacher,
-    cache or prepared data. The vocabulary size (unless ``model.student.vocab_size`` sets it)
-    and the dataset fingerprint of the run's identity come from the checkpoint's own record.
-    """
-    directory = Path(config.checkpoint_dir).absolute()
-    metas = read_checkpoint_metas(directory)
-    chosen = max(metas, default=None) if step is None else step
-    if chosen not in metas:
-        raise CheckpointError(f"{directory}: no checkpoint "
-                              + ("to export" if step is None else
-                                 f"of step {step} (have {sorted(metas)})"))
-    meta = metas[chosen]
-    vocab_size = (config.model.student.vocab_size
-                  or _saved_vocab_size(meta, str(directory / str(chosen))))
-    state, _ = student_state(config, vocab_size)
-    identity = run_identity(config, vocab_size, meta["identity"]["dataset_fingerprint"])
-    state, position = restore_checkpoint(config, state, identity, chosen)
-    path = Path(out) if out else Path(config.run_dir) / EXPORT_DIR
-    save_pretrained(state.model(), path)
-    return position.step, path
 
 
 # --------------------------------------------------------------------------------------------
