@@ -7,9 +7,10 @@ causal, batch 1, per sequence length, the program ``out, (dq, dk, dv) = vjp(atte
 - XLA temp MiB (``memory_analysis().temp_size_in_bytes``);
 - FLOPs from XLA's ``cost_analysis()``, which counts a while loop's body once whatever its trip
   count, so the blockwise figure is one block pair's work, not the program's;
-- matmul FLOPs counted by hand: dense ``12·b·n·l²·h`` (2 matmuls forward, 4 backward); blockwise
-  ``14·b·n·B²·h`` per visited block pair of size ``B`` (2 forward, 5 backward with the scores
-  recomputed), ``nb(nb+1)/2`` pairs of ``nb = l/B`` when causal (masked blocks skipped).
+- matmul FLOPs counted by hand: dense ``12·b·n·l²·h`` (2 matmuls forward, 4 backward);
+  blockwise ``14·b·n·B²·h`` per visited block pair of size ``B`` (2 forward, 5 backward with
+  the scores recomputed), ``nb(nb+1)/2`` pairs of ``nb = l/B`` when causal (masked blocks
+  skipped).
 
 Then both run at ``--time-seq`` on this CPU: best of ``--repeats`` forward + backward times.
 """
