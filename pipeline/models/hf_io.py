@@ -157,9 +157,8 @@ def load_pretrained(path: str | Path, *, dtype=jnp.float32, param_dtype=None,
                     mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
                     attention: str = "auto") -> nnx.Module:
     """Loads a Hugging Face checkpoint directory into a model of its family (e.g. ``Llama``)
-    computing in ``dtype``, with
-    its parameters in ``param_dtype`` (``None``: ``dtype``). Weights stored in bfloat16 load
-    exactly into float32 parameters.
+    computing in ``dtype``, with its parameters in ``param_dtype`` (``None``: ``dtype``).
+    Weights stored in bfloat16 load exactly into float32 parameters.
 
     With a ``mesh``, each parameter is created directly with its ``NamedSharding`` under
     ``rules``: a device receives only its own slice, and the host holds one checkpoint tensor at
@@ -242,8 +241,9 @@ def save_pretrained(model: nnx.Module, path: str | Path, *,
     """Writes ``model`` as a Hugging Face checkpoint that transformers loads unchanged.
 
     The weights are written in the model's compute dtype (``torch_dtype``), whatever dtype its
-    parameters are kept in. ``config.json`` plus ``model.safetensors``, or, when the weights exceed ``max_shard_bytes``,
-    ``model-0000i-of-0000n.safetensors`` files and ``model.safetensors.index.json``. Weight files
+    parameters are kept in. ``config.json`` plus ``model.safetensors``, or, when the weights
+    exceed ``max_shard_bytes``, ``model-0000i-of-0000n.safetensors`` files and
+    ``model.safetensors.index.json``. Weight files
     of an earlier save into ``path`` that this one does not rewrite are removed, so the directory
     never mixes two saves. In a multi-process run every process must call this (the parameters
     are gathered); process 0 writes. A ``path`` that is a file is refused (``KdpipeError``).
