@@ -3,7 +3,7 @@
 Times a jitted forward (logits) and a jitted forward+backward (cross-entropy on random labels,
 gradients for every parameter) of a ~100M-parameter Llama config on the local devices (CPU by
 default), for float32 and bfloat16 parameters, side by side in one run. Tracks regressions in
-pipeline/models/llama.py; never asserted by a test.
+pipeline/models/llama/model.py; never asserted by a test.
 
     python benchmarks/bench_model.py                        # ~100M params, batch 2 x seq 256
     python benchmarks/bench_model.py --layers 2 --seq 64    # quick look
