@@ -8,7 +8,7 @@ Three comparisons, side by side in one run:
    ``jax.grad`` and ``jax.value_and_grad``, in float32 and bfloat16. Each row gives both
    functions' best time of ``--repeats`` runs, taken in turns, and XLA temp memory at the
    same size;
-2. the fused head + loss (``pipeline.fused_head``) vs materialising ``hidden @ head.T``,
+2. the fused head + loss (``pipeline.losses.fused_head``) vs materialising ``hidden @ head.T``,
    gradients w.r.t. hidden states and head;
 3. the sparse-target losses (top-k, sampled) vs the dense loss.
 
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pipeline import losses
-from pipeline.fused_head import fused_head_distillation_loss
+from pipeline.losses import fused_head_distillation_loss
 
 TEMPERATURE = 4.0
 
@@ -224,7 +224,7 @@ def print_other_table(args, rows):
     if jax.devices()[0].platform == "cpu":
         print("note: on CPU, XLA's float-normalization-bf16 pass computes bf16 dots and bf16 "
               "dynamic slices in f32, so the bf16 fused head also holds an f32 copy of the head "
-              "and a 16-bit copy of the teacher logits (see pipeline/fused_head.py)")
+              "and a 16-bit copy of the teacher logits (see pipeline/losses/fused_head.py)")
 
 
 def other_ratios(rows):

@@ -37,7 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from pipeline import losses
 from pipeline.config import hard_labels_only
 from pipeline.errors import ConfigError, DataError, KdpipeError
-from pipeline.fused_head import fused_head_distillation_loss
+from pipeline.losses import fused_head_distillation_loss
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -303,7 +303,8 @@ def distillation_step(
       student_state: the student and its optimizer (``TrainState.create(model, tx)``).
       batch: ``input_ids`` ``[B, L]`` int32, optional ``attention_mask`` ``[B, L]`` and aligned
         ``labels`` ``[B, L]`` (-100 = no loss), and, without ``teacher_state``, the teacher's
-        targets: ``teacher_logits`` ``[B, L, V]`` or the top-k / sampled keys of pipeline/losses.py.
+        targets: ``teacher_logits`` ``[B, L, V]`` or the top-k / sampled keys of
+        pipeline/losses/targets.py.
       teacher_state: a frozen ``TrainState`` run live under ``stop_gradient``, or ``None``
         when the targets are in the batch. Hidden-state and attention terms need it. With
         ``alpha=0`` and ``use_hard_labels`` neither is needed: the step is then a plain

@@ -1,4 +1,4 @@
-"""pipeline.fused_head against the unchunked loss on materialised logits (and float64)."""
+"""pipeline.losses.fused_head against the unchunked loss on materialised logits (and float64)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pipeline import fused_head, losses
+from pipeline import losses
 from pipeline.errors import ConfigError, KdpipeError
-from pipeline.fused_head import fused_head_distillation_loss
+from pipeline.losses import fused_head, fused_head_distillation_loss
 from test_losses import ref_buckets, ref_divergence, ref_topk_grad
 
 BATCH, SEQ, HIDDEN, VOCAB = 2, 7, 8, 30  # 14 tokens: chunks of 4 leave a ragged last chunk

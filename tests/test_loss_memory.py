@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from pipeline import losses
+from pipeline.losses import softmax
 
 TEMPERATURE = 4.0
 
@@ -47,7 +48,7 @@ def test_temp_memory_no_bigger_than_plain_formula(shape, dtype, differentiate):
 
 
 def test_logsumexp_matches_float64_on_rows_with_infinite_entries():
-    # The rows' max is clamped from below, not selected by isfinite (see losses._logsumexp):
+    # The rows' max is clamped from below, not selected by isfinite (see softmax.softmax_parts):
     # an all -inf row still gives -inf, -inf entries count 0, large finite logits stay exact.
     rng = np.random.default_rng(7)
     z = rng.normal(size=(5, 33)) * 40.0
@@ -55,12 +56,12 @@ def test_logsumexp_matches_float64_on_rows_with_infinite_entries():
     z[2, :] = -np.inf
     z[3, 0] = 3.0e38
     z[4, :] = -3.0e38
-    got = np.asarray(losses._logsumexp(jnp.asarray(z, jnp.float32)), np.float64)
+    got = np.asarray(softmax.logsumexp(jnp.asarray(z, jnp.float32)), np.float64)
     with np.errstate(divide="ignore"):
         m = np.where(np.isfinite(z.max(-1)), z.max(-1), 0.0)
         want = m + np.log(np.exp(z - m[:, None]).sum(-1))
     np.testing.assert_allclose(got, want, rtol=1e-6)
-    grad = jax.grad(lambda x: losses._logsumexp(x)[0:2].sum())(jnp.asarray(z, jnp.float32))
+    grad = jax.grad(lambda x: softmax.logsumexp(x)[0:2].sum())(jnp.asarray(z, jnp.float32))
     ref = np.exp(z[:2] - want[:2, None])
     np.testing.assert_allclose(np.asarray(grad)[:2], ref, rtol=1e-5, atol=1e-7)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import doctest
 import functools
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +12,9 @@ import numpy as np
 import pytest
 
 from pipeline import losses
+from pipeline.config import LossConfig
 from pipeline.errors import ConfigError, KdpipeError
-from pipeline.losses import DenseTargets, SampledTargets, TopKTargets
+from pipeline.losses import DenseTargets, SampledTargets, TopKTargets, distill
 
 # --------------------------------------------------------------------------- float64 reference
 
@@ -545,6 +547,13 @@ def test_sampled_is_unbiased_for_loss_and_gradient():
                                (entropy[0] * mask).sum() / mask.sum(), rtol=1e-5)
 
 
+def test_the_config_offers_the_table_divergences():
+    # pipeline.config stays free of JAX (a host actor refuses a jax imported before it set
+    # JAX_PLATFORMS), so LossConfig spells the names; they must be the table's keys.
+    divergence = typing.get_type_hints(LossConfig)["divergence"]
+    assert typing.get_args(divergence) == losses.DIVERGENCES
+
+
 def test_sampled_refuses_other_divergences():
     s, t, _, _ = make_inputs(1, (1, 2, 5))
     targets = SampledTargets(jnp.zeros((1, 2, 3), jnp.int32), jnp.ones((1, 2, 3)),
@@ -863,4 +872,4 @@ def test_bad_inputs_are_refused_with_names_and_values():
 
 
 def test_docstring_examples():
-    assert doctest.testmod(losses).failed == 0
+    assert doctest.testmod(distill).failed == 0

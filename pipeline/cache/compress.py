@@ -2,8 +2,8 @@
 
 ``encode(logits [B, L, V], sequence_indices [B], spec)`` returns the stored arrays of
 :func:`pipeline.cache.format.array_layout` (each ``[B, L, *trailing]``) and
-``decode(stored, spec)`` returns the batch keys of pipeline/losses.py. ``spec`` is static. Both are
-jitted (encode one sequence per compiled call, see :func:`encode`).
+``decode(stored, spec)`` returns the batch keys of pipeline/losses/targets.py. ``spec`` is
+static. Both are jitted (encode one sequence per compiled call, see :func:`encode`).
 
 Codes, per token:
 

@@ -15,7 +15,7 @@ A cache is a kvstore prefix (a local directory or any TensorStore kvstore URL su
 
 The layout depends only on (sequence index, position), never on how many hosts wrote or read.
 
-Modes (``TargetSpec.mode``), with the batch keys the reader produces (pipeline/losses.py):
+Modes (``TargetSpec.mode``), with the batch keys the reader produces (pipeline/losses/targets.py):
 
 - ``topk``: the k largest teacher log-probs at ``temperature`` with their ids, and the log of the
   mass outside them -> ``teacher_topk_ids``, ``teacher_topk_logprobs``, ``teacher_tail_logmass``.

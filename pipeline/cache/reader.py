@@ -3,7 +3,7 @@
 ``CacheReader(location, run)`` checks the cache against what the run declares
 (:func:`pipeline.cache.format.check_compatible`: fingerprints, vocab, sequence length,
 temperature rules) and refuses a mismatch naming the field and both values.
-``read(indices)`` returns the teacher batch keys of pipeline/losses.py as device arrays;
+``read(indices)`` returns the teacher batch keys of pipeline/losses/targets.py as device arrays;
 ``prefetch(batches)`` does the same for a stream of index batches on a background thread, a
 few batches ahead of the consumer.
 
@@ -102,7 +102,8 @@ class CacheReader:
             raise CacheError(f"cache {self.location}: reading shards {shards} failed: {e}") from e
 
     def read(self, sequence_indices: Sequence[int]) -> dict:
-        """Teacher targets of these sequences as pipeline/losses.py keys them ([B, L, ...])."""
+        """Teacher targets of these sequences, keyed as in pipeline/losses/targets.py
+        ([B, L, ...])."""
         stored = self.read_stored(sequence_indices)
         return compress.decode({k: jnp.asarray(v) for k, v in stored.items()},
                                self.manifest.target, self.run.vocab_size)

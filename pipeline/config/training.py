@@ -156,7 +156,8 @@ class TrainConfig(Section):
                                   "change it to fit fewer hosts.", gt=0, hashed=False)
     seed: int = field(0, "Seed of the student's initialisation and of the step's RNG.")
     logits_chunk_size: int = field(0, "Tokens per chunk of the fused output head + loss "
-                                   "(pipeline.fused_head); 0: materialise the full logits.",
+                                   "(pipeline.losses.fused_head); 0: materialise the full "
+                                   "logits.",
                                    ge=0, hashed=False)
 
     def __post_init__(self) -> None:

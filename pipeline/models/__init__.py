@@ -9,7 +9,7 @@ compute_logits=True) -> ModelOutput``
 - ``input_ids``: ``[batch, seq]`` int32; ``attention_mask``: ``[batch, seq]`` (1 = real token,
   0 = padding), combined with the causal mask; positions are ``0..seq-1`` as in transformers.
 - ``compute_logits=False`` skips the output head: ``logits`` is ``None`` and the step applies
-  the head itself, chunk by chunk over tokens (``pipeline.fused_head``).
+  the head itself, chunk by chunk over tokens (``pipeline.losses.fused_head``).
 
 ``model.output_head() -> [vocab, hidden]``: the output projection in Hugging Face layout, so
 ``logits = last_hidden_state @ model.output_head().T`` (the tied embedding table when the

@@ -21,7 +21,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pipeline import losses
+from pipeline.losses.checks import check_loss_inputs
+from pipeline.losses.distill import combine_token_losses
+from pipeline.losses.reduce import loss_mask
+from pipeline.losses.token_losses import TokenLosses, token_losses
 from pipeline.errors import ConfigError, KdpipeError
 
 _F32 = jnp.float32
@@ -70,12 +73,11 @@ def fused_head_distillation_loss(hidden, head, targets, attention_mask=None, lab
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ConfigError(f"chunk_size: expected a positive int, got {chunk_size!r}")
     logits_shape = jax.ShapeDtypeStruct((*hidden.shape[:-1], head.shape[0]), hidden.dtype)
-    losses.check_loss_inputs(logits_shape, targets, attention_mask, labels, use_hard_labels,
-                             temperature, alpha, divergence, beta,
-                             valid_vocab_size=valid_vocab_size)
+    check_loss_inputs(logits_shape, targets, attention_mask, labels, use_hard_labels,
+                      temperature, alpha, divergence, beta, valid_vocab_size=valid_vocab_size)
 
     tokens = hidden.shape[0] * hidden.shape[1]
-    mask = losses.loss_mask(attention_mask, labels, hidden.shape[:-1]).reshape(tokens)
+    mask = loss_mask(attention_mask, labels, hidden.shape[:-1]).reshape(tokens)
     denominator = jnp.maximum(jnp.sum(mask), 1.0)
     temperature = jnp.asarray(temperature, _F32)
     div_weight = alpha * temperature ** 2 * mask / denominator
@@ -87,8 +89,8 @@ def fused_head_distillation_loss(hidden, head, targets, attention_mask=None, lab
         hidden.reshape(tokens, hidden.shape[-1]), head,
         (flat_targets, flat_labels, div_weight, ce_weight, temperature),
         config)
-    terms = losses.TokenLosses(div, None if labels is None else ce, entropy, agreement)
-    _, metrics = losses.combine_token_losses(
+    terms = TokenLosses(div, None if labels is None else ce, entropy, agreement)
+    _, metrics = combine_token_losses(
         jax.lax.stop_gradient(terms), mask, use_hard_labels, temperature, alpha)
     return loss, metrics
 
@@ -126,9 +128,8 @@ def _chunk_loop(hidden, head, aux, config, *, with_grad):
     target_dtypes = tuple(x.dtype for x in targets)
 
     def chunk_loss(logits, targets_c, labels_c, div_w, ce_w):
-        terms = losses.token_losses(logits, targets_c, labels_c, temperature=temperature,
-                                    divergence=divergence, beta=beta,
-                                    valid_vocab_size=valid_vocab_size)
+        terms = token_losses(logits, targets_c, labels_c, temperature=temperature,
+                             divergence=divergence, beta=beta, valid_vocab_size=valid_vocab_size)
         ce = terms.cross_entropy
         if ce is None:
             ce = jnp.zeros_like(terms.divergence)
