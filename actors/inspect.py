@@ -1,7 +1,7 @@
 """``kdpipe inspect``: what a cache, a run directory or a checkpoint directory holds.
 
 A cache is found wherever ``cache.path`` may put one: a local directory or any TensorStore
-kvstore URL (``pipeline.cache.format.kvstore_spec`` reads both). Run and checkpoint directories
+kvstore URL (``pipeline.cache.store.kvstore_spec`` reads both). Run and checkpoint directories
 are local.
 """
 
@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.cache.format import MANIFEST_KEY as MANIFEST, open_kvstore, split_location
+from pipeline.cache.format import MANIFEST_KEY as MANIFEST
+from pipeline.cache.store import open_kvstore, split_location
 from pipeline.errors import KdpipeError
 
 

@@ -113,7 +113,8 @@ class CommittedCacheReader:
         """The reader, once the cache exists; waits for a teacher host to create it, or
         returns None at once when not ``wait``."""
         if self._reader is None:
-            from pipeline.cache.format import is_created, open_kvstore
+            from pipeline.cache.format import is_created
+            from pipeline.cache.store import open_kvstore
 
             deadline = time.monotonic() + SHARD_WAIT_TIMEOUT_S
             store = open_kvstore(self.location)

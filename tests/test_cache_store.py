@@ -280,7 +280,8 @@ if __name__ == "__main__":
 
 
 def test_a_cache_is_created_once_its_arrays_exist_not_at_its_manifest(tmp_path):
-    from pipeline.cache.format import is_created, open_kvstore
+    from pipeline.cache.format import is_created
+    from pipeline.cache.store import open_kvstore
     from pipeline.cache.writer import create_or_join
 
     location = str(tmp_path / "c")

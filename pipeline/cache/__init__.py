@@ -3,13 +3,13 @@
 Write with :class:`CacheWriter` (declare a :class:`CacheManifest` with its :class:`TargetSpec`),
 read with :class:`CacheReader` (declare the run as a :class:`RunDeclaration`). The format,
 the modes and what may change after caching (temperature) are documented in
-:mod:`pipeline.cache.format`.
+:mod:`pipeline.cache.format`; where a cache and its splits live, in :mod:`pipeline.cache.store`.
 """
 
 from pipeline.cache.format import (CacheManifest, RunDeclaration, ShardCommit, TargetSpec,
-                                   check_compatible, load_manifest, num_shards, open_kvstore,
-                                   shard_of, split_location)
+                                   check_compatible, load_manifest, num_shards, shard_of)
 from pipeline.cache.reader import CacheReader
+from pipeline.cache.store import open_kvstore, split_location
 from pipeline.cache.writer import CacheWriter
 
 

@@ -48,13 +48,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.errors import CacheError, ConfigError
+from pipeline.cache.store import ts_key_range
+from pipeline.errors import CacheError
 
 FORMAT_VERSION = 1
 MANIFEST_KEY = "manifest.json"
@@ -443,66 +442,6 @@ def commit_key(shard: int) -> str:
     return f"{COMMIT_PREFIX}shard-{shard:08d}.json"
 
 
-def split_location(root: str, split: str) -> str:
-    """Where split ``split`` of the cache at ``root`` (a path or kvstore URL) lives:
-    ``<root>/<split>``."""
-    return f"{root.rstrip('/')}/{split}"
-
-
-def kvstore_spec(location: str | os.PathLike | dict) -> dict:
-    """A cache location (local path, kvstore URL, or kvstore spec dict) as a spec dict whose
-    path ends with '/'."""
-    import tensorstore as ts
-
-    if isinstance(location, dict):
-        spec = dict(location)
-    elif isinstance(location, (str, os.PathLike)):
-        location = os.fspath(location)
-        if "://" in location:
-            try:
-                spec = ts.KvStore.Spec(location).to_json()
-            except ValueError as e:
-                raise CacheError(f"cache location {location!r} is not a TensorStore kvstore URL "
-                                 f"({e}); expected a local path or a URL such as "
-                                 f"gs://bucket/prefix/ or file:///path/") from None
-        else:
-            spec = {"driver": "file", "path": os.path.abspath(location)}
-    else:
-        raise CacheError(f"cache location: expected a path, a kvstore URL or a kvstore spec "
-                         f"dict, got {type(location).__name__}")
-    path = spec.get("path", "")
-    if path and not path.endswith("/"):
-        spec["path"] = path + "/"
-    return spec
-
-
-def open_kvstore(location: str | os.PathLike | dict):
-    """The cache root as a TensorStore KvStore (local path, kvstore URL or spec dict).
-
-    A local cache whose path runs into an existing file is refused (``ConfigError`` naming
-    ``cache.path`` and the file) before anything is read or written there."""
-    import tensorstore as ts
-
-    spec = kvstore_spec(location)
-    if spec.get("driver") == "file":
-        _refuse_file_on_path(Path(spec["path"]))
-    return ts.KvStore.open(spec).result()
-
-
-def _refuse_file_on_path(path: Path) -> None:
-    """A local cache is a directory: its path, and every parent of it that exists, must be
-    a directory. TensorStore would otherwise fail deep inside a write ("Not a directory")."""
-    for candidate in (path, *path.parents):
-        if candidate.is_dir():
-            return
-        if candidate.exists():
-            raise ConfigError(
-                f"cache.path: {candidate} is an existing file, not a directory, so the cache "
-                f"{path} can be neither read nor written there (a cache is a directory of "
-                f"manifest.json, commit records and arrays); point cache.path at a directory, "
-                f"new or holding a kdpipe cache; the file was left as it is")
-
-
 def read_commits(kvstore) -> tuple[ShardCommit, ...]:
     """All commit records under the cache root, sorted by shard."""
     keys = kvstore.list(ts_key_range(COMMIT_PREFIX)).result()
@@ -517,12 +456,6 @@ def read_commits(kvstore) -> tuple[ShardCommit, ...]:
             raise CacheError(f"commit record {key.decode()} is malformed ({e!r}); delete it and "
                              f"fill the cache again to rewrite that shard") from None
     return tuple(sorted(commits, key=lambda c: c.shard))
-
-
-def ts_key_range(prefix: str):
-    import tensorstore as ts
-
-    return ts.KvStore.KeyRange(prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1))
 
 
 def load_manifest(kvstore, location: str) -> CacheManifest:

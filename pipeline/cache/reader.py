@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from pipeline.cache import compress
-from pipeline.cache.format import (CacheManifest, RunDeclaration, array_layout, shard_file_key,
-                                   check_compatible, kvstore_spec, load_manifest, open_array,
-                                   open_kvstore, read_commits)
+from pipeline.cache.format import (CacheManifest, RunDeclaration, array_layout, check_compatible,
+                                   load_manifest, open_array, read_commits, shard_file_key)
+from pipeline.cache.store import kvstore_spec, open_kvstore
 from pipeline.errors import CacheError
 
 

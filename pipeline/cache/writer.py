@@ -36,8 +36,9 @@ import numpy as np
 
 from pipeline.cache import compress
 from pipeline.cache.format import (MANIFEST_KEY, CacheManifest, ShardCommit, array_layout,
-                                   check_same_header, commit_key, kvstore_spec, load_manifest,
-                                   open_array, open_kvstore, read_commits, shard_file_key)
+                                   check_same_header, commit_key, load_manifest, open_array,
+                                   read_commits, shard_file_key)
+from pipeline.cache.store import kvstore_spec, open_kvstore
 from pipeline.errors import CacheError, KdpipeError, TeacherOutputError
 
 _STOP = object()
