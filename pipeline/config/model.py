@@ -46,6 +46,19 @@ class ModelSpec(Section):
         "in seq; auto: cuDNN on GPU (16-bit dtype), the splash kernel on a single TPU device, "
         "else xla up to 512 tokens and blockwise beyond. Attention maps (loss.attention_weight > 0) are always "
         "computed the xla way.", hashed=False)
+    scan_layers: bool = field(
+        False, "Stack the layers' parameters (a leading [layers] axis) and run one compiled "
+        "layer body over them (pipeline.models.stack): compile time and program size no longer "
+        "grow with depth. Turn it on for deep models and long compiles (the 1B-8B configs on "
+        "TPU/GPU); Hugging Face checkpoints load and export the same either way, but a training "
+        "checkpoint resumes only with the setting it was written with.", hashed=False)
+    remat: Literal["none", "full", "save_dots", "offload"] = field(
+        "none", "What each layer's backward pass recomputes instead of keeping "
+        "(jax.checkpoint policies, pipeline.models.stack). none: keep everything; full: keep "
+        "only each layer's input (least memory, about one more forward pass of compute); "
+        "save_dots: keep the matmul outputs, recompute the rest; offload: as save_dots with "
+        "them in host memory (TPU/GPU only; refused on CPU). Same results whatever the choice.",
+        hashed=False)
 
     @property
     def from_pretrained(self) -> bool:

@@ -28,7 +28,8 @@ def build_model(spec: ModelSpec, vocab_size: int | None = None, seed: int = 0,
     tokenizer's, unless the spec sets one; unused for a loaded model). Its parameters are laid
     out on ``mesh`` by ``pipeline.models.sharding``'s rules, or on the default device without one.
 
-    It computes in ``spec.dtype``, its attention with ``spec.attention``. A model to train
+    It computes in ``spec.dtype``, its attention with ``spec.attention``, its layers scanned
+    and rematerialised as ``spec.scan_layers`` and ``spec.remat`` say. A model to train
     keeps its parameters in ``spec.param_dtype`` (unset: float32 master weights); a ``frozen``
     one (a teacher) keeps them in ``spec.dtype``: it is never updated, so it has no small
     update to lose, and a bfloat16 teacher takes half the memory.
@@ -39,13 +40,16 @@ def build_model(spec: ModelSpec, vocab_size: int | None = None, seed: int = 0,
     param_dtype = spec.dtype if frozen else spec.param_dtype or "float32"
     if spec.from_pretrained:
         return load_pretrained(spec.path, dtype=spec.dtype, param_dtype=param_dtype, mesh=mesh,
-                               attention=spec.attention)
+                               attention=spec.attention, scan_layers=spec.scan_layers,
+                               remat=spec.remat)
     if vocab_size is None and spec.vocab_size is None:
         raise ValueError("build_model: an initialised model needs vocab_size (the tokenizer's) "
                          "when its spec sets none")
     config = config_from_hf(spec.hf_config(vocab_size))
     model = family_of(config.model_type).model(config, dtype=spec.dtype, param_dtype=param_dtype,
-                                               attention=spec.attention, rngs=nnx.Rngs(seed))
+                                               attention=spec.attention,
+                                               scan_layers=spec.scan_layers, remat=spec.remat,
+                                               rngs=nnx.Rngs(seed))
     if mesh is not None:
         shard_model(model, mesh)
     return model

@@ -43,34 +43,49 @@ _PARAM_DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclasses.dataclass(frozen=True)
 class _Tensor:
-    """One parameter: where it lives in our model and in the checkpoint."""
+    """One Hugging Face tensor: where it lives in our model and in the checkpoint."""
 
     path: tuple  # nnx state path
     hf_name: str
     layout: Layout
-    shape: tuple  # ours
+    shape: tuple  # ours (one layer's, for scanned layers)
     hf_shape: tuple
+    layer: int | None = None  # its index along the parameter's [layers] axis when scanned
 
 
 def _tensor_plan(state: nnx.State, hf_names: tuple[NameRow, ...],
                  num_layers: int) -> list[_Tensor]:
-    """Every parameter of ``state`` with its Hugging Face name from the family's ``hf_names``,
-    in transformers' order (embedding, then layer by layer, then the final norm and head)."""
+    """Every Hugging Face tensor of ``state`` with its Hugging Face name from the family's
+    ``hf_names``, in transformers' order (embedding, then layer by layer, then the final norm
+    and head). A parameter of scanned layers (``layers/attn/q_dnh``, ``pipeline.models.stack``)
+    is ``num_layers`` tensors, one per index of its leading axis."""
     first_layer_row = next(r for r, row in enumerate(hf_names) if "{i}" in row[0])
-    names = {}  # our path -> (hf name, layout, order)
+    names = {}  # our path -> [(hf name, layout, order, layer index or None)]
     for row, (hf_template, our_template, layout) in enumerate(hf_names):
-        if "{i}" in hf_template:
-            layers = range(num_layers)
-        else:
-            layers = [-1 if row < first_layer_row else num_layers]
-        for i in layers:
-            names[our_template.format(i=i)] = (hf_template.format(i=i), layout, (i, row))
+        if "{i}" not in hf_template:
+            order = (-1 if row < first_layer_row else num_layers, row)
+            names[our_template] = [(hf_template, layout, order, None)]
+            continue
+        names[our_template.replace("{i}/", "")] = [
+            (hf_template.format(i=i), layout, (i, row), i) for i in range(num_layers)]
+        for i in range(num_layers):
+            names[our_template.format(i=i)] = [(hf_template.format(i=i), layout, (i, row), None)]
     plan = []
     for path, var in nnx.to_flat_state(state):
-        hf_name, layout, order = names[param_path(path)]
-        shape = tuple(var.shape)
-        plan.append((order, _Tensor(path, hf_name, layout, shape, tuple(layout.hf_shape(shape)))))
+        for hf_name, layout, order, layer in names[param_path(path)]:
+            shape = tuple(var.shape) if layer is None else tuple(var.shape[1:])
+            plan.append((order, _Tensor(path, hf_name, layout, shape,
+                                        tuple(layout.hf_shape(shape)), layer)))
     return [tensor for _, tensor in sorted(plan, key=lambda entry: entry[0])]
+
+
+def _by_param(plan: list[_Tensor]) -> dict[tuple, list[_Tensor]]:
+    """The tensors of ``plan`` grouped by parameter (a scanned one has one per layer, in layer
+    order), in the order of their first tensor."""
+    params: dict[tuple, list[_Tensor]] = {}
+    for tensor in plan:
+        params.setdefault(tensor.path, []).append(tensor)
+    return params
 
 
 def read_config(path: str | Path) -> Any:
@@ -155,15 +170,18 @@ def _param_dtype(dtype, name: str = "dtype") -> jnp.dtype:
 
 def load_pretrained(path: str | Path, *, dtype=jnp.float32, param_dtype=None,
                     mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
-                    attention: str = "auto") -> nnx.Module:
+                    attention: str = "auto", scan_layers: bool = False,
+                    remat: str = "none") -> nnx.Module:
     """Loads a Hugging Face checkpoint directory into a model of its family (e.g. ``Llama``)
     computing in ``dtype``, with its parameters in ``param_dtype`` (``None``: ``dtype``).
     Weights stored in bfloat16 load exactly into float32 parameters.
 
     With a ``mesh``, each parameter is created directly with its ``NamedSharding`` under
-    ``rules``: a device receives only its own slice, and the host holds one checkpoint tensor at
-    a time. Without one, parameters go to the default device. ``attention``: the model's
-    attention implementation (``pipeline.models.attention``).
+    ``rules``: a device receives only its own slice, and the host holds one parameter at a time
+    (one checkpoint tensor, or a scanned parameter's per-layer tensors stacked). Without one,
+    parameters go to the default device. ``attention``, ``scan_layers``, ``remat``: the
+    model's attention implementation (``pipeline.models.attention``), its layers stacked and
+    scanned or not, and their rematerialisation (``pipeline.models.stack``).
 
     Raises:
       ModelLoadError: unsupported config, no safetensors weights (pickle-only directories are
@@ -176,27 +194,29 @@ def load_pretrained(path: str | Path, *, dtype=jnp.float32, param_dtype=None,
     dtype = _param_dtype(dtype)
     param_dtype = dtype if param_dtype is None else _param_dtype(param_dtype, "param_dtype")
     family = family_of(config.model_type)
-    abstract = nnx.eval_shape(lambda: family.model(config, dtype=dtype, param_dtype=param_dtype,
-                                                   attention=attention, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: family.model(
+        config, dtype=dtype, param_dtype=param_dtype, attention=attention,
+        scan_layers=scan_layers, remat=remat, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
     plan = _tensor_plan(abstract_state, family.hf_names, config.num_hidden_layers)
     shardings = {}  # decided before any weight is read, so bad rules fail fast
     if mesh is not None:
-        shardings = {t.path: NamedSharding(mesh, spec_for(param_path(t.path), t.shape, mesh, rules))
-                     for t in plan}
+        shardings = {path: NamedSharding(mesh, spec_for(param_path(path), var.shape, mesh, rules))
+                     for path, var in nnx.to_flat_state(abstract_state)}
     with _open_tensors(_weight_files(path)) as handles:
         _check_tensors(path, config, plan, handles)
         values = {}
-        for tensor in plan:
-            host = tensor.layout.to_ours(handles[tensor.hf_name].get_tensor(tensor.hf_name),
-                                         tensor.shape)
+        for param, tensors in _by_param(plan).items():
+            hosts = [t.layout.to_ours(handles[t.hf_name].get_tensor(t.hf_name), t.shape)
+                     for t in tensors]
+            host = hosts[0] if tensors[0].layer is None else np.stack(hosts)
             if mesh is None:
                 value = jax.device_put(np.asarray(host, param_dtype))
             else:
                 value = jax.make_array_from_callback(
-                    tensor.shape, shardings[tensor.path],
+                    host.shape, shardings[param],
                     lambda index, host=host: np.asarray(host[index], param_dtype))
-            values[tensor.path] = value
+            values[param] = value
     state = nnx.from_flat_state([
         (param, var.replace(values[param])) for param, var in nnx.to_flat_state(abstract_state)
     ])
@@ -261,7 +281,7 @@ def save_pretrained(model: nnx.Module, path: str | Path, *,
     shards: list[list[_Tensor]] = [[]]
     shard_bytes = 0
     for tensor in plan:
-        nbytes = leaves[tensor.path].get_value().size * model.dtype.itemsize
+        nbytes = int(np.prod(tensor.shape)) * model.dtype.itemsize
         if shards[-1] and shard_bytes + nbytes > max_shard_bytes:
             shards.append([])
             shard_bytes = 0
@@ -280,11 +300,14 @@ def save_pretrained(model: nnx.Module, path: str | Path, *,
             stale = old.name in (SINGLE_FILE, INDEX_FILE) or _SHARD_FILE.fullmatch(old.name)
             if stale and old.name not in file_names:
                 old.unlink()
+    def value(t: _Tensor) -> jax.Array:
+        whole = leaves[t.path].get_value()
+        return whole if t.layer is None else whole[t.layer]
+
     weight_map, total_bytes = {}, 0
     for file_name, shard in zip(file_names, shards):
         tensors = {
-            t.hf_name: np.ascontiguousarray(t.layout.to_hf(
-                _to_host(leaves[t.path].get_value().astype(model.dtype))))
+            t.hf_name: np.ascontiguousarray(t.layout.to_hf(_to_host(value(t).astype(model.dtype))))
             for t in shard
         }
         if writer:

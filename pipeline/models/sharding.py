@@ -40,6 +40,11 @@ DEFAULT_RULES: Rules = (
     (r"(^|/)scale$", P()),  # RMSNorm scales: small, replicated
 )
 
+# Scanned layers (pipeline.models.stack) are stacked under "layers/" with no layer index in the
+# path ("layers/attn/q_dnh"): a rule's spec applies to the dimensions after the leading
+# [layers] axis, which stays unsharded.
+_STACKED = re.compile(r"^layers/(?!\d+(/|$))")
+
 
 def make_mesh(*, data: int = 1, fsdp: int = -1, tensor: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -76,7 +81,9 @@ def spec_for(path: str, shape: Sequence[int], mesh: Mesh, rules: Rules = DEFAULT
     """The ``PartitionSpec`` of the parameter at ``path`` (``"layers/0/attn/q_dnh"``).
 
     A mesh axis that does not divide its dimension is dropped from that dimension, which is
-    then replicated (e.g. 2 key/value heads on a 4-way tensor axis).
+    then replicated (e.g. 2 key/value heads on a 4-way tensor axis). A parameter of scanned
+    layers (``"layers/attn/q_dnh"``, a leading ``[layers]`` axis) takes its rule's spec after
+    an unsharded layer axis.
 
     Raises:
       ConfigError: no rule matches ``path``, or the matching spec's rank is not ``len(shape)``.
@@ -88,6 +95,8 @@ def spec_for(path: str, shape: Sequence[int], mesh: Mesh, rules: Rules = DEFAULT
         raise ConfigError(f"sharding rules: no rule matches parameter {path!r}")
     if len(spec) == 0:  # P(): replicated, whatever the rank
         return spec
+    if _STACKED.match(path):
+        return P(None, *spec_for(path.replace("layers/", "layers/0/", 1), shape[1:], mesh, rules))
     if len(spec) != len(shape):
         raise ConfigError(
             f"sharding rules: rule {pattern!r} gives {spec} of rank {len(spec)} for parameter "

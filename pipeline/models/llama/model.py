@@ -28,6 +28,7 @@ from pipeline.errors import DataError
 from pipeline.models import ModelOutput
 from pipeline.models.attention import attention, dense_attention
 from pipeline.models.llama.config import LlamaConfig
+from pipeline.models.stack import make_layers, remat_policy, run_layers
 
 
 def rope_inverse_frequencies(config: LlamaConfig) -> np.ndarray:
@@ -202,18 +203,24 @@ class Llama(nnx.Module):
       attention: the implementation of ``pipeline.models.attention`` (``auto``, ``xla``,
         ``blockwise``, ...); ``output_attentions=True`` computes the probabilities with
         ``xla`` whatever it is.
+      scan_layers, remat: the layers stacked and scanned, and what their backward pass
+        recomputes (``pipeline.models.stack``).
       rngs: random initialisation (``nnx.Rngs(seed)``).
     """
 
     def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, param_dtype=None,
-                 attention="auto", rngs: nnx.Rngs):
+                 attention="auto", scan_layers: bool = False, remat: str = "none",
+                 rngs: nnx.Rngs):
         self.config = config
         self.dtype = jnp.dtype(dtype)
         param_dtype = self.dtype if param_dtype is None else jnp.dtype(param_dtype)
+        remat_policy(remat)  # refuses a bad name here, not at the first call
+        self.scan_layers, self.remat = scan_layers, remat
         self.embedder = Embedder(config, dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(config, param_dtype=param_dtype,
-                                             attention=attention, rngs=rngs)
-                                for _ in range(config.num_hidden_layers)])
+        self.layers = make_layers(
+            lambda rngs: DecoderLayer(config, param_dtype=param_dtype, attention=attention,
+                                      rngs=rngs),
+            config.num_hidden_layers, rngs, scan_layers=scan_layers)
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
         head_shape = (config.vocab_size, config.hidden_size)
         self.lm_head_vd = None if config.tie_word_embeddings else nnx.Param(
@@ -258,13 +265,15 @@ class Llama(nnx.Module):
         angles = np.concatenate([freqs, freqs], axis=-1)  # [l, h]
         cos, sin = jnp.asarray(np.cos(angles)), jnp.asarray(np.sin(angles))
 
-        x = self.embedder(input_ids)
-        hidden_states = [x]
-        attentions = []
-        for layer in self.layers:
+        def body(layer, x):
             x, probs = layer(x, cos, sin, attention_mask, output_attentions)
-            hidden_states.append(x)
-            attentions.append(probs)
+            return x, (x if output_hidden_states else None, probs)
+
+        embeddings = self.embedder(input_ids)
+        x, outs = run_layers(self.layers, embeddings, body, scan_layers=self.scan_layers,
+                             remat=self.remat)
+        hidden_states = [embeddings] + [hidden for hidden, _ in outs]
+        attentions = [probs for _, probs in outs]
         x = self.final_norm(x)
         # transformers' convention: the last entry is the final-normed state, not the raw one.
         hidden_states[-1] = x
