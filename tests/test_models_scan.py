@@ -123,8 +123,9 @@ def test_scanned_save_writes_the_looped_checkpoint(looped_dir, tmp_path):
     assert ((tmp_path / "sharded" / INDEX_FILE).read_text()
             == (tmp_path / "looped" / INDEX_FILE).read_text())
     assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 2
-    # and a scanned model loads what it wrote
-    again = load_pretrained(tmp_path / "sharded", scan_layers=True)
+    # and a scanned model loads what it wrote, on a mesh too
+    again = load_pretrained(tmp_path / "sharded", scan_layers=True,
+                            mesh=make_mesh(devices=jax.devices()[:1]))
     assert _max_diff(nnx.state(again), nnx.state(scanned)) == 0
 
 
