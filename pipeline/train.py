@@ -197,7 +197,7 @@ class RunSetup:
     identity: RunIdentity
 
 
-def prepare_run(config: RunConfig, *, host: Host = Host(), teacher: Llama | None = None,
+def prepare_run(config: RunConfig, *, teacher: Llama | None = None,
                 train_targets: bool = True,
                 targets: Mapping[str, TargetReader] | None = None) -> RunSetup:
     """Open the data, build the student (fresh, on the mesh of ``config.mesh``), and find the
@@ -291,7 +291,7 @@ def _train(config: RunConfig, *, host: Host, teacher: Llama | None,
            targets: Mapping[str, TargetReader] | None,
            on_step: Callable[[int, dict], None] | None, sigterm: threading.Event,
            stop: threading.Event, pause: threading.Event) -> TrainResult:
-    setup = prepare_run(config, host=host, teacher=teacher, targets=targets)
+    setup = prepare_run(config, teacher=teacher, targets=targets)
     info, train_data, eval_data, sharding = setup.info, setup.train_data, setup.eval_data, setup.sharding
     state, teacher_state = setup.state, setup.teacher_state
     train_reader, eval_reader = setup.train_reader, setup.eval_reader
