@@ -1,0 +1,261 @@
+"""The Llama-3.2-1B student's distillation step at scale, compiled only, on virtual CPU devices.
+
+Nothing is allocated: the train state and the batch are abstract (``jax.eval_shape``,
+``jax.ShapeDtypeStruct``) and the step is lowered and compiled, never run. It is the step a run
+takes (``pipeline.step``'s jitted update, student state donated) with the static arguments
+``pipeline.train.step_options`` draws from ``configs/tpu-v4-llama8b-to-1b.yaml`` (top-k 64
+cached targets, fused head ``train.logits_chunk_size`` 256, hard labels), the student
+initialised at Llama-3.2-1B's shape (hidden 2048, 16 layers, 32 heads, 8 key/value heads,
+head_dim 64, MLP 8192, vocab 128256, tied embeddings) computing in bfloat16 with float32
+parameters and AdamW state, laid out by ``pipeline.models.sharding`` on an fsdp mesh of N
+devices, the batch split over them. ``train.grad_accum_steps`` is 1: the per-device batch
+here is one microbatch (accumulation multiplies the batch, not the memory).
+
+Per device, from XLA's ``memory_analysis()``: argument, output and temp bytes, and what the
+step needs (argument + output + temp - donated aliases); ``cost_analysis()``'s FLOPs, which
+count a while loop's body once, so for scanned layers (and blockwise attention's block loop)
+they are one iteration's work, not the step's. Then the largest per-device batch (1, 2, 4, ...)
+whose need fits 32 GiB (TPU v4) and 16 GiB (TPU v5e). The last lines: compile seconds of the
+step at two depths, looped and scanned (``--compile-layers 4 32``), and the headline ratios.
+
+    XLA_FLAGS is set here before JAX is imported; run it as a script:
+    python benchmarks/bench_scale.py                   # the default subset, a few minutes
+    python benchmarks/bench_scale.py --grid            # every attention x scan x remat
+    python benchmarks/bench_scale.py --seq 8192 --devices 8 --json out.json
+    python benchmarks/bench_scale.py --compile-layers 4 32
+
+Offload remat is skipped: the CPU backend has no pinned host memory (the model refuses it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+GIB = 2**30
+CHIPS = {"v4": 32 * GIB, "v5e": 16 * GIB}
+ROOT = Path(__file__).resolve().parent.parent
+RUN_CONFIG = ROOT / "configs" / "tpu-v4-llama8b-to-1b.yaml"
+# Llama-3.2-1B (its config.json), initialised rather than loaded.
+STUDENT_1B = dict(path=None, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                  num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                  max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=True,
+                  dtype="bfloat16", param_dtype="float32")
+TODAY = ("xla", False, "none")  # attention, scan_layers, remat: the defaults of today's runs
+
+
+def _args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq", type=int, nargs="+", default=[4096])
+    parser.add_argument("--devices", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--grid", action="store_true",
+                        help="every attention x scan_layers x remat (default: today's model, "
+                             "and blockwise + scan + full remat)")
+    parser.add_argument("--max-batch", type=int, default=64,
+                        help="largest per-device batch tried")
+    parser.add_argument("--compile-layers", type=int, nargs=2, metavar=("SHALLOW", "DEEP"),
+                        help="also compare the step's compile seconds at two depths, looped "
+                             "and scanned (e.g. 4 32; the looped 32-layer step takes minutes)")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    return parser.parse_args(argv)
+
+
+ARGS = _args() if __name__ == "__main__" else None
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_"
+                           f"count={max(ARGS.devices) if ARGS else 8}").strip()
+
+import jax  # noqa: E402  (after XLA_FLAGS)
+import jax.numpy as jnp  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.tree_util import keystr  # noqa: E402
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.models.build import build_model  # noqa: E402
+from pipeline.models.sharding import BATCH_SPEC, make_mesh, state_shardings  # noqa: E402
+from pipeline.optim import build_optimizer  # noqa: E402
+from pipeline.step import TrainState, _jit_update  # noqa: E402  (the update train runs)
+from pipeline.train import step_options  # noqa: E402
+
+
+def run_config(seq: int, attention: str, scan_layers: bool, remat: str, layers: int = 16):
+    """The shipped TPU config with the 1B student initialised at ``layers`` layers."""
+    student = {**STUDENT_1B, "num_hidden_layers": layers, "attention": attention,
+               "scan_layers": scan_layers, "remat": remat}
+    overrides = [f"model.student={json.dumps(student)}", f"data.seq_len={seq}",
+                 "train.grad_accum_steps=1"]
+    return load_config(RUN_CONFIG, overrides)
+
+
+def abstract_state(config, mesh) -> TrainState:
+    """The student's train state, abstract, with the shardings a run gives it: parameters by
+    ``pipeline.models.sharding``'s rules, the optimizer state following them."""
+    spec, vocab = config.model.student, config.model.student.vocab_size
+    tx = build_optimizer(config.optimizer, config.train.steps)
+
+    def create():
+        state = TrainState.create(build_model(spec, vocab, config.train.seed), tx)
+        shardings = state_shardings(state.params, mesh)
+        by_path = {keystr(path): sharding
+                   for path, sharding in jax.tree_util.tree_leaves_with_path(shardings)}
+
+        def follow(path, leaf):  # optax's moments: laid out as their parameter, as tx.init of
+            key = keystr(path)   # sharded parameters gives them in a run
+            ends = [k for k in by_path if key.endswith(k)]
+            return (jax.lax.with_sharding_constraint(leaf, by_path[max(ends, key=len)])
+                    if ends else leaf)
+
+        params = jax.lax.with_sharding_constraint(state.params, shardings)
+        opt_state = jax.tree_util.tree_map_with_path(follow, tx.init(params))
+        return state.replace(params=params, opt_state=opt_state)
+
+    # The layout XLA gives the created state (the optimizer state follows the parameters, as
+    # a run's tx.init of sharded parameters does), read off the creation compiled, not run.
+    create = jax.jit(create)
+    shardings = create.lower().compile().output_shardings
+    return jax.tree.map(lambda shape, sharding: jax.ShapeDtypeStruct(
+        shape.shape, shape.dtype, sharding=sharding), jax.eval_shape(create), shardings)
+
+
+def abstract_batch(batch: int, seq: int, k: int, mesh) -> dict:
+    """A batch of top-k cached targets as the cache reader gives it, split over the mesh."""
+    sharding = NamedSharding(mesh, BATCH_SPEC)
+
+    def array(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+    return {"input_ids": array((batch, seq), jnp.int32),
+            "attention_mask": array((batch, seq), jnp.int32),
+            "labels": array((batch, seq), jnp.int32),
+            "teacher_topk_ids": array((batch, seq, k), jnp.int32),
+            "teacher_topk_logprobs": array((batch, seq, k), jnp.float32),
+            "teacher_tail_logmass": array((batch, seq), jnp.float32)}
+
+
+def student(config, devices: int) -> tuple:
+    """An fsdp mesh of the first ``devices`` devices and the abstract state laid out on it."""
+    mesh = make_mesh(fsdp=devices, devices=jax.devices()[:devices])
+    return mesh, abstract_state(config, mesh)
+
+
+def compile_step(config, mesh, state, per_device_batch: int) -> dict:
+    """Lowers and compiles the step; XLA's per-device figures and the compile seconds."""
+    batch = abstract_batch(per_device_batch * mesh.size, config.data.seq_len, config.cache.k,
+                           mesh)
+    options = step_options(config, config.model.student.vocab_size)
+    start = time.perf_counter()
+    compiled = _jit_update.lower(state, batch, None, **options).compile()
+    seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    need = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+            + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+    return dict(args=memory.argument_size_in_bytes, out=memory.output_size_in_bytes,
+                temp=memory.temp_size_in_bytes, alias=memory.alias_size_in_bytes, need=need,
+                flops=float(cost.get("flops", float("nan"))), compile_s=seconds)
+
+
+def measure(seq: int, devices: int, attention: str, scan_layers: bool, remat: str,
+            max_batch: int) -> dict:
+    """Batch 1's figures, and the largest per-device batch (a power of two) fitting each chip.
+
+    The search starts where batches 1 and 2 extrapolate to (memory grows about linearly with
+    the batch) and steps by factors of two from there, each step compiled: the answer is
+    what XLA reports, not the extrapolation.
+    """
+    config = run_config(seq, attention, scan_layers, remat)
+    mesh, state = student(config, devices)
+    row = dict(seq=seq, devices=devices, attention=attention, scan_layers=scan_layers,
+               remat=remat, **compile_step(config, mesh, state, 1))
+    needs = {1: row["need"]}
+
+    def need(batch: int) -> int:
+        if batch not in needs:
+            needs[batch] = compile_step(config, mesh, state, batch)["need"]
+        return needs[batch]
+
+    for chip, limit in CHIPS.items():
+        if need(1) > limit:
+            row[f"batch_{chip}"] = 0
+            continue
+        per_row = max(need(2) - need(1), 1) if max_batch >= 2 else 1
+        batch = 1
+        while batch * 2 <= min(max_batch, 1 + (limit - need(1)) // per_row):
+            batch *= 2
+        while batch > 1 and need(batch) > limit:
+            batch //= 2
+        while batch * 2 <= max_batch and need(batch * 2) <= limit:
+            batch *= 2
+        row[f"batch_{chip}"] = batch
+    row["compiled_batches"] = sorted(needs)
+    return row
+
+
+def compile_seconds(seq: int, devices: int, layers: tuple[int, int]) -> list[dict]:
+    """The step's compile seconds at two depths, looped and scanned (blockwise, full remat)."""
+    rows = []
+    for scan_layers, depth in itertools.product((False, True), layers):
+        config = run_config(seq, "blockwise", scan_layers, "full", layers=depth)
+        rows.append(dict(scan_layers=scan_layers, layers=depth,
+                         compile_s=compile_step(config, *student(config, devices), 1)["compile_s"]))
+    return rows
+
+
+def _variants(grid: bool) -> list[tuple[str, bool, str]]:
+    if grid:
+        return list(itertools.product(("xla", "blockwise"), (False, True),
+                                      ("none", "full", "save_dots")))
+    return [TODAY, ("blockwise", True, "full")]
+
+
+def _gib(x: float) -> str:
+    return f"{x / GIB:8.2f}"
+
+
+def main(args: argparse.Namespace) -> None:
+    print(f"Llama-3.2-1B student step, compile only on {jax.device_count()} virtual CPU devices "
+          f"(jax {jax.__version__}); per device, batch 1 unless a column says otherwise")
+    header = (f"{'seq':>5} {'dev':>3} {'attention':>9} {'scan':>4} {'remat':>9} "
+              f"{'args GiB':>8} {'out GiB':>8} {'temp GiB':>8} {'need GiB':>8} "
+              f"{'XLA flops':>9} {'compile s':>9} {'b@32GiB':>7} {'b@16GiB':>7}")
+    print(header)
+    rows = []
+    for seq, devices, (attention, scan_layers, remat) in itertools.product(
+            args.seq, args.devices, _variants(args.grid)):
+        row = measure(seq, devices, attention, scan_layers, remat, args.max_batch)
+        rows.append(row)
+        print(f"{seq:>5} {devices:>3} {attention:>9} {'on' if scan_layers else 'off':>4} "
+              f"{remat:>9} {_gib(row['args'])} {_gib(row['out'])} {_gib(row['temp'])} "
+              f"{_gib(row['need'])} {row['flops']:9.2e} {row['compile_s']:9.1f} "
+              f"{row['batch_v4']:>7} {row['batch_v5e']:>7}", flush=True)
+    timing = []
+    if args.compile_layers:
+        timing = compile_seconds(args.seq[0], args.devices[0], tuple(args.compile_layers))
+        shallow, deep = args.compile_layers
+        for scan_layers in (False, True):
+            by_depth = {t["layers"]: t["compile_s"] for t in timing
+                        if t["scan_layers"] == scan_layers}
+            print(f"compile s, {'scanned' if scan_layers else 'looped '} (blockwise, full remat, "
+                  f"seq {args.seq[0]}, {args.devices[0]} devices): {shallow} layers "
+                  f"{by_depth[shallow]:.1f}, {deep} layers {by_depth[deep]:.1f}, ratio "
+                  f"{by_depth[deep] / by_depth[shallow]:.2f}")
+    for seq, devices in itertools.product(args.seq, args.devices):
+        here = {(r["attention"], r["scan_layers"], r["remat"]): r for r in rows
+                if r["seq"] == seq and r["devices"] == devices}
+        best = here.get(("blockwise", True, "full"))
+        if TODAY in here and best is not None:
+            print(f"seq {seq}, {devices} devices: temp per device, today's default "
+                  f"(xla, looped, no remat) {here[TODAY]['temp'] / GIB:.1f} GiB vs blockwise + "
+                  f"scan + full remat {best['temp'] / GIB:.2f} GiB: "
+                  f"{here[TODAY]['temp'] / best['temp']:.0f}x less")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "compile": timing}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main(ARGS))
