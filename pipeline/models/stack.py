@@ -51,13 +51,12 @@ def remat_policy(remat: str) -> Callable[..., bool] | None:
                           "pinned host memory, which the cpu backend does not have; use "
                           "'save_dots' (the same activations kept on the device) or 'full'")
     policies = jax.checkpoint_policies
-    return {
-        "none": None,
-        "full": policies.nothing_saveable,
-        "save_dots": policies.dots_with_no_batch_dims_saveable,
-        "offload": policies.offload_dot_with_no_batch_dims("device", "pinned_host")
-        if remat == "offload" else None,
-    }[remat]
+    if remat == "none":
+        return None
+    if remat == "offload":
+        return policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+    return {"full": policies.nothing_saveable,
+            "save_dots": policies.dots_with_no_batch_dims_saveable}[remat]
 
 
 def make_layers(make: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs, *,
