@@ -97,8 +97,8 @@ def abstract_state(config, mesh) -> TrainState:
     spec, vocab = config.model.student, config.model.student.vocab_size
     tx = build_optimizer(config.optimizer, config.train.steps)
 
-    def create():
-        state = TrainState.create(build_model(spec, vocab, config.train.seed), tx)
+    def create():  # as pipeline.student_state builds it: on the mesh, by the rules
+        state = TrainState.create(build_model(spec, vocab, config.train.seed, mesh), tx)
         shardings = state_shardings(state.params, mesh)
         by_path = {keystr(path): sharding
                    for path, sharding in jax.tree_util.tree_leaves_with_path(shardings)}

@@ -13,12 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
 from pipeline.config import ModelSpec, check_context, stable_hash
 from pipeline.models.hf_io import CONFIG_FILE, load_pretrained, read_config, teacher_fingerprint
 from pipeline.models.registry import config_from_hf, family_of
-from pipeline.models.sharding import shard_model
+from pipeline.models.sharding import BATCH_SPEC, shard_model
 
 
 def build_model(spec: ModelSpec, vocab_size: int | None = None, seed: int = 0,
@@ -26,7 +26,8 @@ def build_model(spec: ModelSpec, vocab_size: int | None = None, seed: int = 0,
     """The model of ``spec``: loaded from ``spec.path`` (each device reading only its slices),
     or initialised from ``seed`` with the architecture of the spec and ``vocab_size`` (the
     tokenizer's, unless the spec sets one; unused for a loaded model). Its parameters are laid
-    out on ``mesh`` by ``pipeline.models.sharding``'s rules, or on the default device without one.
+    out on ``mesh`` by ``pipeline.models.sharding``'s rules (and its activations split over
+    the batch, ``BATCH_SPEC``), or on the default device without one.
 
     It computes in ``spec.dtype``, its attention with ``spec.attention``, its layers scanned
     and rematerialised as ``spec.scan_layers`` and ``spec.remat`` say. A model to train
@@ -46,9 +47,11 @@ def build_model(spec: ModelSpec, vocab_size: int | None = None, seed: int = 0,
         raise ValueError("build_model: an initialised model needs vocab_size (the tokenizer's) "
                          "when its spec sets none")
     config = config_from_hf(spec.hf_config(vocab_size))
+    batch_sharding = None if mesh is None else NamedSharding(mesh, BATCH_SPEC)
     model = family_of(config.model_type).model(config, dtype=spec.dtype, param_dtype=param_dtype,
                                                attention=spec.attention,
                                                scan_layers=spec.scan_layers, remat=spec.remat,
+                                               batch_sharding=batch_sharding,
                                                rngs=nnx.Rngs(seed))
     if mesh is not None:
         shard_model(model, mesh)

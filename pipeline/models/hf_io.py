@@ -29,7 +29,7 @@ from safetensors.numpy import save_file
 from pipeline.errors import ConfigError, KdpipeError, ModelLoadError
 from pipeline.models.layouts import Layout, NameRow
 from pipeline.models.registry import config_from_hf, family_of
-from pipeline.models.sharding import DEFAULT_RULES, Rules, param_path, spec_for
+from pipeline.models.sharding import BATCH_SPEC, DEFAULT_RULES, Rules, param_path, spec_for
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -178,7 +178,8 @@ def load_pretrained(path: str | Path, *, dtype=jnp.float32, param_dtype=None,
 
     With a ``mesh``, each parameter is created directly with its ``NamedSharding`` under
     ``rules``: a device receives only its own slice, and the host holds one parameter at a time
-    (one checkpoint tensor, or a scanned parameter's per-layer tensors stacked). Without one,
+    (one checkpoint tensor, or a scanned parameter's per-layer tensors stacked), and the
+    layers' activations are held split over the batch (``BATCH_SPEC``). Without one,
     parameters go to the default device. ``attention``, ``scan_layers``, ``remat``: the
     model's attention implementation (``pipeline.models.attention``), its layers stacked and
     scanned or not, and their rematerialisation (``pipeline.models.stack``).
@@ -194,9 +195,10 @@ def load_pretrained(path: str | Path, *, dtype=jnp.float32, param_dtype=None,
     dtype = _param_dtype(dtype)
     param_dtype = dtype if param_dtype is None else _param_dtype(param_dtype, "param_dtype")
     family = family_of(config.model_type)
+    batch_sharding = None if mesh is None else NamedSharding(mesh, BATCH_SPEC)
     abstract = nnx.eval_shape(lambda: family.model(
         config, dtype=dtype, param_dtype=param_dtype, attention=attention,
-        scan_layers=scan_layers, remat=remat, rngs=nnx.Rngs(0)))
+        scan_layers=scan_layers, remat=remat, batch_sharding=batch_sharding, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
     plan = _tensor_plan(abstract_state, family.hf_names, config.num_hidden_layers)
     shardings = {}  # decided before any weight is read, so bad rules fail fast

@@ -13,11 +13,12 @@ What a family's pieces provide:
   the fields ``model_type``, ``vocab_size``, ``num_hidden_layers``, ``tie_word_embeddings``,
   ``max_position_embeddings``, ``initializer_range`` and ``extra_hf_fields`` (the last three
   are bookkeeping, left out of ``hf_io.teacher_fingerprint``).
-- ``model``: ``model(config, *, dtype, param_dtype, attention, scan_layers, remat, rngs)``
-  (``attention``: the implementation name of ``pipeline.models.attention``; ``scan_layers``,
-  ``remat``: as ``pipeline.models.stack``'s ``make_layers`` and ``run_layers``, with its
-  layers under ``layers``), a module that follows the protocol of ``pipeline.models`` and
-  keeps ``config`` and ``dtype`` as attributes.
+- ``model``: ``model(config, *, dtype, param_dtype, attention, scan_layers, remat,
+  batch_sharding, rngs)`` (``attention``: the implementation name of
+  ``pipeline.models.attention``; ``scan_layers``, ``remat``: as ``pipeline.models.stack``'s
+  ``make_layers`` and ``run_layers``, with its layers under ``layers``; ``batch_sharding``:
+  ``None`` or the ``NamedSharding`` its activations are held split by), a module that follows
+  the protocol of ``pipeline.models`` and keeps ``config`` and ``dtype`` as attributes.
 - ``hf_names``: rows ``(Hugging Face name, our parameter path, layout)``, ``{i}`` the layer
   index, in transformers' save order (``pipeline.models.layouts``).
 - ``ignored_tensor(config, name)``: True for a stored tensor loading skips, as transformers does.

@@ -17,6 +17,7 @@ size.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -72,6 +73,13 @@ def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
     return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
 
+def _batch_split(x: jax.Array, sharding) -> jax.Array:
+    """``x`` held split over the batch by ``sharding`` (``None``: as XLA propagates). Without
+    it, XLA may lay the MLP's and attention's activations out like the fsdp-sharded weights
+    and hold the whole global batch's on every device (``benchmarks/bench_scale.py``)."""
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
 def _used(param: nnx.Param, dtype) -> jax.Array:
     """A parameter's value in the compute dtype (its gradient flows back in its own dtype)."""
     return param[...].astype(dtype)
@@ -110,7 +118,8 @@ class Attention(nnx.Module):
     """Causal grouped-query self-attention with RoPE (and Qwen2 biases / Qwen3 q,k norms),
     computed by ``pipeline.models.attention`` with ``implementation``."""
 
-    def __init__(self, config: LlamaConfig, *, param_dtype, implementation, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, *, param_dtype, implementation, batch_sharding,
+                 rngs: nnx.Rngs):
         d, n, k, h = (config.hidden_size, config.num_attention_heads,
                       config.num_key_value_heads, config.head_dim)
         std = config.initializer_range
@@ -126,6 +135,7 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(h, eps, param_dtype=param_dtype) if config.qk_norm else None
         self.sliding_window = config.sliding_window
         self.implementation = implementation
+        self.batch_sharding = batch_sharding
 
     def __call__(self, x, cos, sin, padding_mask, with_probs: bool):
         """Self-attention of ``x`` ``[b, l, d]``.
@@ -138,9 +148,10 @@ class Attention(nnx.Module):
         Returns:
           ``([b, l, d] output, [b, n, l, l] attention probabilities in x's dtype or None)``.
         """
-        q = jnp.einsum("bld,dnh->blnh", x, _used(self.q_dnh, x.dtype))
-        k = jnp.einsum("bld,dkh->blkh", x, _used(self.k_dkh, x.dtype))
-        v = jnp.einsum("bld,dkh->blkh", x, _used(self.v_dkh, x.dtype))
+        split = functools.partial(_batch_split, sharding=self.batch_sharding)
+        q = split(jnp.einsum("bld,dnh->blnh", x, _used(self.q_dnh, x.dtype)))
+        k = split(jnp.einsum("bld,dkh->blkh", x, _used(self.k_dkh, x.dtype)))
+        v = split(jnp.einsum("bld,dkh->blkh", x, _used(self.v_dkh, x.dtype)))
         if self.q_bias_nh is not None:
             q = q + _used(self.q_bias_nh, x.dtype)
             k = k + _used(self.k_bias_kh, x.dtype)
@@ -155,35 +166,39 @@ class Attention(nnx.Module):
             out, probs = dense_attention(q, k, v, **masks)
         else:
             out, probs = attention(q, k, v, **masks, implementation=self.implementation), None
-        return jnp.einsum("blnh,nhd->bld", out, _used(self.o_nhd, x.dtype)), probs
+        return split(jnp.einsum("blnh,nhd->bld", split(out), _used(self.o_nhd, x.dtype))), probs
 
 
 class MLP(nnx.Module):
     """SwiGLU feed-forward: ``down(silu(x @ gate) * (x @ up))``."""
 
-    def __init__(self, config: LlamaConfig, *, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, *, param_dtype, batch_sharding, rngs: nnx.Rngs):
         d, f = config.hidden_size, config.intermediate_size
         std = config.initializer_range
         self.gate_df = nnx.Param(_normal(rngs, (d, f), std, param_dtype))
         self.up_df = nnx.Param(_normal(rngs, (d, f), std, param_dtype))
         self.down_fd = nnx.Param(_normal(rngs, (f, d), std, param_dtype))
+        self.batch_sharding = batch_sharding
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``[b, l, d]`` -> ``[b, l, d]``."""
-        gate = jax.nn.silu(x @ _used(self.gate_df, x.dtype))
-        return (gate * (x @ _used(self.up_df, x.dtype))) @ _used(self.down_fd, x.dtype)
+        split = functools.partial(_batch_split, sharding=self.batch_sharding)
+        gate = jax.nn.silu(split(x @ _used(self.gate_df, x.dtype)))
+        return split((gate * split(x @ _used(self.up_df, x.dtype))) @ _used(self.down_fd, x.dtype))
 
 
 class DecoderLayer(nnx.Module):
     """Pre-norm block: ``h = x + attn(norm(x))``, ``out = h + mlp(norm(h))``."""
 
-    def __init__(self, config: LlamaConfig, *, param_dtype, attention, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, *, param_dtype, attention, batch_sharding,
+                 rngs: nnx.Rngs):
         eps = config.rms_norm_eps
         self.input_norm = RMSNorm(config.hidden_size, eps, param_dtype=param_dtype)
         self.attn = Attention(config, param_dtype=param_dtype, implementation=attention,
-                              rngs=rngs)
+                              batch_sharding=batch_sharding, rngs=rngs)
         self.post_attn_norm = RMSNorm(config.hidden_size, eps, param_dtype=param_dtype)
-        self.mlp = MLP(config, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = MLP(config, param_dtype=param_dtype, batch_sharding=batch_sharding,
+                       rngs=rngs)
 
     def __call__(self, x, cos, sin, padding_mask, with_probs):
         """``[b, l, d]`` -> ``([b, l, d], [b, n, l, l] attention probabilities or None)``."""
@@ -205,12 +220,15 @@ class Llama(nnx.Module):
         ``xla`` whatever it is.
       scan_layers, remat: the layers stacked and scanned, and what their backward pass
         recomputes (``pipeline.models.stack``).
+      batch_sharding: a ``NamedSharding`` splitting the batch over a mesh (``build_model``
+        gives ``pipeline.models.sharding.BATCH_SPEC`` on its mesh): the layers' activations
+        are held split by it. ``None``: no constraint (one device, or XLA's choice).
       rngs: random initialisation (``nnx.Rngs(seed)``).
     """
 
     def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, param_dtype=None,
                  attention="auto", scan_layers: bool = False, remat: str = "none",
-                 rngs: nnx.Rngs):
+                 batch_sharding=None, rngs: nnx.Rngs):
         self.config = config
         self.dtype = jnp.dtype(dtype)
         param_dtype = self.dtype if param_dtype is None else jnp.dtype(param_dtype)
@@ -219,7 +237,7 @@ class Llama(nnx.Module):
         self.embedder = Embedder(config, dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
         self.layers = make_layers(
             lambda rngs: DecoderLayer(config, param_dtype=param_dtype, attention=attention,
-                                      rngs=rngs),
+                                      batch_sharding=batch_sharding, rngs=rngs),
             config.num_hidden_layers, rngs, scan_layers=scan_layers)
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
         head_shape = (config.vocab_size, config.hidden_size)
