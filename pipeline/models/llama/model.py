@@ -74,10 +74,14 @@ def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
 
 
 def _batch_split(x: jax.Array, sharding) -> jax.Array:
-    """``x`` held split over the batch by ``sharding`` (``None``: as XLA propagates). Without
-    it, XLA may lay the MLP's and attention's activations out like the fsdp-sharded weights
-    and hold the whole global batch's on every device (``benchmarks/bench_scale.py``)."""
-    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+    """``x`` held split over the batch by ``sharding`` (``None``, or a batch the batch axes do
+    not divide, e.g. a small microbatch: as XLA propagates). Without it, XLA may lay the MLP's
+    and attention's activations out like the fsdp-sharded weights and hold the whole global
+    batch's on every device (``benchmarks/bench_scale.py``)."""
+    if sharding is None or x.shape[0] % math.prod(
+            sharding.mesh.shape[axis] for axis in jax.tree.leaves(sharding.spec[0])):
+        return x
+    return jax.lax.with_sharding_constraint(x, sharding)
 
 
 def _used(param: nnx.Param, dtype) -> jax.Array:
