@@ -57,7 +57,9 @@ class ModelSpec(Section):
         "(jax.checkpoint policies, pipeline.models.stack). none: keep everything; full: keep "
         "only each layer's input (least memory, about one more forward pass of compute); "
         "save_dots: keep the matmul outputs, recompute the rest; offload: as save_dots with "
-        "them in host memory (TPU/GPU only; refused on CPU). Same results whatever the choice.",
+        "them in host memory (TPU/GPU only; refused on CPU). Same results whatever the choice. "
+        "Use it with scan_layers: on looped layers XLA keeps the activations anyway "
+        "(benchmarks/bench_scale.py).",
         hashed=False)
 
     @property
