@@ -57,8 +57,29 @@ def rope_inverse_frequencies(config: LlamaConfig) -> np.ndarray:
     return inv_freq.astype(np.float32)
 
 
+def document_positions(segment_ids: jax.Array) -> jax.Array:
+    """Per-document positions ``[b, l]`` int32 of packed rows: 0 where a segment starts (the
+    row's first token, or a token whose segment id differs from the one before it), counting
+    up within the segment. What a document would have as its positions if it ran alone."""
+    index = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    start_index = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+    return index - start_index
+
+
+def rope_tables(config: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(cos, sin)`` ``[b, l, h]`` float32 of integer ``positions`` ``[b, l]`` (``b`` may be
+    1, broadcast over the batch): the angle of frequency ``i`` at position ``p`` is
+    ``p * inv_freq[i]``, repeated over the two halves of the head (transformers' layout)."""
+    freqs = positions.astype(jnp.float32)[..., None] * rope_inverse_frequencies(config)
+    angles = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotates ``x`` ``[b, l, heads, h]`` by position; ``cos``/``sin`` are ``[l, h]`` float32.
+    """Rotates ``x`` ``[b, l, heads, h]`` by position; ``cos``/``sin`` are ``[b or 1, l, h]``
+    float32 (``rope_tables``).
 
     Half-split convention of transformers' Llama (``rotate_half``), not interleaved pairs:
     ``x * cos + concat(-x2, x1) * sin`` with ``x1, x2`` the two halves of the head.
@@ -66,7 +87,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     x1, x2 = jnp.split(x32, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (x32 * cos[:, None, :] + rotated * sin[:, None, :]).astype(x.dtype)
+    return (x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
 
 
 def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
@@ -141,12 +162,14 @@ class Attention(nnx.Module):
         self.implementation = implementation
         self.batch_sharding = batch_sharding
 
-    def __call__(self, x, cos, sin, padding_mask, with_probs: bool):
+    def __call__(self, x, cos, sin, padding_mask, segment_ids, with_probs: bool):
         """Self-attention of ``x`` ``[b, l, d]``.
 
         Args:
-          cos, sin: ``[l, h]`` float32 RoPE tables.
+          cos, sin: ``[b or 1, l, h]`` float32 RoPE tables.
           padding_mask: ``[b, l]``, true for real tokens; ``None``: no padding.
+          segment_ids: ``[b, l]`` integers, a token attending only to its own segment (its
+            document in a packed row); ``None``: one segment.
           with_probs: also return the probabilities (computed the dense ``xla`` way).
 
         Returns:
@@ -165,7 +188,8 @@ class Attention(nnx.Module):
             k = self.k_norm(k)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
-        masks = dict(causal=True, sliding_window=self.sliding_window, padding_mask=padding_mask)
+        masks = dict(causal=True, sliding_window=self.sliding_window, padding_mask=padding_mask,
+                     segment_ids=segment_ids)
         if with_probs:
             out, probs = dense_attention(q, k, v, **masks)
         else:
@@ -204,9 +228,10 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(config, param_dtype=param_dtype, batch_sharding=batch_sharding,
                        rngs=rngs)
 
-    def __call__(self, x, cos, sin, padding_mask, with_probs):
+    def __call__(self, x, cos, sin, padding_mask, segment_ids, with_probs):
         """``[b, l, d]`` -> ``([b, l, d], [b, n, l, l] attention probabilities or None)``."""
-        attn_out, probs = self.attn(self.input_norm(x), cos, sin, padding_mask, with_probs)
+        attn_out, probs = self.attn(self.input_norm(x), cos, sin, padding_mask, segment_ids,
+                                    with_probs)
         h = x + attn_out
         return h + self.mlp(self.post_attn_norm(h)), probs
 
@@ -262,14 +287,24 @@ class Llama(nnx.Module):
         output_hidden_states: bool = False,
         output_attentions: bool = False,
         compute_logits: bool = True,
+        *,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
     ) -> ModelOutput:
-        """Runs the decoder over positions ``0..seq-1``.
+        """Runs the decoder over positions ``0..seq-1``, or each packed document's own.
 
         Args:
           input_ids: ``[batch, seq]`` integer token ids.
           attention_mask: ``[batch, seq]``, 1 (or True) for real tokens, 0 for padding; combined
             with the causal mask (and mistral's sliding window). ``None``: no padding.
           output_hidden_states, output_attentions, compute_logits: see ``ModelOutput``.
+          segment_ids: ``[batch, seq]`` integers, the document of each token in a packed row
+            (``pipeline.data.prepare``): a token attends only to tokens of its own segment,
+            and, unless ``positions`` are given, RoPE positions restart at 0 where a segment
+            starts (``document_positions``), so each document computes as if it ran alone.
+            ``None``: the row is one sequence.
+          positions: ``[batch, seq]`` integer RoPE positions; ``None``: ``0..seq-1``, or per
+            document with ``segment_ids``.
 
         Returns:
           ``ModelOutput``; ``logits`` ``[batch, seq, vocab]`` float32. Outputs at padding
@@ -282,13 +317,17 @@ class Llama(nnx.Module):
                 f"attention_mask: expected shape {input_ids.shape} (as input_ids), got "
                 f"{attention_mask.shape}"
             )
-        seq = input_ids.shape[1]
-        freqs = np.arange(seq, dtype=np.float32)[:, None] * rope_inverse_frequencies(self.config)
-        angles = np.concatenate([freqs, freqs], axis=-1)  # [l, h]
-        cos, sin = jnp.asarray(np.cos(angles)), jnp.asarray(np.sin(angles))
+        for name, value in (("segment_ids", segment_ids), ("positions", positions)):
+            if value is not None and value.shape != input_ids.shape:
+                raise DataError(f"{name}: expected shape {input_ids.shape} (as input_ids), got "
+                                f"{value.shape}")
+        if positions is None:
+            positions = (np.arange(input_ids.shape[1])[None] if segment_ids is None
+                         else document_positions(segment_ids))
+        cos, sin = rope_tables(self.config, positions)  # [b or 1, l, h]
 
         def body(layer, x):
-            x, probs = layer(x, cos, sin, attention_mask, output_attentions)
+            x, probs = layer(x, cos, sin, attention_mask, segment_ids, output_attentions)
             return x, (x if output_hidden_states else None, probs)
 
         embeddings = self.embedder(input_ids)
