@@ -61,20 +61,27 @@ def snapshot(root: Path) -> dict[str, str]:
 # packing
 # ----------------------------------------------------------------------------------------------
 
-def reference_pack(tokens, targets, seq_len):
-    """Row r, position t: input tokens[r L + t]; label tokens[r L + t + 1] if it is a target."""
+def reference_pack(tokens, targets, seq_len, documents=None):
+    """Row r, position t: input tokens[r L + t]; label tokens[r L + t + 1] if it is a target
+    (and, with documents, of the same document); segment: 1 + the number of document changes
+    since the row's start, 0 on padding."""
     rows = []
     n = len(tokens)
     r = 0
     while r * seq_len + 1 < n:
-        ids, mask, labels = [], [], []
+        ids, mask, labels, segments = [], [], [], []
         for t in range(seq_len):
             i = r * seq_len + t
             ids.append(int(tokens[i]) if i < n else 0)
             mask.append(1 if i < n else 0)
             j = i + 1
-            labels.append(int(tokens[j]) if j < n and targets[j] else IGNORE_INDEX)
-        rows.append((ids, mask, labels))
+            same = documents is None or (j < n and documents[j] == documents[i])
+            labels.append(int(tokens[j]) if j < n and targets[j] and same else IGNORE_INDEX)
+            if documents is not None:
+                segment = 0 if i >= n else 1 if t == 0 else (
+                    segments[-1] + (documents[i] != documents[i - 1]))
+                segments.append(int(segment))
+        rows.append((ids, mask, labels) + ((segments,) if documents is not None else ()))
         r += 1
     return rows
 
@@ -85,21 +92,25 @@ def test_pack_rows_matches_reference_and_streams(seed):
     n, seq_len = int(rng.integers(2, 200)), int(rng.integers(1, 12))
     tokens = rng.integers(1, 1000, size=n).astype(np.int32)
     targets = rng.random(n) < 0.7
-    want = reference_pack(tokens, targets, seq_len)
-    rows, _ = pack_rows(tokens, targets, seq_len, final=True)
-    got = list(zip(rows["input_ids"].tolist(), rows["attention_mask"].tolist(),
-                   rows["labels"].tolist()))
-    assert got == want
-    # Fed in random pieces (as prepare_dataset does, document by document): the same rows.
-    pieces, rest = [], (tokens[:0], targets[:0])
-    cuts = np.sort(rng.integers(0, n, size=5))
-    for a, b in zip(np.r_[0, cuts], np.r_[cuts, n]):
-        stream = (np.concatenate([rest[0], tokens[a:b]]), np.concatenate([rest[1], targets[a:b]]))
-        out, rest = pack_rows(*stream, seq_len, final=False)
-        pieces.append(out)
-    pieces.append(pack_rows(*rest, seq_len, final=True)[0])
-    for key in rows:
-        np.testing.assert_array_equal(np.concatenate([p[key] for p in pieces]), rows[key])
+    documents = np.cumsum(rng.random(n) < 0.2)  # document numbers, non-decreasing
+    for streams in ((tokens, targets), (tokens, targets, documents)):
+        want = reference_pack(*streams[:2], seq_len, *streams[2:])
+        pack = lambda s, final: pack_rows(s[0], s[1], seq_len, final=final,  # noqa: E731
+                                          documents=s[2] if len(s) == 3 else None)
+        rows, _ = pack(streams, final=True)
+        got = list(zip(*(rows[key].tolist() for key in
+                         ("input_ids", "attention_mask", "labels", "segment_ids")[:len(want[0])])))
+        assert got == want and len(rows) == len(want[0])
+        # Fed in random pieces (as prepare_dataset does, document by document): the same rows.
+        pieces, rest = [], tuple(stream[:0] for stream in streams)
+        cuts = np.sort(rng.integers(0, n, size=5))
+        for a, b in zip(np.r_[0, cuts], np.r_[cuts, n]):
+            out, rest = pack(tuple(np.concatenate([r, s[a:b]]) for r, s in zip(rest, streams)),
+                             final=False)
+            pieces.append(out)
+        pieces.append(pack(rest, final=True)[0])
+        for key in rows:
+            np.testing.assert_array_equal(np.concatenate([p[key] for p in pieces]), rows[key])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,12 +163,14 @@ def test_all_formats_give_the_same_rows_and_fingerprint(tmp_path, tokenizer_path
         stream = np.r_[stream, rows["labels"][-1, final_position]]
     texts = tokenizer.decode(stream.tolist(), skip_special_tokens=False).split(EOS)
     assert texts[:-1] == docs and texts[-1] == ""
-    # Every token but the first is a target exactly once, and labels are the next input.
+    # Every token but each document's first is a target exactly once (data.document_mask: a
+    # document's last token predicts nothing), and labels are the next input.
     labels = rows["labels"]
-    assert (labels != IGNORE_INDEX).sum() == len(stream) - 1
+    assert (labels != IGNORE_INDEX).sum() == len(stream) - len(docs)
     inner = labels[:, :-1] != IGNORE_INDEX
     np.testing.assert_array_equal(labels[:, :-1][inner], rows["input_ids"][:, 1:][inner])
-    np.testing.assert_array_equal(labels[:-1, -1], rows["input_ids"][1:, 0])
+    across = labels[:-1, -1] != IGNORE_INDEX
+    np.testing.assert_array_equal(labels[:-1, -1][across], rows["input_ids"][1:, 0][across])
 
 
 def test_fingerprint_is_path_independent_and_content_dependent(tmp_path, tokenizer_path):
@@ -173,6 +186,38 @@ def test_fingerprint_is_path_independent_and_content_dependent(tmp_path, tokeniz
     c = write_formats(tmp_path / "c", docs[:-1] + [docs[-1] + " omega"])["jsonl"]
     fc = prepare_dataset(config(tmp_path / "C", tokenizer_path, [c]), progress=False).fingerprint()
     assert fc != fa
+
+
+def test_segment_ids_follow_the_documents_and_change_the_fingerprint(tmp_path, tokenizer_path):
+    docs = random_docs(9, 4)
+    src = write_formats(tmp_path / "in", docs)["jsonl"]
+    tokenizer = load_tokenizer(tokenizer_path)
+    encoded = [tokenizer.encode(d).ids + [tokenizer.token_to_id(EOS)] for d in docs]
+    tokens = np.concatenate(encoded)
+    documents = np.repeat(np.arange(len(docs)), [len(e) for e in encoded])
+    targets = np.ones(len(tokens), bool)
+    infos = {}
+    for mask in (True, False):
+        cfg = config(tmp_path / f"mask{mask}", tokenizer_path, [src], document_mask=mask)
+        infos[mask] = prepare_dataset(cfg, progress=False)
+        assert infos[mask].document_mask is mask and read_info(cfg.prepared_dir) == infos[mask]
+        rows = all_rows(cfg.prepared_dir)
+        want = reference_pack(tokens, targets, 16, documents if mask else None)
+        keys = ("input_ids", "attention_mask", "labels") + (("segment_ids",) if mask else ())
+        assert sorted(rows) == sorted(keys)
+        assert list(zip(*(rows[key].tolist() for key in keys))) == want
+    assert infos[True].fingerprint() != infos[False].fingerprint()
+    # A dataset prepared before segment ids (no document_mask in its metadata) reads as before.
+    old = tmp_path / "maskFalse" / "prepared"
+    metadata = json.loads((old / "metadata.json").read_text())
+    del metadata["document_mask"]
+    (old / "metadata.json").write_text(json.dumps(metadata))
+    assert read_info(old) == infos[False] and "segment_ids" not in all_rows(old)
+    # Unpacked, every row is one document (or a piece of one): one segment.
+    cfg = config(tmp_path / "unpacked", tokenizer_path, [src], pack=False)
+    prepare_dataset(cfg, progress=False)
+    rows = all_rows(cfg.prepared_dir)
+    np.testing.assert_array_equal(rows["segment_ids"], rows["attention_mask"])
 
 
 def test_prompt_completion_has_loss_on_completion_only(tmp_path, tokenizer_path):
@@ -326,6 +371,7 @@ def test_host_offsets_and_eval_batches(prepared):
     batches = list(eval_batches(dataset, 4, host_index=1, host_count=2))
     assert len(batches) == -(-dataset.num_rows // 4)
     assert all(b["input_ids"].shape == (2, 8) for b in batches)
+    assert all((b["segment_ids"][b["attention_mask"] == 0] == 0).all() for b in batches)
     real = sum(int(b["attention_mask"].any(axis=1).sum()) for b in
                [*eval_batches(dataset, 4, host_index=0, host_count=2), *batches])
     assert real == dataset.num_rows

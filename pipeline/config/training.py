@@ -29,6 +29,13 @@ class DataConfig(Section):
                          "teacher's max_position_embeddings.", gt=0)
     pack: bool = field(True, "Concatenate documents (each followed by eos_token) and cut the "
                        "stream into seq_len windows; false: every document starts a new row.")
+    document_mask: bool = field(True, "Write per-token segment ids (each document's number "
+                                "within its row from 1, 0 for padding): a token attends only "
+                                "to its own document and RoPE positions restart at 0 at each "
+                                "document start, so a packed row computes as its documents "
+                                "alone; a document's last token gets no label (its successor "
+                                "starts the next document). false: documents in a row see "
+                                "each other, as datasets prepared before this option.")
     eos_token: str | None = field("<|endoftext|>", "Token appended after every document; must "
                                   "exist in the tokenizer. null: none.")
     text_field: str = field("text", "JSONL key / column holding a plain document (loss on "

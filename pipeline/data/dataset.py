@@ -3,8 +3,10 @@ in the order ``pipeline.data.order`` defines (``HostBatches`` for training, ``ev
 
 A prepared dataset (written by ``pipeline.data.prepare.prepare_dataset``) is a directory holding
 ``{train,eval}/part-NNNNN.parquet`` (fixed-size list columns ``input_ids``, ``attention_mask`` and
-``labels`` of ``seq_len`` tokens) and ``metadata.json`` (``DatasetInfo``, with each split's
-shards and content fingerprint).
+``labels`` of ``seq_len`` tokens, and ``segment_ids`` when it was prepared with
+``data.document_mask``) and ``metadata.json`` (``DatasetInfo``, with each split's shards and
+content fingerprint). Datasets prepared before segment ids existed read as they always did:
+without them, documents in a row attending to each other.
 
 Typical use::
 
@@ -38,12 +40,19 @@ METADATA_FILE = "metadata.json"
 SPLITS = ("train", "eval")
 
 
+def row_columns(document_mask: bool) -> tuple[str, ...]:
+    """The ``[L]`` int columns of each row: ``input_ids``, ``attention_mask``, ``labels``, and
+    ``segment_ids`` with ``document_mask`` (``pipeline.data.prepare``)."""
+    return ("input_ids", "attention_mask", "labels") + (("segment_ids",) if document_mask else ())
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
     """The metadata of a prepared dataset (``metadata.json``).
 
     ``splits[name]`` holds ``num_rows``, ``num_tokens`` (real tokens), ``num_target_tokens``
-    (labels != -100), ``max_token_id``, ``fingerprint`` and ``shards``.
+    (labels != -100), ``max_token_id``, ``fingerprint`` and ``shards``. ``document_mask``: the
+    rows carry ``segment_ids``.
     """
 
     seq_len: int
@@ -52,6 +61,7 @@ class DatasetInfo:
     eos_token_id: int | None
     tokenizer_fingerprint: str
     splits: dict
+    document_mask: bool = False
 
     def fingerprint(self, split: str = "train") -> str:
         """The split's content fingerprint (what a teacher cache records)."""
@@ -73,6 +83,8 @@ def read_info(prepared_dir: str | os.PathLike) -> DatasetInfo:
     if metadata.get("version") != FORMAT_VERSION:
         raise DataError(f"data.prepared_dir: {path} has format version {metadata.get('version')}; "
                         f"this kdpipe reads version {FORMAT_VERSION} (prepare the data again)")
+    # Datasets prepared before segment ids have no "document_mask": their rows have none.
+    metadata.setdefault("document_mask", False)
     fields = DatasetInfo.__dataclass_fields__
     return DatasetInfo(**{k: metadata[k] for k in fields})
 
@@ -95,6 +107,7 @@ class TokenDataset:
         self.num_rows: int = meta["num_rows"]
         self.seq_len = self.info.seq_len
         self.fingerprint: str = meta["fingerprint"]
+        self.columns = row_columns(self.info.document_mask)
         self.vocab_size = vocab_size
         if vocab_size is not None and meta["max_token_id"] >= vocab_size:
             raise DataError(f"{self.directory} ({split}): token id {meta['max_token_id']} >= the "
@@ -126,7 +139,7 @@ class TokenDataset:
         try:
             table = pq.ParquetFile(path).read_row_group(g)
             out = {}
-            for name in ("input_ids", "attention_mask", "labels"):
+            for name in self.columns:
                 flat = table.column(name).combine_chunks().flatten().to_numpy()
                 out[name] = flat.astype(np.int32).reshape(-1, self.seq_len)
         except (pa.ArrowException, OSError, KeyError, ValueError) as e:
@@ -138,11 +151,11 @@ class TokenDataset:
         return out
 
     def read_rows(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """Rows by id: ``input_ids``, ``attention_mask``, ``labels``, each ``[len(rows), L]``
-        int32 (the ``batch`` of ``pipeline.step.distillation_step``)."""
+        """Rows by id: ``input_ids``, ``attention_mask``, ``labels`` (and ``segment_ids`` when
+        the dataset has them), each ``[len(rows), L]`` int32 (the ``batch`` of
+        ``pipeline.step.distillation_step``)."""
         rows = np.asarray(rows, np.int64)
-        out = {k: np.empty((len(rows), self.seq_len), np.int32)
-               for k in ("input_ids", "attention_mask", "labels")}
+        out = {k: np.empty((len(rows), self.seq_len), np.int32) for k in self.columns}
         groups = np.searchsorted(self._group_starts, rows, side="right") - 1
         for group in np.unique(groups):
             where = np.nonzero(groups == group)[0]
@@ -205,13 +218,13 @@ def eval_batches(dataset: TokenDataset, batch_size: int, *, host_index: int = 0,
     """This host's eval batches (``pipeline.data.order.eval_rows``): the split in row order,
     ``batch_size`` rows per global batch, this host's block of each.
 
-    The last batch is padded with empty rows (``attention_mask`` 0, ``labels`` -100) so every
-    batch has the same shape ``[batch_size / host_count, L]`` (one compile).
+    The last batch is padded with empty rows (``attention_mask`` 0, ``labels`` -100,
+    ``segment_ids`` 0) so every batch has the same shape ``[batch_size / host_count, L]`` (one
+    compile).
     """
     for rows, real in eval_rows(dataset.num_rows, batch_size, host_index=host_index,
                                 host_count=host_count, max_batches=max_batches):
         batch = dataset.read_rows(rows)
-        batch["input_ids"][~real] = 0
-        batch["attention_mask"][~real] = 0
-        batch["labels"][~real] = IGNORE_INDEX
+        for key, values in batch.items():
+            values[~real] = IGNORE_INDEX if key == "labels" else 0
         yield batch

@@ -12,9 +12,15 @@
    token after ``input_ids[t]``, or -100 where there is no loss (padding, prompt tokens, the end
    of the stream). Row r holds stream tokens ``[r L, r L + L)`` and their successors, so every
    stream token after the first is a target exactly once.
+   With ``data.document_mask`` (the default) each row also gets ``segment_ids`` ``[L]``: the
+   number of each token's document within the row, from 1 (a document continued from the row
+   before is 1 too), 0 for padding. The model then keeps attention inside a document and
+   restarts its positions (``pipeline.models.llama.model.document_positions``), and a
+   document's last token gets no label, since its successor starts another document: a packed
+   row trains exactly as its documents would alone.
 5. Write ``<prepared_dir>/{train,eval}/part-NNNNN.parquet`` and ``metadata.json``, which holds
-   each split's fingerprint: the SHA-256 of its rows' contents, so it depends on the data and
-   never on paths or on how the rows are split into files.
+   each split's fingerprint: the SHA-256 of its rows' contents (segment ids included), so it
+   depends on the data and never on paths or on how the rows are split into files.
 
 ``pipeline.data.dataset`` reads the result back.
 """
@@ -36,8 +42,8 @@ import pyarrow.parquet as pq
 
 from pipeline.config import DataConfig
 from pipeline.data.dataset import (FORMAT_NAME, FORMAT_VERSION, IGNORE_INDEX, METADATA_FILE, SPLITS,
-                                   DatasetInfo)
-from pipeline.errors import DataError
+                                   DatasetInfo, row_columns)
+from pipeline.errors import DataError, ModelLoadError
 from pipeline.metrics import progress_bar
 
 # A parquet row group is the unit of random access when reading a shuffled batch: small enough
@@ -47,26 +53,47 @@ ROW_GROUP_ROWS = 256
 ENCODE_BATCH_DOCS = 256
 _TABLE_EXTENSIONS = (".jsonl", ".parquet", ".arrow")
 _DIRECTORY_EXTENSIONS = _TABLE_EXTENSIONS + (".txt",)
+TOKENIZER_FILE = "tokenizer.json"
 
 
 # ------------------------------------------------------------------------------------------
 # Tokenizers
 # ------------------------------------------------------------------------------------------
 
-def load_tokenizer(path: str | os.PathLike):
-    """A ``tokenizers.Tokenizer`` from a ``tokenizer.json`` file or a directory holding one."""
+def load_tokenizer(path: str | os.PathLike | None):
+    """A ``tokenizers.Tokenizer`` from a ``tokenizer.json`` file or a directory holding one: a
+    local path, a kvstore URL (``gs://``, ``s3://``, ``http(s)://``: a URL ending in ``.json``
+    is the file, any other the directory) or a Hub repository (``hf://org/name[@revision]``,
+    read as ``pipeline.models.checkpoint_store`` reads checkpoints). ``None``: no tokenizer
+    was configured (``data.tokenizer`` unset and no ``model.teacher.path`` to default to)."""
     from tokenizers import Tokenizer
 
-    path = Path(path)
-    if path.is_dir():
-        path = path / "tokenizer.json"
-    if not path.is_file():
-        raise DataError(f"data.tokenizer: no tokenizer file at {path} (expected a Hugging Face "
-                        f"tokenizer.json)")
+    if path is None:
+        raise DataError("data.tokenizer: not set, and there is no model.teacher.path whose "
+                        "tokenizer.json would stand in; set data.tokenizer to a Hugging Face "
+                        "tokenizer.json (or a directory holding one)")
+    path = os.fspath(path)
+    if "://" in path:
+        from pipeline.models.checkpoint_store import open_checkpoint
+
+        directory, name = (path.rsplit("/", 1) if path.endswith(".json")
+                           else (path, TOKENIZER_FILE))
+        try:
+            store = open_checkpoint(directory)
+            text = store.read(name)
+        except ModelLoadError as e:
+            raise DataError(f"data.tokenizer: {e}") from e
+        file = store.url(name)
+    else:
+        file = str(Path(path) / TOKENIZER_FILE if Path(path).is_dir() else Path(path))
+        text = Path(file).read_bytes() if Path(file).is_file() else None
+    if text is None:
+        raise DataError(f"data.tokenizer: no tokenizer file at {file} (expected a Hugging Face "
+                        f"tokenizer.json; when data.tokenizer is unset, model.teacher.path's)")
     try:
-        return Tokenizer.from_file(str(path))
+        return Tokenizer.from_str(text.decode())
     except Exception as e:  # tokenizers raises a bare Exception for malformed files
-        raise DataError(f"data.tokenizer: {path} is not a valid tokenizer.json ({e})") from e
+        raise DataError(f"data.tokenizer: {file} is not a valid tokenizer.json ({e})") from e
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -258,19 +285,25 @@ def read_documents(path: Path, data: DataConfig) -> Iterator[Document]:
 # Packing
 # ------------------------------------------------------------------------------------------
 
-def pack_rows(tokens: np.ndarray, targets: np.ndarray, seq_len: int, *, final: bool):
-    """Cut a token stream into rows with aligned labels.
+def pack_rows(tokens: np.ndarray, targets: np.ndarray, seq_len: int, *, final: bool,
+              documents: np.ndarray | None = None):
+    """Cut a token stream into rows with aligned labels (and segment ids).
 
     Args:
       tokens: ``[n]`` int32 stream.
       targets: ``[n]`` bool, whether a token is trained on when it is the next token.
       seq_len: L.
       final: also emit the last, partial row (padded with ``attention_mask`` 0).
+      documents: ``[n]`` integers, the document each token belongs to (non-decreasing), or
+        ``None``: no document boundaries.
 
     Returns ``(rows, rest)``: ``rows`` a dict of ``input_ids``, ``attention_mask``, ``labels``,
     each ``[r, L]`` int32, with ``labels[i, t] = tokens[i L + t + 1]`` where that token is a
-    target and -100 elsewhere; ``rest`` the ``(tokens, targets)`` still to be packed (the next
-    row's tokens, starting with the previous row's last target).
+    target (and, with ``documents``, of the same document) and -100 elsewhere; with
+    ``documents`` also ``segment_ids`` ``[r, L]`` int32, the rank of each token's document
+    within its row from 1, 0 for padding. ``rest`` the ``(tokens, targets)`` (and
+    ``documents``) still to be packed (the next row's tokens, starting with the previous row's
+    last target).
     """
     n = len(tokens)
     full = (n - 1) // seq_len if n > 0 else 0
@@ -285,27 +318,38 @@ def pack_rows(tokens: np.ndarray, targets: np.ndarray, seq_len: int, *, final: b
     flags[:used] = targets[:used]
     real = np.zeros(size, np.int32)
     real[:min(n, size)] = 1
+    if documents is not None:
+        owner = np.full(size + 1, -1, np.int64)  # padding belongs to no document
+        owner[:used] = documents[:used]
+        flags[1:] &= owner[1:] == owner[:-1]  # flags[t + 1]: whether token t has a label
+        row_owner = owner[:size].reshape(take, seq_len)
+        starts = np.ones(row_owner.shape, bool)
+        starts[:, 1:] = row_owner[:, 1:] != row_owner[:, :-1]
     labels = np.where(flags[1:], padded[1:], IGNORE_INDEX).astype(np.int32)
     rows = {"input_ids": padded[:size].reshape(take, seq_len),
             "attention_mask": real.reshape(take, seq_len),
             "labels": labels.reshape(take, seq_len)}
-    if final:
-        rest = (tokens[:0], targets[:0])
-    else:
-        rest = (tokens[full * seq_len:], targets[full * seq_len:])
-    return rows, rest
+    if documents is not None:
+        rows["segment_ids"] = (np.cumsum(starts, axis=1) * rows["attention_mask"]).astype(np.int32)
+    streams = (tokens, targets) if documents is None else (tokens, targets, documents)
+    cut = len(tokens) if final else full * seq_len
+    return rows, tuple(stream[cut:] for stream in streams)
 
 
 class _SplitWriter:
     """Writes one split's rows into parquet shards and hashes their contents."""
 
-    def __init__(self, directory: Path, name: str, seq_len: int, rows_per_shard: int):
+    def __init__(self, directory: Path, name: str, seq_len: int, rows_per_shard: int,
+                 document_mask: bool):
         self.directory, self.name, self.seq_len = directory, name, seq_len
         self.rows_per_shard = rows_per_shard
+        self.columns = row_columns(document_mask)
         self.pending: list[dict[str, np.ndarray]] = []
         self.pending_rows = 0
         self.shards: list[dict] = []
-        self.hasher = hashlib.sha256(f"{FORMAT_NAME}/{FORMAT_VERSION}/seq_len={seq_len}".encode())
+        # Without segment ids the header (and so the fingerprint) is what it was before them.
+        header = f"{FORMAT_NAME}/{FORMAT_VERSION}/seq_len={seq_len}"
+        self.hasher = hashlib.sha256((header + ("/segment_ids" if document_mask else "")).encode())
         self.num_rows = self.num_tokens = self.num_targets = 0
         self.max_token_id = -1
         (directory / name).mkdir(parents=True)
@@ -314,7 +358,7 @@ class _SplitWriter:
         count = len(rows["input_ids"])
         if count == 0:
             return
-        for key in ("input_ids", "attention_mask", "labels"):
+        for key in self.columns:
             self.hasher.update(np.ascontiguousarray(rows[key], "<i4").tobytes())
         self.num_rows += count
         self.num_tokens += int(rows["attention_mask"].sum())
@@ -334,14 +378,12 @@ class _SplitWriter:
         self.pending_rows -= count
         relative = f"{self.name}/part-{len(self.shards):05d}.parquet"
 
-        def column(values: np.ndarray, dtype) -> pa.Array:
-            return pa.FixedSizeListArray.from_arrays(pa.array(values.ravel(), dtype), self.seq_len)
+        def column(values: np.ndarray, dtype: pa.DataType) -> pa.Array:
+            flat = values.ravel().astype(dtype.to_pandas_dtype())
+            return pa.FixedSizeListArray.from_arrays(pa.array(flat, dtype), self.seq_len)
 
-        table = pa.table({
-            "input_ids": column(shard["input_ids"], pa.int32()),
-            "attention_mask": column(shard["attention_mask"].astype(np.int8), pa.int8()),
-            "labels": column(shard["labels"], pa.int32()),
-        })
+        table = pa.table({key: column(shard[key], pa.int8() if key == "attention_mask" else pa.int32())
+                          for key in self.columns})
         pq.write_table(table, self.directory / relative, row_group_size=ROW_GROUP_ROWS,
                        compression="zstd")
         self.shards.append({"file": relative, "rows": count})
@@ -416,32 +458,40 @@ def prepare_dataset(data: DataConfig, *, overwrite: bool = False, progress: bool
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
     try:
-        writers = {name: _SplitWriter(tmp_dir, name, data.seq_len, data.rows_per_shard)
+        writers = {name: _SplitWriter(tmp_dir, name, data.seq_len, data.rows_per_shard,
+                                      data.document_mask) for name in SPLITS}
+        # A stream: (tokens, target flags[, each token's document number]) still to be packed.
+        width = 3 if data.document_mask else 2
+        streams = {name: (np.zeros(0, np.int32), np.zeros(0, bool), np.zeros(0, np.int64))[:width]
                    for name in SPLITS}
-        streams = {name: (np.zeros(0, np.int32), np.zeros(0, bool)) for name in SPLITS}
+
+        def pack(stream, final):
+            return pack_rows(stream[0], stream[1], data.seq_len, final=final,
+                             documents=stream[2] if width == 3 else None)
+
         counts = {"docs": 0, "tokens": 0}
         with progress_bar("prepare-data", enabled=progress, unit="files") as bar:
             task = bar.add_task("prepare", total=len(files), status="0 docs, 0 tokens")
             for documents in _document_batches(files, data, lambda: bar.advance(task)):
                 for document, (ids, flags) in zip(documents, _encode(tokenizer, documents, eos)):
                     split = "eval" if is_held_out(document, data.eval_fraction) else "train"
-                    tokens, targets = streams[split]
+                    piece = (ids, flags, np.full(len(ids), counts["docs"], np.int64))[:width]
                     if data.pack:
-                        tokens, targets = np.concatenate([tokens, ids]), np.concatenate([targets, flags])
-                        rows, streams[split] = pack_rows(tokens, targets, data.seq_len, final=False)
+                        stream = tuple(map(np.concatenate, zip(streams[split], piece)))
+                        rows, streams[split] = pack(stream, final=False)
                     else:
-                        rows, _ = pack_rows(ids, flags, data.seq_len, final=True)
+                        rows, _ = pack(piece, final=True)
                     writers[split].add(rows)
                     counts["docs"] += 1
                     counts["tokens"] += len(ids)
                 bar.update(task, status=f"{counts['docs']} docs, {counts['tokens']} tokens")
-        for split, (tokens, targets) in streams.items():
-            writers[split].add(pack_rows(tokens, targets, data.seq_len, final=True)[0])
+        for split, stream in streams.items():
+            writers[split].add(pack(stream, final=True)[0])
         splits = {name: writer.finish() for name, writer in writers.items()}
         if splits["train"]["num_rows"] == 0:
             raise DataError("data.sources: no training rows (every document was held out, or "
                             "none has 2 tokens); lower data.eval_fraction or add data")
-        info = DatasetInfo(seq_len=data.seq_len, pack=data.pack,
+        info = DatasetInfo(seq_len=data.seq_len, pack=data.pack, document_mask=data.document_mask,
                            vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
                            eos_token_id=eos[0] if eos else None,
                            tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), splits=splits)
