@@ -18,7 +18,10 @@ class ModelSpec(Section):
     """One model: a Hugging Face directory to load, or an architecture to initialise."""
 
     PATH: ClassVar[str] = "model.<teacher|student>"
-    path: str | None = field(None, "Hugging Face model directory (config.json + *.safetensors). "
+    path: str | None = field(None, "Hugging Face checkpoint (config.json + *.safetensors): a "
+                             "local directory, a gs://, s3:// or http(s):// URL (each host reads "
+                             "only its own slices), or hf://org/name[@revision] (fetched into the "
+                             "huggingface_hub cache; HF_HUB_OFFLINE=1 reads only the cache). "
                              "When set, the architecture comes from its config.json and the size "
                              "fields below must stay unset.", hashed=False)
     vocab_size: int | None = field(None, "Vocabulary size; unset: the tokenizer's size.", gt=0)

@@ -38,6 +38,10 @@ class RunConfig(Section):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.data.tokenizer is None and self.model.teacher.path is not None:
+            # Unset, the tokenizer is the teacher checkpoint's own (its tokenizer.json).
+            object.__setattr__(self, "data", dataclasses.replace(
+                self.data, tokenizer=self.model.teacher.path))
         self._check_teacher_source()
         self._check_context()
         self._check_batch_split()

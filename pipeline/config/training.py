@@ -21,8 +21,10 @@ class DataConfig(Section):
                                      "`datasets` files); any other file is one UTF-8 text "
                                      "document. A directory stands for its .jsonl/.parquet/"
                                      ".arrow/.txt files.", hashed=False)
-    tokenizer: str = field("tokenizer.json", "Hugging Face `tokenizer.json` file (or a "
-                           "directory holding one).", hashed=False)
+    tokenizer: str | None = field(None, "Hugging Face `tokenizer.json` file, or a directory "
+                                  "holding one: a local path, a gs://, s3:// or http(s):// URL, "
+                                  "or hf://org/name[@revision]. null: the teacher's, "
+                                  "model.teacher.path's tokenizer.json.", hashed=False)
     prepared_dir: str = field("data/prepared", "Directory of the prepared token dataset "
                               "(written by prepare-data, read by cache/train/eval).", hashed=False)
     seq_len: int = field(512, "Tokens per training sequence; at most the student's and the "

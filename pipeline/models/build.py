@@ -10,12 +10,11 @@ a checkpoint to its student.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from pipeline.config import ModelSpec, check_context, stable_hash
+from pipeline.models.checkpoint_store import open_checkpoint
 from pipeline.models.hf_io import CONFIG_FILE, load_pretrained, read_config, teacher_fingerprint
 from pipeline.models.registry import config_from_hf, family_of
 from pipeline.models.sharding import BATCH_SPEC, shard_model
@@ -23,7 +22,8 @@ from pipeline.models.sharding import BATCH_SPEC, shard_model
 
 def build_model(spec: ModelSpec, vocab_size: int | None = None, seed: int = 0,
                 mesh: Mesh | None = None, *, frozen: bool = False) -> nnx.Module:
-    """The model of ``spec``: loaded from ``spec.path`` (each device reading only its slices),
+    """The model of ``spec``: loaded from ``spec.path`` (a local directory, a kvstore URL or
+    ``hf://org/name[@revision]``; each process reading only its devices' slices),
     or initialised from ``seed`` with the architecture of the spec and ``vocab_size`` (the
     tokenizer's, unless the spec sets one; unused for a loaded model). Its parameters are laid
     out on ``mesh`` by ``pipeline.models.sharding``'s rules (and its activations split over
@@ -63,9 +63,9 @@ def check_model_context(spec: ModelSpec, name: str, seq_len: int) -> None:
     (``pipeline.config.check_context``): the ``max_position_embeddings`` of its config.json
     when it is loaded from ``spec.path`` (read before any weight), else of the spec."""
     if spec.from_pretrained:
-        config_file = Path(spec.path) / CONFIG_FILE
-        check_context(seq_len, f"model.{name}", read_config(spec.path).max_position_embeddings,
-                      origin=f", in {config_file}")
+        store = open_checkpoint(spec.path)
+        check_context(seq_len, f"model.{name}", read_config(store).max_position_embeddings,
+                      origin=f", in {store.url(CONFIG_FILE)}")
     else:
         check_context(seq_len, f"model.{name}", spec.max_position_embeddings)
 

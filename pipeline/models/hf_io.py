@@ -5,11 +5,13 @@ A checkpoint directory holds ``config.json`` and the weights as safetensors: one
 reads safetensors only; pickle-based weights (``pytorch_model.bin``) are refused, never
 unpickled. config.json's ``model_type`` picks the family; the family's name table (e.g.
 ``pipeline.models.llama.names``) maps Hugging Face tensor names to our parameter paths.
+Checkpoints are read from a local directory, a kvstore URL (``gs://``, ``s3://``,
+``http(s)://``) or ``hf://org/name[@revision]``, each host reading only the bytes of its own
+slices (``pipeline.models.checkpoint_store``); they are written to a local directory.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -23,10 +25,11 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
-from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from pipeline.errors import ConfigError, KdpipeError, ModelLoadError
+from pipeline.models.checkpoint_store import (CheckpointStore, StoredTensor, open_checkpoint,
+                                              read_header, read_slice, read_tensor_bytes)
 from pipeline.models.layouts import Layout, NameRow
 from pipeline.models.registry import config_from_hf, family_of
 from pipeline.models.sharding import BATCH_SPEC, DEFAULT_RULES, Rules, param_path, spec_for
@@ -88,22 +91,22 @@ def _by_param(plan: list[_Tensor]) -> dict[tuple, list[_Tensor]]:
     return params
 
 
-def read_config(path: str | Path) -> Any:
-    """The config of checkpoint directory ``path`` (its ``config.json``), read by the family
-    of its ``model_type`` (``pipeline.models.registry``).
+def read_config(path: str | Path | CheckpointStore) -> Any:
+    """The config of the checkpoint at ``path`` (a location ``open_checkpoint`` accepts, or one
+    it opened), its ``config.json``, read by the family of its ``model_type``
+    (``pipeline.models.registry``).
 
     Raises:
-      ModelLoadError: no directory, no or unreadable config.json, or an unsupported
+      ModelLoadError: no checkpoint there, no or unreadable config.json, or an unsupported
         ``model_type`` (the message lists the supported ones) or config.
     """
-    path = Path(path)
-    if not path.is_dir():
-        raise ModelLoadError(f"model path {str(path)!r}: expected a checkpoint directory")
-    config_file = path / CONFIG_FILE
-    if not config_file.is_file():
-        raise ModelLoadError(f"{str(path)!r}: no {CONFIG_FILE}")
+    store = path if isinstance(path, CheckpointStore) else open_checkpoint(path)
+    text = store.read(CONFIG_FILE)
+    if text is None:
+        raise ModelLoadError(f"{store.location!r}: no {CONFIG_FILE}")
+    config_file = store.url(CONFIG_FILE)
     try:
-        hf = json.loads(config_file.read_text())
+        hf = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelLoadError(f"{config_file}: not valid JSON ({err})") from err
     if not isinstance(hf, dict):
@@ -111,51 +114,41 @@ def read_config(path: str | Path) -> Any:
     try:
         return config_from_hf(hf)
     except ModelLoadError as err:
-        raise ModelLoadError(f"{path}/{err}") from err
+        raise ModelLoadError(f"{store.location}/{err}") from err
 
 
-def _weight_files(path: Path) -> list[Path]:
-    """The safetensors files of checkpoint ``path`` (index file first, else model.safetensors)."""
-    index_file = path / INDEX_FILE
-    if index_file.is_file():
+def _stored_tensors(store: CheckpointStore) -> dict[str, StoredTensor]:
+    """Every tensor of the checkpoint's safetensors files (those of its index file, else
+    model.safetensors), from their headers; a name may occur once."""
+    index = store.read(INDEX_FILE)
+    if index is not None:
         try:
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ModelLoadError(
-                f"{index_file}: expected JSON with a 'weight_map' ({err})") from err
-        files = [path / name for name in sorted(set(weight_map.values()))]
-        absent = [f.name for f in files if not f.is_file()]
+            weight_map = json.loads(index)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise ModelLoadError(f"{store.url(INDEX_FILE)}: expected JSON with a 'weight_map' "
+                                 f"({type(err).__name__}: {err})") from err
+        absent = [name for name in files if store.read(name, slice(0, 8)) is None]
         if absent:
-            raise ModelLoadError(f"{index_file} lists files that do not exist: {absent}")
-        return files
-    if (path / SINGLE_FILE).is_file():
-        return [path / SINGLE_FILE]
-    pickles = sorted(f.name for f in path.iterdir() if f.name.endswith(_PICKLE_SUFFIXES))
-    if pickles:
-        raise ModelLoadError(
-            f"{str(path)!r} holds only pickle-based weights ({', '.join(pickles)}); kdpipe reads "
-            f"safetensors only and never unpickles. Convert them first, e.g. with transformers: "
-            f"model.save_pretrained(dir, safe_serialization=True)"
-        )
-    raise ModelLoadError(f"{str(path)!r}: no {SINGLE_FILE} and no {INDEX_FILE}")
-
-
-@contextlib.contextmanager
-def _open_tensors(files: list[Path]):
-    """Yields ``{tensor name: open safetensors file}`` over ``files``; a name may occur once."""
-    with contextlib.ExitStack() as stack:
-        where, handles = {}, {}
-        for file in files:
-            try:
-                handle = stack.enter_context(safe_open(file, framework="numpy"))
-            except (SafetensorError, OSError) as err:
-                raise ModelLoadError(f"{file}: not a readable safetensors file ({err})") from err
-            for name in handle.keys():
-                if name in where:
-                    raise ModelLoadError(
-                        f"tensor {name!r} is stored twice: in {where[name].name} and {file.name}")
-                where[name], handles[name] = file, handle
-        yield handles
+            raise ModelLoadError(f"{store.url(INDEX_FILE)} lists files that do not exist: {absent}")
+    elif store.read(SINGLE_FILE, slice(0, 8)) is not None:
+        files = [SINGLE_FILE]
+    else:
+        pickles = [name for name in store.names() or () if name.endswith(_PICKLE_SUFFIXES)]
+        if pickles:
+            raise ModelLoadError(
+                f"{store.location!r} holds only pickle-based weights ({', '.join(pickles)}); "
+                f"kdpipe reads safetensors only and never unpickles. Convert them first, e.g. "
+                f"with transformers: model.save_pretrained(dir, safe_serialization=True)")
+        raise ModelLoadError(f"{store.location!r}: no {SINGLE_FILE} and no {INDEX_FILE}")
+    tensors: dict[str, StoredTensor] = {}
+    for file in files:
+        for name, tensor in read_header(store, file).items():
+            if name in tensors:
+                raise ModelLoadError(f"tensor {name!r} is stored twice: in "
+                                     f"{tensors[name].file} and {file}")
+            tensors[name] = tensor
+    return tensors
 
 
 def _param_dtype(dtype, name: str = "dtype") -> jnp.dtype:
@@ -172,17 +165,19 @@ def load_pretrained(path: str | Path, *, dtype=jnp.float32, param_dtype=None,
                     mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
                     attention: str = "auto", scan_layers: bool = False,
                     remat: str = "none") -> nnx.Module:
-    """Loads a Hugging Face checkpoint directory into a model of its family (e.g. ``Llama``)
-    computing in ``dtype``, with its parameters in ``param_dtype`` (``None``: ``dtype``).
-    Weights stored in bfloat16 load exactly into float32 parameters.
+    """Loads the Hugging Face checkpoint at ``path`` (a local directory, a kvstore URL or
+    ``hf://org/name[@revision]``: ``checkpoint_store.open_checkpoint``) into a model of its
+    family (e.g. ``Llama``) computing in ``dtype``, with its parameters in ``param_dtype``
+    (``None``: ``dtype``). Weights stored in bfloat16 load exactly into float32 parameters.
 
     With a ``mesh``, each parameter is created directly with its ``NamedSharding`` under
-    ``rules``: a device receives only its own slice, and the host holds one parameter at a time
-    (one checkpoint tensor, or a scanned parameter's per-layer tensors stacked), and the
-    layers' activations are held split over the batch (``BATCH_SPEC``). Without one,
-    parameters go to the default device. ``attention``, ``scan_layers``, ``remat``: the
-    model's attention implementation (``pipeline.models.attention``), its layers stacked and
-    scanned or not, and their rematerialisation (``pipeline.models.stack``).
+    ``rules``: each process reads from the checkpoint only the bytes of its own devices'
+    slices (the Hugging Face rows they cover), a device receives only its own slice, the host
+    holds one parameter's slices at a time, and the layers' activations are held split over
+    the batch (``BATCH_SPEC``). Without one, parameters go to the default device.
+    ``attention``, ``scan_layers``, ``remat``: the model's attention implementation
+    (``pipeline.models.attention``), its layers stacked and scanned or not, and their
+    rematerialisation (``pipeline.models.stack``).
 
     Raises:
       ModelLoadError: unsupported config, no safetensors weights (pickle-only directories are
@@ -190,8 +185,8 @@ def load_pretrained(path: str | Path, *, dtype=jnp.float32, param_dtype=None,
       ConfigError: ``dtype`` or ``param_dtype`` is not a float parameter dtype, or ``rules``
         do not cover the model.
     """
-    path = Path(path)
-    config = read_config(path)
+    store = open_checkpoint(path)
+    config = read_config(store)
     dtype = _param_dtype(dtype)
     param_dtype = dtype if param_dtype is None else _param_dtype(param_dtype, "param_dtype")
     family = family_of(config.model_type)
@@ -201,40 +196,59 @@ def load_pretrained(path: str | Path, *, dtype=jnp.float32, param_dtype=None,
         scan_layers=scan_layers, remat=remat, batch_sharding=batch_sharding, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
     plan = _tensor_plan(abstract_state, family.hf_names, config.num_hidden_layers)
+    shapes = {param: tuple(var.shape) for param, var in nnx.to_flat_state(abstract_state)}
     shardings = {}  # decided before any weight is read, so bad rules fail fast
     if mesh is not None:
-        shardings = {path: NamedSharding(mesh, spec_for(param_path(path), var.shape, mesh, rules))
-                     for path, var in nnx.to_flat_state(abstract_state)}
-    with _open_tensors(_weight_files(path)) as handles:
-        _check_tensors(path, config, plan, handles)
-        values = {}
-        for param, tensors in _by_param(plan).items():
-            hosts = [t.layout.to_ours(handles[t.hf_name].get_tensor(t.hf_name), t.shape)
-                     for t in tensors]
-            host = hosts[0] if tensors[0].layer is None else np.stack(hosts)
-            if mesh is None:
-                value = jax.device_put(np.asarray(host, param_dtype))
-            else:
-                value = jax.make_array_from_callback(
-                    host.shape, shardings[param],
-                    lambda index, host=host: np.asarray(host[index], param_dtype))
-            values[param] = value
+        shardings = {param: NamedSharding(mesh, spec_for(param_path(param), shape, mesh, rules))
+                     for param, shape in shapes.items()}
+    stored = _stored_tensors(store)
+    _check_tensors(store.location, config, plan, stored)
+    values = {}
+    for param, tensors in _by_param(plan).items():
+        read = _slice_reader(store, stored, tensors, param_dtype)
+        if mesh is None:
+            values[param] = jax.device_put(read(tuple(slice(None) for _ in shapes[param])))
+        else:
+            values[param] = jax.make_array_from_callback(shapes[param], shardings[param], read)
     state = nnx.from_flat_state([
         (param, var.replace(values[param])) for param, var in nnx.to_flat_state(abstract_state)
     ])
     return nnx.merge(graphdef, state)
 
 
-def _check_tensors(path: Path, config, plan: list[_Tensor], handles: dict) -> None:
+def _slice_reader(store: CheckpointStore, stored: dict[str, StoredTensor],
+                  tensors: list[_Tensor], param_dtype):
+    """``read(index) -> ndarray``: the slice ``index`` (a slice per axis) of the parameter made
+    of ``tensors`` (one, or a scanned parameter's per-layer tensors stacked), in
+    ``param_dtype``, reading only the checkpoint bytes it covers. A slice asked again (devices
+    holding the same replica) is read once."""
+    done = {}
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        key = tuple((part.start, part.stop, part.step) for part in index)
+        if key not in done:
+            if tensors[0].layer is None:
+                (t,) = tensors
+                part = read_slice(store, stored[t.hf_name], t.layout, t.shape, index)
+            else:
+                part = np.stack([read_slice(store, stored[t.hf_name], t.layout, t.shape, index[1:])
+                                 for t in tensors[index[0]]])
+            done[key] = np.asarray(part, param_dtype)
+        return done[key]
+
+    return read
+
+
+def _check_tensors(location: str, config, plan: list[_Tensor],
+                   stored: dict[str, StoredTensor]) -> None:
     """Raises one ModelLoadError listing every missing, unexpected and mis-shaped tensor
     (tensors the family ignores, as transformers does, are neither)."""
     expected = {tensor.hf_name for tensor in plan}
     ignored_tensor = family_of(config.model_type).ignored_tensor
-    ignored = {name for name in handles if ignored_tensor(config, name)}
-    missing = sorted(expected - set(handles))
-    unexpected = sorted(set(handles) - expected - ignored)
-    found = {t.hf_name: tuple(handles[t.hf_name].get_slice(t.hf_name).get_shape())
-             for t in plan if t.hf_name in handles}
+    ignored = {name for name in stored if ignored_tensor(config, name)}
+    missing = sorted(expected - set(stored))
+    unexpected = sorted(set(stored) - expected - ignored)
+    found = {t.hf_name: stored[t.hf_name].shape for t in plan if t.hf_name in stored}
     misshaped = [f"{t.hf_name}: expected {t.hf_shape}, found {found[t.hf_name]}"
                  for t in plan if found.get(t.hf_name, t.hf_shape) != t.hf_shape]
     problems = []
@@ -246,7 +260,7 @@ def _check_tensors(path: Path, config, plan: list[_Tensor], handles: dict) -> No
         problems.append(f"tensors of the wrong shape: {'; '.join(misshaped)}")
     if problems:
         raise ModelLoadError(
-            f"{str(path)!r} does not match its config.json (model_type {config.model_type!r}, "
+            f"{location!r} does not match its config.json (model_type {config.model_type!r}, "
             f"{config.num_hidden_layers} layers): " + ". ".join(problems)
         )
 
@@ -335,15 +349,13 @@ def teacher_fingerprint(path: str | Path) -> str:
     dtype, shape, bytes), so it does not depend on how the weights are split into files.
     Reads every weight once.
     """
-    path = Path(path)
-    config = read_config(path)
+    store = open_checkpoint(path)
+    config = read_config(store)
     architecture = dataclasses.asdict(config)
     for bookkeeping in ("extra_hf_fields", "initializer_range", "max_position_embeddings"):
         del architecture[bookkeeping]
     digest = hashlib.sha256(json.dumps(architecture, sort_keys=True).encode())
-    with _open_tensors(_weight_files(path)) as handles:
-        for name in sorted(handles):
-            array = np.ascontiguousarray(handles[name].get_tensor(name))
-            digest.update(json.dumps([name, array.dtype.name, list(array.shape)]).encode())
-            digest.update(array.tobytes())
+    for name, tensor in sorted(_stored_tensors(store).items()):
+        digest.update(json.dumps([name, tensor.dtype.name, list(tensor.shape)]).encode())
+        digest.update(read_tensor_bytes(store, tensor))
     return f"sha256:{digest.hexdigest()}"
