@@ -130,3 +130,37 @@ def mfu(flops_per_token: float, tokens_per_s: float, chip: Chip | None,
 def format_mfu(value: float | None) -> str:
     """``"41.3%"``, or ``"n/a"`` where no peak is known."""
     return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+@dataclasses.dataclass(frozen=True)
+class Utilisation:
+    """How a run's MFU is measured: its step's model FLOPs per token
+    (``train_flops_per_token``) and the chips the step runs on.
+
+    Attributes:
+      flops_per_token: model FLOPs per token of the step.
+      device_kind: ``jax.Device.device_kind`` of the chips.
+      chips: how many run the step (``jax.device_count()``).
+    """
+
+    flops_per_token: float
+    device_kind: str
+    chips: int
+
+    @property
+    def chip(self) -> Chip | None:
+        return chip_of(self.device_kind)
+
+    def mfu(self, tokens_per_s: float) -> float | None:
+        """MFU at ``tokens_per_s`` (the whole step's tokens a second); ``None`` without a
+        known peak."""
+        return mfu(self.flops_per_token, tokens_per_s, self.chip, self.chips)
+
+    def describe(self) -> str:
+        """One line saying what MFU is computed from, or why it is n/a."""
+        if self.chip is None:
+            return (f"MFU: n/a, no peak FLOP/s is known for device kind {self.device_kind!r} "
+                    f"(pipeline/hardware.py CHIPS)")
+        return (f"MFU: {self.flops_per_token:.4g} model FLOPs per token (6N + 12LHQT, PaLM "
+                f"appendix B; pipeline/hardware.py) x tokens/s / ({self.chips} x "
+                f"{self.chip.name} at {self.chip.peak_flops / 1e12:.0f} TFLOP/s bf16)")

@@ -386,7 +386,7 @@ def write_report(run_dir: str | os.PathLike, title: str,
     records = {name: read_metrics(path) for name, path in sources.items()}
     parts = [f"# {title}", "", _markdown_table(final_rows), ""]
     parts += [f"- {note}" for note in notes]
-    plots = (("train", ("loss", "kl_loss", "ce_loss", "tokens_per_s"), "train_curves.png"),
+    plots = (("train", ("loss", "kl_loss", "ce_loss", "tokens_per_s", "mfu"), "train_curves.png"),
              ("eval", ("ce_loss", "kl_loss", "top1_agreement"), "eval_curves.png"))
     for split, keys, name in plots:
         if _plot(records, split, keys, run_dir / name, f"{split} curves"):

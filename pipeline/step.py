@@ -188,7 +188,7 @@ def _check_arguments(student_state, batch, teacher_state, loss_config, partition
         seen = f"shape {jnp.shape(batch['input_ids'])}" if "input_ids" in batch else "no such key"
         raise DataError(f"batch['input_ids']: expected an int array [batch, seq], got {seen}")
     shape = jnp.shape(batch["input_ids"])
-    for key in ("attention_mask", "labels"):
+    for key in ("attention_mask", "labels", "segment_ids"):
         if key in batch and jnp.shape(batch[key]) != shape:
             raise DataError(f"batch[{key!r}]: expected shape {shape} like input_ids, "
                             f"got {jnp.shape(batch[key])}")
@@ -301,10 +301,11 @@ def distillation_step(
 
     Args:
       student_state: the student and its optimizer (``TrainState.create(model, tx)``).
-      batch: ``input_ids`` ``[B, L]`` int32, optional ``attention_mask`` ``[B, L]`` and aligned
-        ``labels`` ``[B, L]`` (-100 = no loss), and, without ``teacher_state``, the teacher's
-        targets: ``teacher_logits`` ``[B, L, V]`` or the top-k / sampled keys of
-        pipeline/losses/targets.py.
+      batch: ``input_ids`` ``[B, L]`` int32, optional ``attention_mask`` ``[B, L]``, aligned
+        ``labels`` ``[B, L]`` (-100 = no loss) and ``segment_ids`` ``[B, L]`` (packed documents,
+        ``pipeline.data.prepare``: the student and a live teacher keep each document to itself),
+        and, without ``teacher_state``, the teacher's targets: ``teacher_logits`` ``[B, L, V]``
+        or the top-k / sampled keys of pipeline/losses/targets.py.
       teacher_state: a frozen ``TrainState`` run live under ``stop_gradient``, or ``None``
         when the targets are in the batch. Hidden-state and attention terms need it. With
         ``alpha=0`` and ``use_hard_labels`` neither is needed: the step is then a plain
@@ -353,7 +354,8 @@ def distillation_step(
         teacher = teacher_state.model()
         teacher.eval()
         out = teacher(micro["input_ids"], attention_mask=micro.get("attention_mask"),
-                      output_hidden_states=use_hidden, output_attentions=use_attention)
+                      output_hidden_states=use_hidden, output_attentions=use_attention,
+                      segment_ids=micro.get("segment_ids"))
         return jax.lax.stop_gradient(out)
 
     def objective(params, other, micro, teacher_out):
@@ -362,7 +364,8 @@ def distillation_step(
         student.train() if is_training else student.eval()
         out = student(micro["input_ids"], attention_mask=micro.get("attention_mask"),
                       output_hidden_states=use_hidden, output_attentions=use_attention,
-                      compute_logits=logits_chunk_size is None)
+                      compute_logits=logits_chunk_size is None,
+                      segment_ids=micro.get("segment_ids"))
         masks = dict(attention_mask=micro.get("attention_mask"), labels=micro.get("labels"))
         if teacher_out is not None:
             targets = losses.DenseTargets(teacher_out.logits)
@@ -464,6 +467,16 @@ _jit_evaluate = jax.jit(distillation_step, static_argnames=STATIC_ARGNAMES)
 _PARAMETERS = inspect.signature(distillation_step)
 
 
+def _jitted(args, kwargs) -> tuple[Any, dict[str, Any]]:
+    """The jitted step for these arguments of ``distillation_step`` (update or evaluation) and
+    the arguments by name, layer indices given as lists (as YAML gives them) made tuples."""
+    arguments = _PARAMETERS.bind(*args, **kwargs).arguments
+    for name in ("hidden_state_layers", "attention_layers"):
+        if isinstance(arguments.get(name), list):
+            arguments[name] = tuple(arguments[name])
+    return (_jit_update if arguments.get("is_training", True) else _jit_evaluate), arguments
+
+
 def jit_distillation_step(*args: Any, **kwargs: Any) -> tuple[TrainState, LossMetrics]:
     """``distillation_step`` compiled (same arguments), one executable per configuration and
     batch shape.
@@ -473,9 +486,19 @@ def jit_distillation_step(*args: Any, **kwargs: Any) -> tuple[TrainState, LossMe
     ``student_state``: its buffers are reused for the new state, so only the returned state may
     be used afterwards. Evaluation (``is_training=False``) donates nothing.
     """
-    arguments = _PARAMETERS.bind(*args, **kwargs).arguments
-    for name in ("hidden_state_layers", "attention_layers"):
-        if isinstance(arguments.get(name), list):
-            arguments[name] = tuple(arguments[name])
-    jitted = _jit_update if arguments.get("is_training", True) else _jit_evaluate
+    jitted, arguments = _jitted(args, kwargs)
     return jitted(**arguments)
+
+
+def lower_distillation_step(*args: Any, **kwargs: Any) -> jax.stages.Lowered:
+    """The step ``jit_distillation_step`` runs for these arguments, lowered, not run.
+
+    The states and the batch may be arrays or abstract ``jax.ShapeDtypeStruct``s (with their
+    shardings), so a step at any scale can be examined without memory: ``.compile()`` it for
+    XLA's ``memory_analysis()`` and ``cost_analysis()`` (benchmarks/bench_scale.py), or read
+    ``.as_text()``. Lowering runs and donates nothing. For arguments a run has already
+    stepped with, JAX's caches give the lowering and the executable back without compiling
+    again.
+    """
+    jitted, arguments = _jitted(args, kwargs)
+    return jitted.lower(**arguments)

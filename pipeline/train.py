@@ -45,6 +45,7 @@ from pipeline.config import RunConfig
 from pipeline.data import DatasetInfo, HostBatches, TokenDataset, eval_batches, host_offsets, read_info
 from pipeline.data.order import eval_rows
 from pipeline.errors import ConfigError
+from pipeline.hardware import Utilisation, format_mfu, train_flops_per_token
 from pipeline.loop_state import SkipCounts, StopOnSigterm, StopVote
 from pipeline.metrics import ExampleLog, MetricsLogger, progress_bar, write_report
 from pipeline.models.build import build_model, check_model_context
@@ -318,6 +319,8 @@ def _train(config: RunConfig, *, host: Host, teacher: Llama | None,
                               host_index=host.index, host_count=host.count, offset=offset,
                               shuffle_window=config.data.shuffle_window)
         batch_tokens = config.train.global_batch_size * info.seq_len
+        utilisation = Utilisation(train_flops_per_token(state.model().config, info.seq_len),
+                                  jax.devices()[0].device_kind, jax.device_count())
 
         def save(step: int) -> None:
             if step not in checkpoints.all_steps():
@@ -363,9 +366,12 @@ def _train(config: RunConfig, *, host: Host, teacher: Llama | None,
                     tokens_per_s = batch_tokens * (step - tick_step) / (now - tick)
                     tick, tick_step = now, step
                     logged["tokens_per_s"] = tokens_per_s
+                    mfu = utilisation.mfu(tokens_per_s)
+                    if mfu is not None:
+                        logged["mfu"] = mfu
                     last_train = logger.log(step, logged)
-                    progress.update(task, status=f"loss {logged['loss']:.4f}  "
-                                                 f"{tokens_per_s:,.0f} tok/s")
+                    progress.update(task, status=f"loss {logged['loss']:.4f}  {tokens_per_s:,.0f} "
+                                                 f"tok/s  MFU {format_mfu(mfu)}")
                 progress.update(task, advance=1)
                 if examples is not None:
                     examples.log(step, examples_at, rows)
@@ -397,12 +403,14 @@ def _train(config: RunConfig, *, host: Host, teacher: Llama | None,
         counts = skips.totals()
         if primary and config.logging.report:
             rows_out = [{"split": "train", **{k: last_train.get(k, float("nan"))
-                                              for k in ("loss", "kl_loss", "ce_loss", "tokens_per_s")}},
+                                              for k in ("loss", "kl_loss", "ce_loss", "tokens_per_s")},
+                         "mfu": format_mfu(last_train.get("mfu"))},
                         {"split": "eval", **last_eval}]
             write_report(run_dir, f"kdpipe run: {run_dir.name}", rows_out,
                          notes=[f"steps: {final_step}", f"teacher source: {source}",
                                 f"skipped non-finite updates: {counts['skipped_updates']}",
                                 f"skipped batches without loss tokens: {counts['empty_batches']}",
+                                utilisation.describe(),
                                 f"student exported to {run_dir / EXPORT_DIR}"])
         logger.close()
         if examples is not None:

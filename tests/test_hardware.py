@@ -64,3 +64,14 @@ def test_flops_per_token_match_parameters_and_xla():
         assert xla == pytest.approx(want, rel=0.03), remat
         if remat == "none":
             assert want == 3 * hardware.forward_flops_per_token(config, seq)
+
+
+def test_utilisation_describes_its_source_or_why_not():
+    on_v5p = hardware.Utilisation(2.5e9, "TPU v5", chips=16)
+    assert on_v5p.mfu(1e6) == pytest.approx(2.5e9 * 1e6 / (459e12 * 16))
+    assert on_v5p.describe() == ("MFU: 2.5e+09 model FLOPs per token (6N + 12LHQT, PaLM appendix "
+                                 "B; pipeline/hardware.py) x tokens/s / (16 x TPU v5p at 459 "
+                                 "TFLOP/s bf16)")
+    on_cpu = hardware.Utilisation(2.5e9, "cpu", chips=1)
+    assert on_cpu.mfu(1e6) is None
+    assert on_cpu.describe().startswith("MFU: n/a, no peak FLOP/s is known for device kind 'cpu'")

@@ -11,7 +11,9 @@ import pytest
 
 from pipeline.checkpoint import read_checkpoint_metas
 from pipeline.data import global_order, read_info
-from pipeline.metrics import REPORT_FILE
+from pipeline import hardware
+from pipeline.metrics import REPORT_FILE, read_metrics
+from pipeline.models.registry import config_from_hf
 from pipeline.train import Preempted, train
 from tiny_run import config_of, make_tiny_run
 
@@ -54,7 +56,10 @@ def tiny(tmp_path_factory):
     return work, make_tiny_run(work)
 
 
-def test_every_skip_is_counted_and_the_count_survives_a_resume(tiny):
+def test_every_skip_is_counted_and_the_count_survives_a_resume(tiny, monkeypatch):
+    # A chip with a known peak, so that the run logs MFU (on the CPU it is n/a)
+    chip = hardware.Chip("test chip", 3e9)
+    monkeypatch.setattr(hardware, "chip_of", lambda kind: chip)
     config = config_of(tiny, "run", "logging.every_steps=4", "eval.every_steps=0",
                        "logging.report=true", "checkpoint.every_steps=4", "train.steps=8")
     vocab_size = read_info(config.data.prepared_dir).vocab_size
@@ -71,3 +76,14 @@ def test_every_skip_is_counted_and_the_count_survives_a_resume(tiny):
     report = (Path(config.run_dir) / REPORT_FILE).read_text()
     assert "skipped non-finite updates: 3" in report
     assert "skipped batches without loss tokens: 2" in report
+
+    # MFU: the student's 6N + 12LHQT per token x tokens/s / the chip's peak, on logging steps
+    seq_len = read_info(config.data.prepared_dir).seq_len
+    spec = config.model.student
+    flops = hardware.train_flops_per_token(config_from_hf(spec.hf_config(vocab_size)), seq_len)
+    logged = [r for r in read_metrics(config.run_dir) if r["split"] == "train"]
+    assert [r["step"] for r in logged] == [4, 8]
+    for record in logged:
+        assert record["mfu"] == pytest.approx(flops * record["tokens_per_s"] / 3e9)
+    assert f"MFU: {flops:.4g} model FLOPs per token" in report
+    assert f"| {hardware.format_mfu(logged[-1]['mfu'])} |" in report

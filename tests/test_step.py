@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec
 
 from pipeline.errors import ConfigError, DataError, KdpipeError
 from pipeline.step import (DistillLossConfig, LossMetrics, TrainState, distillation_step,
-                           jit_distillation_step)
+                           jit_distillation_step, lower_distillation_step)
 from toy_model import ToyDecoder
 
 VOCAB, HIDDEN = 40, 16  # a vocab unlike any model width, for the [tokens, vocab] check
@@ -387,6 +387,11 @@ def test_one_compile_across_steps_and_the_state_is_donated(teacher, caplog):
             old = state
             state, metrics = jit_distillation_step(state, make_batch(10 + seed), teacher, **options)
             assert all(leaf.is_deleted() for leaf in jax.tree.leaves(old.params))
+        # the public lowering of the same step: from JAX's caches, nothing compiled or donated
+        compiled = lower_distillation_step(state, make_batch(20), teacher, **options).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes > 0
+    assert compiled.cost_analysis()["flops"] > 0
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(state.params))
     compiles = [r for r in caplog.records
                 if "Compiling" in r.getMessage() and "distillation_step" in r.getMessage()]
     assert len(compiles) == 1, [r.getMessage()[:120] for r in compiles]
