@@ -9,9 +9,10 @@ pipeline/models/llama/model.py; never asserted by a test.
     python benchmarks/bench_model.py --layers 2 --seq 64    # quick look
     python benchmarks/bench_model.py --json out.json
 
-Model FLOPs per token: forward 2*P + 4*layers*seq*(heads*head_dim) (the matmuls with the
-P non-embedding-lookup weights, incl. the output head, plus scores and weighted values over the
-full seq x seq square); forward+backward 3x that.
+Model FLOPs per token: forward 2*N + 4*layers*seq*(heads*head_dim) (the matmuls with the
+N non-embedding-lookup weights, incl. the output head, plus scores and weighted values over the
+full seq x seq square); forward+backward 3x that (pipeline/hardware.py). MFU: those FLOPs per
+second over the device's bf16 peak, "n/a" where pipeline/hardware.py knows no peak (a CPU).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pipeline import hardware
 from pipeline.models.llama import Llama, LlamaConfig
 
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
@@ -92,32 +94,31 @@ def main():
 
     rows = []
     num_params = None
+    chip = hardware.chip_of(jax.devices()[0].device_kind)  # the one device the passes run on
     for dtype_name in args.dtypes.split(","):
         model = Llama(config, dtype=DTYPES[dtype_name], rngs=nnx.Rngs(0))
         graphdef, params = nnx.split(model, nnx.Param)
         num_params = sum(x.size for x in jax.tree.leaves(params))
-        # Weights used in matmuls: all but the norms and, when untied, the embedding lookup
-        # (a tied embedding table is also the output head).
-        norms = args.hidden * (2 * args.layers + 1)
-        matmul_params = num_params - norms - (args.vocab * args.hidden if args.untied else 0)
-        attention_flops = 4 * args.layers * args.seq * args.hidden
-        fwd_flops = (2 * matmul_params + attention_flops) * tokens
+        fwd_flops = hardware.forward_flops_per_token(config, args.seq) * tokens
         for pass_name, fn, flops in (("forward", forward, fwd_flops),
                                      ("fwd+bwd", forward_backward, 3 * fwd_flops)):
             compile_s, step_s = _time(fn, graphdef, params, repeats=args.repeats)
             rows.append(dict(dtype=dtype_name, pass_=pass_name, compile_s=compile_s,
                              step_ms=1e3 * step_s, tokens_per_s=tokens / step_s,
-                             gflops_per_s=flops / step_s / 1e9))
+                             gflops_per_s=flops / step_s / 1e9,
+                             mfu=hardware.mfu(flops / tokens, tokens / step_s, chip, 1)))
         del model, params
 
     print(f"model: {num_params / 1e6:.1f}M params (vocab {args.vocab}, hidden {args.hidden}, "
           f"{args.layers} layers, {args.heads}/{args.kv_heads} heads, mlp {args.intermediate}, "
           f"{'untied' if args.untied else 'tied'}); batch {args.batch} x seq {args.seq} = "
           f"{tokens} tokens/step; {jax.device_count()} {jax.default_backend()} device(s)")
-    print(f"{'dtype':6} {'pass':8} {'compile s':>10} {'step ms':>10} {'tokens/s':>10} {'GFLOP/s':>9}")
+    print(f"{'dtype':6} {'pass':8} {'compile s':>10} {'step ms':>10} {'tokens/s':>10} "
+          f"{'GFLOP/s':>9} {'MFU':>6}")
     for r in rows:
         print(f"{r['dtype']:6} {r['pass_']:8} {r['compile_s']:10.1f} {r['step_ms']:10.1f} "
-              f"{r['tokens_per_s']:10.1f} {r['gflops_per_s']:9.1f}")
+              f"{r['tokens_per_s']:10.1f} {r['gflops_per_s']:9.1f} "
+              f"{hardware.format_mfu(r['mfu']):>6}")
     by = {(r["dtype"], r["pass_"]): r for r in rows}
     headlines = {}
     for dtype_name in args.dtypes.split(","):
