@@ -36,6 +36,7 @@ import dataclasses
 import gc
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -104,6 +105,22 @@ def tree_signature(tree: Any) -> list[list]:
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return [[jax.tree_util.keystr(path), list(np.shape(leaf)), str(leaf.dtype)]
             for path, leaf in leaves]
+
+
+# A looped model's parameter path has the layer's index after "layers"; a scanned one's
+# (stacked, pipeline.models.stack) has none.
+_LOOPED_LAYER = re.compile(r"\['layers'\]\[\d+\]")
+
+
+def _layers_hint(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> str:
+    """Names model.student.scan_layers when the checkpoint's layers and the target's differ in
+    layout (looped vs stacked), the likely cause of such a mismatch; else ""."""
+    looped = [any(_LOOPED_LAYER.search(path) for path in paths) for paths in (saved, wanted)]
+    if looped[0] == looped[1] or not any("['layers']" in path for path in wanted):
+        return ""
+    return (f"model.student.scan_layers: the checkpoint was saved with scan_layers="
+            f"{str(not looped[0]).lower()}, this run has {str(not looped[1]).lower()}; set it "
+            f"back to resume (Hugging Face exports load either way). ")
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -322,7 +339,8 @@ class Checkpoints:
                       for p in sorted(set(saved) | set(wanted)) if saved.get(p) != wanted.get(p)]
         if mismatched:
             raise CheckpointError(f"{self.directory / str(step)}: the saved state does not match "
-                                  f"the target state: {_listing(mismatched)}")
+                                  f"the target state: {_layers_hint(saved, wanted)}"
+                                  f"{_listing(mismatched)}")
         failure = None
         with _orbax_read_failures_unreported():
             try:

@@ -132,6 +132,20 @@ def test_target_of_another_shape_names_the_leaf(saved):
     assert tree_signature(make_state(0))[0] == ["['opt']['count']", [], "int32"]
 
 
+def test_looped_layers_restored_as_stacked_name_scan_layers(tmp_path):
+    w = np.random.default_rng(0).normal(size=(2, 3, 4)).astype(np.float32)
+    looped = {"params": {"layers": [{"w": jnp.asarray(w[0])}, {"w": jnp.asarray(w[1])}]}}
+    with Checkpoints(tmp_path / "ckpt", IDENTITY) as checkpoints:
+        checkpoints.save(TrainPosition(1, 8, 0), looped)
+        checkpoints.wait()
+        with pytest.raises(CheckpointError, match=r"model.student.scan_layers: the checkpoint was "
+                                                  r"saved with scan_layers=false, this run has true"):
+            checkpoints.restore({"params": {"layers": {"w": jnp.asarray(w)}}})
+        with pytest.raises(CheckpointError) as error:  # another mismatch: no such hint
+            checkpoints.restore({"params": {"layers": [{"w": jnp.asarray(w[0])}]}})
+        assert "scan_layers" not in str(error.value)
+
+
 def _corrupt_state(step_dir: Path) -> None:
     """Flip bytes in the middle of every data file of the state item."""
     files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
