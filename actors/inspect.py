@@ -40,6 +40,25 @@ def _cache_split(location: str) -> list[str]:
         f"  dataset     {manifest.dataset_fingerprint}",
         f"  format      version {manifest.format_version}",
     ]
+    return lines + _fidelity(manifest.commits)
+
+
+def _fidelity(commits) -> list[str]:
+    """The writers' fidelity audit (pipeline/cache/audit.py) over the committed shards: KL and
+    captured mass token-weighted over their audited tokens, the largest shard p99, mean k."""
+    audits = [c.audit for c in commits if c.audit]
+    if not audits:
+        return []
+    lines = [f"  mean k      {sum(a['k_mean'] for a in audits) / len(audits):.2f} ids/token"]
+    audited = [a for a in audits if "tokens" in a]
+    if audited:
+        tokens = sum(a["tokens"] for a in audited)
+        kl = sum(a["kl_mean"] * a["tokens"] for a in audited) / tokens
+        mass = sum(a["mass_mean"] * a["tokens"] for a in audited) / tokens
+        worst = max(audited, key=lambda a: a["kl_p99"])
+        lines += [f"  fidelity    KL(teacher || reconstruction) mean {kl:.4g} nats over {tokens} "
+                  f"audited tokens ({len(audited)} shards), largest shard p99 {worst['kl_p99']:.4g}",
+                  f"  captured    {mass:.4f} of the teacher's mass in the stored ids (mean)"]
     return lines
 
 

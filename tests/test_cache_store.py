@@ -68,6 +68,7 @@ SPECS = [
     TargetSpec("topk", V, REAL_V, k=5),
     TargetSpec("topk", V, REAL_V, k=5, value_dtype="bfloat16", id_encoding="packed"),
     TargetSpec("topk", V, REAL_V, k=5, value_dtype="float32", temperature=2.0),
+    TargetSpec("topk", V, REAL_V, k=7, top_p=0.8, min_k=2, id_encoding="packed"),
     TargetSpec("sampled", V, REAL_V, n_draws=7),
     TargetSpec("sampled", V, REAL_V, n_draws=7, id_encoding="packed"),
     TargetSpec("full", V, REAL_V, temperature=None),
@@ -176,7 +177,7 @@ def test_newer_format_version_is_refused(tmp_path):
     header = json.loads((tmp_path / MANIFEST_KEY).read_text())
     header["format_version"] += 1
     (tmp_path / MANIFEST_KEY).write_text(json.dumps(header))
-    with pytest.raises(CacheError, match="format_version 2 is newer"):
+    with pytest.raises(CacheError, match="format_version 3 is not one this kdpipe reads"):
         CacheReader(tmp_path, run_for(m))
 
 
@@ -226,7 +227,8 @@ def test_damage_after_verification_is_caught_by_chunk_checksums(tmp_path):
 
 
 def test_killed_writer_rerun_equals_uninterrupted(tmp_path):
-    m = manifest(TargetSpec("sampled", V, REAL_V, n_draws=7))
+    # ragged shards (adaptive top-k), whose commit records also carry the fidelity audit
+    m = manifest(TargetSpec("topk", V, REAL_V, k=7, top_p=0.9, min_k=1))
     write_shards(tmp_path / "reference", m, range(m.num_shards))
     killed = tmp_path / "killed"
     CacheWriter(killed, m).close()  # create the manifest so the worker joins it

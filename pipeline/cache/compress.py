@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pipeline.cache.format import PADDED_LOGIT, TargetSpec, id_bits, mantissa_bytes
+from pipeline.cache.format import (PADDED_LOGIT, TargetSpec, array_layout, id_bits,
+                                   mantissa_bytes, raw_token_bytes)
 from pipeline.losses import restrict_to_vocab
 
 # q8 log-probs are clamped here so that the per-token scale stays finite (e^-100 ~ 0 in f32).
@@ -139,19 +140,57 @@ def _encode_topk(x: jax.Array, spec: TargetSpec) -> dict[str, jax.Array]:
     tail_mass = below + left_out_ties * jnp.exp(kth - peak)[:, 0]
     log_total = jnp.log(total)
     values = top - peak - log_total[:, None]
+    used = jnp.ones(ids.shape, bool)
+    if spec.adaptive:
+        count = kept_counts(values, spec)
+        used = jnp.arange(spec.k) < count[:, None]
+        # the dropped candidates join the tail, summed directly (no 1 - kept mass)
+        tail_mass = tail_mass + jnp.sum(jnp.where(used, 0.0, jnp.exp(top - peak)), axis=-1)
+        values = jnp.where(used, values, 0.0)
     tail = jnp.log(tail_mass) - log_total
     if spec.id_encoding == "gap":
-        order = jnp.argsort(ids, axis=-1)
+        # ascending ids, the unused slots last
+        order = jnp.argsort(jnp.where(used, ids, spec.vocab_size), axis=-1)
         ids = jnp.take_along_axis(ids, order, axis=-1)
         values = jnp.take_along_axis(values, order, axis=-1)
-    out = encode_ids(ids, jnp.ones(ids.shape, bool), spec)
+    out = encode_ids(ids, used, spec)
     if spec.value_dtype == "q8":
         out["values"], out["value_scale"] = quantize_logprobs(values)
         out["tail_logmass"] = tail.astype(jnp.bfloat16)
     else:
         out["values"] = values.astype(spec.value_dtype)
         out["tail_logmass"] = tail.astype(spec.value_dtype)
+    if spec.adaptive:
+        out["id_count"] = count.astype(ragged_count_dtype(spec))
     return out
+
+
+def kept_counts(logprobs: jax.Array, spec: TargetSpec) -> jax.Array:
+    """Ids kept per token, ``[T]`` int32 in [min_k, k], from the k largest log-probs ``[T, k]``
+    (descending) of the T positions of one sequence.
+
+    - ``top_p``: the fewest ids whose mass reaches top_p (each token on its own);
+    - ``bytes_per_token`` = B: with (c_t, c_id) = :func:`~pipeline.cache.spec.raw_token_bytes`,
+      the sequence keeps ``n = floor(T (B - c_t) / c_id)`` ids in all: ``min_k`` per token,
+      then the remaining candidates of highest probability over the whole sequence (ties: the
+      earlier position), so bytes go where the teacher is unsure. Each sequence's raw bytes
+      per token are then at most B, so is their mean.
+    """
+    if spec.top_p is not None:
+        below_p = jnp.cumsum(jnp.exp(logprobs), axis=-1)[:, :-1] < spec.top_p
+        return jnp.clip(1 + jnp.sum(below_p, axis=-1), spec.min_k, spec.k)
+    tokens, k = logprobs.shape
+    per_token, per_id = raw_token_bytes(spec)
+    extra = int(tokens * (spec.bytes_per_token - per_token) // per_id) - tokens * spec.min_k
+    extra = min(extra, tokens * (k - spec.min_k))
+    candidates = logprobs[:, spec.min_k:].reshape(-1)
+    rank = jnp.argsort(jnp.argsort(-candidates, stable=True))  # rank 0 = most probable
+    kept = (rank < extra).reshape(tokens, k - spec.min_k)
+    return spec.min_k + jnp.sum(kept, axis=-1)
+
+
+def ragged_count_dtype(spec: TargetSpec) -> str:
+    return next(a.dtype for a in array_layout(spec) if a.name == "id_count")
 
 
 def _decode_topk(stored: dict[str, jax.Array], spec: TargetSpec) -> dict[str, jax.Array]:
@@ -161,6 +200,9 @@ def _decode_topk(stored: dict[str, jax.Array], spec: TargetSpec) -> dict[str, ja
         values = dequantize_logprobs(stored["values"], stored["value_scale"])
     else:
         values = stored["values"].astype(jnp.float32)
+    if spec.adaptive:
+        used = jnp.arange(spec.k) < stored["id_count"].astype(jnp.int32)[:, None]
+        ids, values = jnp.where(used, ids, -1), jnp.where(used, values, -jnp.inf)
     if spec.value_dtype != "float32":
         # rounding moved mass in or out of the top k: rescale the k values so that with the
         # stored tail they sum to 1 (the tail itself is the more precise figure)
@@ -170,10 +212,10 @@ def _decode_topk(stored: dict[str, jax.Array], spec: TargetSpec) -> dict[str, ja
             "teacher_tail_logmass": tail}
 
 
-def _token_keys(sequence_indices: jax.Array, seq_len: int, seed: int) -> jax.Array:
+def _token_keys(sequence_indices: jax.Array, seq_len: int, seed: int, start=0) -> jax.Array:
     base = jax.random.key(seed)
     per_seq = jax.vmap(lambda s: jax.random.fold_in(base, s))(sequence_indices)
-    positions = jnp.arange(seq_len)
+    positions = start + jnp.arange(seq_len)
     return jax.vmap(lambda k: jax.vmap(lambda p: jax.random.fold_in(k, p))(positions))(per_seq)
 
 
@@ -204,23 +246,26 @@ def _decode_sampled(stored: dict[str, jax.Array], spec: TargetSpec) -> dict[str,
             "teacher_entropy": stored["entropy"].astype(jnp.float32)}
 
 
-def _encode_sequence(logits: jax.Array, sequence_index: jax.Array,
-                     spec: TargetSpec) -> dict[str, jax.Array]:
-    """Teacher logits [L, V] of sequence ``sequence_index`` -> stored arrays {name: [L, ...]}."""
+def encode_positions(logits: jax.Array, sequence_index: jax.Array, spec: TargetSpec,
+                     start=0) -> dict[str, jax.Array]:
+    """Teacher logits [T, V] at positions ``start .. start + T - 1`` of sequence
+    ``sequence_index`` -> stored arrays {name: [T, ...]}: a whole sequence (start 0, T = L), or
+    a chunk of one (``pipeline.teacher_head``); each position's code depends on its own logits,
+    sequence and position only."""
     if spec.mode == "full":
         real = jnp.arange(spec.vocab_size) < spec.tokenizer_vocab_size
         return {"logits": jnp.where(real, logits, PADDED_LOGIT).astype(spec.value_dtype)}
     x = scaled_logits(logits, spec)
     if spec.mode == "topk":
         return _encode_topk(x, spec)
-    keys = _token_keys(sequence_index[None], logits.shape[0], spec.seed)[0]
+    keys = _token_keys(sequence_index[None], logits.shape[0], spec.seed, start)[0]
     return _encode_sampled(jax.nn.log_softmax(x, axis=-1), keys, spec)
 
 
 @functools.partial(jax.jit, static_argnames="spec")
 def _encode_row(logits: jax.Array, sequence_indices: jax.Array, row: jax.Array,
                 spec: TargetSpec) -> dict[str, jax.Array]:
-    return _encode_sequence(jax.lax.dynamic_index_in_dim(logits, row, keepdims=False),
+    return encode_positions(jax.lax.dynamic_index_in_dim(logits, row, keepdims=False),
                             jax.lax.dynamic_index_in_dim(sequence_indices, row, keepdims=False),
                             spec)
 

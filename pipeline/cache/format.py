@@ -19,6 +19,10 @@ Modes (``TargetSpec.mode``), with the batch keys the reader produces (pipeline/l
 
 - ``topk``: the k largest teacher log-probs at ``temperature`` with their ids, and the log of the
   mass outside them -> ``teacher_topk_ids``, ``teacher_topk_logprobs``, ``teacher_tail_logmass``.
+  With ``top_p`` or ``bytes_per_token`` the number of ids varies per token (``min_k`` to ``k``,
+  the rule in pipeline/cache/compress.py): each token's count is stored (``id_count``) and the
+  per-slot arrays are ragged (:mod:`pipeline.cache.ragged`); the reader gives them back padded
+  to ``[..., k]``, unused slots with id -1 and log-prob -inf.
 - ``sampled``: ``n_draws`` ids drawn with replacement from the teacher distribution at
   ``temperature`` (Anshumann et al. 2025), stored as unique ids with counts, plus the teacher
   entropy -> ``teacher_sample_ids``, ``teacher_sample_counts``, ``teacher_entropy``.
@@ -47,174 +51,46 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from typing import Any
 
 import numpy as np
 
+from pipeline.cache.spec import (ID_ENCODINGS, MAX_ID_BITS, MODES, PADDED_LOGIT,  # noqa: F401
+                                 VALUE_DTYPES, ArrayLayout, TargetSpec, array_layout, id_bits,
+                                 mantissa_bytes, raw_token_bytes)
 from pipeline.cache.store import ts_key_range
 from pipeline.errors import CacheError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 1 is version 2 without adaptive top-k (no top_p / min_k / bytes_per_token): its
+# arrays and manifest read unchanged.
+READABLE_VERSIONS = (1, 2)
 MANIFEST_KEY = "manifest.json"
 COMMIT_PREFIX = "commits/"
-
-MODES = ("topk", "sampled", "full")
-VALUE_DTYPES = ("float32", "bfloat16", "q8")
-ID_ENCODINGS = ("gap", "packed")
-# Finite on purpose: softmax gives these ids probability exactly 0, and p * log p stays 0
-# where -inf would make it nan in a dense loss.
-PADDED_LOGIT = -1.0e9
-# Widest id the bit unpacker reads from one 32-bit window (25 bits + a 7-bit byte offset).
-MAX_ID_BITS = 25
-
-
-def id_bits(vocab_size: int) -> int:
-    """Bits of a packed id: ceil(log2(vocab_size)), at least 1."""
-    return max(1, math.ceil(math.log2(vocab_size)))
-
-
-@dataclasses.dataclass(frozen=True)
-class TargetSpec:
-    """What is stored per token; hashable, so it is a static argument of the jitted codecs.
-
-    mode: "topk" | "sampled" | "full". k: ids per token (topk). n_draws: draws per token
-    (sampled). value_dtype: topk values / full logits as "float32" | "bfloat16" | "q8" (8-bit
-    log-probs with a per-token scale; topk only); default q8 (topk), float32 (full); None in
-    sampled mode. id_encoding: "gap" (sorted ids, gap
-    lengths + extra bits) or "packed" (ceil(log2 V) bits each). temperature: T_cache (None in
-    full mode). seed: key of the sampled draws, one stream per (sequence, position).
-    """
-
-    mode: str
-    vocab_size: int
-    tokenizer_vocab_size: int
-    k: int | None = None
-    n_draws: int | None = None
-    value_dtype: str | None = None
-    id_encoding: str = "gap"
-    temperature: float | None = 1.0
-    seed: int = 0
-
-    def __post_init__(self):
-        def bad(field, expected, seen):
-            raise CacheError(f"cache target spec: {field} expected {expected}, got {seen!r}")
-
-        if self.mode not in MODES:
-            bad("mode", f"one of {MODES}", self.mode)
-        if not (isinstance(self.vocab_size, int) and self.vocab_size >= 2):
-            bad("vocab_size", "an int >= 2", self.vocab_size)
-        if id_bits(self.vocab_size) > MAX_ID_BITS:
-            bad("vocab_size", f"<= 2**{MAX_ID_BITS}", self.vocab_size)
-        if not (isinstance(self.tokenizer_vocab_size, int)
-                and 2 <= self.tokenizer_vocab_size <= self.vocab_size):
-            bad("tokenizer_vocab_size", f"an int in [2, vocab_size={self.vocab_size}]",
-                self.tokenizer_vocab_size)
-        if self.mode == "sampled":
-            # sampled mode stores counts, not values (entropy is always f32)
-            if self.value_dtype is not None:
-                bad("value_dtype", "None in sampled mode", self.value_dtype)
-        elif self.value_dtype is None:
-            object.__setattr__(self, "value_dtype", "q8" if self.mode == "topk" else "float32")
-        elif self.value_dtype not in VALUE_DTYPES:
-            bad("value_dtype", f"one of {VALUE_DTYPES}", self.value_dtype)
-        if self.id_encoding not in ID_ENCODINGS:
-            bad("id_encoding", f"one of {ID_ENCODINGS}", self.id_encoding)
-        if self.mode == "topk":
-            if not (isinstance(self.k, int) and 1 <= self.k <= self.tokenizer_vocab_size):
-                bad("k", f"an int in [1, tokenizer_vocab_size={self.tokenizer_vocab_size}]",
-                    self.k)
-        elif self.k is not None:
-            bad("k", f"None in {self.mode} mode", self.k)
-        if self.mode == "sampled":
-            if not (isinstance(self.n_draws, int) and 1 <= self.n_draws <= 255):
-                bad("n_draws", "an int in [1, 255]", self.n_draws)
-        elif self.n_draws is not None:
-            bad("n_draws", f"None in {self.mode} mode", self.n_draws)
-        if self.mode == "full":
-            if self.temperature is not None:
-                bad("temperature", "None in full mode (logits serve any temperature)",
-                    self.temperature)
-            if self.value_dtype == "q8":
-                bad("value_dtype", "float32 or bfloat16 in full mode", self.value_dtype)
-        elif not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
-            bad("temperature", "a number > 0", self.temperature)
-
-    @property
-    def slots(self) -> int:
-        """Ids stored per token: k (topk), n_draws (sampled)."""
-        return self.k if self.mode == "topk" else self.n_draws
-
-    @property
-    def stored(self) -> str:
-        """What is stored per token, in words (``kdpipe inspect``)."""
-        return {"topk": f"top-{self.k} log-probs + tail mass",
-                "sampled": f"{self.n_draws} sampled draws (ids + counts) + teacher entropy",
-                "full": "full logits"}[self.mode]
-
-    @property
-    def kl_meaning(self) -> str:
-        """What a KL to these targets is (pipeline.losses.token_losses), in words."""
-        return {"topk": "the KL over the k+1 buckets of the top-k targets (the k cached ids and "
-                        "the tail mass), not over the vocabulary",
-                "sampled": "the sampled estimate of the forward KL (unbiased; one draw's can be "
-                           "negative)",
-                "full": "the KL over the whole vocabulary"}[self.mode]
-
-
-@dataclasses.dataclass(frozen=True)
-class ArrayLayout:
-    """One stored zarr3 array: dtype and the shape after [num_sequences, seq_len]."""
-
-    name: str
-    dtype: str
-    trailing: tuple[int, ...]
-    codec: str  # "zstd", or "zstd_transposed" (slot-major bytes: per-slot arrays, id bits)
-
-
-def mantissa_bytes(spec: TargetSpec) -> int:
-    """Capacity of one token's bit-packed id row: every id at its widest possible code."""
-    bits = id_bits(spec.vocab_size)
-    per_id = bits - 1 if spec.id_encoding == "gap" else bits
-    return max(1, math.ceil(spec.slots * per_id / 8))
-
-
-def array_layout(spec: TargetSpec) -> tuple[ArrayLayout, ...]:
-    """The arrays a spec stores; the only place the on-disk names and dtypes are defined."""
-    if spec.mode == "full":
-        return (ArrayLayout("logits", spec.value_dtype, (spec.vocab_size,), "zstd"),)
-    m = spec.slots
-    ids = [ArrayLayout("id_stream", "uint8", (mantissa_bytes(spec),), "zstd_transposed")]
-    if spec.id_encoding == "gap":
-        ids.insert(0, ArrayLayout("id_gap_lengths", "uint8", (m,), "zstd_transposed"))
-    if spec.mode == "sampled":
-        return (*ids, ArrayLayout("counts", "uint8", (m,), "zstd_transposed"),
-                ArrayLayout("entropy", "float32", (), "zstd"))
-    if spec.value_dtype == "q8":
-        values = [ArrayLayout("values", "uint8", (m,), "zstd_transposed"),
-                  ArrayLayout("value_scale", "bfloat16", (), "zstd")]
-        tail_dtype = "bfloat16"
-    else:
-        values = [ArrayLayout("values", spec.value_dtype, (m,), "zstd_transposed")]
-        tail_dtype = spec.value_dtype
-    return (*ids, *values, ArrayLayout("tail_logmass", tail_dtype, (), "zstd"))
 
 
 @dataclasses.dataclass(frozen=True)
 class ShardCommit:
-    """A committed shard: per stored array, the size and crc32 of the shard's file."""
+    """A committed shard: per stored array, the size and crc32 of the shard's file, and the
+    writer's fidelity audit of the shard (``pipeline.cache.audit.ShardAudit.to_json``; None
+    when the writer did not see the logits, or before format version 2)."""
 
     shard: int
     files: tuple[tuple[str, int, int], ...]  # (array name, bytes, crc32)
+    audit: dict | None = None
 
     def to_json(self) -> dict:
-        return {"shard": self.shard,
-                "files": [{"array": a, "bytes": b, "crc32": c} for a, b, c in self.files]}
+        obj = {"shard": self.shard,
+               "files": [{"array": a, "bytes": b, "crc32": c} for a, b, c in self.files]}
+        if self.audit is not None:
+            obj["audit"] = self.audit
+        return obj
 
     @classmethod
     def from_json(cls, obj: dict) -> "ShardCommit":
         return cls(int(obj["shard"]),
-                   tuple((f["array"], int(f["bytes"]), int(f["crc32"])) for f in obj["files"]))
+                   tuple((f["array"], int(f["bytes"]), int(f["crc32"])) for f in obj["files"]),
+                   obj.get("audit"))
 
 
 def num_shards(num_sequences: int, shard_sequences: int) -> int:
@@ -297,10 +173,10 @@ class CacheManifest:
     @classmethod
     def from_header_json(cls, obj: dict, commits: tuple[ShardCommit, ...] = ()) -> "CacheManifest":
         version = obj.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise CacheError(
-                f"cache manifest: format_version {version!r} is newer than this kdpipe reads "
-                f"(<= {FORMAT_VERSION}); upgrade kdpipe")
+                f"cache manifest: format_version {version!r} is not one this kdpipe reads "
+                f"({', '.join(map(str, READABLE_VERSIONS))}); a newer cache needs a newer kdpipe")
         try:
             fields = dict(obj)
             fields["target"] = TargetSpec(**fields["target"])
@@ -377,9 +253,10 @@ def check_compatible(manifest: CacheManifest, run: RunDeclaration) -> None:
 
 def zarr3_spec(kvstore: dict, manifest: CacheManifest, array: ArrayLayout) -> dict:
     """TensorStore spec of one stored array under the cache's kvstore spec (a dict)."""
-    ndim = 2 + len(array.trailing)
-    shape = [manifest.num_sequences, manifest.seq_len, *array.trailing]
-    inner = [manifest.chunk_sequences, manifest.seq_len, *array.trailing]
+    trailing = list(array.stored_trailing(manifest.seq_len))
+    ndim = 1 + len(trailing)
+    shape = [manifest.num_sequences, *trailing]
+    inner = [manifest.chunk_sequences, *trailing]
     codecs = []
     if array.codec == "zstd_transposed":
         # Slot-major bytes: each slot's bytes of all tokens sit together (similar statistics,
@@ -401,7 +278,7 @@ def zarr3_spec(kvstore: dict, manifest: CacheManifest, array: ArrayLayout) -> di
             "shape": shape,
             "data_type": array.dtype,
             "chunk_grid": {"name": "regular", "configuration": {
-                "chunk_shape": [manifest.shard_sequences, manifest.seq_len, *array.trailing]}},
+                "chunk_shape": [manifest.shard_sequences, *trailing]}},
             "chunk_key_encoding": {"name": "default"},
             "fill_value": 0,
             "codecs": [{"name": "sharding_indexed", "configuration": {
@@ -411,15 +288,16 @@ def zarr3_spec(kvstore: dict, manifest: CacheManifest, array: ArrayLayout) -> di
                                  {"name": "crc32c"}],
                 "index_location": "end",
             }}],
-            "dimension_names": ["sequence", "position", *(["slot"] * len(array.trailing))],
+            "dimension_names": (["sequence", "entry"] if array.ragged else
+                                ["sequence", "position", *(["slot"] * len(array.trailing))]),
         },
     }
 
 
 def shard_file_key(array: ArrayLayout, shard: int) -> str:
     """kvstore key (under the cache root) of one array's file for one shard."""
-    zeros = "/0" * len(array.trailing)
-    return f"{array.name}/c/{shard}/0{zeros}"
+    zeros = "/0" * (1 if array.ragged else 1 + len(array.trailing))
+    return f"{array.name}/c/{shard}{zeros}"
 
 
 def array_metadata_key(array: ArrayLayout) -> str:

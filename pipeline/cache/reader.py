@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from pipeline.cache import compress
+from pipeline.cache import compress, ragged
 from pipeline.cache.format import (CacheManifest, RunDeclaration, array_layout, check_compatible,
                                    load_manifest, open_array, read_commits, shard_file_key)
 from pipeline.cache.store import kvstore_spec, open_kvstore
@@ -74,7 +74,8 @@ class CacheReader:
             self.refresh()
 
     def read_stored(self, sequence_indices: Sequence[int]) -> dict[str, np.ndarray]:
-        """The stored (encoded) arrays {name: [B, L, *trailing]} of these sequences."""
+        """The stored (encoded) arrays {name: [B, L, *trailing]} of these sequences, as
+        ``compress.encode`` gave them (ragged arrays padded back: pipeline/cache/ragged.py)."""
         indices = np.asarray(sequence_indices, np.int64)
         m = self.manifest
         if indices.ndim != 1 or not len(indices):
@@ -97,9 +98,10 @@ class CacheReader:
                 self._verify(shard)
         futures = {name: arr[indices].read() for name, arr in self._arrays.items()}
         try:
-            return {name: f.result() for name, f in futures.items()}
+            stored = {name: f.result() for name, f in futures.items()}
         except ValueError as e:  # TensorStore reports a failed crc32c or decode this way
             raise CacheError(f"cache {self.location}: reading shards {shards} failed: {e}") from e
+        return ragged.unpack(stored, m.target) if m.target.adaptive else stored
 
     def read(self, sequence_indices: Sequence[int]) -> dict:
         """Teacher targets of these sequences, keyed as in pipeline/losses/targets.py

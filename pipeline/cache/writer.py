@@ -12,6 +12,8 @@ deleted first. Encoding is deterministic and independent of the batching (sample
 key per (sequence, position); see ``compress.encode``), so a writer killed at any moment and
 re-run produces the same bytes as an uninterrupted one, and disjoint shard sets written by
 several processes equal one process writing them all.
+A topk shard's commit record also carries the fidelity audit of pipeline/cache/audit.py,
+measured on the logits ``write`` sees (deterministic too: the killed-writer guarantee covers it).
 Sequences of already committed shards are dropped; :meth:`CacheWriter.pending_shards` lets
 the teacher loop skip their forward passes altogether.
 
@@ -34,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pipeline.cache import compress
+from pipeline.cache import audit, compress, ragged
 from pipeline.cache.format import (MANIFEST_KEY, CacheManifest, ShardCommit, array_layout,
                                    check_same_header, commit_key, load_manifest, open_array,
                                    read_commits, shard_file_key)
@@ -42,6 +44,8 @@ from pipeline.cache.store import kvstore_spec, open_kvstore
 from pipeline.errors import CacheError, KdpipeError, TeacherOutputError
 
 _STOP = object()
+# Per-row audit figures travel with the encoded arrays to the shard buffers (not stored).
+_AUDIT_KEYS = ("audit_kl", "audit_mass")
 
 
 @jax.jit
@@ -49,11 +53,16 @@ def first_nonfinite(logits: jax.Array) -> jax.Array:
     """Where logits ``[B, L, V]`` first hold a value that is not finite, as int32 ``[2]``:
     ``b * L + l`` of the first such position in row-major order (-1 if there is none), and 1
     if that position holds a NaN (0 if only infinities)."""
-    vocab = logits.shape[-1]
-    bad_position = ~jnp.isfinite(logits).all(axis=-1).reshape(-1)  # [B * L]
+    return first_flagged(~jnp.isfinite(logits).all(axis=-1), jnp.isnan(logits).any(axis=-1))
+
+
+def first_flagged(nonfinite: jax.Array, has_nan: jax.Array) -> jax.Array:
+    """:func:`first_nonfinite` from per-position flags ``[B, L]`` (bool: a logit is not finite;
+    a logit is NaN), for a teacher that never holds all the logits at once."""
+    bad_position, has_nan = nonfinite.reshape(-1), has_nan.reshape(-1)  # [B * L]
     first = jnp.argmax(bad_position)
-    has_nan = jnp.isnan(logits.reshape(-1, vocab)[first]).any()
-    return jnp.stack([jnp.where(bad_position[first], first, -1), has_nan]).astype(jnp.int32)
+    return jnp.stack([jnp.where(bad_position[first], first, -1),
+                      has_nan[first]]).astype(jnp.int32)
 
 
 def create_or_join(location: str | dict, manifest: CacheManifest):
@@ -116,21 +125,45 @@ class CacheWriter:
         batches wait for storage. Rows of committed shards are dropped. Non-finite logits
         raise ``TeacherOutputError`` here or in a later call (see the module docstring).
         """
-        self._raise_background_error()
-        m, target = self.manifest, self.manifest.target
-        indices = np.asarray(sequence_indices)
-        expected = (len(indices), m.seq_len, target.vocab_size)
-        if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
-            raise CacheError(f"cache write: sequence_indices expected a 1-D int array, got "
-                             f"shape {indices.shape} dtype {indices.dtype}")
+        indices = self._checked_indices(sequence_indices)
+        expected = (len(indices), self.manifest.seq_len, self.manifest.target.vocab_size)
         if tuple(logits.shape) != expected:
             raise CacheError(f"cache write: logits expected shape [batch, seq_len, vocab] = "
                              f"{list(expected)}, got {list(logits.shape)}")
+        target = self.manifest.target
+        encoded = compress.encode(logits, indices, target)
+        if target.mode == "topk":
+            encoded.update(zip(_AUDIT_KEYS, audit.audit_batch(logits, encoded, target)))
+        self._queue.put((encoded, indices, first_nonfinite(logits)))
+
+    def write_encoded(self, encoded: dict[str, jax.Array], sequence_indices,
+                      check: jax.Array, fidelity: tuple[jax.Array, jax.Array] | None = None,
+                      ) -> None:
+        """:meth:`write` for targets already encoded on the device: ``encoded`` {name: [B, L,
+        *trailing]} as ``compress.encode`` gives them (``pipeline.teacher_head`` computes them
+        without the logits), ``check`` the logits' :func:`first_nonfinite` ([2] int32),
+        ``fidelity`` the audit's (KL, mass) ``[B, n]`` (``pipeline.cache.audit.audit_batch``)
+        or None (the shards' records then carry the mean k only)."""
+        indices = self._checked_indices(sequence_indices)
+        expected = {a.name: (len(indices), self.manifest.seq_len, *a.trailing)
+                    for a in self._layout}
+        got = {name: tuple(a.shape) for name, a in encoded.items()}
+        if got != expected:
+            raise CacheError(f"cache write: encoded arrays expected shapes {expected}, got {got}")
+        if fidelity is not None:
+            encoded = {**encoded, **dict(zip(_AUDIT_KEYS, fidelity))}
+        self._queue.put((encoded, indices, check))
+
+    def _checked_indices(self, sequence_indices) -> np.ndarray:
+        self._raise_background_error()
+        indices, m = np.asarray(sequence_indices), self.manifest
+        if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
+            raise CacheError(f"cache write: sequence_indices expected a 1-D int array, got "
+                             f"shape {indices.shape} dtype {indices.dtype}")
         if len(indices) and (indices.min() < 0 or indices.max() >= m.num_sequences):
             raise CacheError(f"cache write: sequence_indices expected in [0, "
                              f"{m.num_sequences}), got [{indices.min()}, {indices.max()}]")
-        encoded = compress.encode(logits, indices, target)
-        self._queue.put((encoded, indices, first_nonfinite(logits)))
+        return indices
 
     def flush(self) -> None:
         """Wait until every queued batch is in a shard buffer or written."""
@@ -213,10 +246,17 @@ class CacheWriter:
     def _write_shard(self, shard: int, data: dict[str, np.ndarray]) -> None:
         start, stop = self.manifest.shard_range(shard)
         keys = {a.name: shard_file_key(a, shard) for a in self._layout}
+        target = self.manifest.target
+        fidelity = None
+        if target.mode == "topk":
+            counts = data["id_count"] if target.adaptive else np.full(1, target.k)
+            fidelity = audit.shard_audit(*(data.get(key) for key in _AUDIT_KEYS), counts)
         # a killed earlier run may have left files of this shard: remove them so the new
         # shard never merges with stale inner chunks
         for f in [self._kvstore.write(k, None) for k in keys.values()]:
             f.result()
+        if self.manifest.target.adaptive:
+            data = ragged.pack(data, self.manifest.target)
         writes = [self._arrays[name][start:stop].write(data[name]) for name in keys]
         for w in writes:
             w.result()
@@ -224,6 +264,6 @@ class CacheWriter:
         for name, key in keys.items():
             record = self._kvstore.read(key).result()
             files.append((name, len(record.value), zlib.crc32(record.value)))
-        commit = ShardCommit(shard, tuple(files))
+        commit = ShardCommit(shard, tuple(files), fidelity)
         self._kvstore.write(commit_key(shard), json.dumps(commit.to_json()).encode()).result()
         self._committed.add(shard)

@@ -72,7 +72,10 @@ class RunConfig(Section):
                 "value_dtype": cache.value_dtype,
                 "id_encoding": cache.id_encoding,
                 "temperature": None if cache.mode == "full" else self.cache_temperature,
-                "seed": cache.seed}
+                "seed": cache.seed,
+                **({"top_p": cache.top_p, "bytes_per_token": cache.bytes_per_token,
+                    "min_k": cache.min_k}
+                   if cache.top_p is not None or cache.bytes_per_token is not None else {})}
 
     @property
     def checkpoint_dir(self) -> str:

@@ -72,7 +72,18 @@ class CacheConfig(Section):
                                                      "logits, the top k log-probabilities plus "
                                                      "the tail mass, or n_draws sampled ids with "
                                                      "counts and the teacher entropy.")
-    k: int = field(64, "Top-k size (mode topk).", gt=0)
+    k: int = field(64, "Top-k size (mode topk); with top_p or bytes_per_token, the most ids a "
+                   "token keeps.", gt=0)
+    top_p: float | None = field(None, "Adaptive top-k (mode topk): each token keeps its most "
+                                "probable ids until their mass reaches top_p (min_k to k of "
+                                "them); the rest joins the exact tail bucket. null: k ids.",
+                                gt=0.0, le=1.0)
+    bytes_per_token: float | None = field(
+        None, "Adaptive top-k by a bytes budget (mode topk; not with top_p): each sequence keeps "
+        "min_k ids per token, then its most probable remaining candidates (of the top k) while "
+        "its raw bytes per token (ids counted at their widest code, before zstd) stay <= this; "
+        "the stored bytes are lower. null: no budget.", gt=0.0)
+    min_k: int = field(1, "Fewest ids a token keeps under top_p or bytes_per_token.", gt=0)
     n_draws: int = field(64, "Draws per token (mode sampled).", gt=0, le=255)
     value_dtype: Literal["q8", "bfloat16", "float32"] | None = field(
         None, "Stored values: q8 (8-bit log-probs with a per-token scale; topk only), bfloat16 or "
@@ -97,6 +108,15 @@ class CacheConfig(Section):
         if self.mode == "full" and self.value_dtype == "q8":
             raise ConfigError("cache.value_dtype: q8 is for mode topk; use bfloat16 or float32 "
                               "in mode full")
+        if self.top_p is not None and self.bytes_per_token is not None:
+            raise ConfigError(f"cache.top_p ({self.top_p}) and cache.bytes_per_token "
+                              f"({self.bytes_per_token}): set one of them (each picks how many "
+                              f"ids a token keeps)")
+        if (self.top_p is not None or self.bytes_per_token is not None) and self.mode != "topk":
+            raise ConfigError(f"cache.top_p / cache.bytes_per_token: adaptive top-k needs mode "
+                              f"topk, got mode {self.mode!r}")
+        if self.min_k > self.k:
+            raise ConfigError(f"cache.min_k ({self.min_k}) must be <= cache.k ({self.k})")
         if self.shard_sequences % self.chunk_sequences:
             raise ConfigError(f"cache.chunk_sequences ({self.chunk_sequences}) must divide "
                               f"cache.shard_sequences ({self.shard_sequences})")

@@ -39,16 +39,25 @@ def topk_bucket_logprobs(student_logits: jax.Array, targets: TopKTargets, temper
     bucket is empty on both sides (a teacher tail of −inf, or a finite one, which is then
     rounding residue, is dropped) and the loss equals the dense one.
 
+    Adaptive top-k targets keep :math:`k_t \le k` ids per token: the unused slots (id −1,
+    teacher log-prob −inf) are empty buckets on both sides (student −inf, no gradient), so the
+    result is the :math:`k_t+1`-bucket distribution with :math:`K` the :math:`k_t` ids.
+
     Args:
       student_logits: ``[..., vocab]``.
-      targets: ``TopKTargets`` with ``[..., k]`` ids/log-probs and ``[...]`` tail log-mass.
+      targets: ``TopKTargets`` with ``[..., k]`` ids/log-probs (unused slots: id −1, log-prob
+        −inf) and ``[...]`` tail log-mass.
       temperature: T, which must equal the cache temperature.
       valid_vocab_size: ids from it on are padding (see :func:`token_losses`); ``None``: none.
     Returns:
       ``(student, teacher)`` log-probabilities, each ``[..., k+1]`` float32 (tail last).
     """
     tail_logmass = targets.tail_logmass.astype(F32)
-    student = logprobs_at(student_logits, targets.ids.astype(jnp.int32),
+    ids = targets.ids.astype(jnp.int32)
+    # An unused slot points past the vocabulary: its gather is masked to −inf and its
+    # gradient scatter dropped (out-of-range indices), and it matches no id.
+    ids = jnp.where(ids < 0, student_logits.shape[-1], ids)
+    student = logprobs_at(student_logits, ids,
                           tail_logmass != -jnp.inf, jnp.asarray(temperature, F32),
                           valid_vocab_size)
     # No id outside the k (k = the real vocabulary): the teacher's tail is rounding residue.

@@ -24,11 +24,12 @@ class TopKTargets(NamedTuple):
     """The teacher's k most likely ids per token and the log of the mass outside them.
 
     The log-probabilities were taken at the cache temperature ``T_cache``; the loss must run at
-    ``temperature == T_cache`` (the boundary refuses other temperatures).
+    ``temperature == T_cache`` (the boundary refuses other temperatures). Adaptive top-k keeps
+    ``k_t <= k`` ids per token, padded to k: its unused slots hold id -1 and log-prob -inf.
     """
 
-    ids: jax.Array  # [batch, seq, k] int32
-    logprobs: jax.Array  # [batch, seq, k] log softmax(teacher_logits / T_cache) at ids
+    ids: jax.Array  # [batch, seq, k] int32; -1 in the unused slots of adaptive top-k
+    logprobs: jax.Array  # [batch, seq, k] log softmax(teacher_logits / T_cache) at ids; -inf unused
     tail_logmass: jax.Array  # [batch, seq] log(1 − Σ exp(logprobs)); −inf when k = vocab
 
 

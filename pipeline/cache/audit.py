@@ -1,0 +1,91 @@
+r"""The writer's fidelity audit of a top-k cache: what the stored targets lose, per shard.
+
+On a fixed sample of positions of every sequence (:func:`audit_positions`) the writer still
+holds the teacher's full logits, so it measures, against the teacher's p = softmax(logits /
+T_cache) over the real ids, the reconstruction r that the k+1-bucket loss stands for: the
+stored probabilities at the k_t stored ids (as decoded: quantised values renormalised) and the
+stored tail mass spread evenly over the other n - k_t real ids:
+
+.. math::
+    \mathrm{KL}(p \| r) = \sum_{v \in K} p_v (\log p_v - \log r_v)
+        + \sum_{v \notin K} p_v \Big(\log p_v - \log \frac{m_{\mathrm{tail}}}{n - k_t}\Big)
+
+summed term by term in log space (never as a difference of two large sums), and the captured
+mass :math:`\sum_{v \in K} p_v`. A shard's commit record carries their mean and the KL's 99th
+percentile over its sampled tokens, and the mean k over all of its tokens
+(:func:`shard_audit`); ``kdpipe inspect`` prints them.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pipeline.cache import compress
+from pipeline.cache.spec import TargetSpec
+from pipeline.losses.softmax import xlogx_ratio
+
+# Positions audited per sequence: evenly spaced, the same in every sequence and every run.
+AUDIT_POSITIONS = 16
+
+
+def audit_positions(seq_len: int, count: int = AUDIT_POSITIONS) -> np.ndarray:
+    """The audited positions of a sequence of ``seq_len``: ``count`` evenly spaced, sorted."""
+    return np.unique(np.linspace(0, seq_len - 1, min(count, seq_len)).round().astype(np.int32))
+
+
+@functools.partial(jax.jit, static_argnames="spec")
+def reconstruction_kl(logits: jax.Array, decoded: dict[str, jax.Array],
+                      spec: TargetSpec) -> tuple[jax.Array, jax.Array]:
+    """KL(teacher || reconstruction) and the captured mass per token, ``[T]`` float32 each.
+
+    logits: the teacher's ``[T, V]``; decoded: ``compress.decode``'s top-k keys of the same
+    tokens (``teacher_topk_ids`` ``[T, k]``, -1 in unused slots, ...).
+    """
+    log_p = jax.nn.log_softmax(compress.scaled_logits(logits, spec), axis=-1)
+    ids = decoded["teacher_topk_ids"]
+    rows = jnp.arange(ids.shape[0])[:, None]
+    ids = jnp.where(ids < 0, spec.vocab_size, ids)  # unused slots: dropped by the scatters
+    kept = jnp.zeros(log_p.shape, bool).at[rows, ids].set(True, mode="drop")
+    others = spec.tokenizer_vocab_size - jnp.sum(kept, axis=-1)
+    log_tail_share = decoded["teacher_tail_logmass"] - jnp.log(jnp.maximum(others, 1))
+    log_r = jnp.broadcast_to(log_tail_share[:, None], log_p.shape)
+    log_r = log_r.at[rows, ids].set(decoded["teacher_topk_logprobs"], mode="drop")
+    kl = jnp.sum(xlogx_ratio(log_p, log_r), axis=-1)
+    mass = jnp.sum(jnp.where(kept, jnp.exp(log_p), 0.0), axis=-1)
+    return kl, mass
+
+
+@functools.partial(jax.jit, static_argnames="spec")
+def _audit_row(logits, encoded, positions, row, spec):
+    at = {name: a[row][positions] for name, a in encoded.items()}
+    decoded = compress.decode({n: a[None] for n, a in at.items()}, spec)
+    return reconstruction_kl(logits[row][positions], {n: a[0] for n, a in decoded.items()},
+                             spec)
+
+
+def audit_batch(logits: jax.Array, encoded: dict[str, jax.Array],
+                spec: TargetSpec) -> tuple[jax.Array, jax.Array]:
+    """(KL, captured mass) ``[B, n]`` at the :func:`audit_positions` of each row of teacher
+    logits ``[B, L, V]`` and their ``compress.encode`` output; one compiled call per row, so a
+    row's figures do not depend on the batch it came in."""
+    positions = jnp.asarray(audit_positions(logits.shape[1]))
+    per_row = [_audit_row(logits, encoded, positions, np.int32(b), spec)
+               for b in range(logits.shape[0])]
+    return jnp.stack([kl for kl, _ in per_row]), jnp.stack([m for _, m in per_row])
+
+
+def shard_audit(kl: np.ndarray | None, mass: np.ndarray | None, counts: np.ndarray) -> dict:
+    """A shard's audit record: mean k over its tokens (``counts``: ids per token), and, when
+    audited (``kl``/``mass`` of its sampled tokens), the KL's mean and 99th percentile and the
+    mean captured mass (float64 reductions of the float32 per-token figures)."""
+    record = {"k_mean": float(np.mean(counts, dtype=np.float64))}
+    if kl is not None:
+        kl = np.asarray(kl, np.float64).ravel()
+        record.update(tokens=int(kl.size), kl_mean=float(kl.mean()),
+                      kl_p99=float(np.percentile(kl, 99)),
+                      mass_mean=float(np.mean(mass, dtype=np.float64)))
+    return record

@@ -1,0 +1,222 @@
+"""Adaptive top-k caches (top_p, bytes_per_token): the kept ids, the exact tail, ragged storage,
+the k_t+1-bucket loss and the writer's fidelity audit, each against a float64 numpy reference;
+format version 1 caches still read."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pipeline import losses
+from pipeline.cache import (CacheManifest, CacheReader, CacheWriter, RunDeclaration, TargetSpec,
+                            audit, compress, ragged, read_manifest)
+from pipeline.cache.format import MANIFEST_KEY, raw_token_bytes
+from pipeline.errors import CacheError, ConfigError
+
+V, REAL_V, L, K = 61, 57, 6, 9
+
+
+def _logits(seed, rows):
+    """Rows of differing peakiness, so that k_t varies within and across sequences."""
+    rng = np.random.default_rng(seed)
+    scale = np.linspace(0.5, 6.0, rows * L).reshape(rows, L, 1)
+    return (rng.standard_normal((rows, L, V)) * scale).astype(np.float32)
+
+
+def _ref_logp(logits):
+    x = logits.astype(np.float64)
+    x[..., REAL_V:] = -np.inf
+    return x - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)) - x.max(
+        -1, keepdims=True)
+
+
+def _ref_counts(logp_sorted, spec):
+    """k_t per token of one sequence [L, K] (descending float64 log-probs)."""
+    if spec.top_p is not None:
+        cum = np.cumsum(np.exp(logp_sorted), -1)
+        return np.clip(np.argmax(cum >= spec.top_p, -1) + 1 + (cum[:, -1] < spec.top_p) * K,
+                       spec.min_k, K)
+    per_token, per_id = raw_token_bytes(spec)
+    extra = int(L * (spec.bytes_per_token - per_token) // per_id) - L * spec.min_k
+    cand = logp_sorted[:, spec.min_k:]
+    order = sorted(np.ndindex(cand.shape), key=lambda tj: (-cand[tj], tj))
+    counts = np.full(L, spec.min_k)
+    for t, _ in order[:extra]:
+        counts[t] += 1
+    return counts
+
+
+@pytest.mark.parametrize("rule", [dict(top_p=0.9, min_k=2), dict(bytes_per_token=20.0, min_k=1)])
+def test_kept_ids_and_exact_tail_match_float64(rule):
+    spec = TargetSpec("topk", V, REAL_V, k=K, value_dtype="float32", **rule)
+    logits = _logits(1, 2)
+    stored = {n: np.asarray(a) for n, a in compress.encode(jnp.asarray(logits), jnp.arange(2),
+                                                           spec).items()}
+    got = {n: np.asarray(a) for n, a in compress.decode(stored, spec).items()}
+    logp = _ref_logp(logits)
+    order = np.argsort(-logp, -1)[..., :K]
+    top = np.take_along_axis(logp, order, -1)
+    counts = np.stack([_ref_counts(top[b], spec) for b in range(2)])
+    np.testing.assert_array_equal(stored["id_count"], counts)
+    assert len(np.unique(counts)) > 2  # the rule did vary k
+    if spec.bytes_per_token:  # each sequence within its raw budget
+        per_token, per_id = raw_token_bytes(spec)
+        assert np.all(per_token + per_id * counts.mean(-1) <= spec.bytes_per_token)
+    for b, t in np.ndindex(2, L):
+        k_t = counts[b, t]
+        kept = order[b, t, :k_t]
+        ids, lp = got["teacher_topk_ids"][b, t], got["teacher_topk_logprobs"][b, t]
+        assert sorted(ids[:k_t]) == sorted(kept) and np.all(ids[k_t:] == -1)
+        assert np.all(lp[k_t:] == -np.inf)
+        np.testing.assert_allclose(np.sort(lp[:k_t]), np.sort(logp[b, t, kept]), rtol=1e-5)
+        outside = np.setdiff1d(np.arange(REAL_V), kept)
+        want_tail = np.log(np.exp(logp[b, t, outside]).sum())
+        np.testing.assert_allclose(got["teacher_tail_logmass"][b, t], want_tail, rtol=1e-5)
+
+
+@pytest.mark.parametrize("encoding,value_dtype", [("gap", "q8"), ("packed", "bfloat16")])
+def test_ragged_pack_unpack_is_exact_and_stores_only_used_slots(encoding, value_dtype):
+    spec = TargetSpec("topk", V, REAL_V, k=K, top_p=0.8, min_k=1, id_encoding=encoding,
+                      value_dtype=value_dtype)
+    stored = {n: np.asarray(a) for n, a in compress.encode(jnp.asarray(_logits(2, 3)),
+                                                           jnp.arange(3), spec).items()}
+    packed = ragged.pack(stored, spec)
+    back = ragged.unpack(packed, spec)
+    assert set(back) == set(stored)
+    for name in stored:
+        np.testing.assert_array_equal(back[name], stored[name], err_msg=name)
+    counts = stored["id_count"].astype(int)
+    for row in range(3):  # values: exactly sum(k_t) entries, then zeros
+        nonzero = np.flatnonzero(packed["values"][row] if value_dtype == "q8" else
+                                 packed["values"][row] != 0)
+        assert nonzero.max() < counts[row].sum() <= packed["values"].shape[1]
+
+
+def _ref_bucket_kl(s, ids, logprobs, tail, temperature):
+    """Forward KL over the k_t+1 buckets per token, float64 (ids < 0: unused slots)."""
+    out = np.zeros(s.shape[:-1])
+    for index in np.ndindex(s.shape[:-1]):
+        log_q = _ref_logp(s[index][None] / temperature)[0]
+        used = ids[index] >= 0
+        kept, p_kept = ids[index][used], logprobs[index][used].astype(np.float64)
+        outside = np.setdiff1d(np.arange(REAL_V), kept)
+        q_tail = np.log(np.exp(log_q[outside]).sum())
+        out[index] = (np.exp(p_kept) * (p_kept - log_q[kept])).sum() + np.exp(tail[index]) * (
+            tail[index] - q_tail)
+    return out
+
+
+def test_loss_is_the_kt_plus_one_bucket_kl_of_float64_with_its_gradient():
+    spec = TargetSpec("topk", V, REAL_V, k=K, top_p=0.85, min_k=1, value_dtype="float32",
+                      temperature=2.0)
+    decoded = compress.decode(compress.encode(jnp.asarray(_logits(3, 2)), jnp.arange(2), spec),
+                              spec)
+    targets = losses.TopKTargets(decoded["teacher_topk_ids"], decoded["teacher_topk_logprobs"],
+                                 decoded["teacher_tail_logmass"])
+    assert len(np.unique(np.sum(np.asarray(targets.ids) >= 0, -1))) > 2
+    student = np.random.default_rng(4).standard_normal((2, L, V)).astype(np.float32) * 2
+    np_targets = [np.asarray(x) for x in targets]
+
+    @jax.jit
+    def ours(s, targets):
+        return losses.token_losses(s, targets, temperature=2.0, valid_vocab_size=REAL_V).divergence
+
+    divergence, grad = jax.jit(jax.value_and_grad(lambda s: jnp.sum(ours(s, targets))))(student)
+    np.testing.assert_allclose(float(divergence), _ref_bucket_kl(student, *np_targets, 2.0).sum(),
+                               rtol=1e-5)
+    per_token = np.asarray(ours(student, targets))
+    np.testing.assert_allclose(per_token, _ref_bucket_kl(student, *np_targets, 2.0), rtol=1e-4,
+                               atol=1e-6)
+    # gradient against central differences of the float64 reference (two tokens, all ids)
+    eps, want = 1e-5, np.zeros((2, V))
+    x = student.astype(np.float64)
+    for t, v in np.ndindex(2, V):
+        shifted = [x[:1, t:t + 1].copy() for _ in range(2)]
+        shifted[0][..., v] += eps
+        shifted[1][..., v] -= eps
+        up, down = (_ref_bucket_kl(y, *(a[:1, t:t + 1] for a in np_targets), 2.0).sum()
+                    for y in shifted)
+        want[t, v] = (up - down) / (2 * eps)
+    np.testing.assert_allclose(np.asarray(grad)[0, :2], want, atol=2e-5)
+    # unused slots dropped == fixed top-k_t targets of the same ids (masked equals sliced)
+    k0 = int(np.sum(np_targets[0][0, 0] >= 0))
+    sliced = losses.TopKTargets(*(jnp.asarray(a[:1, :1, :k0]) for a in np_targets[:2]),
+                                jnp.asarray(np_targets[2][:1, :1]))
+    np.testing.assert_allclose(float(ours(student[:1, :1], sliced)[0, 0]), per_token[0, 0],
+                               rtol=1e-6)
+
+
+def test_audit_kl_and_mass_match_float64():
+    spec = TargetSpec("topk", V, REAL_V, k=K, top_p=0.7, min_k=1)  # q8: lossy values too
+    logits = _logits(5, 1)
+    encoded = compress.encode(jnp.asarray(logits), jnp.arange(1), spec)
+    decoded = {n: np.asarray(a)[0] for n, a in compress.decode(encoded, spec).items()}
+    kl, mass = (np.asarray(a) for a in audit.reconstruction_kl(
+        jnp.asarray(logits[0]), {n: jnp.asarray(a) for n, a in decoded.items()}, spec))
+    logp = _ref_logp(logits)[0]
+    for t in range(L):
+        used = decoded["teacher_topk_ids"][t] >= 0
+        kept = decoded["teacher_topk_ids"][t][used]
+        log_r = np.full(REAL_V, decoded["teacher_tail_logmass"][t] - np.log(REAL_V - used.sum()),
+                        np.float64)
+        log_r[kept] = decoded["teacher_topk_logprobs"][t][used]
+        p = np.exp(logp[t, :REAL_V])
+        np.testing.assert_allclose(kl[t], (p * (logp[t, :REAL_V] - log_r)).sum(), rtol=1e-4,
+                                   atol=1e-7)
+        np.testing.assert_allclose(mass[t], p[kept].sum(), rtol=1e-5)
+    record = audit.shard_audit(kl[None], mass[None], np.asarray(encoded["id_count"]))
+    assert record["kl_p99"] == pytest.approx(np.percentile(kl.astype(np.float64), 99))
+    assert record["k_mean"] == pytest.approx(np.asarray(encoded["id_count"]).mean())
+
+
+def test_ragged_cache_roundtrip_audit_and_version_1_still_reads(tmp_path):
+    spec = TargetSpec("topk", V, REAL_V, k=K, bytes_per_token=18.0, min_k=1)
+    m = CacheManifest(spec, "teacher", "tok", "data", seq_len=L, num_sequences=3,
+                      shard_sequences=2)
+    logits = _logits(6, 3)
+    with CacheWriter(tmp_path / "v2", m) as writer:
+        writer.write(jnp.asarray(logits), np.arange(3))
+    run = RunDeclaration("tok", "data", V, L, 1.0)
+    got = CacheReader(tmp_path / "v2", run).read([0, 1, 2])
+    want = compress.decode(compress.encode(jnp.asarray(logits), jnp.arange(3), spec), spec)
+    for key in want:
+        np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]))
+    audits = [c.audit for c in read_manifest(tmp_path / "v2").commits]
+    assert [a["tokens"] for a in audits] == [2 * L, L]
+    assert all(a["kl_mean"] > 0 and 0 < a["mass_mean"] < 1 and 1 <= a["k_mean"] <= K
+               for a in audits)
+    # a version-1 cache (fixed top-k, written before adaptive k and audits) reads unchanged
+    fixed = CacheManifest(TargetSpec("topk", V, REAL_V, k=5), "teacher", "tok", "data",
+                          seq_len=L, num_sequences=3, shard_sequences=2)
+    with CacheWriter(tmp_path / "v1", fixed) as writer:
+        writer.write(jnp.asarray(logits), np.arange(3))
+    header = json.loads((tmp_path / "v1" / MANIFEST_KEY).read_text())
+    header["format_version"] = 1
+    for field in ("top_p", "min_k", "bytes_per_token"):
+        del header["target"][field]
+    (tmp_path / "v1" / MANIFEST_KEY).write_text(json.dumps(header))
+    old = CacheReader(tmp_path / "v1", run)
+    assert old.manifest.format_version == 1
+    want = compress.decode(compress.encode(jnp.asarray(logits), jnp.arange(3), fixed.target),
+                           fixed.target)
+    np.testing.assert_array_equal(np.asarray(old.read([0, 1, 2])["teacher_topk_logprobs"]),
+                                  np.asarray(want["teacher_topk_logprobs"]))
+
+
+def test_bad_adaptive_settings_name_the_field():
+    from pipeline.config import load_config
+
+    with pytest.raises(CacheError, match="bytes_per_token expected a number >= "):
+        TargetSpec("topk", V, REAL_V, k=K, bytes_per_token=3.0, min_k=1)
+    with pytest.raises(CacheError, match="min_k expected an int in"):
+        TargetSpec("topk", V, REAL_V, k=K, top_p=0.9, min_k=K + 1)
+    with pytest.raises(CacheError, match="top_p expected None"):
+        TargetSpec("sampled", V, REAL_V, n_draws=4, top_p=0.9)
+    for overrides, message in ((["cache.top_p=0.9", "cache.bytes_per_token=50"], "set one"),
+                               (["cache.top_p=1.5"], "cache.top_p"),
+                               (["cache.mode=sampled", "cache.top_p=0.9"], "needs mode topk"),
+                               (["cache.top_p=0.9", "cache.min_k=65"], "cache.min_k")):
+        with pytest.raises(ConfigError, match=message):
+            load_config("configs/demo.yaml", overrides)
