@@ -4,16 +4,15 @@ slice, and refused clearly when unreachable or broken."""
 
 from __future__ import annotations
 
-import http.server
 import re
 import shutil
 import socket
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from flax import nnx
+from loopback_http import RangeServer
 
 from pipeline.errors import ModelLoadError
 from pipeline.models.checkpoint_store import open_checkpoint, read_header, read_slice
@@ -26,55 +25,6 @@ FIXTURES = Path(__file__).parent / "fixtures" / "hf"
 NAME = "llama_gqa_tied"
 
 
-class _Server:
-    """A threaded loopback http server of directory ``root`` that honours ``Range: bytes=a-b``
-    (python's SimpleHTTPRequestHandler does not) and counts the body bytes it serves."""
-
-    def __init__(self, root: Path):
-        self.root, self.served, self.lock = root, 0, threading.Lock()
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                file = server.root / self.path.lstrip("/")
-                if not file.is_file():
-                    self.send_error(404)
-                    return
-                data = file.read_bytes()
-                wanted = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
-                if wanted is None:
-                    begin, end, status = 0, len(data), 200
-                else:
-                    begin = int(wanted[1])
-                    end = min(int(wanted[2]) + 1 if wanted[2] else len(data), len(data))
-                    if begin >= len(data):
-                        self.send_error(416)
-                        return
-                    status = 206
-                body = data[begin:end]
-                self.send_response(status)
-                if status == 206:
-                    self.send_header("Content-Range", f"bytes {begin}-{end - 1}/{len(data)}")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-                with server.lock:
-                    server.served += len(body)
-
-        self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.http.server_port}"
-        threading.Thread(target=self.http.serve_forever, daemon=True).start()
-
-    def take(self) -> int:
-        """Bytes served since the last call."""
-        with self.lock:
-            served, self.served = self.served, 0
-        return served
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """The fixture checkpoint, and the same weights saved as 3 shard files, over loopback http."""
@@ -82,17 +32,22 @@ def served(tmp_path_factory):
     shutil.copytree(FIXTURES / NAME, root / "single")
     save_pretrained(load_pretrained(FIXTURES / NAME), root / "sharded", max_shard_bytes=30_000)
     assert (root / "sharded" / INDEX_FILE).is_file()
-    server = _Server(root)
+    server = RangeServer(root)
     yield server
-    server.http.shutdown()
+    server.close()
 
 
 def _params(model) -> dict:
     return {path: np.asarray(var.get_value()) for path, var in nnx.to_flat_state(nnx.state(model))}
 
 
-def test_http_load_equals_local_and_reads_each_byte_once(served):
-    local = _params(load_pretrained(FIXTURES / NAME))
+@pytest.fixture(scope="module")
+def local():
+    """The fixture's parameters, loaded from its local directory."""
+    return _params(load_pretrained(FIXTURES / NAME))
+
+
+def test_http_load_equals_local_and_reads_each_byte_once(served, local):
     file_bytes = {}
     for layout in ("single", "sharded"):
         weights = sorted((served.root / layout).glob("*.safetensors"))
@@ -110,15 +65,13 @@ def test_http_load_equals_local_and_reads_each_byte_once(served):
     assert (teacher_fingerprint(f"{served.url}/sharded") == teacher_fingerprint(FIXTURES / NAME))
 
 
-def test_slices_read_only_their_rows(served):
+def test_slices_read_only_their_rows(served, local):
     """Any slice of any parameter in our layout equals the whole tensor's slice, and two hosts
     that split each tensor's rows read about half of the file each."""
     store = open_checkpoint(f"{served.url}/single")
     stored = read_header(store, SINGLE_FILE)
     served.take()
-    model = load_pretrained(FIXTURES / NAME)
-    local = {"/".join(map(str, path)): np.asarray(var.get_value())
-             for path, var in nnx.to_flat_state(nnx.state(model))}
+    by_name = {"/".join(map(str, path)): value for path, value in local.items()}
     rng = np.random.default_rng(0)
     layouts = set()
     for hf_template, ours, layout in family_of("llama").hf_names:
@@ -126,7 +79,7 @@ def test_slices_read_only_their_rows(served):
         if hf_name not in stored:
             continue  # the tied head
         layouts.add(layout)
-        whole = local[path]
+        whole = by_name[path]
         for _ in range(3):
             starts = [int(rng.integers(0, n)) for n in whole.shape]
             index = tuple(slice(s, int(rng.integers(s + 1, n + 1)))
@@ -150,7 +103,7 @@ def test_slices_read_only_their_rows(served):
           f"{(served.root / 'single' / SINGLE_FILE).stat().st_size} bytes")
 
 
-def test_hub_location_from_the_offline_cache(tmp_path, monkeypatch):
+def test_hub_location_from_the_offline_cache(tmp_path, monkeypatch, local):
     import huggingface_hub.constants as hub
 
     commit = "0123456789abcdef0123456789abcdef01234567"
@@ -160,11 +113,12 @@ def test_hub_location_from_the_offline_cache(tmp_path, monkeypatch):
     (repo / "refs" / "main").write_text(commit)
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
-    local = _params(load_pretrained(FIXTURES / NAME))
-    for location in ("hf://kdpipe-test/tiny", f"hf://kdpipe-test/tiny@{commit}"):
-        remote = _params(load_pretrained(location))
-        for path in local:
-            np.testing.assert_array_equal(remote[path], local[path], err_msg=str(path))
+    remote = _params(load_pretrained("hf://kdpipe-test/tiny"))
+    for path in local:
+        np.testing.assert_array_equal(remote[path], local[path], err_msg=str(path))
+    snapshot = open_checkpoint(f"hf://kdpipe-test/tiny@{commit}")
+    assert Path(snapshot.location) == repo / "snapshots" / commit
+    assert snapshot.url("config.json") == f"hf://kdpipe-test/tiny@{commit}/config.json"
     for location, message in (
             ("hf://kdpipe-test/absent", "could not be fetched .* HF_HUB_OFFLINE=1"),
             ("hf://kdpipe-test/tiny@v9", "could not be fetched"),
