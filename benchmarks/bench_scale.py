@@ -15,7 +15,21 @@ Per device, from XLA's ``memory_analysis()``: argument, output and temp bytes, a
 step needs (argument + output + temp - donated aliases); ``cost_analysis()``'s FLOPs, which
 count a while loop's body once, so for scanned layers (and blockwise attention's block loop)
 they are one iteration's work, not the step's. Then the largest per-device batch (1, 2, 4, ...)
-whose need fits 32 GiB (TPU v4) and 16 GiB (TPU v5e). The last lines: compile seconds of the
+whose need fits 32 GiB (TPU v4) and 16 GiB (TPU v5e).
+
+(c) Each row projected onto each chip's peak (``pipeline.hardware``): since XLA's count of a
+step with loops is one iteration's, the whole step's FLOPs per device come from the formula:
+model FLOPs ``6 N + 12 L H Q T`` per token (PaLM appendix B) and the hardware FLOPs XLA would
+run, the model's plus what the remat policy recomputes. The step can take no less than
+hardware FLOPs / peak (a lower bound on its time: memory traffic and communication are not in
+it), and then runs at MFU = model / hardware FLOPs, the most that policy allows. Attention is
+counted over the whole ``T x T`` square, as PaLM counts it and the xla kernel computes it; a
+kernel that skips the blocks causality masks (blockwise, splash) does up to half that term
+less (the line under the table gives its share).
+
+Layers: per-device temp of the scanned step (blockwise attention) at two depths
+(``--layer-growth 16 32``) for each remat policy, its growth per layer next to the one
+activation ``full`` keeps per layer (a layer's input). The last lines: compile seconds of the
 step at two depths, looped and scanned (``--compile-layers 4 32``), and the headline ratios.
 
     XLA_FLAGS is set here before JAX is imported; run it as a script:
@@ -23,6 +37,7 @@ step at two depths, looped and scanned (``--compile-layers 4 32``), and the head
     python benchmarks/bench_scale.py --grid            # every attention x scan x remat
     python benchmarks/bench_scale.py --seq 8192 --devices 8 --json out.json
     python benchmarks/bench_scale.py --compile-layers 4 32
+    python benchmarks/bench_scale.py --layer-growth     # skip the 16 vs 32 layers table
 
 Offload remat is skipped: the CPU backend has no pinned host memory (the model refuses it).
 """
@@ -47,6 +62,10 @@ STUDENT_1B = dict(path=None, hidden_size=2048, intermediate_size=8192, num_hidde
                   max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=True,
                   dtype="bfloat16", param_dtype="float32")
 TODAY = ("xla", False, "none")  # attention, scan_layers, remat: the defaults of today's runs
+# The chips each row is projected onto (pipeline.hardware.CHIPS).
+PROJECTED = {"v4": "TPU v4", "v5e": "TPU v5e", "v5p": "TPU v5p", "v6e": "TPU v6e",
+             "A100": "A100", "H100": "H100 SXM", "H200": "H200 SXM"}  # column: chip
+MIB = 2**20
 
 
 def _args(argv=None) -> argparse.Namespace:
@@ -61,6 +80,9 @@ def _args(argv=None) -> argparse.Namespace:
     parser.add_argument("--compile-layers", type=int, nargs=2, metavar=("SHALLOW", "DEEP"),
                         help="also compare the step's compile seconds at two depths, looped "
                              "and scanned (e.g. 4 32; the looped 32-layer step takes minutes)")
+    parser.add_argument("--layer-growth", type=int, nargs="*", default=[16, 32],
+                        metavar="LAYERS", help="per-device temp of the scanned step at these "
+                        "depths for each remat policy (none: skip)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     return parser.parse_args(argv)
 
@@ -78,8 +100,12 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.models.build import build_model  # noqa: E402
 from pipeline.models.sharding import BATCH_SPEC, make_mesh, state_shardings  # noqa: E402
 from pipeline.optim import build_optimizer  # noqa: E402
-from pipeline.step import TrainState, _jit_update  # noqa: E402  (the update train runs)
+from pipeline import hardware  # noqa: E402
+from pipeline.models.registry import config_from_hf  # noqa: E402
+from pipeline.step import TrainState, lower_distillation_step  # noqa: E402
 from pipeline.train import step_options  # noqa: E402
+
+PEAKS = {chip.name: chip.peak_flops for _, chip in hardware.CHIPS}
 
 
 def run_config(seq: int, attention: str, scan_layers: bool, remat: str, layers: int = 16):
@@ -148,7 +174,7 @@ def compile_step(config, mesh, state, per_device_batch: int) -> dict:
                            mesh)
     options = step_options(config, config.model.student.vocab_size)
     start = time.perf_counter()
-    compiled = _jit_update.lower(state, batch, None, **options).compile()
+    compiled = lower_distillation_step(state, batch, None, **options).compile()
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -158,6 +184,21 @@ def compile_step(config, mesh, state, per_device_batch: int) -> dict:
     return dict(args=memory.argument_size_in_bytes, out=memory.output_size_in_bytes,
                 temp=memory.temp_size_in_bytes, alias=memory.alias_size_in_bytes, need=need,
                 flops=float(cost.get("flops", float("nan"))), compile_s=seconds)
+
+
+def architecture(config):
+    """The student's model config (``pipeline.models.llama.LlamaConfig``) in ``config``."""
+    return config_from_hf(config.model.student.hf_config(config.model.student.vocab_size))
+
+
+def formula_flops(config, remat: str) -> dict:
+    """The step's FLOPs per device at per-device batch 1 by formula (``pipeline.hardware``):
+    the model's (``6 N + 12 L H Q T`` a token) and the hardware's (plus what ``remat``
+    recomputes)."""
+    arch, seq = architecture(config), config.data.seq_len
+    model = hardware.train_flops_per_token(arch, seq) * seq
+    return dict(model_flops=model,
+                hardware_flops=model + hardware.recompute_flops_per_token(arch, seq, remat) * seq)
 
 
 def measure(seq: int, devices: int, attention: str, scan_layers: bool, remat: str,
@@ -171,7 +212,8 @@ def measure(seq: int, devices: int, attention: str, scan_layers: bool, remat: st
     config = run_config(seq, attention, scan_layers, remat)
     mesh, state = student(config, devices)
     row = dict(seq=seq, devices=devices, attention=attention, scan_layers=scan_layers,
-               remat=remat, **compile_step(config, mesh, state, 1))
+               remat=remat, **compile_step(config, mesh, state, 1),
+               **formula_flops(config, remat))
     needs = {1: row["need"]}
 
     def need(batch: int) -> int:
@@ -206,6 +248,60 @@ def compile_seconds(seq: int, devices: int, layers: tuple[int, int]) -> list[dic
     return rows
 
 
+def layer_growth(seq: int, devices: int, depths: list[int]) -> list[dict]:
+    """Per-device figures of the scanned step (blockwise attention, batch 1) at each depth,
+    for each remat policy, with the activation ``full`` keeps per layer: the layer's input,
+    ``seq x hidden`` in the compute dtype."""
+    rows = []
+    for remat, depth in itertools.product(("none", "full", "save_dots"), depths):
+        config = run_config(seq, "blockwise", True, remat, layers=depth)
+        figures = compile_step(config, *student(config, devices), 1)
+        rows.append(dict(remat=remat, layers=depth, temp=figures["temp"], args=figures["args"],
+                         layer_input=seq * STUDENT_1B["hidden_size"] * 2))  # bfloat16
+    return rows
+
+
+def _print_projection(rows: list[dict]) -> None:
+    print("\n(c) projected onto each chip's peak, per device at batch 1: model FLOPs "
+          "(6N + 12LHQT, PaLM) and hardware FLOPs (model + the remat policy's recomputation), "
+          "both by formula (pipeline.hardware); XLA's count, one iteration of each loop, for "
+          "reference. ms: hardware FLOPs / peak, a lower bound on the step's time (memory "
+          "traffic and communication left out); MFU: model / hardware FLOPs, the most the "
+          "step can reach")
+    print(f"{'seq':>5} {'dev':>3} {'attention':>9} {'scan':>4} {'remat':>9} {'XLA TF':>7} "
+          f"{'model TF':>8} {'hw TF':>7} {'MFU max':>7} "
+          + " ".join(f"{'ms ' + label:>8}" for label in PROJECTED))
+    for r in rows:
+        print(f"{r['seq']:>5} {r['devices']:>3} {r['attention']:>9} "
+              f"{'on' if r['scan_layers'] else 'off':>4} {r['remat']:>9} "
+              f"{r['flops'] / 1e12:7.2f} {r['model_flops'] / 1e12:8.2f} "
+              f"{r['hardware_flops'] / 1e12:7.2f} "
+              f"{100 * r['model_flops'] / r['hardware_flops']:6.1f}% "
+              + " ".join(f"{1e3 * r['hardware_flops'] / PEAKS[name]:8.1f}"
+                         for name in PROJECTED.values()))
+    for seq in dict.fromkeys(r["seq"] for r in rows):
+        arch = architecture(run_config(seq, *TODAY))
+        share = (3 * hardware.attention_flops_per_token(arch, seq)
+                 / hardware.train_flops_per_token(arch, seq))
+        print(f"seq {seq}: attention is {100 * share:.1f}% of the model FLOPs; a kernel skipping "
+              f"causally masked blocks does up to {50 * share:.1f}% of them less")
+
+
+def _print_layer_growth(rows: list[dict], seq: int, devices: int) -> None:
+    depths = sorted({r["layers"] for r in rows})
+    shallow, deep = depths[0], depths[-1]
+    print(f"\nper-device temp by depth: scanned, blockwise, seq {seq}, {devices} devices, "
+          f"batch 1 (full remat keeps a layer's input, {rows[0]['layer_input'] / MIB:.0f} MiB, "
+          f"per layer)")
+    print(f"{'remat':>9} " + " ".join(f"{f'temp@{d} GiB':>12}" for d in depths)
+          + f" {'MiB/layer':>9} {'/ input':>7}")
+    for remat in dict.fromkeys(r["remat"] for r in rows):
+        temp = {r["layers"]: r["temp"] for r in rows if r["remat"] == remat}
+        per_layer = (temp[deep] - temp[shallow]) / (deep - shallow)
+        print(f"{remat:>9} " + " ".join(f"{temp[d] / GIB:12.2f}" for d in depths)
+              + f" {per_layer / MIB:9.1f} {per_layer / rows[0]['layer_input']:7.2f}")
+
+
 def _variants(grid: bool) -> list[tuple[str, bool, str]]:
     if grid:
         return list(itertools.product(("xla", "blockwise"), (False, True),
@@ -233,6 +329,11 @@ def main(args: argparse.Namespace) -> None:
               f"{remat:>9} {_gib(row['args'])} {_gib(row['out'])} {_gib(row['temp'])} "
               f"{_gib(row['need'])} {row['flops']:9.2e} {row['compile_s']:9.1f} "
               f"{row['batch_v4']:>7} {row['batch_v5e']:>7}", flush=True)
+    _print_projection(rows)
+    growth = []
+    if len(args.layer_growth) >= 2:
+        growth = layer_growth(args.seq[0], args.devices[0], args.layer_growth)
+        _print_layer_growth(growth, args.seq[0], args.devices[0])
     timing = []
     if args.compile_layers:
         timing = compile_seconds(args.seq[0], args.devices[0], tuple(args.compile_layers))
@@ -254,7 +355,8 @@ def main(args: argparse.Namespace) -> None:
                   f"scan + full remat {best['temp'] / GIB:.2f} GiB: "
                   f"{here[TODAY]['temp'] / best['temp']:.0f}x less")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "compile": timing}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"rows": rows, "layer_growth": growth,
+                                         "compile": timing}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
