@@ -32,7 +32,7 @@ def test_chip_of_device_kinds_and_mfu():
 
 def test_flops_per_token_match_parameters_and_xla():
     fields = dict(model_type="llama", vocab_size=256, hidden_size=128, intermediate_size=384,
-                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+                  num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
     for tied in (True, False):
         # N from the parameters themselves: every matrix but the embedding lookup, and the
         # table once as the head when tied (norm scales are vectors).
