@@ -34,19 +34,21 @@ class RangeServer:
                 if not file.is_file():
                     self.send_error(404)
                     return
-                data = file.read_bytes()
+                size = file.stat().st_size
                 wanted = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
-                begin, end, status = 0, len(data), 200
+                begin, end, status = 0, size, 200
                 if wanted is not None:
                     begin, status = int(wanted[1]), 206
-                    end = min(int(wanted[2]) + 1 if wanted[2] else len(data), len(data))
-                    if begin >= len(data):
+                    end = min(int(wanted[2]) + 1 if wanted[2] else size, size)
+                    if begin >= size:
                         self.send_error(416)
                         return
-                body = data[begin:end]
+                with file.open("rb") as handle:
+                    handle.seek(begin)
+                    body = handle.read(end - begin)
                 self.send_response(status)
                 if status == 206:
-                    self.send_header("Content-Range", f"bytes {begin}-{end - 1}/{len(data)}")
+                    self.send_header("Content-Range", f"bytes {begin}-{end - 1}/{size}")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)

@@ -205,38 +205,40 @@ def load_pretrained(path: str | Path, *, dtype=jnp.float32, param_dtype=None,
     _check_tensors(store.location, config, plan, stored)
     values = {}
     for param, tensors in _by_param(plan).items():
-        read = _slice_reader(store, stored, tensors, param_dtype)
+        shape = shapes[param]
         if mesh is None:
-            values[param] = jax.device_put(read(tuple(slice(None) for _ in shapes[param])))
-        else:
-            values[param] = jax.make_array_from_callback(shapes[param], shardings[param], read)
+            values[param] = jax.device_put(
+                _read_box(store, stored, tensors, tuple(slice(0, n) for n in shape), param_dtype))
+            continue
+        # This process reads its devices' slices once, as their bounding box (a whole replica
+        # when they cover it), so devices that share rows do not each read them again.
+        sharding = shardings[param]
+        spans = [[part.indices(n)[:2] for part, n in zip(index, shape)]
+                 for index in sharding.addressable_devices_indices_map(shape).values()]
+        box = tuple(slice(min(dim)[0], max(stop for _, stop in dim)) for dim in zip(*spans))
+        host = _read_box(store, stored, tensors, box, param_dtype)
+        values[param] = jax.make_array_from_callback(
+            shape, sharding, lambda index, host=host, box=box: host[tuple(
+                slice(part.indices(n)[0] - outer.start, part.indices(n)[1] - outer.start)
+                for part, outer, n in zip(index, box, shape))])
     state = nnx.from_flat_state([
         (param, var.replace(values[param])) for param, var in nnx.to_flat_state(abstract_state)
     ])
     return nnx.merge(graphdef, state)
 
 
-def _slice_reader(store: CheckpointStore, stored: dict[str, StoredTensor],
-                  tensors: list[_Tensor], param_dtype):
-    """``read(index) -> ndarray``: the slice ``index`` (a slice per axis) of the parameter made
-    of ``tensors`` (one, or a scanned parameter's per-layer tensors stacked), in
-    ``param_dtype``, reading only the checkpoint bytes it covers. A slice asked again (devices
-    holding the same replica) is read once."""
-    done = {}
-
-    def read(index: tuple[slice, ...]) -> np.ndarray:
-        key = tuple((part.start, part.stop, part.step) for part in index)
-        if key not in done:
-            if tensors[0].layer is None:
-                (t,) = tensors
-                part = read_slice(store, stored[t.hf_name], t.layout, t.shape, index)
-            else:
-                part = np.stack([read_slice(store, stored[t.hf_name], t.layout, t.shape, index[1:])
-                                 for t in tensors[index[0]]])
-            done[key] = np.asarray(part, param_dtype)
-        return done[key]
-
-    return read
+def _read_box(store: CheckpointStore, stored: dict[str, StoredTensor], tensors: list[_Tensor],
+              box: tuple[slice, ...], param_dtype) -> np.ndarray:
+    """The slice ``box`` (a ``slice(start, stop)`` per axis) of the parameter made of
+    ``tensors`` (one, or a scanned parameter's per-layer tensors stacked), in ``param_dtype``,
+    reading only the checkpoint bytes it covers."""
+    if tensors[0].layer is None:
+        (t,) = tensors
+        part = read_slice(store, stored[t.hf_name], t.layout, t.shape, box)
+    else:
+        part = np.stack([read_slice(store, stored[t.hf_name], t.layout, t.shape, box[1:])
+                         for t in tensors[box[0]]])
+    return np.asarray(part, param_dtype)
 
 
 def _check_tensors(location: str, config, plan: list[_Tensor],
