@@ -49,8 +49,10 @@ def cache_manifest(config: RunConfig, info: DatasetInfo, split: str, *, vocab_si
                          chunk_sequences=config.cache.chunk_sequences)
 
 
-def _teacher_logits(teacher: TrainState, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
-    return teacher.model()(input_ids, attention_mask=attention_mask).logits
+def _teacher_logits(teacher: TrainState, input_ids: jax.Array, attention_mask: jax.Array,
+                    segment_ids: jax.Array | None = None) -> jax.Array:
+    return teacher.model()(input_ids, attention_mask=attention_mask,
+                           segment_ids=segment_ids).logits
 
 
 _jit_teacher_logits = jax.jit(_teacher_logits)
@@ -61,7 +63,8 @@ def encode_targets(teacher: TrainState, batch: dict[str, np.ndarray], rows: np.n
     """The teacher's targets for ``batch`` (rows ``rows`` [B] of a split), encoded as a cache
     of ``spec`` stores them: {name: [B, L, *trailing]} (``pipeline.cache.compress.decode``
     turns them into batch keys). Same bytes as the cache holds for these rows."""
-    logits = _jit_teacher_logits(teacher, batch["input_ids"], batch["attention_mask"])
+    logits = _jit_teacher_logits(teacher, batch["input_ids"], batch["attention_mask"],
+                                 batch.get("segment_ids"))
     return {name: np.asarray(a) for name, a in compress.encode(logits, rows, spec).items()}
 
 
@@ -114,7 +117,8 @@ def fill_cache(config: RunConfig, teacher: Llama, split: str, *, teacher_fp: str
             for first in range(0, len(rows), batch_size):
                 indices = rows[first:first + batch_size]
                 batch = dataset.read_rows(indices)
-                logits = _jit_teacher_logits(state, batch["input_ids"], batch["attention_mask"])
+                logits = _jit_teacher_logits(state, batch["input_ids"], batch["attention_mask"],
+                                             batch.get("segment_ids"))
                 writer.write(logits, indices)
                 bar.update(task, advance=len(indices))
             writer.flush()

@@ -12,12 +12,15 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 from pipeline.errors import DataError
 from pipeline.models.hf_io import load_pretrained
+from pipeline.models.llama import Llama, LlamaConfig
 from pipeline.models.llama.model import document_positions
+from pipeline.step import DistillLossConfig, TrainState, jit_distillation_step
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
 
@@ -113,3 +116,49 @@ def test_bad_segment_and_position_shapes_are_refused():
         model(ids, segment_ids=jnp.zeros((2, 5), jnp.int32))
     with pytest.raises(DataError, match=r"positions: expected shape \(2, 4\)"):
         model(ids, positions=jnp.zeros((4,), jnp.int32))
+
+
+def test_step_keeps_packed_documents_apart_for_student_and_live_teacher():
+    """One packed row with segment ids gives the step's losses and gradient of its documents
+    in rows of their own (each document's last token without a label, as prepare-data
+    writes), with the student and a live teacher both taking the segment ids."""
+    def llama(seed, layers):
+        return Llama(LlamaConfig(model_type="llama", vocab_size=48, hidden_size=32,
+                                 intermediate_size=48, num_hidden_layers=layers,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                 initializer_range=0.5), attention="xla", rngs=nnx.Rngs(seed))
+
+    student = TrainState.create(llama(0, 1), optax.sgd(1.0))
+    teacher = TrainState.create(llama(1, 2))
+    rng = np.random.default_rng(3)
+    lengths = (5, 7)
+    ids = rng.integers(0, 48, sum(lengths)).astype(np.int32)
+    labels = np.r_[ids[1:], 0].astype(np.int32)
+    labels[np.cumsum(lengths) - 1] = -100  # a document's last token predicts nothing
+    packed = {"input_ids": ids[None], "attention_mask": np.ones((1, len(ids)), np.int32),
+              "labels": labels[None], "segment_ids": np.repeat([[1, 2]], lengths, axis=1)}
+    alone = {key: np.zeros((2, max(lengths)), np.int32) for key in packed if key != "segment_ids"}
+    alone["labels"][:] = -100
+    for row, (start, length) in enumerate(zip(np.cumsum((0,) + lengths[:-1]), lengths)):
+        for key, values in (("input_ids", ids), ("labels", labels),
+                            ("attention_mask", np.ones_like(ids))):
+            alone[key][row, :length] = values[start:start + length]
+    options = dict(loss_config=DistillLossConfig(use_hard_labels=True), alpha=0.5,
+                   hidden_state_weight=0.5, hidden_state_layers=(1,))
+
+    def run(batch):
+        state, metrics = jit_distillation_step(
+            TrainState.create(llama(0, 1), optax.sgd(1.0)), batch, teacher, **options)
+        return state.params, metrics
+
+    (packed_params, packed_metrics), (alone_params, alone_metrics) = run(packed), run(alone)
+    for name in ("kl_loss", "ce_loss", "hidden_state_loss", "loss"):
+        np.testing.assert_allclose(getattr(packed_metrics, name), getattr(alone_metrics, name),
+                                   rtol=1e-5, err_msg=name)
+    assert int(packed_metrics.num_tokens) == int(alone_metrics.num_tokens) == sum(lengths) - 2
+    before = jax.tree.leaves(student.params)  # SGD at rate 1: the updates are the gradients
+    for p, a, b in zip(jax.tree.leaves(packed_params), jax.tree.leaves(alone_params), before):
+        update = np.asarray(a) - b
+        assert np.abs(update).max() > 0
+        np.testing.assert_allclose(np.asarray(p) - b, update, rtol=0,
+                                   atol=1e-5 * np.abs(update).max())

@@ -73,11 +73,14 @@ class ToyDecoder(nnx.Module):
         return self.embedding[...] if self.head is None else self.head[...]
 
     def __call__(self, input_ids, attention_mask=None, output_hidden_states=False,
-                 output_attentions=False, compute_logits=True) -> ModelOutput:
+                 output_attentions=False, compute_logits=True, *,
+                 segment_ids=None) -> ModelOutput:
         batch, seq = input_ids.shape
         allowed = jnp.tril(jnp.ones((seq, seq), bool))[None, None]
         if attention_mask is not None:
             allowed = allowed & (attention_mask[:, None, None, :] > 0)
+        if segment_ids is not None:  # no positions to restart: the toy has no position encoding
+            allowed = allowed & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
         x = self.embedding[...][input_ids]
         if self.dropout is not None:
             x = self.dropout(x)

@@ -4,10 +4,13 @@ Every model that kdpipe trains or distils from follows one protocol, so the step
 to know which architecture it holds:
 
 ``model(input_ids, attention_mask=None, output_hidden_states=False, output_attentions=False,
-compute_logits=True) -> ModelOutput``
+compute_logits=True, *, segment_ids=None) -> ModelOutput``
 
 - ``input_ids``: ``[batch, seq]`` int32; ``attention_mask``: ``[batch, seq]`` (1 = real token,
   0 = padding), combined with the causal mask; positions are ``0..seq-1`` as in transformers.
+- ``segment_ids``: ``[batch, seq]`` integers of packed documents (``pipeline.data.prepare``):
+  a token attends only to its own segment, whose positions start at 0, so every document
+  computes as it would alone.
 - ``compute_logits=False`` skips the output head: ``logits`` is ``None`` and the step applies
   the head itself, chunk by chunk over tokens (``pipeline.losses.fused_head``).
 
