@@ -84,7 +84,11 @@ def _args(argv=None) -> argparse.Namespace:
                         metavar="LAYERS", help="per-device temp of the scanned step at these "
                         "depths for each remat policy (none: skip)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if len(args.layer_growth) == 1 or any(depth < 1 for depth in args.layer_growth):
+        parser.error(f"--layer-growth: expected two or more depths >= 1 (none: skip the "
+                     f"table), got {args.layer_growth}")
+    return args
 
 
 ARGS = _args() if __name__ == "__main__" else None
@@ -331,7 +335,7 @@ def main(args: argparse.Namespace) -> None:
               f"{row['batch_v4']:>7} {row['batch_v5e']:>7}", flush=True)
     _print_projection(rows)
     growth = []
-    if len(args.layer_growth) >= 2:
+    if args.layer_growth:
         growth = layer_growth(args.seq[0], args.devices[0], args.layer_growth)
         _print_layer_growth(growth, args.seq[0], args.devices[0])
     timing = []
