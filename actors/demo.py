@@ -78,6 +78,9 @@ def run_demo(config_path: str, overrides: list[str]) -> dict:
     config = load_config(config_path, overrides)
     if config.cache is None:
         raise ConfigError("cache: the demo distils from a cache; its config needs a `cache:` section")
+    if config.data.tokenizer is None:
+        raise ConfigError("data.tokenizer: the demo trains its tokenizer into this file; set it "
+                          "(configs/demo.yaml: runs/demo/tokenizer.json)")
     demo = config.demo or DemoConfig()
     run_dir = Path(config.run_dir)
     sources = stdlib_sources(demo.max_files)

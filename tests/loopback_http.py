@@ -51,9 +51,9 @@ class RangeServer:
                     self.send_header("Content-Range", f"bytes {begin}-{end - 1}/{size}")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
-                with server.lock:
+                with server.lock:  # counted before sending, so that a reader done sees it
                     server.served[client] += len(body)
+                self.wfile.write(body)
 
         self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.http.server_port}"

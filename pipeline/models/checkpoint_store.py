@@ -30,6 +30,7 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+import tensorstore as ts
 
 from pipeline.errors import ModelLoadError
 from pipeline.models.layouts import Layout
@@ -59,7 +60,7 @@ class CheckpointStore:
     (``hf://`` locations are their local snapshot by now, ``hub`` the repository)."""
 
     location: str
-    kvstore: object  # tensorstore.KvStore
+    kvstore: ts.KvStore
     hub: str | None = None
 
     def url(self, name: str) -> str:
@@ -86,8 +87,6 @@ class CheckpointStore:
           ModelLoadError: a range cannot be read or lies past the file's end (``what``: which
             tensor, for the message).
         """
-        import tensorstore as ts
-
         batch = ts.Batch()
         futures = [self.kvstore.read(name, byte_range=slice(begin, end), batch=batch)
                    for begin, end in ranges]
@@ -124,8 +123,6 @@ def open_checkpoint(location: str | os.PathLike) -> CheckpointStore:
       ModelLoadError: a local path that is not a directory, a URL TensorStore has no kvstore
         for, or a Hub repository that cannot be fetched (nor found in the cache when offline).
     """
-    import tensorstore as ts
-
     location = os.fspath(location)
     hub = None
     if location.startswith(HF_SCHEME):
