@@ -2,9 +2,11 @@
 
 ``fill_cache(config, teacher, split)`` is what ``kdpipe cache`` runs for each split, and what a
 teacher actor of a multi-host run calls with the shards the driver hands it. The teacher's
-forward pass is jitted once; the cache writer compresses on the device and writes in the
-background, so the loop here only feeds batches. Shards already committed are skipped without
-running the teacher, which makes a fill resumable after any interruption.
+forward pass and the encoding of its targets are one jitted program, which applies the output
+head chunk by chunk (``pipeline.teacher_head``), so the ``[batch, seq, vocab]`` logits never
+exist whole; the cache writer stores in the background, so the loop here only feeds batches.
+Shards already committed are skipped without running the teacher, which makes a fill resumable
+after any interruption.
 
 ``encode_targets`` is the same computation for a few rows, returned instead of stored: what a
 remote teacher host hands a student through Ray's object store.
@@ -19,12 +21,13 @@ from collections.abc import Iterable
 import jax
 import numpy as np
 
-from pipeline.cache import CacheManifest, CacheWriter, TargetSpec, compress, split_location
+from pipeline.cache import CacheManifest, CacheWriter, TargetSpec, split_location
 from pipeline.config import RunConfig
 from pipeline.data import DatasetInfo, TokenDataset, read_info
 from pipeline.metrics import progress_bar
 from pipeline.models.llama import Llama
 from pipeline.step import TrainState
+from pipeline.teacher_head import FusedTargets, chunk_positions, encode_from_hidden
 
 
 def target_spec(config: RunConfig, info: DatasetInfo, *, vocab_size: int) -> TargetSpec:
@@ -49,13 +52,27 @@ def cache_manifest(config: RunConfig, info: DatasetInfo, split: str, *, vocab_si
                          chunk_sequences=config.cache.chunk_sequences)
 
 
-def _teacher_logits(teacher: TrainState, input_ids: jax.Array, attention_mask: jax.Array,
-                    segment_ids: jax.Array | None = None) -> jax.Array:
-    return teacher.model()(input_ids, attention_mask=attention_mask,
-                           segment_ids=segment_ids).logits
+def teacher_targets(teacher: TrainState, input_ids: jax.Array, attention_mask: jax.Array,
+                    rows: jax.Array, spec: TargetSpec, chunk: int,
+                    segment_ids: jax.Array | None = None) -> FusedTargets:
+    """The teacher's encoded targets for ``input_ids`` [B, L] of rows ``rows`` [B], with the
+    logits' non-finite check and audit (``pipeline.teacher_head.encode_from_hidden``, ``chunk``
+    positions at a time)."""
+    model = teacher.model()
+    hidden = model(input_ids, attention_mask=attention_mask, compute_logits=False,
+                   segment_ids=segment_ids).last_hidden_state
+    return encode_from_hidden(hidden, model.output_head(), rows, spec, chunk=chunk)
 
 
-_jit_teacher_logits = jax.jit(_teacher_logits)
+_jit_teacher_targets = jax.jit(teacher_targets, static_argnames=("spec", "chunk"))
+
+
+def _run_teacher(teacher: TrainState, batch: dict[str, np.ndarray], rows: np.ndarray,
+                 spec: TargetSpec) -> FusedTargets:
+    ids = batch["input_ids"]
+    return _jit_teacher_targets(teacher, ids, batch["attention_mask"], np.asarray(rows, np.int32),
+                                spec, chunk_positions(*ids.shape),
+                                segment_ids=batch.get("segment_ids"))
 
 
 def encode_targets(teacher: TrainState, batch: dict[str, np.ndarray], rows: np.ndarray,
@@ -63,9 +80,8 @@ def encode_targets(teacher: TrainState, batch: dict[str, np.ndarray], rows: np.n
     """The teacher's targets for ``batch`` (rows ``rows`` [B] of a split), encoded as a cache
     of ``spec`` stores them: {name: [B, L, *trailing]} (``pipeline.cache.compress.decode``
     turns them into batch keys). Same bytes as the cache holds for these rows."""
-    logits = _jit_teacher_logits(teacher, batch["input_ids"], batch["attention_mask"],
-                                 batch.get("segment_ids"))
-    return {name: np.asarray(a) for name, a in compress.encode(logits, rows, spec).items()}
+    encoded = _run_teacher(teacher, batch, rows, spec).encoded
+    return {name: np.asarray(a) for name, a in encoded.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,9 +133,8 @@ def fill_cache(config: RunConfig, teacher: Llama, split: str, *, teacher_fp: str
             for first in range(0, len(rows), batch_size):
                 indices = rows[first:first + batch_size]
                 batch = dataset.read_rows(indices)
-                logits = _jit_teacher_logits(state, batch["input_ids"], batch["attention_mask"],
-                                             batch.get("segment_ids"))
-                writer.write(logits, indices)
+                targets = _run_teacher(state, batch, indices, manifest.target)
+                writer.write_encoded(targets.encoded, indices, targets.check, targets.fidelity)
                 bar.update(task, advance=len(indices))
             writer.flush()
     return FillResult(split=split, shards_written=tuple(pending), shards_skipped=skipped,
