@@ -24,6 +24,8 @@ from __future__ import annotations
 import jax
 from flax import struct
 
+from pipeline.models.attention import KVCache
+
 
 @struct.dataclass
 class ModelOutput:
@@ -38,9 +40,13 @@ class ModelOutput:
         output (so ``hidden_states[-1] is last_hidden_state``).
       attentions: ``None`` unless asked; else a tuple of ``num_layers`` arrays
         ``[batch, heads, seq, seq]`` of post-softmax attention probabilities.
+      cache: ``None`` unless the model was called with a ``cache``
+        (``pipeline.models.attention.KVCache``, generation); else that cache with this call's
+        keys and values written.
     """
 
     last_hidden_state: jax.Array
     logits: jax.Array | None = None
     hidden_states: tuple[jax.Array, ...] | None = None
     attentions: tuple[jax.Array, ...] | None = None
+    cache: KVCache | None = None

@@ -19,6 +19,9 @@ the dense path averages all values there (its mask is a finite minimum, not -inf
 give 0. Shape letters: b batch, l/m query/key position, n query heads, k key/value heads,
 g query heads per key/value head, h head_dim.
 
+Generation (``pipeline.generate``) runs ``cached_attention`` instead: the new tokens' queries
+against a ``KVCache`` of the earlier tokens' keys and values plus their own, densely.
+
 Implementations (``IMPLEMENTATIONS``):
 
 - ``xla``: the dense einsum; materialises ``[b, n, l, l]`` float32 scores. The reference, and
@@ -44,6 +47,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 Implementation = Literal["auto", "xla", "blockwise", "cudnn", "splash"]
 IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn", "splash")
@@ -159,13 +163,19 @@ def dense_attention(q, k, v, *, causal=True, sliding_window=None, padding_mask=N
     """The ``xla`` implementation: ``([b, l, n, h] output, [b, n, l, l] probabilities)``, the
     probabilities float32-softmaxed and cast to ``q``'s dtype (what ``output_attentions``
     returns, as transformers' eager attention does). Arguments as ``attention``'s."""
-    b, l, n, h = q.shape
-    num_kv = k.shape[2]
-    scale = h ** -0.5 if scale is None else scale
-    positions = jnp.arange(l)
+    positions = jnp.arange(q.shape[1])
     key_ok = None if padding_mask is None else padding_mask.astype(bool)
     allowed = _allowed(positions, positions, causal=causal, sliding_window=sliding_window,
                        key_ok=key_ok, q_seg=segment_ids, k_seg=segment_ids)
+    return _dense(q, k, v, allowed, scale)
+
+
+def _dense(q, k, v, allowed, scale):
+    """Queries ``[b, l, n, h]`` over keys and values ``[b, m, k, h]`` where ``allowed``
+    ``[b or 1, l, m]``: ``([b, l, n, h] output, [b, n, l, m] probabilities in q's dtype)``."""
+    b, l, n, h = q.shape
+    num_kv, m = k.shape[2], k.shape[1]
+    scale = h ** -0.5 if scale is None else scale
     q = q.reshape(b, l, num_kv, n // num_kv, h)
     scores = jnp.einsum("blkgh,bmkh->bkglm", q, k, preferred_element_type=jnp.float32)
     # A finite minimum, not -inf: a fully masked row (a left-padding query) becomes a uniform
@@ -173,7 +183,76 @@ def dense_attention(q, k, v, *, causal=True, sliding_window=None, padding_mask=N
     scores = jnp.where(allowed[:, None, None], scores * scale, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     out = jnp.einsum("bkglm,bmkh->blkgh", probs, v).reshape(b, l, n, h)
-    return out, probs.reshape(b, n, l, l)
+    return out, probs.reshape(b, n, l, m)
+
+
+@struct.dataclass
+class KVCache:
+    """The keys and values of the tokens a decoder has seen, for generation
+    (``pipeline.generate``): slot ``s`` of a row holds its ``s``-th token (left padding
+    included, masked by ``valid``).
+
+    Attributes:
+      keys, values: ``[layers, b, slots, k, h]`` in the compute dtype, after RoPE.
+      valid: ``[b, slots]`` bool, true where a slot holds a real token (false for padding and
+        for the slots not written yet).
+      index: int32 scalar, the next slot to write (the same for every row).
+    """
+
+    keys: jax.Array
+    values: jax.Array
+    valid: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def empty(cls, layers: int, batch: int, slots: int, kv_heads: int, head_dim: int, dtype):
+        """A cache of ``slots`` positions per row with nothing written."""
+        shape = (layers, batch, slots, kv_heads, head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                   jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32))
+
+    def append(self, keys: jax.Array, values: jax.Array, valid: jax.Array) -> "KVCache":
+        """The cache with ``l`` new tokens written at slots ``index..index+l-1``: ``keys``,
+        ``values`` ``[layers, b, l, k, h]``, ``valid`` ``[b, l]``."""
+        at = (0, 0, self.index, 0, 0)
+        return KVCache(jax.lax.dynamic_update_slice(self.keys, keys.astype(self.keys.dtype), at),
+                       jax.lax.dynamic_update_slice(self.values, values.astype(self.keys.dtype),
+                                                    at),
+                       jax.lax.dynamic_update_slice(self.valid, valid.astype(bool),
+                                                    (0, self.index)),
+                       self.index + keys.shape[2])
+
+
+def cached_attention(q, k, v, cache_keys, cache_values, cache_valid, index, *,
+                     padding_mask=None, sliding_window=None, scale=None):
+    """Causal attention of ``l`` new tokens at slots ``index..index+l-1`` over the tokens
+    already in one layer's ``KVCache`` and over themselves (a prefill: the prompt, a decode
+    step: one token), as ``attention`` would compute at those positions over the whole row.
+
+    Dense: the scores of the new queries against every slot ``[b, n, l, slots + l]`` (a mask
+    over the valid slots, the causal order and the sliding window), so one step reads the
+    whole cache whatever has been written; fine for generation's short rows.
+
+    Args:
+      q: ``[b, l, n, h]``; k, v: ``[b, l, k, h]`` the new tokens' keys and values.
+      cache_keys, cache_values: ``[b, slots, k, h]``; cache_valid: ``[b, slots]`` bool.
+      index: int32 scalar, the slot of the first new token.
+      padding_mask: ``[b, l]``, true for the new tokens that are real; ``None``: all are.
+      sliding_window, scale: as ``attention``'s.
+
+    Returns:
+      ``[b, l, n, h]`` in ``q``'s dtype.
+    """
+    b, l = q.shape[:2]
+    slots = cache_keys.shape[1]
+    new_slots = index + jnp.arange(l)
+    new_ok = jnp.ones((b, l), bool) if padding_mask is None else padding_mask.astype(bool)
+    allowed = _allowed(new_slots, jnp.concatenate([jnp.arange(slots), new_slots]), causal=True,
+                       sliding_window=sliding_window,
+                       key_ok=jnp.concatenate([cache_valid, new_ok], axis=1))
+    keys = jnp.concatenate([cache_keys.astype(k.dtype), k], axis=1)
+    values = jnp.concatenate([cache_values.astype(v.dtype), v], axis=1)
+    return _dense(q, keys, values, allowed, scale)[0]
 
 
 # --------------------------------------------------------------------------- blockwise

@@ -27,7 +27,7 @@ from flax import nnx
 
 from pipeline.errors import DataError
 from pipeline.models import ModelOutput
-from pipeline.models.attention import attention, dense_attention
+from pipeline.models.attention import KVCache, attention, cached_attention, dense_attention
 from pipeline.models.llama.config import LlamaConfig
 from pipeline.models.stack import make_layers, remat_policy, run_layers
 
@@ -162,7 +162,7 @@ class Attention(nnx.Module):
         self.implementation = implementation
         self.batch_sharding = batch_sharding
 
-    def __call__(self, x, cos, sin, padding_mask, segment_ids, with_probs: bool):
+    def __call__(self, x, cos, sin, padding_mask, segment_ids, with_probs: bool, cache=None):
         """Self-attention of ``x`` ``[b, l, d]``.
 
         Args:
@@ -171,9 +171,13 @@ class Attention(nnx.Module):
           segment_ids: ``[b, l]`` integers, a token attending only to its own segment (its
             document in a packed row); ``None``: one segment.
           with_probs: also return the probabilities (computed the dense ``xla`` way).
+          cache: ``None``, or this layer's ``(keys, values, valid, index)`` of a ``KVCache``
+            (``pipeline.models.attention``): ``x`` holds the tokens of slots ``index..`` and
+            attends to the cache's valid slots too (``cached_attention``; one segment).
 
         Returns:
-          ``([b, l, d] output, [b, n, l, l] attention probabilities in x's dtype or None)``.
+          ``([b, l, d] output, [b, n, l, l] attention probabilities in x's dtype or None,
+          (k, v) [b, l, k, h] this call's keys and values after RoPE)``.
         """
         split = functools.partial(_batch_split, sharding=self.batch_sharding)
         q = split(jnp.einsum("bld,dnh->blnh", x, _used(self.q_dnh, x.dtype)))
@@ -190,11 +194,15 @@ class Attention(nnx.Module):
         k = apply_rope(k, cos, sin)
         masks = dict(causal=True, sliding_window=self.sliding_window, padding_mask=padding_mask,
                      segment_ids=segment_ids)
-        if with_probs:
+        if cache is not None:
+            out, probs = cached_attention(q, k, v, *cache, padding_mask=padding_mask,
+                                          sliding_window=self.sliding_window), None
+        elif with_probs:
             out, probs = dense_attention(q, k, v, **masks)
         else:
             out, probs = attention(q, k, v, **masks, implementation=self.implementation), None
-        return split(jnp.einsum("blnh,nhd->bld", split(out), _used(self.o_nhd, x.dtype))), probs
+        out = split(jnp.einsum("blnh,nhd->bld", split(out), _used(self.o_nhd, x.dtype)))
+        return out, probs, (k, v)
 
 
 class MLP(nnx.Module):
@@ -228,12 +236,13 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(config, param_dtype=param_dtype, batch_sharding=batch_sharding,
                        rngs=rngs)
 
-    def __call__(self, x, cos, sin, padding_mask, segment_ids, with_probs):
-        """``[b, l, d]`` -> ``([b, l, d], [b, n, l, l] attention probabilities or None)``."""
-        attn_out, probs = self.attn(self.input_norm(x), cos, sin, padding_mask, segment_ids,
-                                    with_probs)
+    def __call__(self, x, cos, sin, padding_mask, segment_ids, with_probs, cache=None):
+        """``[b, l, d]`` -> ``([b, l, d], [b, n, l, l] attention probabilities or None,
+        (k, v))``; ``cache`` as ``Attention``'s."""
+        attn_out, probs, kv = self.attn(self.input_norm(x), cos, sin, padding_mask, segment_ids,
+                                        with_probs, cache)
         h = x + attn_out
-        return h + self.mlp(self.post_attn_norm(h)), probs
+        return h + self.mlp(self.post_attn_norm(h)), probs, kv
 
 
 class Llama(nnx.Module):
@@ -290,6 +299,7 @@ class Llama(nnx.Module):
         *,
         segment_ids: jax.Array | None = None,
         positions: jax.Array | None = None,
+        cache: KVCache | None = None,
     ) -> ModelOutput:
         """Runs the decoder over positions ``0..seq-1``, or each packed document's own.
 
@@ -305,10 +315,15 @@ class Llama(nnx.Module):
             ``None``: the row is one sequence.
           positions: ``[batch, seq]`` integer RoPE positions; ``None``: ``0..seq-1``, or per
             document with ``segment_ids``.
+          cache: a ``KVCache`` (``pipeline.models.attention``) of the tokens before these
+            (generation, ``pipeline.generate``): the tokens go to slots ``cache.index..`` and
+            attend to the cache's valid slots as well; pass their ``positions``. ``None``: no
+            cache.
 
         Returns:
-          ``ModelOutput``; ``logits`` ``[batch, seq, vocab]`` float32. Outputs at padding
-          positions are finite but meaningless.
+          ``ModelOutput``; ``logits`` ``[batch, seq, vocab]`` float32; ``cache``: the cache with
+          these tokens' keys and values written (``attention_mask`` marking the real ones),
+          when one was given. Outputs at padding positions are finite but meaningless.
         """
         if input_ids.ndim != 2:
             raise DataError(f"input_ids: expected [batch, seq], got shape {input_ids.shape}")
@@ -325,16 +340,28 @@ class Llama(nnx.Module):
             positions = (np.arange(input_ids.shape[1])[None] if segment_ids is None
                          else document_positions(segment_ids))
         cos, sin = rope_tables(self.config, positions)  # [b or 1, l, h]
+        if cache is not None and segment_ids is not None:
+            raise DataError("segment_ids: not supported with a cache (generation runs one "
+                            "sequence per row)")
 
-        def body(layer, x):
-            x, probs = layer(x, cos, sin, attention_mask, segment_ids, output_attentions)
-            return x, (x if output_hidden_states else None, probs)
+        def body(layer, carry):
+            x, i = carry  # i: the layer's index, to find its slice of the cache
+            layer_cache = None if cache is None else (cache.keys[i], cache.values[i],
+                                                      cache.valid, cache.index)
+            x, probs, kv = layer(x, cos, sin, attention_mask, segment_ids, output_attentions,
+                                 layer_cache)
+            return (x, i + 1), (x if output_hidden_states else None, probs,
+                                None if cache is None else kv)
 
         embeddings = self.embedder(input_ids)
-        x, outs = run_layers(self.layers, embeddings, body, scan_layers=self.scan_layers,
-                             remat=self.remat)
-        hidden_states = [embeddings] + [hidden for hidden, _ in outs]
-        attentions = [probs for _, probs in outs]
+        (x, _), outs = run_layers(self.layers, (embeddings, jnp.zeros((), jnp.int32)), body,
+                                  scan_layers=self.scan_layers, remat=self.remat)
+        hidden_states = [embeddings] + [hidden for hidden, _, _ in outs]
+        attentions = [probs for _, probs, _ in outs]
+        if cache is not None:
+            cache = cache.append(
+                jnp.stack([k for _, _, (k, _) in outs]), jnp.stack([v for _, _, (_, v) in outs]),
+                jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask)
         x = self.final_norm(x)
         # transformers' convention: the last entry is the final-normed state, not the raw one.
         hidden_states[-1] = x
@@ -347,4 +374,5 @@ class Llama(nnx.Module):
             logits=logits,
             hidden_states=tuple(hidden_states) if output_hidden_states else None,
             attentions=tuple(attentions) if output_attentions else None,
+            cache=cache,
         )
