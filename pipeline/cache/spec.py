@@ -119,8 +119,9 @@ class TargetSpec:
             least = per_token + self.min_k * per_id
             if not (isinstance(self.bytes_per_token, (int, float))
                     and self.bytes_per_token >= least):
-                bad("bytes_per_token", f"a number >= {least:g} (what min_k={self.min_k} ids "
-                    f"cost per token)", self.bytes_per_token)
+                bad("bytes_per_token", f"a number >= {least:g} (cache.bytes_per_token: the raw "
+                    f"bytes of min_k={self.min_k} ids and a token's own fields)",
+                    self.bytes_per_token)
 
     @property
     def adaptive(self) -> bool:
