@@ -18,6 +18,9 @@ Codes, per token:
   in [0, 255] with s = -min(lp) / 255 per token (stored as bf16). The tail log-mass
   log(sum_{v not in top k} p_v) is summed directly (so it is exactly -inf when k covers the
   vocab). Lossy values are renormalised at decode so that the k values and the tail sum to 1.
+- adaptive topk (``top_p`` / ``bytes_per_token``): the k candidates are cut to k_t per token
+  (:func:`kept_counts`); the cut ones join the tail (summed directly), the unused slots hold
+  zeros and ``id_count`` holds k_t (pipeline/cache/ragged.py stores only the used slots).
 - sampled: n ids drawn i.i.d. from p by inverse CDF with a key per (seed, sequence, position),
   so a re-run draws the same ids; stored as sorted unique ids, counts (uint8, unused slots 0
   with id 0) and the teacher entropy H(p) in f32. (A cumulative sum in f32 resolves
