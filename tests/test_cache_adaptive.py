@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from actors.inspect import describe
 from pipeline import losses
 from pipeline.cache import (CacheManifest, CacheReader, CacheWriter, RunDeclaration, TargetSpec,
                             audit, compress, ragged, read_manifest)
@@ -187,6 +188,11 @@ def test_ragged_cache_roundtrip_audit_and_version_1_still_reads(tmp_path):
     assert [a["tokens"] for a in audits] == [2 * L, L]
     assert all(a["kl_mean"] > 0 and 0 < a["mass_mean"] < 1 and 1 <= a["k_mean"] <= K
                for a in audits)
+    printed = describe(str(tmp_path / "v2"))  # kdpipe inspect: token-weighted over the shards
+    kl = (audits[0]["kl_mean"] * 2 + audits[1]["kl_mean"]) / 3
+    assert f"KL(teacher || reconstruction) mean {kl:.4g} nats over {3 * L} audited" in printed
+    assert f"largest shard p99 {max(a['kl_p99'] for a in audits):.4g}" in printed
+    assert "format      version 2" in printed and "ids per token, <= 18 raw B/token" in printed
     # a version-1 cache (fixed top-k, written before adaptive k and audits) reads unchanged
     fixed = CacheManifest(TargetSpec("topk", V, REAL_V, k=5), "teacher", "tok", "data",
                           seq_len=L, num_sequences=3, shard_sequences=2)
