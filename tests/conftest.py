@@ -1,19 +1,44 @@
 """Fixtures shared by the CLI tests: ONE tiny demo run per test session, and an in-process
-runner of the ``kdpipe`` command line."""
+runner of the ``kdpipe`` command line; and one XLA compilation cache per session for the
+processes the tests start."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import jax
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny-test.yaml"
 # What the session's demo printed, kept in its directory.
 DEMO_OUTPUT = "demo-output.txt"
+
+# Every Ray host actor and every `kdpipe` subprocess starts with empty in-memory JAX caches,
+# and the integration tests start dozens of them on the same tiny shapes (test_elastic.py
+# alone forms a 2-host student group over a dozen times), each compiling the same train and
+# eval steps. They inherit this environment, so they share JAX's persistent compilation cache
+# (https://docs.jax.dev/en/latest/persistent_compilation_cache.html) in a directory of this
+# session, removed at its end: the first process compiles, the others load the executable.
+# This process itself keeps only its in-memory caches, as before.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _COMPILATION_CACHE = tempfile.mkdtemp(prefix="kdpipe-test-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _COMPILATION_CACHE
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # tiny steps compile fast
+    # a size limit (never reached) turns on JAX's file lock around each read and write: without
+    # one, a host could read an entry that another process is still writing
+    os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(4 << 30)
+    jax.config.update("jax_compilation_cache_dir", None)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if "_COMPILATION_CACHE" in globals():
+        shutil.rmtree(_COMPILATION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
