@@ -62,7 +62,10 @@ def cmd_prepare_data(args) -> int:
     for split, meta in info.splits.items():
         print(f"{split}: {meta['num_rows']} rows of {info.seq_len} tokens, "
               f"{meta['num_target_tokens']} target tokens, fingerprint {meta['fingerprint']}")
-    print(f"written to {config.data.prepared_dir}")
+    segments = ("with segment ids (data.document_mask: attention and positions per document)"
+                if info.document_mask else "without segment ids (documents in a row attend to "
+                "each other)")
+    print(f"written to {config.data.prepared_dir}, {segments}")
     return 0
 
 
@@ -139,6 +142,45 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    import jax
+    import numpy as np
+
+    from pipeline.checkpoint_commands import checkpoint_student
+    from pipeline.data.prepare import TOKENIZER_FILE, load_tokenizer
+    from pipeline.errors import DataError
+    from pipeline.generate import Sampling, generate, left_pad
+    from pipeline.models.hf_io import load_pretrained
+
+    config = _load(args)
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    tokenizer_path = config.data.tokenizer
+    if args.model:
+        model = load_pretrained(args.model, dtype=config.model.student.dtype)
+        if (Path(args.model) / TOKENIZER_FILE).is_file():
+            tokenizer_path = args.model
+    else:
+        _, model = checkpoint_student(config, step=args.step)
+    tokenizer = load_tokenizer(tokenizer_path)
+    eos_id = None
+    if config.data.eos_token is not None:
+        eos_id = tokenizer.token_to_id(config.data.eos_token)
+        if eos_id is None:
+            raise DataError(f"data.eos_token: {config.data.eos_token!r} is not in the tokenizer "
+                            f"{tokenizer_path}")
+    prompts = [tokenizer.encode(text, add_special_tokens=False).ids for text in args.prompt]
+    ids, mask = left_pad(prompts, pad_id=0)
+    out = generate(model, ids, mask, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                   eos_id=eos_id, key=jax.random.PRNGKey(args.seed))
+    tokens, lengths, stopped = (np.asarray(x) for x in (out.tokens, out.lengths, out.stopped))
+    for i, text in enumerate(args.prompt):
+        new = tokens[i, :lengths[i] - stopped[i]].tolist()  # the eos itself not printed
+        if len(args.prompt) > 1:
+            print(f"--- prompt {i + 1}" + (" (stopped at eos)" if stopped[i] else ""))
+        print(text + tokenizer.decode(new))
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from actors.inspect import describe
 
@@ -205,6 +247,26 @@ def build_parser() -> argparse.ArgumentParser:
                "cache or prepared data)")
     sub.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     sub.add_argument("--out", help="output directory (default: <run_dir>/student)")
+    sub = verb("generate", cmd_generate,
+               "continue each --prompt with the student of a checkpoint (or --model, a Hugging "
+               "Face directory) and print prompt and continuation: KV-cache decoding, greedy or "
+               "sampled, stopping at data.eos_token; the tokenizer is data.tokenizer's (or "
+               "--model's tokenizer.json)")
+    sub.add_argument("--prompt", action="append", required=True,
+                     help="text to continue (repeatable: the prompts run as one batch)")
+    sub.add_argument("--model", help="a Hugging Face directory to generate with instead of the "
+                     "run's checkpoint")
+    sub.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    sub.add_argument("--max-new-tokens", type=int, default=64,
+                     help="tokens to generate at most per prompt")
+    sub.add_argument("--temperature", type=float, default=0.0,
+                     help="sampling temperature; 0: greedy")
+    sub.add_argument("--top-k", type=int, default=0,
+                     help="sample among the k most likely tokens; 0: all")
+    sub.add_argument("--top-p", type=float, default=1.0,
+                     help="sample among the most likely tokens holding this probability, in "
+                     "(0, 1]; 1: all")
+    sub.add_argument("--seed", type=int, default=0, help="sampling seed")
     sub = verb("inspect", cmd_inspect,
                "describe a cache (manifest, size, bytes/token, completeness), a run directory or a "
                "checkpoint directory (steps, position); reads a path, not a config, so --set is "

@@ -1,5 +1,6 @@
-"""What ``kdpipe eval`` and ``kdpipe export`` do with a saved checkpoint of a run: evaluate its
-student on the held-out split, or write it as a Hugging Face directory."""
+"""What ``kdpipe eval``, ``kdpipe export`` and ``kdpipe generate`` do with a saved checkpoint of
+a run: evaluate its student on the held-out split, write it as a Hugging Face directory, or
+hand its student model over (``checkpoint_student``)."""
 
 from __future__ import annotations
 
@@ -72,7 +73,16 @@ def _saved_vocab_size(meta: Mapping, where: str) -> int:
 def export_checkpoint(config: RunConfig, *, out: str | None = None,
                       step: int | None = None) -> tuple[int, Path]:
     """Write a checkpoint's student as a Hugging Face directory (``kdpipe export``); returns
-    ``(step, path)``. Default path: ``<run_dir>/student``.
+    ``(step, path)``. Default path: ``<run_dir>/student``. Reads it as ``checkpoint_student``.
+    """
+    step, model = checkpoint_student(config, step=step)
+    path = Path(out) if out else Path(config.run_dir) / EXPORT_DIR
+    save_pretrained(model, path)
+    return step, path
+
+
+def checkpoint_student(config: RunConfig, *, step: int | None = None):
+    """``(step, student model)`` of the checkpoint of ``step`` (``None``: the latest).
 
     Needs the checkpoint and ``model.student`` only, whatever the teacher source: no teacher,
     cache or prepared data. The vocabulary size (unless ``model.student.vocab_size`` sets it)
@@ -83,7 +93,7 @@ def export_checkpoint(config: RunConfig, *, out: str | None = None,
     chosen = max(metas, default=None) if step is None else step
     if chosen not in metas:
         raise CheckpointError(f"{directory}: no checkpoint "
-                              + ("to export" if step is None else
+                              + ("saved" if step is None else
                                  f"of step {step} (have {sorted(metas)})"))
     meta = metas[chosen]
     vocab_size = (config.model.student.vocab_size
@@ -91,6 +101,4 @@ def export_checkpoint(config: RunConfig, *, out: str | None = None,
     state, _ = student_state(config, vocab_size)
     identity = run_identity(config, vocab_size, meta["identity"]["dataset_fingerprint"])
     state, position = restore_checkpoint(config, state, identity, chosen)
-    path = Path(out) if out else Path(config.run_dir) / EXPORT_DIR
-    save_pretrained(state.model(), path)
-    return position.step, path
+    return position.step, state.model()

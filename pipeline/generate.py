@@ -136,12 +136,13 @@ def generate(model: nnx.Module, prompt_ids, prompt_mask, *, max_new_tokens: int,
         over its data-parallel axes (``BATCH_SPEC``); ``b`` must be a multiple of their size.
 
     Raises:
-      DataError: mis-shaped or right-padded prompts, or prompts too long for the model.
+      DataError: mis-shaped or right-padded prompts, prompts too long for the model, or token
+        ids outside its vocabulary.
       ConfigError: ``max_new_tokens`` < 1.
     """
     prompt_ids = np.asarray(prompt_ids)
     prompt_mask = np.asarray(prompt_mask)
-    _check_prompts(prompt_ids, prompt_mask, max_new_tokens, model.config.max_position_embeddings)
+    _check_prompts(prompt_ids, prompt_mask, max_new_tokens, model.config)
     ids, mask = jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, jnp.int32)
     batch_sharding = None
     if mesh is not None:
@@ -156,7 +157,7 @@ def generate(model: nnx.Module, prompt_ids, prompt_mask, *, max_new_tokens: int,
                      eos_id=eos_id, pad_id=pad_id, batch_sharding=batch_sharding)
 
 
-def _check_prompts(ids: np.ndarray, mask: np.ndarray, max_new_tokens: int, context: int):
+def _check_prompts(ids: np.ndarray, mask: np.ndarray, max_new_tokens: int, config):
     if ids.ndim != 2 or mask.shape != ids.shape:
         raise DataError(f"prompt: expected ids and mask of one shape [batch, prompt_len], got "
                         f"{ids.shape} and {mask.shape}")
@@ -167,6 +168,11 @@ def _check_prompts(ids: np.ndarray, mask: np.ndarray, max_new_tokens: int, conte
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or (
             max_new_tokens < 1):
         raise ConfigError(f"max_new_tokens: expected an integer >= 1, got {max_new_tokens!r}")
+    context, vocab = config.max_position_embeddings, config.vocab_size
+    real = ids[mask == 1]
+    if real.min() < 0 or real.max() >= vocab:
+        raise DataError(f"prompt: token ids must be in [0, {vocab}) (the model's vocab_size), "
+                        f"got {real.min()}..{real.max()}; is the tokenizer the model's?")
     if ids.shape[1] + max_new_tokens > context:
         raise DataError(f"prompt: {ids.shape[1]} tokens (the longest prompt) + max_new_tokens "
                         f"{max_new_tokens} > the model's max_position_embeddings {context}; "

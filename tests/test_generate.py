@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 from scipy import stats
 
+from actors.cli import main
 from pipeline.errors import ConfigError, DataError
 from pipeline.generate import Sampling, generate, left_pad, sample
 from pipeline.models.hf_io import load_pretrained
@@ -153,3 +154,11 @@ def test_bad_inputs_name_the_field():
         generate(model, ids, mask, max_new_tokens=0)
     with pytest.raises(DataError, match="non-empty"):
         left_pad([[3, 4], []], pad_id=0)
+    with pytest.raises(DataError, match=r"vocab_size"):
+        generate(model, ids + 100, mask, max_new_tokens=2)
+
+
+def test_cli_refuses_bad_sampling_before_loading(capsys):
+    config = str(Path(__file__).parents[1] / "configs" / "tiny-test.yaml")
+    assert main(["generate", config, "--prompt", "x", "--top-p", "0"]) == 2
+    assert "top_p: expected a number in (0, 1]" in capsys.readouterr().err
