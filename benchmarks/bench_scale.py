@@ -38,6 +38,7 @@ step at two depths, looped and scanned (``--compile-layers 4 32``), and the head
     python benchmarks/bench_scale.py --seq 8192 --devices 8 --json out.json
     python benchmarks/bench_scale.py --compile-layers 4 32
     python benchmarks/bench_scale.py --layer-growth     # skip the 16 vs 32 layers table
+    python benchmarks/bench_scale.py --teacher          # the teacher's cache fill step instead
 
 Offload remat is skipped: the CPU backend has no pinned host memory (the model refuses it).
 """
@@ -84,6 +85,10 @@ def _args(argv=None) -> argparse.Namespace:
                         metavar="LAYERS", help="per-device temp of the scanned step at these "
                         "depths for each remat policy (none: skip)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--teacher", nargs="*", metavar="NAME",
+                        help="the teacher section instead (benchmarks/scale_teacher.py: the "
+                             "cache fill step of Llama-3.1-8B on 4 devices and Llama-3.1-70B "
+                             "on 16, at the first --seq); names: only those teachers")
     args = parser.parse_args(argv)
     if len(args.layer_growth) == 1 or any(depth < 1 for depth in args.layer_growth):
         parser.error(f"--layer-growth: expected two or more depths >= 1 (none: skip the "
@@ -93,7 +98,8 @@ def _args(argv=None) -> argparse.Namespace:
 
 ARGS = _args() if __name__ == "__main__" else None
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_"
-                           f"count={max(ARGS.devices) if ARGS else 8}").strip()
+                           f"count={max(ARGS.devices + [16]) if ARGS else 8}"
+                           ).strip()
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 import jax.numpy as jnp  # noqa: E402
@@ -226,20 +232,26 @@ def measure(seq: int, devices: int, attention: str, scan_layers: bool, remat: st
         return needs[batch]
 
     for chip, limit in CHIPS.items():
-        if need(1) > limit:
-            row[f"batch_{chip}"] = 0
-            continue
-        per_row = max(need(2) - need(1), 1) if max_batch >= 2 else 1
-        batch = 1
-        while batch * 2 <= min(max_batch, 1 + (limit - need(1)) // per_row):
-            batch *= 2
-        while batch > 1 and need(batch) > limit:
-            batch //= 2
-        while batch * 2 <= max_batch and need(batch * 2) <= limit:
-            batch *= 2
-        row[f"batch_{chip}"] = batch
+        row[f"batch_{chip}"] = largest_fitting(need, limit, max_batch)
     row["compiled_batches"] = sorted(needs)
     return row
+
+
+def largest_fitting(need, limit: int, max_batch: int) -> int:
+    """The largest batch (a power of two up to ``max_batch``; 0 if not even 1) whose
+    ``need(batch)`` bytes fit ``limit``: from where batches 1 and 2 extrapolate to, by factors
+    of two, each step compiled (``need``)."""
+    if need(1) > limit:
+        return 0
+    per_row = max(need(2) - need(1), 1) if max_batch >= 2 else 1
+    batch = 1
+    while batch * 2 <= min(max_batch, 1 + (limit - need(1)) // per_row):
+        batch *= 2
+    while batch > 1 and need(batch) > limit:
+        batch //= 2
+    while batch * 2 <= max_batch and need(batch * 2) <= limit:
+        batch *= 2
+    return batch
 
 
 def compile_seconds(seq: int, devices: int, layers: tuple[int, int]) -> list[dict]:
@@ -318,6 +330,14 @@ def _gib(x: float) -> str:
 
 
 def main(args: argparse.Namespace) -> None:
+    if args.teacher is not None:
+        import scale_teacher  # benchmarks/scale_teacher.py, after XLA_FLAGS like this file
+
+        rows = scale_teacher.teacher_rows(args.seq[0], CHIPS, largest_fitting, args.max_batch,
+                                          args.teacher or list(scale_teacher.TEACHERS), PEAKS)
+        if args.json:
+            args.json.write_text(json.dumps({"teacher": rows}, indent=2) + "\n")
+        return
     print(f"Llama-3.2-1B student step, compile only on {jax.device_count()} virtual CPU devices "
           f"(jax {jax.__version__}); per device, batch 1 unless a column says otherwise")
     header = (f"{'seq':>5} {'dev':>3} {'attention':>9} {'scan':>4} {'remat':>9} "
