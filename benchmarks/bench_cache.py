@@ -25,6 +25,12 @@ Parts (all in one run):
      from CacheReader.prefetch vs from targets already in device memory, wall time ratio.
 On this CPU-only machine the teacher, the encoder, zstd and the reader share the same cores;
 on an accelerator host the teacher and step run on the device and storage on the host CPUs.
+
+``--real`` replaces parts 1-3 with the frontier on real teacher outputs (the demo's teacher
+trained with a 32,768-id tokenizer, cached on demo text; benchmarks/cache_real.py): bytes/token,
+KL(teacher || reconstruction) mean and p99, mass captured and a student's held-out CE for fixed
+top-k 8/16/32/64, top-p 0.9/0.95/0.99, budgets 40/60/100 B and sampled n=12; the id and value
+codes compared on the top-64 cache; the issue's goals as measured. ``--quick``: a smoke run.
 """
 
 from __future__ import annotations
@@ -239,7 +245,43 @@ def main():
     parser.add_argument("--student-layers", type=int, default=2)
     parser.add_argument("--skip-loops", action="store_true", help="only part 1")
     parser.add_argument("--json", help="write the figures to this file")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: tiny sizes (with --real: 2 teacher and student steps, "
+                             "a 4,096-id tokenizer, 8 kB of text, in <workdir>-quick)")
+    real = parser.add_argument_group("real teacher outputs (--real; benchmarks/cache_real.py)")
+    real.add_argument("--real", action="store_true",
+                      help="the frontier on the demo's trained teacher instead of part 1-3")
+    real.add_argument("--real-workdir", default="runs/bench_cache_real",
+                      help="tokenizer, data, teacher, caches and students (reused by re-runs)")
+    real.add_argument("--real-vocab", type=int, default=32768, help="tokenizer ids")
+    real.add_argument("--teacher-steps", type=int, default=200)
+    real.add_argument("--student-steps", type=int, default=12)
+    real.add_argument("--real-kb", type=float, default=24,
+                      help="the cached data: the demo's smallest files up to this many kB")
+    real.add_argument("--real-kmax", type=int, default=128,
+                      help="cache.k (most ids a token keeps) of the top-p and budget settings")
+    real.add_argument("--real-fidelity-seqs", type=int, default=8,
+                      help="held-out sequences the reconstruction is measured on")
+    real.add_argument("--real-set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                      help="an override of configs/demo.yaml (repeatable)")
+    real.add_argument("--real-code-seqs", type=int, default=64,
+                      help="cached sequences the id codes are compared on")
     args = parser.parse_args()
+    if args.real:
+        import cache_real
+
+        if args.quick:
+            args.real_workdir += "-quick"
+            args.real_vocab, args.teacher_steps, args.student_steps = 4096, 2, 2
+            args.real_kb, args.real_fidelity_seqs, args.real_code_seqs = 8, 2, 4
+            args.real_set.append("optimizer.warmup_steps=1")
+        results = cache_real.run(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+        return
+    if args.quick:
+        args.vocab_sizes, args.sequences, args.skip_loops = "32000", 2, True
     tmp = tempfile.mkdtemp(prefix="bench_cache_")
     results = {"generator": {"zipf_s": ZIPF_S, "candidates": CANDIDATES, "boost": BOOST,
                              "decay": DECAY, "cand_noise": CAND_NOISE}, "formats": []}
