@@ -153,8 +153,10 @@ def generate(model: nnx.Module, prompt_ids, prompt_mask, *, max_new_tokens: int,
                             f"{devices} data-parallel devices; give a multiple of {devices}")
         ids, mask = jax.device_put((ids, mask), batch_sharding)
     key = jax.random.PRNGKey(0) if key is None else key
-    return _generate(model, ids, mask, key, max_new_tokens=max_new_tokens, sampling=sampling,
-                     eos_id=eos_id, pad_id=pad_id, batch_sharding=batch_sharding)
+    # Traced, so one compilation serves every eos and pad; -1 matches no token.
+    eos, pad = jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(pad_id)
+    return _generate(model, ids, mask, key, eos, pad, max_new_tokens=max_new_tokens,
+                     sampling=sampling, batch_sharding=batch_sharding)
 
 
 def _check_prompts(ids: np.ndarray, mask: np.ndarray, max_new_tokens: int, config):
@@ -179,8 +181,8 @@ def _check_prompts(ids: np.ndarray, mask: np.ndarray, max_new_tokens: int, confi
                         f"shorten the prompt or generate at most {context - ids.shape[1]}")
 
 
-@nnx.jit(static_argnames=("max_new_tokens", "sampling", "eos_id", "pad_id", "batch_sharding"))
-def _generate(model, ids, mask, key, *, max_new_tokens, sampling, eos_id, pad_id,
+@nnx.jit(static_argnames=("max_new_tokens", "sampling", "batch_sharding"))
+def _generate(model, ids, mask, key, eos_id, pad_id, *, max_new_tokens, sampling,
               batch_sharding):
     b, p = ids.shape
     config = model.config
@@ -195,7 +197,7 @@ def _generate(model, ids, mask, key, *, max_new_tokens, sampling, eos_id, pad_id
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
     out = model(ids, mask, positions=positions, cache=cache)
     token = sample(out.logits[:, -1], jax.random.fold_in(key, 0), sampling)
-    stopped = jnp.zeros((b,), bool) if eos_id is None else token == eos_id
+    stopped = token == eos_id
     tokens = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
 
     def running(state):
@@ -208,16 +210,11 @@ def _generate(model, ids, mask, key, *, max_new_tokens, sampling, eos_id, pad_id
         token = jnp.where(stopped, pad_id,
                           sample(out.logits[:, -1], jax.random.fold_in(key, t), sampling))
         tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, t))
-        if eos_id is not None:
-            stopped = stopped | (token == eos_id)
-        return model, out.cache, token, t + 1, stopped, tokens
+        return model, out.cache, token, t + 1, stopped | (token == eos_id), tokens
 
     # nnx's loop: the model is part of the state (its layers' scan refuses a module captured
     # from an outer trace).
     _, _, _, steps, stopped, tokens = nnx.while_loop(
         running, step, (model, out.cache, token, jnp.int32(1), stopped, tokens))
-    if eos_id is None:
-        return Generated(tokens, jnp.full((b,), steps, jnp.int32), stopped)
-    at_eos = tokens == eos_id
-    lengths = jnp.where(stopped, jnp.argmax(at_eos, axis=1) + 1, steps).astype(jnp.int32)
+    lengths = jnp.where(stopped, jnp.argmax(tokens == eos_id, axis=1) + 1, steps)
     return Generated(tokens, lengths, stopped)
