@@ -181,6 +181,13 @@ def _check_prompts(ids: np.ndarray, mask: np.ndarray, max_new_tokens: int, confi
                         f"shorten the prompt or generate at most {context - ids.shape[1]}")
 
 
+def _last_logits(model, out) -> jax.Array:
+    """``[b, vocab]`` float32 logits of each row's last position only (the prefill's other
+    positions need none): the head applied as the model protocol says (``pipeline.models``)."""
+    return jnp.einsum("bd,vd->bv", out.last_hidden_state[:, -1], model.output_head(),
+                      preferred_element_type=jnp.float32)
+
+
 @nnx.jit(static_argnames=("max_new_tokens", "sampling", "batch_sharding"))
 def _generate(model, ids, mask, key, eos_id, pad_id, *, max_new_tokens, sampling,
               batch_sharding):
@@ -195,8 +202,8 @@ def _generate(model, ids, mask, key, eos_id, pad_id, *, max_new_tokens, sampling
               for spec in (P(None, batch), P(None, batch), P(batch), P()))))
     lengths = mask.sum(axis=1)  # real prompt tokens; the next position of each row
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-    out = model(ids, mask, positions=positions, cache=cache)
-    token = sample(out.logits[:, -1], jax.random.fold_in(key, 0), sampling)
+    out = model(ids, mask, compute_logits=False, positions=positions, cache=cache)
+    token = sample(_last_logits(model, out), jax.random.fold_in(key, 0), sampling)
     stopped = token == eos_id
     tokens = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
 
@@ -206,9 +213,10 @@ def _generate(model, ids, mask, key, eos_id, pad_id, *, max_new_tokens, sampling
 
     def step(state):
         model, cache, token, t, stopped, tokens = state
-        out = model(token[:, None], positions=(lengths + t - 1)[:, None], cache=cache)
+        out = model(token[:, None], compute_logits=False, positions=(lengths + t - 1)[:, None],
+                    cache=cache)
         token = jnp.where(stopped, pad_id,
-                          sample(out.logits[:, -1], jax.random.fold_in(key, t), sampling))
+                          sample(_last_logits(model, out), jax.random.fold_in(key, t), sampling))
         tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, t))
         return model, out.cache, token, t + 1, stopped | (token == eos_id), tokens
 
