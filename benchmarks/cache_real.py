@@ -100,7 +100,7 @@ def bench_sources(sources: list[str], kilobytes: float) -> list[str]:
 
 def bench_config(config, sources: list[str], workdir: Path, kilobytes: float, steps: int):
     """The distilled student's run of the demo on :func:`bench_sources` (a fifth of the files
-    held out), ``steps`` steps, evaluated once at the end."""
+    held out), ``steps`` steps (warm-up at most a quarter of them), evaluated once at the end."""
     from actors.demo import demo_configs
 
     distilled = demo_configs(config, sources)["distilled"]
@@ -110,6 +110,8 @@ def bench_config(config, sources: list[str], workdir: Path, kilobytes: float, st
     return dataclasses.replace(
         distilled, data=data,
         train=dataclasses.replace(distilled.train, steps=steps),
+        optimizer=dataclasses.replace(distilled.optimizer, warmup_steps=min(
+            distilled.optimizer.warmup_steps, steps // 4)),
         eval=dataclasses.replace(distilled.eval, every_steps=steps),
         checkpoint=dataclasses.replace(distilled.checkpoint, every_steps=steps))
 
@@ -285,6 +287,8 @@ def id_codes(stored: dict[str, np.ndarray], ids: np.ndarray, spec) -> dict[str, 
             stored_bytes(lengths, zstd(5), True) + stored_bytes(bits, zstd(5), True),
         "gap lengths + extra bits, zstd 19 slot-major":
             stored_bytes(lengths, zstd(19), True) + stored_bytes(bits, zstd(19), True),
+        "gap lengths + extra bits, zstd 5 token-major":
+            stored_bytes(lengths, zstd(5), False) + stored_bytes(bits, zstd(5), False),
         "gap lengths + extra bits, blosc bitshuffle":
             stored_bytes(lengths, blosc("bitshuffle", 1), True)
             + stored_bytes(bits, blosc("bitshuffle", 1), True),
@@ -292,6 +296,8 @@ def id_codes(stored: dict[str, np.ndarray], ids: np.ndarray, spec) -> dict[str, 
             stored_bytes(packed, zstd(5), True),
         f"gaps {np.dtype(wide).name}, zstd 5 slot-major":
             stored_bytes(gaps.astype(wide), zstd(5), True),
+        f"gaps {np.dtype(wide).name}, zstd 5 token-major":
+            stored_bytes(gaps.astype(wide), zstd(5), False),
         f"gaps {np.dtype(wide).name}, zstd 19 slot-major":
             stored_bytes(gaps.astype(wide), zstd(19), True),
         f"gaps {np.dtype(wide).name}, blosc bitshuffle":
@@ -300,11 +306,14 @@ def id_codes(stored: dict[str, np.ndarray], ids: np.ndarray, spec) -> dict[str, 
             stored_bytes(gaps.astype(wide), blosc("bitshuffle", size), True),
         f"gaps {np.dtype(wide).name}, blosc byteshuffle":
             stored_bytes(gaps.astype(wide), blosc("shuffle", size), False),
+        f"gaps {np.dtype(wide).name}, blosc no shuffle":
+            stored_bytes(gaps.astype(wide), blosc("noshuffle", size), False),
         f"ids {np.dtype(wide).name}, blosc bitshuffle":
             stored_bytes(ids.astype(wide), blosc("bitshuffle", size), False),
     }
     values = {"q8 values, zstd 5 slot-major (now)": stored_bytes(stored["values"], zstd(5), True),
               "q8 values, zstd 19 slot-major": stored_bytes(stored["values"], zstd(19), True),
+              "q8 values, zstd 5 token-major": stored_bytes(stored["values"], zstd(5), False),
               "q8 values, blosc bitshuffle": stored_bytes(stored["values"],
                                                            blosc("bitshuffle", 1), False),
               "q8 values, blosc bitshuffle slot-major":
