@@ -36,9 +36,11 @@ from pipeline.cache import audit, compress
 from pipeline.cache.format import TargetSpec
 from pipeline.cache.writer import first_flagged
 
-# Tokens (rows x positions) per chunk by default: [tokens, vocab] float32 logits of 1 GiB at a
-# 128k vocabulary, besides the encoder's temporaries of the same size.
-CHUNK_TOKENS = 2048
+# Tokens (rows x positions) per chunk by default: [tokens, vocab] float32 logits of 256 MiB at
+# a 128k vocabulary, and the encoder's temporaries of about twice that (bench_scale.py
+# --teacher, Llama-3.1-8B on 4 devices, one row each: 2048 tokens needed 16.1 GiB a device,
+# 1 GiB more than the unfused forward; 512 need 15.2).
+CHUNK_TOKENS = 512
 
 
 def chunk_positions(batch: int, seq_len: int, tokens: int = CHUNK_TOKENS) -> int:
