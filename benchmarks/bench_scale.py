@@ -28,8 +28,9 @@ kernel that skips the blocks causality masks (blockwise, splash) does up to half
 less (the line under the table gives its share).
 
 Layers: per-device temp of the scanned step (blockwise attention) at two depths
-(``--layer-growth 16 32``) for each remat policy, its growth per layer next to the one
-activation ``full`` keeps per layer (a layer's input). The last lines: compile seconds of the
+(``--layer-growth 16 32``) for each remat policy, its growth per layer less the one
+activation ``full`` keeps per layer (a layer's input), in units of a layer's float32
+parameters on one device (the size of its gradient, and of its update). The last lines: compile seconds of the
 step at two depths, looped and scanned (``--compile-layers 4 32``), and the headline ratios.
 
     XLA_FLAGS is set here before JAX is imported; run it as a script:
@@ -306,16 +307,21 @@ def _print_projection(rows: list[dict]) -> None:
 def _print_layer_growth(rows: list[dict], seq: int, devices: int) -> None:
     depths = sorted({r["layers"] for r in rows})
     shallow, deep = depths[0], depths[-1]
+    arch, layer_input = architecture(run_config(seq, *TODAY)), rows[0]["layer_input"]
+    # a layer's float32 parameters on one device (fsdp): what its gradient takes
+    layer_params = (4 * (hardware.matmul_params(arch) - arch.vocab_size * arch.hidden_size)
+                    / arch.num_hidden_layers / devices)
     print(f"\nper-device temp by depth: scanned, blockwise, seq {seq}, {devices} devices, "
-          f"batch 1 (full remat keeps a layer's input, {rows[0]['layer_input'] / MIB:.0f} MiB, "
-          f"per layer)")
+          f"batch 1. Per layer, full remat keeps the layer's input ({layer_input / MIB:.0f} MiB); "
+          f"the step also holds the layer's float32 gradient and update ({layer_params / MIB:.0f}"
+          f" MiB each, its parameters' size)")
     print(f"{'remat':>9} " + " ".join(f"{f'temp@{d} GiB':>12}" for d in depths)
-          + f" {'MiB/layer':>9} {'/ input':>7}")
+          + f" {'MiB/layer':>9} {'(- input) / params':>18}")
     for remat in dict.fromkeys(r["remat"] for r in rows):
         temp = {r["layers"]: r["temp"] for r in rows if r["remat"] == remat}
         per_layer = (temp[deep] - temp[shallow]) / (deep - shallow)
         print(f"{remat:>9} " + " ".join(f"{temp[d] / GIB:12.2f}" for d in depths)
-              + f" {per_layer / MIB:9.1f} {per_layer / rows[0]['layer_input']:7.2f}")
+              + f" {per_layer / MIB:9.1f} {(per_layer - layer_input) / layer_params:18.2f}")
 
 
 def _variants(grid: bool) -> list[tuple[str, bool, str]]:
