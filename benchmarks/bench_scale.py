@@ -30,8 +30,9 @@ less (the line under the table gives its share).
 Layers: per-device temp of the scanned step (blockwise attention) at two depths
 (``--layer-growth 16 32``) for each remat policy, its growth per layer less the one
 activation ``full`` keeps per layer (a layer's input), in units of a layer's float32
-parameters on one device (the size of its gradient, and of its update). The last lines: compile seconds of the
-step at two depths, looped and scanned (``--compile-layers 4 32``), and the headline ratios.
+parameters on one device (the size of its gradient, and of its update). The last lines:
+compile seconds of the step at two depths, looped and scanned (``--compile-layers 4 32``), and
+the headline ratios.
 
     XLA_FLAGS is set here before JAX is imported; run it as a script:
     python benchmarks/bench_scale.py                   # the default subset, a few minutes
