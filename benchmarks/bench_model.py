@@ -2,8 +2,10 @@
 
 Times a jitted forward (logits) and a jitted forward+backward (cross-entropy on random labels,
 gradients for every parameter) of a ~100M-parameter Llama config on the local devices (CPU by
-default), for float32 and bfloat16 parameters, side by side in one run. Tracks regressions in
-pipeline/models/llama/model.py; never asserted by a test.
+default), for float32 and bfloat16 parameters, side by side in one run, and the same
+forward+backward on rows packed with ``--documents`` documents (``segment_ids``: attention kept
+inside each, RoPE positions per document), the cost of packed-document masking. Tracks
+regressions in pipeline/models/llama/model.py; never asserted by a test.
 
     python benchmarks/bench_model.py                        # ~100M params, batch 2 x seq 256
     python benchmarks/bench_model.py --layers 2 --seq 64    # quick look
@@ -47,6 +49,10 @@ def parse_args():
     parser.add_argument("--seq", type=int, default=256, help="tokens per sequence")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per case (the fastest counts)")
     parser.add_argument("--dtypes", default="f32,bf16", help="comma list of f32, bf16")
+    parser.add_argument("--documents", type=int, default=4,
+                        help="also time fwd+bwd on rows packed with this many equal documents "
+                             "(segment_ids: attention inside each, positions per document); "
+                             "0: not")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     return parser.parse_args()
 
@@ -79,18 +85,27 @@ def main():
     labels = jnp.asarray(rng.integers(0, args.vocab, (args.batch, args.seq)), jnp.int32)
     mask = jnp.ones((args.batch, args.seq), jnp.int32)
     tokens = args.batch * args.seq
+    # Document d of a row covers tokens [d seq / D, (d + 1) seq / D), numbered from 1.
+    segments = jnp.broadcast_to(
+        1 + jnp.arange(args.seq) * max(args.documents, 1) // args.seq, (args.batch, args.seq))
 
     @jax.jit
     def forward(graphdef, params):
         return nnx.merge(graphdef, params)(ids, mask).logits
 
-    @jax.jit
-    def forward_backward(graphdef, params):
-        def loss(p):
-            logits = nnx.merge(graphdef, p)(ids, mask).logits
-            picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
-            return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - picked)
-        return jax.grad(loss)(params)
+    def forward_backward(segment_ids):
+        @jax.jit
+        def run(graphdef, params):
+            def loss(p):
+                logits = nnx.merge(graphdef, p)(ids, mask, segment_ids=segment_ids).logits
+                picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+                return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - picked)
+            return jax.grad(loss)(params)
+        return run
+
+    passes = [("forward", forward, 1), ("fwd+bwd", forward_backward(None), 3)]
+    if args.documents:
+        passes.append(("fwd+bwd seg", forward_backward(segments), 3))
 
     rows = []
     num_params = None
@@ -100,8 +115,8 @@ def main():
         graphdef, params = nnx.split(model, nnx.Param)
         num_params = sum(x.size for x in jax.tree.leaves(params))
         fwd_flops = hardware.forward_flops_per_token(config, args.seq) * tokens
-        for pass_name, fn, flops in (("forward", forward, fwd_flops),
-                                     ("fwd+bwd", forward_backward, 3 * fwd_flops)):
+        for pass_name, fn, forwards in passes:
+            flops = forwards * fwd_flops  # the full square, whatever the segments mask
             compile_s, step_s = _time(fn, graphdef, params, repeats=args.repeats)
             rows.append(dict(dtype=dtype_name, pass_=pass_name, compile_s=compile_s,
                              step_ms=1e3 * step_s, tokens_per_s=tokens / step_s,
@@ -113,10 +128,13 @@ def main():
           f"{args.layers} layers, {args.heads}/{args.kv_heads} heads, mlp {args.intermediate}, "
           f"{'untied' if args.untied else 'tied'}); batch {args.batch} x seq {args.seq} = "
           f"{tokens} tokens/step; {jax.device_count()} {jax.default_backend()} device(s)")
-    print(f"{'dtype':6} {'pass':8} {'compile s':>10} {'step ms':>10} {'tokens/s':>10} "
+    if args.documents:
+        print(f"fwd+bwd seg: {args.documents} documents of {args.seq // args.documents} tokens "
+              f"a row, with segment_ids")
+    print(f"{'dtype':6} {'pass':11} {'compile s':>10} {'step ms':>10} {'tokens/s':>10} "
           f"{'GFLOP/s':>9} {'MFU':>6}")
     for r in rows:
-        print(f"{r['dtype']:6} {r['pass_']:8} {r['compile_s']:10.1f} {r['step_ms']:10.1f} "
+        print(f"{r['dtype']:6} {r['pass_']:11} {r['compile_s']:10.1f} {r['step_ms']:10.1f} "
               f"{r['tokens_per_s']:10.1f} {r['gflops_per_s']:9.1f} "
               f"{hardware.format_mfu(r['mfu']):>6}")
     by = {(r["dtype"], r["pass_"]): r for r in rows}
@@ -125,6 +143,11 @@ def main():
         ratio = by[dtype_name, "fwd+bwd"]["step_ms"] / by[dtype_name, "forward"]["step_ms"]
         headlines[f"{dtype_name}_fwd_bwd_over_fwd_time"] = ratio
         print(f"{dtype_name}: fwd+bwd / forward step time = {ratio:.2f} (model FLOPs ratio 3)")
+        if args.documents:
+            ratio = (by[dtype_name, "fwd+bwd seg"]["tokens_per_s"]
+                     / by[dtype_name, "fwd+bwd"]["tokens_per_s"])
+            headlines[f"{dtype_name}_segments_over_plain_tokens_per_s"] = ratio
+            print(f"{dtype_name}: fwd+bwd tokens/s with segment ids / without = {ratio:.2f}")
     if {"f32", "bf16"} <= set(args.dtypes.split(",")):
         for pass_name in ("forward", "fwd+bwd"):
             ratio = by["bf16", pass_name]["tokens_per_s"] / by["f32", pass_name]["tokens_per_s"]
