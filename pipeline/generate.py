@@ -176,9 +176,12 @@ def _check_prompts(ids: np.ndarray, mask: np.ndarray, max_new_tokens: int, confi
         raise DataError(f"prompt: token ids must be in [0, {vocab}) (the model's vocab_size), "
                         f"got {real.min()}..{real.max()}; is the tokenizer the model's?")
     if ids.shape[1] + max_new_tokens > context:
+        room = context - ids.shape[1]
+        hint = (f"shorten the prompt or generate at most {room}" if room > 0 else
+                "shorten the prompt")
         raise DataError(f"prompt: {ids.shape[1]} tokens (the longest prompt) + max_new_tokens "
                         f"{max_new_tokens} > the model's max_position_embeddings {context}; "
-                        f"shorten the prompt or generate at most {context - ids.shape[1]}")
+                        f"{hint}")
 
 
 def _last_logits(model, out) -> jax.Array:
