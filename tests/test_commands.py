@@ -88,6 +88,22 @@ def test_export_needs_only_the_checkpoint_and_the_student_spec(demo, cli, tmp_pa
     assert not absent.exists()
 
 
+def test_generate_from_the_checkpoint_and_its_export(demo, cli, tmp_path):
+    """kdpipe generate: the latest checkpoint's student and its export (--model) continue a
+    prompt with the same greedy text; a prompt past the context is refused, naming it."""
+    run, overrides = demo
+    said = []
+    for model in ([], ["--model", run / "distilled" / "student"]):
+        code, out, err = cli(["generate", *_args(overrides), "--prompt", "def main(", *model,
+                              "--max-new-tokens", "6"], tmp_path)
+        assert code == 0, err
+        assert out.startswith("def main(")
+        said.append(out)
+    assert said[0] == said[1]
+    code, _, err = cli(["generate", *_args(overrides), "--prompt", "x " * 80], tmp_path)
+    assert code == 2 and "max_position_embeddings 64" in _one_paragraph(err)
+
+
 def test_eval_of_a_remote_config_takes_a_complete_cache_or_the_teacher_on_this_host(
         demo, cli, tmp_path):
     run, overrides = demo
