@@ -144,8 +144,9 @@ def test_unreachable_truncated_and_incomplete_checkpoints(served, tmp_path):
         shutil.copytree(FIXTURES / NAME, broken)
         (broken / SINGLE_FILE).write_bytes(weights[:size])
     url = f"{served.url}/truncated-header/{SINGLE_FILE}"
-    with pytest.raises(ModelLoadError, match=f"{re.escape(url)}: its 2016-byte header: bytes "
-                                             r"8\.\.2024 lie past the end of the file \(truncated"):
+    with pytest.raises(ModelLoadError, match=f"{re.escape(url)}: not a readable safetensors "
+                                             r"file \(its 2016-byte header: bytes 8\.\.2024 lie "
+                                             r"past the end of the file \(truncated"):
         load_pretrained(f"{served.url}/truncated-header")
     url = f"{served.url}/truncated-data/{SINGLE_FILE}"
     with pytest.raises(ModelLoadError, match=f"{re.escape(url)}: tensor '[^']+': "

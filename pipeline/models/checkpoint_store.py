@@ -193,7 +193,10 @@ def read_header(store: CheckpointStore, file: str) -> dict[str, StoredTensor]:
     (length,) = struct.unpack("<Q", head)
     if not 0 < length <= _MAX_HEADER_BYTES:
         raise bad(f"header length {length}, expected 1 to {_MAX_HEADER_BYTES} bytes")
-    (text,) = store.read_ranges(file, [(8, 8 + length)], f"its {length}-byte header")
+    try:
+        (text,) = store.read_ranges(file, [(8, 8 + length)], f"its {length}-byte header")
+    except ModelLoadError as err:  # say what the file is not, then why
+        raise bad(str(err).removeprefix(f"{store.url(file)}: ")) from None
     try:
         header = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
