@@ -35,19 +35,15 @@ import numpy as np
 from flax import nnx
 
 from pipeline.generate import Sampling, generate
-from pipeline.models.llama import Llama, LlamaConfig
+from pipeline.models.llama import Llama
+
+import bench_model  # benchmarks/bench_model.py: the model shape options
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # The model shape defaults are benchmarks/bench_model.py's (~100M parameters).
-    parser.add_argument("--vocab", type=int, default=32000, help="vocabulary size")
-    parser.add_argument("--hidden", type=int, default=768, help="hidden size")
-    parser.add_argument("--layers", type=int, default=12, help="decoder layers")
-    parser.add_argument("--heads", type=int, default=12, help="query heads")
-    parser.add_argument("--kv-heads", type=int, default=4, help="key/value heads (GQA)")
-    parser.add_argument("--intermediate", type=int, default=2048, help="MLP size")
+    bench_model.add_model_args(parser)
     parser.add_argument("--batch", type=int, default=8, help="prompts generated together")
     parser.add_argument("--prompt", type=int, default=16, help="prompt tokens per row")
     parser.add_argument("--new-tokens", type=int, default=256, help="tokens generated per row")
@@ -76,11 +72,7 @@ def _timed(fn):
 def main():
     args = parse_args()
     total = args.prompt + args.new_tokens
-    config = LlamaConfig(
-        model_type="llama", vocab_size=args.vocab, hidden_size=args.hidden,
-        intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        head_dim=args.hidden // args.heads, max_position_embeddings=total + args.bucket)
+    config = bench_model.model_config(args, max_position_embeddings=total + args.bucket)
     model = Llama(config, rngs=nnx.Rngs(0))
     params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     prompts = np.random.default_rng(0).integers(0, args.vocab, (args.batch, args.prompt))

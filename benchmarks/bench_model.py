@@ -35,9 +35,8 @@ from pipeline.models.llama import Llama, LlamaConfig
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 
 
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The model shape options (defaults: the ~100M config the benchmarks share)."""
     parser.add_argument("--vocab", type=int, default=32000, help="vocabulary size")
     parser.add_argument("--hidden", type=int, default=768, help="hidden size")
     parser.add_argument("--layers", type=int, default=12, help="decoder layers")
@@ -45,6 +44,21 @@ def parse_args():
     parser.add_argument("--kv-heads", type=int, default=4, help="key/value heads (GQA)")
     parser.add_argument("--intermediate", type=int, default=2048, help="MLP size")
     parser.add_argument("--untied", action="store_true", help="separate output head")
+
+
+def model_config(args, **fields) -> LlamaConfig:
+    """The ``LlamaConfig`` of :func:`add_model_args`' options (``fields``: any others)."""
+    return LlamaConfig(
+        model_type="llama", vocab_size=args.vocab, hidden_size=args.hidden,
+        intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        head_dim=args.hidden // args.heads, tie_word_embeddings=not args.untied, **fields)
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(parser)
     parser.add_argument("--batch", type=int, default=2, help="sequences per step")
     parser.add_argument("--seq", type=int, default=256, help="tokens per sequence")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per case (the fastest counts)")
@@ -75,11 +89,7 @@ def _time(fn, *args, repeats):
 
 def main():
     args = parse_args()
-    config = LlamaConfig(
-        model_type="llama", vocab_size=args.vocab, hidden_size=args.hidden,
-        intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        head_dim=args.hidden // args.heads, tie_word_embeddings=not args.untied)
+    config = model_config(args)
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(0, args.vocab, (args.batch, args.seq)), jnp.int32)
     labels = jnp.asarray(rng.integers(0, args.vocab, (args.batch, args.seq)), jnp.int32)
