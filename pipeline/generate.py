@@ -67,7 +67,8 @@ class Sampling:
 
 def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
     """One token per row ``[b]`` int32 drawn from ``logits`` ``[b, vocab]`` float32 as
-    ``sampling`` says."""
+    ``sampling`` says, with one key for the batch, or one per row (``key`` ``[b, 2]``: each
+    row's draw then depends on its own key alone)."""
     if sampling.temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits.astype(jnp.float32) / sampling.temperature
@@ -82,7 +83,15 @@ def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
         kept = jnp.sum(jnp.cumsum(probs, axis=-1) - probs < sampling.top_p, axis=-1)
         threshold = jnp.take_along_axis(ordered, kept[:, None] - 1, axis=-1)
         logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    if key.ndim == 2:
+        return jax.vmap(jax.random.categorical)(key, logits).astype(jnp.int32)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _fold_in(key: jax.Array, t) -> jax.Array:
+    """``fold_in(key, t)`` of one key, or of each row's key ``[b, 2]``."""
+    return jax.vmap(jax.random.fold_in, (0, None))(key, t) if key.ndim == 2 else (
+        jax.random.fold_in(key, t))
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -130,10 +139,13 @@ def generate(model: nnx.Module, prompt_ids, prompt_mask, *, max_new_tokens: int,
       eos_id: a row stops after it produces this token; ``None``: rows run to
         ``max_new_tokens``.
       pad_id: what fills a row's tokens after it stopped.
-      key: the ``jax.random`` key of the sampling (step ``t`` uses ``fold_in(key, t)``);
-        ``None``: ``PRNGKey(0)``. Unused when greedy.
+      key: the ``jax.random`` key of the sampling (step ``t`` uses ``fold_in(key, t)``), or
+        one key per row ``[b, 2]`` (a row's tokens then depend on its key, not on the batch it
+        is in); ``None``: ``PRNGKey(0)``. Unused when greedy.
       mesh: the model's mesh (``build_model(..., mesh)``): the batch, and the cache, are split
-        over its data-parallel axes (``BATCH_SPEC``); ``b`` must be a multiple of their size.
+        over its data-parallel axes (``BATCH_SPEC``); ``b`` must be a multiple of their size
+        on this process. In a multi-process program each process passes its own rows (and
+        keys), and the result is a global array of all processes' rows.
 
     Raises:
       DataError: mis-shaped or right-padded prompts, prompts too long for the model, or token
@@ -147,12 +159,17 @@ def generate(model: nnx.Module, prompt_ids, prompt_mask, *, max_new_tokens: int,
     batch_sharding = None
     if mesh is not None:
         batch_sharding = NamedSharding(mesh, BATCH_SPEC)
-        devices = math.prod(mesh.shape[axis] for axis in BATCH_SPEC[0])
-        if ids.shape[0] % devices:
+        devices = math.prod(mesh.shape[axis] for axis in BATCH_SPEC[0]) // jax.process_count()
+        if ids.shape[0] % max(devices, 1):
             raise DataError(f"prompt: a batch of {ids.shape[0]} does not split over the mesh's "
                             f"{devices} data-parallel devices; give a multiple of {devices}")
-        ids, mask = jax.device_put((ids, mask), batch_sharding)
-    key = jax.random.PRNGKey(0) if key is None else key
+        ids, mask = (jax.make_array_from_process_local_data(batch_sharding, x) for x in (ids, mask))
+        if key is not None and np.ndim(key) == 2:
+            key = jax.make_array_from_process_local_data(batch_sharding, np.asarray(key))
+    key = jax.random.PRNGKey(0) if key is None else jnp.asarray(key)
+    if key.ndim == 2 and key.shape[0] != ids.shape[0]:
+        raise DataError(f"key: expected one key or one per prompt row ({ids.shape[0]}), got "
+                        f"{key.shape[0]} keys")
     # Traced, so one compilation serves every eos and pad; -1 matches no token.
     eos, pad = jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(pad_id)
     return _generate(model, ids, mask, key, eos, pad, max_new_tokens=max_new_tokens,
@@ -206,7 +223,7 @@ def _generate(model, ids, mask, key, eos_id, pad_id, *, max_new_tokens, sampling
     lengths = mask.sum(axis=1)  # real prompt tokens; the next position of each row
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
     out = model(ids, mask, compute_logits=False, positions=positions, cache=cache)
-    token = sample(_last_logits(model, out), jax.random.fold_in(key, 0), sampling)
+    token = sample(_last_logits(model, out), _fold_in(key, 0), sampling)
     stopped = token == eos_id
     tokens = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
 
@@ -219,7 +236,7 @@ def _generate(model, ids, mask, key, eos_id, pad_id, *, max_new_tokens, sampling
         out = model(token[:, None], compute_logits=False, positions=(lengths + t - 1)[:, None],
                     cache=cache)
         token = jnp.where(stopped, pad_id,
-                          sample(_last_logits(model, out), jax.random.fold_in(key, t), sampling))
+                          sample(_last_logits(model, out), _fold_in(key, t), sampling))
         tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, t))
         return model, out.cache, token, t + 1, stopped | (token == eos_id), tokens
 

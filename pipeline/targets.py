@@ -212,6 +212,12 @@ class Source:
         return self.open is None
 
     @property
+    def scores_sequences(self) -> bool:
+        """Whether the teacher can score sequences the student wrote (``train.on_policy``):
+        it runs in the step or on teacher hosts; a cache holds the dataset's rows only."""
+        return self.teacher_in_step or self.asks_teacher_hosts
+
+    @property
     def fills_cache(self) -> bool:
         """Whether ``kdpipe run``'s teacher hosts write the shards it reads (a cache alone
         serves it, so nothing else would)."""
@@ -270,11 +276,23 @@ def run_targets(config: RunConfig, source: str, *, teacher_fp: str | None, offse
                                temperature=config.loss.temperature, teacher_fp=teacher_fp),
             split_location(config.cache.path, split), split, on_wait)
 
-    schedules = {
-        "train": lambda: train_schedule(
+    def train_rows() -> Iterator[np.ndarray]:
+        schedule = train_schedule(
             rows["train"], offset, seed=config.data.seed, shuffle_window=config.data.shuffle_window,
             global_batch=config.train.global_batch_size, host_index=host_index,
-            host_count=host_count),
+            host_count=host_count)
+        if config.train.on_policy is None:
+            return schedule
+        from pipeline.onpolicy import rollout_count
+
+        # on-policy: the first rows of a host's batch are rollouts, whose targets come from the
+        # scorer (pipeline.onpolicy.Rollouts.offline_rows); the rest are read from here
+        count = rollout_count(config.train.global_batch_size // host_count,
+                              config.train.on_policy.fraction)
+        return (batch[count:] for batch in schedule)
+
+    schedules = {
+        "train": train_rows,
         "eval": lambda: eval_schedule(rows["eval"], config.eval, host_index=host_index,
                                       host_count=host_count)}
 

@@ -52,6 +52,7 @@ from pipeline.models.build import build_model, check_model_context
 from pipeline.models.hf_io import save_pretrained, teacher_fingerprint
 from pipeline.models.llama import Llama
 from pipeline.models.sharding import BATCH_SPEC, shard_model
+from pipeline.onpolicy import Rollouts, SequenceScorer, check_split_prompts, samples_only
 from pipeline.optim import build_schedule
 from pipeline.step import DistillLossConfig, TrainState, jit_distillation_step
 from pipeline.student_state import from_saved_tree, run_identity, saved_tree, student_state
@@ -172,6 +173,39 @@ def evaluate(config: RunConfig, state: TrainState, dataset: TokenDataset, *, hos
     return result
 
 
+def _rollouts(config: RunConfig, setup: RunSetup, host: Host, scorer: SequenceScorer | None,
+              batches: HostBatches) -> Rollouts:
+    """The on-policy rows of this host (``train.on_policy``); ``scorer`` None: the teacher
+    scores them in the step."""
+    if scorer is None and not SOURCES[config.teacher_source].teacher_in_step:
+        raise ConfigError(f"train.on_policy: cluster.teacher_source '{config.teacher_source}' "
+                          f"scores rollouts on teacher hosts; run it with `kdpipe run`")
+
+    def next_batch(step: int):  # called after step - 1's rows were taken: batches.offset is step's
+        if step > config.train.steps:
+            return None, None
+        rows = batches.rows_at(batches.offset)
+        return rows, setup.train_data.read_rows(rows)
+
+    return Rollouts(config.train.on_policy, seq_len=setup.info.seq_len, seed=config.train.seed,
+                    mesh=setup.sharding.mesh, eos_id=setup.info.eos_token_id,
+                    segment_ids=setup.info.document_mask, scorer=scorer, next_batch=next_batch,
+                    rows_per_host=config.train.global_batch_size // host.count)
+
+
+def _sample_divergence(config: RunConfig, state: TrainState, local: Mapping, rollouts: Rollouts,
+                       sharding: NamedSharding, teacher: TrainState | None,
+                       vocab_size: int) -> dict[str, float]:
+    """``rollout_reverse_kl``: the mean KL(student || teacher) per generated token of this
+    step's rollouts, at ``loss.temperature``, under the parameters before the step."""
+    loss = dataclasses.replace(config.loss, divergence="reverse_kl", alpha=1.0,
+                               hidden_state_weight=0.0, attention_weight=0.0)
+    options = step_options(dataclasses.replace(config, loss=loss), vocab_size, is_training=False)
+    batch = global_batch(samples_only(local, rollouts.count), sharding)
+    _, metrics = jit_distillation_step(state, batch, teacher, **options)
+    return {"rollout_reverse_kl": float(metrics.kl_loss) / config.loss.temperature ** 2}
+
+
 def _ce_only(config: RunConfig) -> RunConfig:
     loss = dataclasses.replace(config.loss, alpha=0.0, use_hard_labels=True, hidden_state_weight=0.0,
                                attention_weight=0.0)
@@ -215,6 +249,8 @@ def prepare_run(config: RunConfig, *, teacher: Llama | None = None,
                  if info.splits.get("eval", {}).get("num_rows") else None)
 
     check_model_context(config.model.student, "student", info.seq_len)
+    if config.train.on_policy is not None:
+        check_split_prompts(train_data, config.train.on_policy)
     if in_step and config.model.has_teacher:
         check_model_context(config.model.teacher, "teacher", info.seq_len)
     state, mesh = student_state(config, vocab_size)
@@ -261,7 +297,8 @@ def prepare_run(config: RunConfig, *, teacher: Llama | None = None,
 def train(config: RunConfig, *, host: Host = Host(), teacher: Llama | None = None,
           stop: threading.Event | None = None, pause: threading.Event | None = None,
           on_step: Callable[[int, dict], None] | None = None,
-          targets: Mapping[str, TargetReader] | None = None) -> TrainResult:
+          targets: Mapping[str, TargetReader] | None = None,
+          scorer: SequenceScorer | None = None) -> TrainResult:
     """Run (or resume) the distillation of ``config`` on this host; see the module docstring.
 
     Args:
@@ -276,6 +313,8 @@ def train(config: RunConfig, *, host: Host = Host(), teacher: Llama | None = Non
         only, else ``{}``), e.g. to report progress to a driver.
       targets: split -> reader of teacher targets, replacing the cache readers (``kdpipe run``
         passes readers that wait for shards still being written, or ask a remote teacher).
+      scorer: the teacher scoring the student's rollouts (``train.on_policy``) when it does not
+        run in the step (``pipeline.onpolicy.SequenceScorer``: teacher hosts, ``kdpipe run``).
 
     Raises:
       Preempted: after SIGTERM (or ``stop``, ``pause``), once the checkpoint is saved.
@@ -284,13 +323,14 @@ def train(config: RunConfig, *, host: Host = Host(), teacher: Llama | None = Non
     # From the start: a SIGTERM during the (slow) setup still ends in a saved checkpoint.
     with StopOnSigterm() as sigterm:
         return _train(config, host=host, teacher=teacher, targets=targets, on_step=on_step,
-                      sigterm=sigterm.requested, stop=stop or threading.Event(),
+                      scorer=scorer, sigterm=sigterm.requested, stop=stop or threading.Event(),
                       pause=pause or threading.Event())
 
 
 def _train(config: RunConfig, *, host: Host, teacher: Llama | None,
            targets: Mapping[str, TargetReader] | None,
-           on_step: Callable[[int, dict], None] | None, sigterm: threading.Event,
+           on_step: Callable[[int, dict], None] | None, scorer: SequenceScorer | None,
+           sigterm: threading.Event,
            stop: threading.Event, pause: threading.Event) -> TrainResult:
     setup = prepare_run(config, teacher=teacher, targets=targets)
     info, train_data, eval_data, sharding = setup.info, setup.train_data, setup.eval_data, setup.sharding
@@ -319,6 +359,8 @@ def _train(config: RunConfig, *, host: Host, teacher: Llama | None,
                               host_index=host.index, host_count=host.count, offset=offset,
                               shuffle_window=config.data.shuffle_window)
         batch_tokens = config.train.global_batch_size * info.seq_len
+        rollouts = None if config.train.on_policy is None else _rollouts(
+            config, setup, host, scorer if train_teacher is None else None, batches)
         utilisation = Utilisation(train_flops_per_token(state.model().config, info.seq_len),
                                   jax.devices()[0].device_kind, jax.device_count())
 
@@ -345,23 +387,39 @@ def _train(config: RunConfig, *, host: Host, teacher: Llama | None,
         # current step runs; decoded on the device, they stay there (global_batch).
         upcoming = (batches.rows_at(offset + i * config.train.global_batch_size)
                     for i in range(config.train.steps - start))
+        if rollouts is not None:  # the rollout rows' targets come from the scorer
+            upcoming = map(rollouts.offline_rows, upcoming)
         targets_ahead = (None if train_reader is None else
                          prefetch(train_reader.read, upcoming))
         with progress, (contextlib.nullcontext() if targets_ahead is None
-                        else contextlib.closing(targets_ahead)):
+                        else contextlib.closing(targets_ahead)), (
+                contextlib.nullcontext() if rollouts is None else contextlib.closing(rollouts)):
             for step in range(start + 1, config.train.steps + 1):
                 if examples is not None:
                     examples_at = host_offsets(batches.offset, config.train.global_batch_size,
                                                host.index, host.count)
                 rows, local = next(batches)
-                if targets_ahead is not None:
-                    local = {**local, **next(targets_ahead)}
+                stored = next(targets_ahead) if targets_ahead is not None else {}
+                logging_step = step % config.logging.every_steps == 0 or step == config.train.steps
+                if rollouts is not None:
+                    local = rollouts.batch(state, step, rows, local, stored)
+                    sampled = (_sample_divergence(config, state, local, rollouts, sharding,
+                                                  train_teacher, info.vocab_size)
+                               if logging_step else {})
+                    started = time.perf_counter()
+                else:
+                    local = {**local, **stored}
                 state, metrics = jit_distillation_step(state, global_batch(local, sharding),
                                                        train_teacher, **options)
                 skips.add(metrics)
+                if rollouts is not None:
+                    jax.block_until_ready(metrics.loss)
+                    rollouts.step_done(time.perf_counter() - started)
                 logged = {}
-                if step % config.logging.every_steps == 0 or step == config.train.steps:
+                if logging_step:
                     logged = _to_host(metrics.as_dict())
+                    if rollouts is not None:
+                        logged.update(sampled, **rollouts.take_metrics())
                     now = time.perf_counter()
                     tokens_per_s = batch_tokens * (step - tick_step) / (now - tick)
                     tick, tick_step = now, step

@@ -34,13 +34,13 @@ from pipeline.config.run import RunConfig
 from pipeline.config.runtime import (MESH_AXES, CheckpointConfig, ClusterConfig, DemoConfig,
                                      EvalConfig, GroupConfig, LoggingConfig, MeshConfig,
                                      TeacherSource)
-from pipeline.config.training import (CacheConfig, DataConfig, LossConfig, OptimizerConfig,
-                                      TrainConfig, hard_labels_only)
+from pipeline.config.training import (CacheConfig, DataConfig, LossConfig, OnPolicyConfig,
+                                      OptimizerConfig, TrainConfig, hard_labels_only)
 
 __all__ = [
     "MESH_AXES", "CacheConfig", "CheckpointConfig", "ClusterConfig", "DataConfig", "DemoConfig",
     "Dtype", "EvalConfig", "GroupConfig", "LoggingConfig", "LossConfig", "MeshConfig",
-    "ModelConfig", "ModelSpec", "OptimizerConfig", "RunConfig", "TeacherSource", "TrainConfig",
+    "ModelConfig", "ModelSpec", "OnPolicyConfig", "OptimizerConfig", "RunConfig", "TeacherSource", "TrainConfig",
     "check_context", "config_from_dict", "config_hash", "config_to_dict", "hard_labels_only",
     "load_config",
     "render_reference", "stable_hash",

@@ -46,6 +46,7 @@ class RunConfig(Section):
         self._check_context()
         self._check_batch_split()
         self._check_schedule()
+        self._check_on_policy()
 
     @property
     def teacher_source(self) -> TeacherSource:
@@ -143,3 +144,29 @@ class RunConfig(Section):
             raise ConfigError(f"optimizer.warmup_steps ({opt.warmup_steps}) must not exceed the decay "
                               f"horizon ({'optimizer.decay_steps' if opt.decay_steps else 'train.steps'}"
                               f" = {decay})")
+
+    def _check_on_policy(self) -> None:
+        on_policy = self.train.on_policy
+        if on_policy is None:
+            return
+        from pipeline.targets import SOURCES
+
+        if not SOURCES[self.teacher_source].scores_sequences:
+            scoring = ", ".join(name for name, s in SOURCES.items() if s.scores_sequences)
+            raise ConfigError(f"train.on_policy: the teacher must score the student's own "
+                              f"sequences, but cluster.teacher_source '{self.teacher_source}' only "
+                              f"reads stored targets of the dataset's rows; use one of {scoring}")
+        if self.loss.use_hard_labels:
+            raise ConfigError("train.on_policy: loss.use_hard_labels would add the cross-entropy "
+                              "of the student's own samples (the rollouts' labels) to the loss; "
+                              "set loss.use_hard_labels: false")
+        seq_len, width = self.data.seq_len, on_policy.prompt_tokens(self.data.seq_len)
+        if on_policy.max_new_tokens >= seq_len:
+            raise ConfigError(f"train.on_policy.max_new_tokens: expected < data.seq_len "
+                              f"({seq_len}), leaving room for a prompt, got "
+                              f"{on_policy.max_new_tokens}")
+        if width + on_policy.max_new_tokens > seq_len:
+            raise ConfigError(f"train.on_policy.prefix_tokens: a prompt of {width} tokens + "
+                              f"max_new_tokens {on_policy.max_new_tokens} > data.seq_len "
+                              f"{seq_len}; expected prefix_tokens <= "
+                              f"{seq_len - on_policy.max_new_tokens}")

@@ -174,6 +174,41 @@ class OptimizerConfig(Section):
 
 
 @dataclasses.dataclass(frozen=True)
+class OnPolicyConfig(Section):
+    """On-policy distillation (GKD, Agarwal et al. 2024): each step, a share of every host's
+    rows is replaced by the student's own continuations of their prompts, scored by the teacher
+    (``pipeline.onpolicy``). The loss (``loss.divergence``; GKD uses reverse_kl or jsd) covers
+    the generated tokens only; the other rows train as without this section."""
+
+    PATH: ClassVar[str] = "train.on_policy"
+    fraction: float = field(0.5, "Share lambda of each host's rows replaced by rollouts: "
+                            "round(fraction x rows per host) rows each step.", ge=0.0, le=1.0)
+    max_new_tokens: int = field(64, "Most tokens generated per rollout (a rollout also stops at "
+                                "data.eos_token).", gt=0)
+    temperature: float = field(1.0, "Sampling temperature of the rollouts; 0: greedy.", ge=0.0)
+    top_p: float = field(1.0, "Nucleus sampling: the smallest set of most likely tokens whose "
+                         "probability reaches top_p; 1: all.", gt=0.0, le=1.0)
+    top_k: int = field(0, "Sample among the top_k most likely tokens only; 0: all.", ge=0)
+    prompt_source: Literal["prompt", "prefix"] = field(
+        "prompt", "What the student continues: prompt = each row's prompt (the tokens before its "
+        "first label, as prompt/completion data is prepared; prepare it with data.pack: false so "
+        "that rows start with a prompt); prefix = the first prefix_tokens tokens of each row's "
+        "first document.")
+    prefix_tokens: int | None = field(None, "Prompt length for prompt_source prefix; null: "
+                                      "data.seq_len - max_new_tokens.", gt=0)
+    lag: int = field(0, "0: rollouts come from the current parameters; 1: from the parameters "
+                     "one step behind, generated and scored while the previous step runs "
+                     "(staleness reported as rollout_staleness).", ge=0, le=1)
+
+    def prompt_tokens(self, seq_len: int) -> int:
+        """The prompt width: the most prompt tokens a rollout continues, so that prompt plus
+        ``max_new_tokens`` fit a row of ``seq_len`` tokens."""
+        if self.prompt_source == "prefix" and self.prefix_tokens is not None:
+            return self.prefix_tokens
+        return seq_len - self.max_new_tokens
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig(Section):
     """Steps, batch sizes and gradient accumulation."""
 
@@ -188,6 +223,8 @@ class TrainConfig(Section):
                                    "(pipeline.losses.fused_head); 0: materialise the full "
                                    "logits.",
                                    ge=0, hashed=False)
+    on_policy: OnPolicyConfig | None = field(None, "On-policy distillation; null: off (every "
+                                             "row from the dataset).")
 
     def __post_init__(self) -> None:
         super().__post_init__()
