@@ -9,7 +9,7 @@ import typing
 import numpy as np
 import pytest
 
-from actors.remote import REMOTE_AHEAD, RemoteTargets, answer
+from actors.remote import REMOTE_AHEAD, RemoteTargets, TeacherHosts, answer
 from pipeline.config import RunConfig, TeacherSource
 from pipeline.errors import ConfigError
 from pipeline.targets import SOURCES, HybridTargets, Openers, pick_readers
@@ -139,8 +139,8 @@ def test_a_remote_request_carries_the_split_and_rows_only():
     calls: list = []
     teachers = [FakeTeacher(calls, rank) for rank in range(3)]
     batches = [np.arange(i * 4, i * 4 + 4) for i in range(10)]
-    reader = RemoteTargets(teachers, "eval", spec=None, vocab_size=64, schedule=iter(batches),
-                           first=1)
+    reader = RemoteTargets(TeacherHosts(teachers, spec=None, vocab_size=64, first=1), "eval",
+                           schedule=iter(batches))
     assert reader.take(batches[0]) == "ref-1"
     # REMOTE_AHEAD in flight after the one taken, round-robin over the hosts from `first`
     assert len(calls) == REMOTE_AHEAD + 1

@@ -1,0 +1,346 @@
+"""On-policy distillation vs offline-only distillation vs hard labels, on held-out Python functions.
+
+The demo corpus (actors/demo.py: the standard-library modules ``kdpipe demo`` selects) cut into
+functions: each function's first half of lines is a prompt, the rest its completion
+(``prompt``/``completion`` JSONL, one function a row, loss on completions only; the held-out
+split is ``pipeline.data.prepare``'s, by hash). In a work directory that reruns reuse:
+
+1. the demo's tokenizer, the function dataset, and the demo's teacher trained on it (hard
+   labels, ``--teacher-steps``);
+2. three students from the same initialisation, ``--steps`` steps each at the same batch,
+   the teacher live in the step (``pipeline.train.train``): **hard labels** (CE alone),
+   **offline** (the divergence ``--divergence`` to the teacher on the dataset's completions),
+   **on-policy** (the same loss, with ``--fraction`` of each batch the student's own
+   continuations of its prompts, ``train.on_policy``). Both distilled arms run the teacher over
+   the same number of rows per step: equal steps, equal teacher FLOPs;
+3. each student continues ``--prompts`` held-out prompts ``--samples`` times (``pipeline.generate``,
+   temperature ``--temperature``, at most ``--new-tokens`` tokens); the teacher and the student
+   score those sequences, and the **reverse KL on the student's own samples**,
+   ``KL(p_student || p_teacher)`` per generated token, is reduced in float64 (token mean, and
+   its standard error over prompts); **held-out CE** is the student's cross-entropy on the
+   held-out completions, float64, standard error over rows.
+
+One table side by side; the last lines are the issue's goal: on-policy has the lowest reverse
+KL on student samples, and held-out CE no worse than offline-only by more than noise (two
+standard errors of the difference).
+
+    python benchmarks/bench_onpolicy.py                    # the default, minutes on 2 cores
+    python benchmarks/bench_onpolicy.py --steps 600 --teacher-steps 1500 --workdir runs/onp-big
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
+ARMS = ("hard-labels", "offline", "on-policy")
+
+
+# --------------------------------------------------------------------------------------------
+# Data and teacher
+# --------------------------------------------------------------------------------------------
+
+def function_records(sources: list[str], tokenizer, seq_len: int) -> list[dict]:
+    """Every function (and method) of ``sources`` of at least 4 lines whose tokens and eos fit
+    one row of ``seq_len``: ``{"prompt": first half of its lines, "completion": the rest}``."""
+    records = []
+    for source in sources:
+        text = Path(source).read_text(encoding="utf-8")
+        lines = text.splitlines(keepends=True)
+        for node in ast.walk(ast.parse(text)):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            body = lines[node.lineno - 1:node.end_lineno]
+            if len(body) < 4:
+                continue
+            half = len(body) // 2
+            prompt, completion = "".join(body[:half]), "".join(body[half:])
+            if len(tokenizer.encode(prompt + completion).ids) < seq_len:  # + eos
+                records.append({"prompt": prompt, "completion": completion})
+    return records
+
+
+def base_config(workdir: Path, args):
+    """configs/demo.yaml with its paths under ``workdir``, rows of one function each."""
+    from pipeline.config import load_config
+
+    config = load_config(DEMO_CONFIG, [
+        f"run_dir={workdir}", f"data.tokenizer={workdir / 'tokenizer.json'}",
+        f"data.prepared_dir={workdir / 'data'}", f"data.sources=[{workdir / 'functions.jsonl'}]",
+        "data.pack=false", f"demo.teacher_steps={args.teacher_steps}",
+        f"train.steps={args.steps}", f"train.global_batch_size={args.batch}",
+        "cluster.teacher_source=live", "eval.every_steps=0", "checkpoint.every_steps=1000000",
+        "logging.progress=false", "logging.report=false", "logging.tensorboard=false"])
+    return dataclasses.replace(config, cache=None)  # the teacher runs live: nothing cached
+
+
+def prepare(workdir: Path, args):
+    """Tokenizer, function dataset and trained teacher in ``workdir`` (each made once);
+    returns the base config and the teacher's Hugging Face directory."""
+    from actors.demo import demo_configs, stdlib_sources
+    from pipeline.data import load_tokenizer, prepare_dataset, train_bpe_tokenizer
+    from pipeline.train import train
+
+    config = base_config(workdir, args)
+    sources = stdlib_sources(config.demo.max_files)
+    if not Path(config.data.tokenizer).exists():
+        train_bpe_tokenizer(sources, config.demo.tokenizer_vocab_size, config.data.tokenizer)
+    functions = Path(config.data.sources[0])
+    if not functions.exists():
+        records = function_records(sources, load_tokenizer(config.data.tokenizer),
+                                   config.data.seq_len)
+        functions.write_text("".join(json.dumps(r) + "\n" for r in records))
+    if not (Path(config.data.prepared_dir) / "metadata.json").exists():
+        prepare_dataset(config.data, progress=False)
+    teacher_config = demo_configs(config, list(config.data.sources))["teacher"]
+    teacher_dir = Path(teacher_config.run_dir) / "student"
+    if not (teacher_dir / "config.json").exists():
+        started = time.perf_counter()
+        train(teacher_config)
+        print(f"teacher: {args.teacher_steps} steps in {time.perf_counter() - started:.0f} s")
+    return config, teacher_dir
+
+
+def arm_config(config, teacher_dir: Path, arm: str, args):
+    """The run of one arm: the same student, seed, steps, batch and optimizer; the teacher live."""
+    from pipeline.config import ModelSpec
+
+    model = dataclasses.replace(config.model, teacher=ModelSpec(path=str(teacher_dir)))
+    loss = dataclasses.replace(config.loss, alpha=0.0 if arm == "hard-labels" else 1.0,
+                               use_hard_labels=arm == "hard-labels",
+                               divergence=args.divergence, temperature=1.0)
+    train = config.train
+    if arm == "on-policy":
+        train = dataclasses.replace(train, on_policy=on_policy_section(args))
+    return dataclasses.replace(config, run_dir=str(Path(config.run_dir) / f"{arm}-{args.steps}"),
+                               model=model, loss=loss, train=train)
+
+
+def on_policy_section(args):
+    """``train.on_policy`` of the on-policy arm: λ = ``--fraction`` of each batch rolled out
+    by the student from its rows' prompts."""
+    from pipeline.config import OnPolicyConfig
+
+    return OnPolicyConfig(fraction=args.fraction, max_new_tokens=args.new_tokens,
+                          temperature=args.temperature, prompt_source="prompt")
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+def held_out_prompts(config, count: int) -> list[list[int]]:
+    """The token ids of the first ``count`` held-out functions' prompts (the split rule of
+    ``pipeline.data.prepare``, the tokenization of its ``prompt`` fields)."""
+    from pipeline.data import load_tokenizer
+    from pipeline.data.prepare import Document, is_held_out
+
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    prompts = []
+    for line in Path(config.data.sources[0]).read_text().splitlines():
+        record = json.loads(line)
+        if is_held_out(Document(record["completion"], prompt=record["prompt"]),
+                       config.data.eval_fraction):
+            prompts.append(tokenizer.encode(record["prompt"]).ids)
+        if len(prompts) == count:
+            break
+    return prompts
+
+
+def _logits_fn():
+    from flax import nnx
+
+    @nnx.jit
+    def logits(model, ids, mask, segments):
+        return model(ids, mask, segment_ids=segments).logits
+
+    return logits
+
+
+def float64_log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = np.asarray(logits, np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def clustered_mean(sums: np.ndarray, counts: np.ndarray) -> tuple[float, float]:
+    """Token mean ``Σ sums / Σ counts`` over clusters (sequences) and its standard error
+    (the ratio estimator's linearisation: tokens of one sequence are not independent)."""
+    sums, counts = np.asarray(sums, np.float64), np.asarray(counts, np.float64)
+    mean = sums.sum() / counts.sum()
+    n = len(sums)
+    se = math.sqrt(n / max(n - 1, 1) * np.sum((sums - mean * counts) ** 2)) / counts.sum()
+    return float(mean), float(se)
+
+
+def reverse_kl_on_samples(student, teacher, prompts: list[list[int]], *, samples: int,
+                          new_tokens: int, temperature: float, eos_id: int, seed: int,
+                          batch: int = 32) -> dict:
+    """The teacher's reverse KL on the student's own continuations of ``prompts``:
+    per generated token ``t`` (its eos included), ``Σ_v p_s(v) (log p_s(v) − log p_t(v))``
+    with both distributions from the logits before ``t``, in float64; token mean and its
+    standard error over sequences, mean generated length, fraction stopped at eos."""
+    import jax
+
+    from pipeline.generate import Sampling, generate, left_pad
+
+    logits = _logits_fn()
+    sums, counts, stopped = [], [], []
+    jobs = [p for p in prompts for _ in range(samples)]
+    key = jax.random.PRNGKey(seed)
+    width = max(len(p) for p in prompts) + new_tokens  # one compiled shape for the scoring
+    for first in range(0, len(jobs), batch):
+        group = jobs[first:first + batch]
+        group = group + [group[-1]] * (batch - len(group))  # one compiled shape
+        ids, mask = left_pad(group, pad_id=0)
+        out = generate(student, ids, mask, max_new_tokens=new_tokens,
+                       sampling=Sampling(temperature=temperature), eos_id=eos_id,
+                       key=jax.random.fold_in(key, first))
+        tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+        # right-padded sequences prompt + continuation: plain causal positions for scoring
+        seq = np.zeros((batch, width), np.int32)
+        seq_mask = np.zeros((batch, width), np.int32)
+        for i, prompt in enumerate(group):
+            row = list(prompt) + tokens[i, :lengths[i]].tolist()
+            seq[i, :len(row)], seq_mask[i, :len(row)] = row, 1
+        log_s = float64_log_softmax(logits(student, seq, seq_mask, seq_mask))
+        log_t = float64_log_softmax(logits(teacher, seq, seq_mask, seq_mask))
+        kl = np.sum(np.exp(log_s) * (log_s - log_t), axis=-1)  # [b, width]
+        real = min(len(group), len(jobs) - first)
+        for i, prompt in enumerate(group[:real]):
+            before = slice(len(prompt) - 1, len(prompt) - 1 + lengths[i])
+            sums.append(kl[i, before].sum())
+            counts.append(int(lengths[i]))
+            stopped.append(bool(out.stopped[i]))
+    mean, se = clustered_mean(sums, counts)
+    return {"reverse_kl": mean, "reverse_kl_se": se, "mean_length": float(np.mean(counts)),
+            "eos_fraction": float(np.mean(stopped)), "sequences": len(counts)}
+
+
+def held_out_ce(student, config, *, batch: int = 32) -> tuple[float, float]:
+    """The student's cross-entropy on the held-out completions (labels != -100), float64:
+    token mean and its standard error over rows."""
+    from pipeline.data import TokenDataset
+
+    logits = _logits_fn()
+    data = TokenDataset(config.data.prepared_dir, "eval")
+    sums, counts = [], []
+    for first in range(0, data.num_rows, batch):
+        rows = data.read_rows(np.arange(first, min(first + batch, data.num_rows)))
+        log_p = float64_log_softmax(logits(student, rows["input_ids"], rows["attention_mask"],
+                                           rows.get("segment_ids")))
+        labels = rows["labels"]
+        taken = np.take_along_axis(log_p, np.maximum(labels, 0)[..., None], axis=-1)[..., 0]
+        ce = np.where(labels != -100, -taken, 0.0)
+        sums.extend(ce.sum(axis=1))
+        counts.extend((labels != -100).sum(axis=1))
+    keep = np.asarray(counts) > 0
+    return clustered_mean(np.asarray(sums)[keep], np.asarray(counts)[keep])
+
+
+# --------------------------------------------------------------------------------------------
+# The comparison
+# --------------------------------------------------------------------------------------------
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--workdir", default="runs/bench_onpolicy",
+                        help="tokenizer, data, teacher and students; reruns reuse them")
+    parser.add_argument("--teacher-steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=150, help="training steps of each student")
+    parser.add_argument("--batch", type=int, default=16, help="rows per step, each arm")
+    parser.add_argument("--fraction", type=float, default=0.5,
+                        help="on-policy arm: share of each batch the student rolls out (λ)")
+    parser.add_argument("--divergence", default="reverse_kl",
+                        choices=("forward_kl", "reverse_kl", "jsd"),
+                        help="the distilled arms' divergence (loss.divergence)")
+    parser.add_argument("--new-tokens", type=int, default=32,
+                        help="tokens the student generates per prompt (training and evaluation)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    parser.add_argument("--prompts", type=int, default=64, help="held-out prompts evaluated")
+    parser.add_argument("--samples", type=int, default=2, help="continuations per prompt")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    args = parser.parse_args()
+    for name in ("teacher_steps", "steps", "batch", "new_tokens", "prompts", "samples"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}: expected an integer >= 1")
+    if not 0 < args.fraction <= 1:
+        parser.error(f"--fraction: expected a number in (0, 1], got {args.fraction}")
+    if not args.temperature > 0:
+        parser.error(f"--temperature: expected a number > 0, got {args.temperature}")
+    return args
+
+
+def main():
+    args = parse_args()
+    from pipeline.data import load_tokenizer
+    from pipeline.models.build import build_model
+    from pipeline.config import ModelSpec
+    from pipeline.train import train
+
+    workdir = Path(args.workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    config, teacher_dir = prepare(workdir, args)
+    teacher = build_model(ModelSpec(path=str(teacher_dir)), frozen=True)
+    eos_id = load_tokenizer(config.data.tokenizer).token_to_id(config.data.eos_token)
+    prompts = held_out_prompts(config, args.prompts)
+    if len(prompts) < args.prompts:
+        print(f"only {len(prompts)} held-out functions; evaluating those")
+    seq_len = config.data.seq_len
+    out = {"args": vars(args), "arms": {}}
+    for arm in args.arms:
+        run = arm_config(config, teacher_dir, arm, args)
+        started = time.perf_counter()
+        train(run)
+        seconds = time.perf_counter() - started
+        student = build_model(ModelSpec(path=str(Path(run.run_dir) / "student")), frozen=True)
+        figures = reverse_kl_on_samples(student, teacher, prompts, samples=args.samples,
+                                        new_tokens=args.new_tokens, temperature=args.temperature,
+                                        eos_id=eos_id, seed=0)
+        figures["held_out_ce"], figures["held_out_ce_se"] = held_out_ce(student, config)
+        # the rows the teacher runs over in training (the live teacher scores whole rows)
+        figures["teacher_tokens"] = 0 if arm == "hard-labels" else args.steps * args.batch * seq_len
+        figures["train_s"] = seconds
+        out["arms"][arm] = figures
+        print(f"{arm}: trained in {seconds:.0f} s (0 when reused)")
+
+    header = (f"{'arm':<12} {'rev KL on own samples':>22} {'held-out CE':>16} "
+              f"{'gen len':>8} {'eos':>5} {'teacher tokens':>15}")
+    print(f"\n{args.steps} steps x {args.batch} rows, λ = {args.fraction}, divergence "
+          f"{args.divergence}, {len(prompts)} held-out prompts x {args.samples} samples")
+    print(header)
+    for arm, f in out["arms"].items():
+        print(f"{arm:<12} {f['reverse_kl']:>13.4f} ± {f['reverse_kl_se']:.4f} "
+              f"{f['held_out_ce']:>7.4f} ± {f['held_out_ce_se']:.4f} {f['mean_length']:>8.1f} "
+              f"{f['eos_fraction']:>5.2f} {f['teacher_tokens']:>15,}")
+    arms = out["arms"]
+    if {"offline", "on-policy"} <= arms.keys():
+        on, off = arms["on-policy"], arms["offline"]
+        kl_ratio = on["reverse_kl"] / off["reverse_kl"]
+        ce_gap = on["held_out_ce"] - off["held_out_ce"]
+        noise = 2 * math.hypot(on["held_out_ce_se"], off["held_out_ce_se"])
+        lowest = min(arms, key=lambda a: arms[a]["reverse_kl"])
+        out["goal"] = {"reverse_kl_ratio_on_vs_offline": kl_ratio, "ce_gap": ce_gap,
+                       "ce_noise": noise, "lowest_reverse_kl": lowest,
+                       "met": lowest == "on-policy" and ce_gap <= noise}
+        print(f"reverse KL on student samples, on-policy / offline: {kl_ratio:.3f}x "
+              f"(lowest: {lowest})")
+        print(f"held-out CE, on-policy - offline: {ce_gap:+.4f} nats (noise, 2 s.e.: "
+              f"{noise:.4f}); goal {'met' if out['goal']['met'] else 'NOT met'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
