@@ -45,13 +45,14 @@ def _teacher(config):
     from pipeline.data import read_info
     from pipeline.errors import ConfigError
     from pipeline.models.build import build_model, check_model_context
+    from pipeline.teacher import teacher_mesh
 
     spec = config.model.teacher
     if not spec.from_pretrained:
         raise ConfigError("model.teacher.path: this verb needs the teacher's Hugging Face "
                           "directory (config.json + *.safetensors)")
     check_model_context(spec, "teacher", read_info(config.data.prepared_dir).seq_len)
-    return build_model(spec, frozen=True)
+    return build_model(spec, frozen=True, mesh=teacher_mesh(config.mesh))
 
 
 def cmd_prepare_data(args) -> int:
@@ -104,7 +105,7 @@ def cmd_train(args) -> int:
 
 def cmd_run(args) -> int:
     from actors.driver import run
-    from actors.groups import HostGroupError
+    from actors.group_errors import HostGroupError
 
     try:
         outcome = run(_load(args), address=args.address)

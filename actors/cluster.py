@@ -23,7 +23,8 @@ import os
 
 import ray
 
-from actors.groups import LOCAL_HOST_CPU, GroupSpec, InsufficientResourcesError
+from actors.group_errors import InsufficientResourcesError
+from actors.groups import LOCAL_HOST_CPU, GroupSpec
 from actors.hosts import HostEnv
 from pipeline.config import GroupConfig
 from pipeline.errors import ConfigError

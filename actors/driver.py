@@ -6,8 +6,9 @@ the one place that decides what happens after a failure.
 its hosts, each host calling ``pipeline.train.train`` through ``actors.work.train_student``)
 and, as the config's ``cluster.teacher_source`` asks, the teacher group:
 
-- ``offline``: teacher hosts fill the cache (train and eval splits) from a work queue of shards
-  (``actors.teacher_group``): a host that finishes a shard takes the next, in the order the
+- ``offline``: teacher replicas (``cluster.teacher.hosts_per_replica`` hosts each, one JAX
+  program) fill the cache (train and eval splits) from a work queue of shards
+  (``actors.teacher_group``): a replica that finishes a shard takes the next, in the order the
   student first needs them. The student starts at once and reads committed shards only; a
   batch whose shards are not committed yet waits for them (the view shows which). A cache
   already complete is reused and no teacher host starts.
@@ -24,8 +25,8 @@ Host failures surface here as ``HostGroupError`` (ranks grouped). ``actors.polic
 classifies each and decides retry or raise, against one budget for the run
 (``cluster.max_failures``, ``cluster.max_preemptions``); this module carries the decision out:
 
-- An offline teacher host that dies: its unfinished shard goes back on the queue and a new
-  host takes its place (or the others carry on without it).
+- An offline teacher host that dies: its replica's unfinished shard goes back on the queue and
+  the replica is formed again on new hosts (or the other replicas carry on without it).
 - A remote or hybrid teacher host that dies under the students' requests: a new host takes
   its place, and the student group restarts from its latest checkpoint with the new handles.
 - A student host that dies, or gets a preemption notice (SIGTERM: all hosts save a checkpoint
@@ -50,7 +51,8 @@ from typing import Any
 import ray
 
 from actors.cluster import check_embedded_fit, connect, group_spec
-from actors.groups import GroupSpec, HostGroup, HostGroupError
+from actors.group_errors import HostGroupError
+from actors.groups import GroupSpec, HostGroup
 from actors.policy import Decision, FailurePolicy, HostPreempted, NoHostsLeft, Raise, TeacherLost
 from actors.student_group import StudentRestart, StudentWork, alive_nodes
 from actors.teacher_group import SPLITS, ShardQueue, ShardWritten, TeacherWork, pending_shards
@@ -92,7 +94,7 @@ class RunOutcome:
     Attributes:
       result: process 0's ``pipeline.train.TrainResult``.
       teacher_hosts: teacher hosts started (0: live, or a complete cache reused).
-      shards_written: ``(split, shard, teacher rank)`` in commit order.
+      shards_written: ``(split, shard, teacher replica)`` in commit order.
       students: each student host's report, by rank.
       teacher_hosts_lost: teacher hosts that died (each replaced, or the others carried on
         without it).
@@ -194,7 +196,8 @@ def run(config: RunConfig, *, address: str | None = None, console=None,
             check_embedded_fit(list(specs.values()))
         if start_teachers:
             teachers = HostGroup.create(specs["teacher"])
-            teachers.setup_jax(distributed=False)
+            teachers.setup_jax(distributed=True,
+                               hosts_per_program=config.cluster.teacher.hosts_per_replica)
         work = TeacherWork(teachers, config, queue, teacher_fp, fill) if teachers else None
         plan = StudentPlan(source, teacher_fp, work.handles() if work else ())
         students = StudentWork(config, plan, student_spec, student)
@@ -337,8 +340,7 @@ def _teacher_returned(ref, work: TeacherWork, policy: FailurePolicy, view: Progr
     except HostGroupError as err:
         outcome = policy.classify(err)
         _carry_out(policy.decide(outcome))
-        for rank in outcome.ranks:
-            work.lose(rank)
+        work.lose(outcome.ranks)
         if work.stalled:
             _carry_out(policy.decide(NoHostsLeft("teacher", work.group.num_hosts, err)))
         view.teacher_state = f"host {', '.join(map(str, outcome.ranks))} lost, its shard queued again"

@@ -5,8 +5,13 @@ cluster; PACK for N hosts side by side on one machine; a ``ray.util.tpu`` slice 
 on TPU pods), starts one actor in each bundle (bundle i = rank i; rank 0 is the JAX
 coordinator) and waits until every actor answers. Calls fan out to all ranks and are collected
 with ``ray.wait``; failures come back grouped: ranks that failed the same way are reported
-once, with their ranks, in one ``HostGroupError``. The driver decides what to do with it (retry,
-re-form the group, ``replace_host`` in a group of independent hosts): this module never retries.
+once, with their ranks, in one ``HostGroupError`` (``actors.group_errors``). The driver decides
+what to do with it (retry, re-form the group, ``replace_hosts`` of one JAX program in a group of
+several programs): this module never retries.
+
+A group's hosts form one JAX program (the student group), or several programs of consecutive
+ranks (a teacher group of replicas, ``setup_jax(hosts_per_program=...)``; one host each: hosts
+that run alone).
 
 Keeping teacher and student groups apart is a matter of resources: give the teacher hosts a
 custom resource (``ray start --resources '{"teacher": 1}'``) or a node label and ask for it in
@@ -17,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import re
 import time
 import uuid
 from typing import Any, Callable, Mapping
@@ -27,6 +31,7 @@ from ray.util import tpu as ray_tpu
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from actors.group_errors import HostGroupError, HostTimeoutError, InsufficientResourcesError
 from actors.hosts import CONTROL_GROUP, HostActor, HostEnv, HostInfo, JaxInfo
 from pipeline.errors import KdpipeError
 
@@ -45,14 +50,6 @@ TEARDOWN_TIMEOUT_S = 15.0
 LOCAL_HOST_CPU = 0.01
 
 STRATEGIES = frozenset({"PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"})  # Ray's placement strategies
-
-
-class InsufficientResourcesError(KdpipeError):
-    """The cluster could not place the requested hosts within the timeout."""
-
-
-class HostTimeoutError(TimeoutError):
-    """Some hosts did not finish a call within its timeout."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,94 +136,6 @@ class GroupSpec:
         return bundles
 
 
-class HostGroupError(RuntimeError):
-    """A call failed on some hosts of a group.
-
-    Attributes:
-      group, call: which group, which call ("run", "setup", "start", ...).
-      failures: rank -> the exception (RayTaskError wrapping the host's exception, or
-        RayActorError when the host's process or node died).
-      unfinished: ranks that were still busy when the group stopped waiting.
-    """
-
-    def __init__(self, group: str, call: str, failures: dict[int, BaseException],
-                 unfinished: list[int], num_hosts: int):
-        self.group = group
-        self.call = call
-        self.failures = dict(sorted(failures.items()))
-        self.unfinished = sorted(unfinished)
-        super().__init__(_describe_failures(group, call, self.failures, self.unfinished, num_hosts))
-
-    @property
-    def lost_ranks(self) -> list[int]:
-        """Ranks whose actor is gone (process killed, node lost or preempted), as opposed to
-        ranks where the work function or the actor's start raised: ``actors.policy`` may retry
-        the former and raises the latter."""
-        return [r for r, e in self.failures.items() if _is_lost(e)]
-
-    @property
-    def user_error(self) -> KdpipeError | None:
-        """The lowest rank's error when every failed rank raised a ``KdpipeError`` (a problem
-        with what the user gave, such as a teacher whose logits are NaN), else None. Such a
-        failure is no lost host and a retry would fail the same way: the CLI reports it as
-        it does on one host (exit 2)."""
-        causes = [getattr(e, "cause", None) if isinstance(e, ray.exceptions.RayTaskError) else None
-                  for e in self.failures.values()]
-        if causes and all(isinstance(c, KdpipeError) for c in causes):
-            return causes[0]
-        return None
-
-
-def _is_lost(err: BaseException) -> bool:
-    # A work function that raised RayActorError itself (another actor it called died) comes
-    # back as a RayTaskError that is also an instance of its cause's class: not this host.
-    return (isinstance(err, ray.exceptions.RayActorError) and not err.actor_init_failed
-            and not isinstance(err, ray.exceptions.RayTaskError))
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the task name in its tracebacks
-
-
-def _remote_traceback(err: BaseException) -> list[str]:
-    """The remote traceback lines of a RayTaskError or of an actor whose __init__ raised."""
-    lines = _ANSI.sub("", str(err)).splitlines()
-    # lines[0] ends with "ray::HostActor.run() (pid=.., ip=..)"; caret-only lines are left over
-    # from the Ray-internal frames that Ray drops.
-    return [line for line in lines[1:] if line.strip(" ^")]
-
-
-def _error_summary(err: BaseException) -> str:
-    """One line per kind of failure, the same for every rank that failed the same way."""
-    if isinstance(err, ray.exceptions.RayTaskError):
-        cause = err.cause if err.cause is not None else err
-        return f"{type(cause).__name__}: {cause}".splitlines()[0]
-    if isinstance(err, ray.exceptions.RayActorError):
-        if err.actor_init_failed:
-            return f"the host failed to start: {_remote_traceback(err)[-1].strip()}"
-        reason = "its node was preempted" if err.preempted else \
-            "killed, out of memory, or its node was lost"
-        return f"{type(err).__name__}: the host's actor process died ({reason})"
-    return f"{type(err).__name__}: {err}".splitlines()[0]
-
-
-def _describe_failures(group: str, call: str, failures: dict[int, BaseException],
-                       unfinished: list[int], num_hosts: int) -> str:
-    by_kind: dict[str, list[int]] = collections.defaultdict(list)
-    for rank, err in failures.items():
-        by_kind[_error_summary(err)].append(rank)
-    lines = [f"{group} group: {call} failed on {len(failures)} of {num_hosts} hosts"
-             + (f"; ranks {unfinished} had not finished" if unfinished else "")]
-    for summary, ranks in by_kind.items():
-        label = "rank" if len(ranks) == 1 else "ranks"
-        lines.append(f"  {label} {', '.join(map(str, ranks))}: {summary}")
-        first = failures[ranks[0]]
-        if not _is_lost(first) and isinstance(
-                first, (ray.exceptions.RayTaskError, ray.exceptions.RayActorError)):
-            # The remote traceback once per kind of failure, not once per rank.
-            lines.extend("    " + line for line in _remote_traceback(first))
-    return "\n".join(lines)
-
-
 def cluster_census(spec: GroupSpec) -> str:
     """What the alive nodes offer of the resources the spec asks for, one line per node."""
     wanted = set(spec.resources_per_host) | set(spec.head_resources) | {"CPU"}
@@ -289,6 +198,7 @@ class HostGroup:
         self._actors = actors
         self._local_index = local_index or [0] * len(actors)
         self._tpu_handle = tpu_handle
+        self._program_hosts = 1  # hosts per JAX program (setup_jax)
         self._closed = False
 
     # ---- placement ---------------------------------------------------------------------------
@@ -338,23 +248,36 @@ class HostGroup:
             raise
         return group
 
-    def replace_host(self, rank: int, *, timeout_s: float = START_TIMEOUT_S) -> JaxInfo:
-        """Start a new actor for ``rank`` in the rank's bundle (the reservation outlives the
-        dead actor; Ray moves a bundle whose node is gone when another node can hold it) and
-        start its JAX alone.
+    @property
+    def hosts_per_program(self) -> int:
+        """Hosts per JAX program, as ``setup_jax`` formed them (1: each host alone)."""
+        return self._program_hosts
 
-        Only for groups of independent hosts (``setup_jax(distributed=False)``): a JAX program
-        cannot take in a new process; a student group is re-formed whole instead.
+    def program_ranks(self, rank: int) -> list[int]:
+        """The ranks of the JAX program ``rank`` belongs to (``setup_jax``)."""
+        first = rank - rank % self._program_hosts
+        return list(range(first, first + self._program_hosts))
+
+    def replace_hosts(self, rank: int, *, timeout_s: float = START_TIMEOUT_S) -> list[JaxInfo]:
+        """New actors for every host of ``rank``'s JAX program, in their bundles (the
+        reservation outlives dead actors; Ray moves a bundle whose node is gone when another
+        node can hold it), forming that program again: a JAX program cannot take in a new
+        process, so its survivors (stuck in a collective with the dead) go too.
+
+        For groups of several programs (``setup_jax(distributed=False)`` or
+        ``hosts_per_program``); a student group, one program, is re-formed whole instead.
 
         Raises:
-          HostGroupError: the new host failed to start.
-          HostTimeoutError: it did not start within ``timeout_s`` (no room for its bundle).
+          HostGroupError: a new host failed to start.
+          HostTimeoutError: they did not start within ``timeout_s`` (no room for a bundle).
         """
-        ray.kill(self._actors[rank], no_restart=True)  # dead already, or hung
-        self._actors[rank] = _start_host(self.spec, self._pg, rank, self._local_index[rank])
-        self.gather({rank: self._actors[rank].healthy.remote()}, timeout_s=timeout_s, call="start")
-        return self.gather({rank: self._actors[rank].setup.remote(None)}, timeout_s=timeout_s,
-                           call="setup")[rank]
+        ranks = self.program_ranks(rank)
+        for r in ranks:
+            ray.kill(self._actors[r], no_restart=True)  # dead already, or hung
+            self._actors[r] = _start_host(self.spec, self._pg, r, self._local_index[r])
+        self.gather({r: self._actors[r].healthy.remote() for r in ranks}, timeout_s=timeout_s,
+                    call="start")
+        return list(self._setup(ranks, timeout_s).values())
 
     @staticmethod
     def _reserve(spec: GroupSpec, timeout_s: float):
@@ -457,15 +380,27 @@ class HostGroup:
         """``fn(host_context, *args, **kwargs)`` on every host; the results in rank order."""
         return list(self.gather(self.submit(fn, *args, **kwargs), timeout_s=timeout_s).values())
 
-    def setup_jax(self, *, distributed: bool, timeout_s: float = START_TIMEOUT_S) -> list[JaxInfo]:
-        """Start JAX on every host. ``distributed``: the hosts form one JAX program
-        (jax.distributed, coordinator on host 0, all ranks initialise concurrently); otherwise
-        each host is its own single-process JAX (teacher hosts)."""
-        coordinator = None
-        if distributed and self.num_hosts > 1:
-            coordinator = ray.get(self._actors[0].coordinator_address.remote(), timeout=timeout_s)
-        refs = {r: a.setup.remote(coordinator) for r, a in enumerate(self._actors)}
-        return list(self.gather(refs, timeout_s=timeout_s, call="setup").values())
+    def setup_jax(self, *, distributed: bool, hosts_per_program: int | None = None,
+                  timeout_s: float = START_TIMEOUT_S) -> list[JaxInfo]:
+        """Start JAX on every host. ``distributed``: the hosts form JAX programs of
+        ``hosts_per_program`` consecutive ranks (None: all hosts, one program), each with
+        jax.distributed, its coordinator on its first rank, all its ranks initialising
+        concurrently; otherwise each host is its own single-process JAX."""
+        per_program = (hosts_per_program or self.num_hosts) if distributed else 1
+        if self.num_hosts % per_program:
+            raise KdpipeError(f"{self.spec.name} group: hosts_per_program: expected a divisor of "
+                              f"its {self.num_hosts} hosts, got {per_program}")
+        self._program_hosts = per_program
+        return list(self._setup(range(self.num_hosts), timeout_s).values())
+
+    def _setup(self, ranks, timeout_s: float) -> dict[int, JaxInfo]:
+        """``setup`` on ``ranks`` (whole programs), each program's coordinator on its first."""
+        n = self._program_hosts
+        firsts = [r for r in ranks if r % n == 0 and n > 1]
+        addresses = dict(zip(firsts, ray.get([self._actors[r].coordinator_address.remote()
+                                              for r in firsts], timeout=timeout_s)))
+        refs = {r: self._actors[r].setup.remote(addresses.get(r - r % n), n, r % n) for r in ranks}
+        return self.gather(refs, timeout_s=timeout_s, call="setup")
 
     def info(self, timeout_s: float = START_TIMEOUT_S) -> list[HostInfo]:
         """Each host's placement and process setup, in rank order (answered while busy)."""

@@ -279,11 +279,13 @@ class HostActor:
 
     # ---- default group: one piece of work at a time ----------------------------------------
 
-    def setup(self, coordinator: str | None = None) -> JaxInfo:
-        """Start JAX in this process; with ``coordinator`` (host 0's address), join the
-        ``jax.distributed`` program of the whole group as process ``rank``.
+    def setup(self, coordinator: str | None = None, num_processes: int | None = None,
+              process_id: int | None = None) -> JaxInfo:
+        """Start JAX in this process; with ``coordinator`` (the program's first host's
+        address), join a ``jax.distributed`` program of ``num_processes`` hosts as process
+        ``process_id`` (default: the whole group's, as process ``rank``).
 
-        All hosts of the group must call this concurrently: initialize blocks until every
+        All hosts of the program must call this concurrently: initialize blocks until every
         process has connected (or JAX_INIT_TIMEOUT_S passes).
         """
         import jax
@@ -297,8 +299,8 @@ class HostActor:
             jax.config.update("jax_enable_preemption_service", False)
             jax.distributed.initialize(
                 coordinator_address=coordinator,
-                num_processes=self._ctx.num_hosts,
-                process_id=self._ctx.rank,
+                num_processes=self._ctx.num_hosts if num_processes is None else num_processes,
+                process_id=self._ctx.rank if process_id is None else process_id,
                 initialization_timeout=JAX_INIT_TIMEOUT_S,
             )
         self._jax_started = True

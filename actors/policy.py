@@ -58,7 +58,7 @@ from typing import ClassVar
 
 import ray
 
-from actors.groups import HostGroupError
+from actors.group_errors import HostGroupError
 from pipeline.config import ClusterConfig
 from pipeline.targets import SOURCES
 

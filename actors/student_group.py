@@ -23,8 +23,8 @@ from typing import Any, ClassVar
 import ray
 from ray.util.placement_group import placement_group_table
 
-from actors.groups import (PLACEMENT_TIMEOUT_S, GroupSpec, HostGroup, InsufficientResourcesError,
-                           cluster_census)
+from actors.group_errors import InsufficientResourcesError
+from actors.groups import PLACEMENT_TIMEOUT_S, GroupSpec, HostGroup, cluster_census
 from actors.policy import HostPreempted
 from actors.work import StudentPlan, StudentReport, start_position
 from pipeline.config import RunConfig

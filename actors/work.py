@@ -30,20 +30,24 @@ def start_position(checkpoint_dir: str) -> tuple[int, int]:
 
 
 def load_teacher(host, config: RunConfig) -> float:
-    """Load the teacher into this host's state (once); returns the seconds it took."""
+    """Load the teacher into this host's state (once), laid out over every device of the
+    host's JAX program (``pipeline.teacher.teacher_mesh``: the host's own devices, or all of a
+    teacher replica's, each host reading only its slices); returns the seconds it took."""
     from pipeline.models.build import build_model
     from pipeline.step import TrainState
+    from pipeline.teacher import teacher_mesh
 
     start = time.perf_counter()
     if "teacher" not in host.state:
-        model = build_model(config.model.teacher, frozen=True)
+        model = build_model(config.model.teacher, frozen=True, mesh=teacher_mesh(config.mesh))
         host.state["teacher"] = (model, TrainState.create(model))
         host.state[SERVICE] = TargetService.of(config, model.config.vocab_size)
     return time.perf_counter() - start
 
 
 def fill_shard(host, config: RunConfig, split: str, shard: int, teacher_fp: str):
-    """Write one shard of ``split`` into the cache (``pipeline.teacher.fill_cache``)."""
+    """Write one shard of ``split`` into the cache (``pipeline.teacher.fill_cache``); every
+    host of a teacher replica calls it with the same shard, the replica's first writes."""
     from pipeline.teacher import fill_cache
 
     load_teacher(host, config)

@@ -10,22 +10,36 @@ after any interruption.
 
 ``encode_targets`` is the same computation for a few rows, returned instead of stored: what a
 remote teacher host hands a student through Ray's object store.
+
+The teacher runs on every device of its JAX program (``teacher_mesh``: one process's devices,
+or those of a teacher replica's hosts joined by ``jax.distributed``), its weights split by
+``pipeline.models.sharding``'s rules and its batch over the data-parallel devices. Every
+process of a replica reads the same rows and runs the same batches; the first one writes.
+Each device always gets the same number of rows (the last batch is padded with copies of its
+last row, dropped before writing), so a row is computed in the same program whatever the
+replica's size: on an fsdp mesh (``mesh.tensor`` 1) the stored bytes are the same for any
+replica shape (tests/test_teacher_replicas.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import time
 from collections.abc import Iterable
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pipeline.cache import CacheManifest, CacheWriter, TargetSpec, split_location
-from pipeline.config import RunConfig
+from pipeline.config import MeshConfig, RunConfig
 from pipeline.data import DatasetInfo, TokenDataset, read_info
 from pipeline.metrics import progress_bar
 from pipeline.models.llama import Llama
+from pipeline.models.sharding import BATCH_SPEC, DATA, FSDP, make_mesh
 from pipeline.step import TrainState
 from pipeline.teacher_head import FusedTargets, chunk_positions, encode_from_hidden
 
@@ -64,15 +78,53 @@ def teacher_targets(teacher: TrainState, input_ids: jax.Array, attention_mask: j
     return encode_from_hidden(hidden, model.output_head(), rows, spec, chunk=chunk)
 
 
-_jit_teacher_targets = jax.jit(teacher_targets, static_argnames=("spec", "chunk"))
+def teacher_mesh(mesh: MeshConfig) -> Mesh:
+    """The teacher's mesh over every device of its JAX program: ``mesh.tensor`` devices on the
+    tensor axis, the rest on fsdp (a frozen teacher has no optimizer state to replicate:
+    splitting its weights and its batch over the same devices is what fits a teacher bigger
+    than one host's memory)."""
+    return make_mesh(data=1, fsdp=1 if mesh.tensor == -1 else -1, tensor=mesh.tensor)
+
+
+def _mesh_of(teacher: TrainState) -> Mesh | None:
+    """The mesh the teacher's parameters are laid out on (None: one device, no mesh)."""
+    return getattr(jax.tree.leaves(teacher)[0].sharding, "mesh", None)
+
+
+@functools.cache
+def _jit_teacher_targets(mesh: Mesh | None):
+    # The outputs replicated: every process of a replica holds the whole batch's targets (the
+    # first one writes them); on one device this is the plain jit.
+    return jax.jit(teacher_targets, static_argnames=("spec", "chunk"),
+                   out_shardings=None if mesh is None else NamedSharding(mesh, PartitionSpec()))
 
 
 def _run_teacher(teacher: TrainState, batch: dict[str, np.ndarray], rows: np.ndarray,
-                 spec: TargetSpec) -> FusedTargets:
-    ids = batch["input_ids"]
-    return _jit_teacher_targets(teacher, ids, batch["attention_mask"], np.asarray(rows, np.int32),
-                                spec, chunk_positions(*ids.shape),
-                                segment_ids=batch.get("segment_ids"))
+                 spec: TargetSpec, rows_per_device: int | None = None) -> FusedTargets:
+    """The targets of ``batch`` (rows ``rows`` [B]) as host arrays, computed ``rows_per_device``
+    rows to a data-parallel device (default: as few as hold B), the batch padded to that with
+    copies of its last row (dropped again)."""
+    mesh = _mesh_of(teacher)
+    ways = 1 if mesh is None else mesh.shape[DATA] * mesh.shape[FSDP]
+    count = len(rows)
+    per_device = rows_per_device or -(-count // ways)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              "rows": np.asarray(rows, np.int32), "segment_ids": batch.get("segment_ids")}
+    padding = per_device * ways - count
+    inputs = {k: None if a is None else np.concatenate([a, np.repeat(a[-1:], padding, axis=0)])
+              for k, a in inputs.items()}
+    if mesh is not None:
+        sharding = NamedSharding(mesh, BATCH_SPEC)
+        inputs = {k: None if a is None else jax.make_array_from_callback(
+            a.shape, sharding, lambda index, a=a: a[index]) for k, a in inputs.items()}
+    out = _jit_teacher_targets(mesh)(
+        teacher, inputs["input_ids"], inputs["attention_mask"], inputs["rows"], spec,
+        chunk_positions(per_device, batch["input_ids"].shape[1]),
+        segment_ids=inputs["segment_ids"])
+    return FusedTargets({name: np.asarray(a)[:count] for name, a in out.encoded.items()},
+                        np.asarray(out.check),
+                        None if out.fidelity is None else
+                        tuple(np.asarray(a)[:count] for a in out.fidelity))
 
 
 def encode_targets(teacher: TrainState, batch: dict[str, np.ndarray], rows: np.ndarray,
@@ -80,8 +132,7 @@ def encode_targets(teacher: TrainState, batch: dict[str, np.ndarray], rows: np.n
     """The teacher's targets for ``batch`` (rows ``rows`` [B] of a split), encoded as a cache
     of ``spec`` stores them: {name: [B, L, *trailing]} (``pipeline.cache.compress.decode``
     turns them into batch keys). Same bytes as the cache holds for these rows."""
-    encoded = _run_teacher(teacher, batch, rows, spec).encoded
-    return {name: np.asarray(a) for name, a in encoded.items()}
+    return _run_teacher(teacher, batch, rows, spec).encoded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,9 +156,13 @@ def fill_cache(config: RunConfig, teacher: Llama, split: str, *, teacher_fp: str
     """Write the teacher targets of ``split``'s ``shards`` (default: all) into the cache.
 
     Committed shards are skipped; every other shard is computed in full and committed by the
-    writer. Rows go through the teacher in batches of ``batch_size`` (default: the student's
-    microbatch, ``train.global_batch_size / train.grad_accum_steps``), in row order; the
-    stored bytes do not depend on the batch size or on which host writes which shard.
+    writer. Rows go through the teacher in row order, ``batch_size`` of them to each
+    data-parallel device of the teacher's mesh (default: the student's microbatch,
+    ``train.global_batch_size / train.grad_accum_steps``); the stored bytes do not depend on
+    which host or replica writes which shard.
+
+    In a JAX program of several processes (a teacher replica of several hosts) every process
+    calls this with the same shards; the first one decides which are pending and writes them.
 
     A split without rows (``data.eval_fraction: 0`` leaves the eval split empty) has nothing to
     cache: nothing is created, and the result lists no shards (readers skip such a split).
@@ -118,24 +173,35 @@ def fill_cache(config: RunConfig, teacher: Llama, split: str, *, teacher_fp: str
     vocab_size = teacher.config.vocab_size
     dataset = TokenDataset(config.data.prepared_dir, split, vocab_size=vocab_size)
     manifest = cache_manifest(config, info, split, vocab_size=vocab_size, teacher_fp=teacher_fp)
-    batch_size = batch_size or config.train.global_batch_size // config.train.grad_accum_steps
+    per_device = batch_size or config.train.global_batch_size // config.train.grad_accum_steps
     state = TrainState.create(teacher)
+    mesh = _mesh_of(state)
+    batch_size = per_device * (1 if mesh is None else mesh.shape[DATA] * mesh.shape[FSDP])
+    writes = jax.process_index() == 0
     start = time.perf_counter()
-    with CacheWriter(split_location(config.cache.path, split), manifest, name=f"split {split}") as writer:
-        wanted = range(manifest.num_shards) if shards is None else shards
-        pending = writer.pending_shards(wanted)
+    with (CacheWriter(split_location(config.cache.path, split), manifest, name=f"split {split}")
+          if writes else contextlib.nullcontext()) as writer:
+        wanted = list(range(manifest.num_shards) if shards is None else shards)
+        is_pending = np.isin(wanted, writer.pending_shards(wanted)) if writes else \
+            np.zeros(len(wanted), bool)
+        # the first process's view of the commits, so that every process runs the same batches
+        is_pending = multihost_utils.broadcast_one_to_all(is_pending.astype(np.int32)) > 0
+        pending = [s for s, p in zip(wanted, is_pending) if p]
         skipped = tuple(sorted(set(wanted) - set(pending)))
         rows = [np.arange(*manifest.shard_range(s)) for s in pending]
         rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-        with progress_bar(f"cache {split}", enabled=progress, unit="sequences",
+        with progress_bar(f"cache {split}", enabled=progress and writes, unit="sequences",
                           every_s=config.logging.progress_every_s) as bar:
             task = bar.add_task(split, total=len(rows), status=f"{len(skipped)} shards done before")
             for first in range(0, len(rows), batch_size):
                 indices = rows[first:first + batch_size]
                 batch = dataset.read_rows(indices)
-                targets = _run_teacher(state, batch, indices, manifest.target)
-                writer.write_encoded(targets.encoded, indices, targets.check, targets.fidelity)
+                targets = _run_teacher(state, batch, indices, manifest.target, per_device)
+                if writes:
+                    writer.write_encoded(targets.encoded, indices, targets.check,
+                                         targets.fidelity)
                 bar.update(task, advance=len(indices))
-            writer.flush()
+            if writes:
+                writer.flush()
     return FillResult(split=split, shards_written=tuple(pending), shards_skipped=skipped,
                       tokens=len(rows) * info.seq_len, seconds=time.perf_counter() - start)

@@ -1,22 +1,25 @@
 """actors.teacher_group.TeacherWork carrying out the driver's decisions, on a fake host group (no
-Ray): shards handed out one per host, a lost host's shard first in line again, a host that
-cannot be replaced retired, and the work stalled when no host is left."""
+Ray): shards handed out one per replica, a lost host's shard first in line again and its whole
+replica formed again, a replica that cannot be replaced retired, and the work stalled when no
+replica is left."""
 
 import itertools
 
 import pytest
 
-from actors.groups import HostGroupError, HostTimeoutError
+from actors.group_errors import HostGroupError, HostTimeoutError
 from actors.teacher_group import Loaded, ShardQueue, ShardWritten, TeacherWork
 from actors.work import load_teacher
 
 
 class FakeGroup:
-    """What TeacherWork asks of a HostGroup: submit returns one reference per rank, gather
-    answers it (a load: its seconds; a fill: the job), replace_host may fail."""
+    """What TeacherWork asks of a HostGroup of JAX programs of ``hosts_per_program`` hosts:
+    submit returns one reference per rank, gather answers them (a load: its seconds; a fill:
+    the job), replace_hosts may fail."""
 
-    def __init__(self, num_hosts: int, *, replaceable: bool = True):
+    def __init__(self, num_hosts: int, *, replaceable: bool = True, hosts_per_program: int = 1):
         self.num_hosts, self.replaceable = num_hosts, replaceable
+        self.hosts_per_program = hosts_per_program
         self.dead: set[int] = set()  # ranks whose next answer is a failure
         self.calls: dict[int, tuple] = {}  # reference -> (rank, fn, args)
         self.replaced: list[int] = []
@@ -29,18 +32,26 @@ class FakeGroup:
             self.calls[refs[rank]] = (rank, fn, args)
         return refs
 
-    def gather(self, refs, *, call):
-        (rank, ref), = refs.items()
-        if rank in self.dead:
-            self.dead.discard(rank)
-            raise HostGroupError("teacher", call, {rank: RuntimeError("died")}, [], self.num_hosts)
-        _, fn, args = self.calls[ref]
-        return {rank: 1.5 if fn is load_teacher else args[1:3]}
+    def program_ranks(self, rank):
+        first = rank - rank % self.hosts_per_program
+        return list(range(first, first + self.hosts_per_program))
 
-    def replace_host(self, rank):
+    def gather(self, refs, *, call):
+        dead = self.dead & set(refs)
+        if dead:
+            self.dead -= dead
+            raise HostGroupError("teacher", call, {r: RuntimeError("died") for r in dead},
+                                 sorted(set(refs) - dead), self.num_hosts)
+        answers = {}
+        for rank, ref in refs.items():
+            _, fn, args = self.calls[ref]
+            answers[rank] = 1.5 if fn is load_teacher else args[1:3]
+        return answers
+
+    def replace_hosts(self, rank):
         if not self.replaceable:
             raise HostTimeoutError(f"rank {rank} did not start")
-        self.replaced.append(rank)
+        self.replaced.extend(self.program_ranks(rank))
 
 
 def fill(host, config, split, shard, teacher_fp):
@@ -64,7 +75,7 @@ def die(work: TeacherWork, rank: int) -> None:
     work.group.dead.add(rank)
     with pytest.raises(HostGroupError):
         finish(work, rank)
-    work.lose(rank)
+    work.lose([rank])
 
 
 def test_hosts_take_the_next_shard_when_they_finish_one():
@@ -109,3 +120,27 @@ def test_collect_lets_a_failure_through_and_forgets_the_job():
     with pytest.raises(HostGroupError):
         work.collect(work.refs[0])
     assert not work.busy and work.stalled  # nothing runs, train 0 still to write
+
+
+def test_replicas_of_two_hosts_run_each_job_on_both_and_a_lost_host_costs_its_replica():
+    group = FakeGroup(4, hosts_per_program=2)
+    work = TeacherWork(group, None, ShardQueue([("train", 0), ("train", 1), ("eval", 0)]), "fp",
+                       fill)
+    assert work.replicas == 2 and jobs(work) == {r: "load" for r in range(4)}
+    assert finish(work, 1) == Loaded(0, 1.5)  # rank 1's answer collects rank 0's too
+    assert jobs(work) == {0: ("train", 0), 1: ("train", 0), 2: "load", 3: "load"}
+    finish(work, 2)
+    assert jobs(work) == {0: ("train", 0), 1: ("train", 0), 2: ("train", 1), 3: ("train", 1)}
+    group.dead.add(3)
+    with pytest.raises(HostGroupError) as lost:
+        finish(work, 2)  # the survivor's job returns; its peer's failure comes with it
+    assert lost.value.failures.keys() == {3} and lost.value.unfinished == [2]
+    work.lose(lost.value.failures)
+    assert group.replaced == [2, 3] and jobs(work) == {0: ("train", 0), 1: ("train", 0),
+                                                       2: "load", 3: "load"}
+    assert finish(work, 0) == ShardWritten(0, ("train", 0))
+    assert jobs(work)[0] == ("train", 1)  # the lost shard first in line, for whichever replica
+    assert finish(work, 3) == Loaded(1, 1.5)
+    assert jobs(work) == {0: ("train", 1), 1: ("train", 1), 2: ("eval", 0), 3: ("eval", 0)}
+    finish(work, 2), finish(work, 1)
+    assert not work.busy and work.queue.done == [("train", 0, 0), ("eval", 0, 1), ("train", 1, 0)]

@@ -119,6 +119,24 @@ class GroupConfig(Section):
         return self.hosts if self.max_hosts is None else self.max_hosts
 
 
+@dataclasses.dataclass(frozen=True)
+class TeacherGroupConfig(GroupConfig):
+    """The teacher hosts: replicas of ``hosts_per_replica`` hosts, each one JAX program with
+    the teacher sharded over all of its devices, each writing whole cache shards."""
+
+    PATH: ClassVar[str] = "cluster.teacher"
+    hosts_per_replica: int = field(1, "Hosts per teacher replica: each replica is one JAX "
+                                   "program over its hosts (jax.distributed), the teacher's "
+                                   "weights split over all their devices (mesh.tensor, the rest "
+                                   "fsdp), for a teacher too big for one host. hosts must be a "
+                                   "multiple; offline only (remote and hybrid ask single hosts).",
+                                   gt=0, hashed=False)
+
+    @property
+    def replicas(self) -> int:
+        return self.hosts // self.hosts_per_replica
+
+
 def _check_group(group: GroupConfig, path: str) -> None:
     for name, value in group.resources.items():
         if value < 0:
@@ -141,8 +159,8 @@ class ClusterConfig(Section):
         "teacher runs inside the student step; remote: teacher actors send targets ahead of need; "
         "hybrid: cached where committed, remote otherwise. null: offline when a cache section "
         "exists.", hashed=False)
-    teacher: GroupConfig = field(doc="Teacher hosts (offline, remote, hybrid).", factory=GroupConfig,
-                                 hashed=False)
+    teacher: TeacherGroupConfig = field(doc="Teacher hosts (offline, remote, hybrid).",
+                                        factory=TeacherGroupConfig, hashed=False)
     student: GroupConfig = field(doc="Student hosts: one JAX program across them.",
                                  factory=GroupConfig, hashed=False)
     max_failures: int = field(3, "Retries after failures (a host's process or node died) before "
@@ -156,6 +174,15 @@ class ClusterConfig(Section):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_group(self.teacher, "cluster.teacher")
+        per_replica = self.teacher.hosts_per_replica
+        if self.teacher.hosts % per_replica:
+            raise ConfigError(f"cluster.teacher.hosts ({self.teacher.hosts}) must be a multiple of "
+                              f"cluster.teacher.hosts_per_replica ({per_replica})")
+        if per_replica > 1 and self.teacher_source in ("remote", "hybrid"):
+            raise ConfigError(f"cluster.teacher.hosts_per_replica: teacher_source "
+                              f"'{self.teacher_source}' asks single teacher hosts for targets; "
+                              f"expected 1, got {per_replica} (replicas of several hosts fill "
+                              f"a cache: offline)")
         _check_group(self.student, "cluster.student")
 
 
