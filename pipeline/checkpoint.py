@@ -65,6 +65,8 @@ class TrainPosition:
       rng_seed: the run's ``train.seed``.
       skipped_updates: updates skipped so far because the loss or gradient was not finite.
       empty_batches: updates skipped so far because the batch had no loss token.
+      rollouts: on-policy rollouts already written for the next step (``train.on_policy.lag``
+        1: ``pipeline.onpolicy.Rollouts.pending_state``), or None.
     """
 
     step: int
@@ -72,6 +74,7 @@ class TrainPosition:
     rng_seed: int
     skipped_updates: int = 0
     empty_batches: int = 0
+    rollouts: dict | None = None
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> TrainPosition:

@@ -387,7 +387,11 @@ def write_report(run_dir: str | os.PathLike, title: str,
     parts = [f"# {title}", "", _markdown_table(final_rows), ""]
     parts += [f"- {note}" for note in notes]
     plots = (("train", ("loss", "kl_loss", "ce_loss", "tokens_per_s", "mfu"), "train_curves.png"),
-             ("eval", ("ce_loss", "kl_loss", "top1_agreement"), "eval_curves.png"))
+             ("eval", ("ce_loss", "kl_loss", "top1_agreement"), "eval_curves.png"),
+             # train.on_policy (pipeline.onpolicy): the student's samples and the time split
+             ("train", ("rollout_reverse_kl", "rollout_length", "rollout_eos_fraction",
+                        "rollout_tokens_per_s"), "onpolicy_curves.png"),
+             ("train", ("rollout_s", "score_s", "step_s"), "onpolicy_time.png"))
     for split, keys, name in plots:
         if _plot(records, split, keys, run_dir / name, f"{split} curves"):
             parts += ["", f"![{split} curves]({name})"]

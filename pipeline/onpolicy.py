@@ -39,7 +39,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from pipeline.config import OnPolicyConfig
-from pipeline.errors import ConfigError, DataError
+from pipeline.data import HostBatches
+from pipeline.errors import DataError
 from pipeline.generate import Generated, Sampling, generate
 from pipeline.losses import IGNORE_INDEX
 from pipeline.models.sharding import BATCH_SPEC
@@ -111,7 +112,10 @@ def check_prompts(lengths: np.ndarray, rows: np.ndarray, on_policy: OnPolicyConf
 
 def check_split_prompts(dataset, on_policy: OnPolicyConfig) -> None:
     """``check_prompts`` over every row of ``dataset`` (a ``pipeline.data.TokenDataset``),
-    before a step is taken."""
+    before a step is taken. A prefix is never too long (``pipeline.config.RunConfig`` checks
+    its length)."""
+    if on_policy.prompt_source != "prompt":
+        return
     for first in range(0, dataset.num_rows, CHECK_ROWS):
         rows = np.arange(first, min(first + CHECK_ROWS, dataset.num_rows))
         lengths = prompt_lengths(dataset.read_rows(rows), on_policy, dataset.seq_len)
@@ -143,24 +147,34 @@ def continuation_rows(prompt_ids: np.ndarray, prompt_lengths_: np.ndarray, token
       tokens: ``[n, T]`` generated tokens (``Generated.tokens``); ``lengths`` ``[n]`` of them
         count (through ``eos_id``).
       seq_len: the row length; ``P + T <= seq_len``.
-      segment_ids: add ``segment_ids`` (1 on the row's tokens, 0 on padding), as a dataset
-        prepared with ``data.document_mask`` has.
+      segment_ids: add ``segment_ids`` (``labelled_rows``).
 
     Returns:
-      ``input_ids`` (prompt, generated tokens, ``pad_id``), ``attention_mask``, and ``labels``
-      ``labels[t] = input_ids[t + 1]`` where ``input_ids[t + 1]`` is a generated token, -100
-      elsewhere (prompt and padding carry no loss).
+      ``labelled_rows`` of the prompts followed by their generated tokens.
     """
     n, width = prompt_ids.shape
     whole = np.concatenate([prompt_ids, tokens], axis=1)  # [n, P + T]
     whole = np.pad(whole, ((0, 0), (0, seq_len - whole.shape[1])), constant_values=pad_id)
     # Row i starts at its first real prompt token: shift it left by its padding.
     source = np.arange(seq_len)[None, :] + (width - prompt_lengths_)[:, None]
+    input_ids = np.take_along_axis(whole, np.minimum(source, seq_len - 1), axis=1)
+    return labelled_rows(input_ids, prompt_lengths_, lengths, segment_ids=segment_ids,
+                         pad_id=pad_id)
+
+
+def labelled_rows(input_ids: np.ndarray, prompt_lengths_: np.ndarray, lengths: np.ndarray, *,
+                  segment_ids: bool, pad_id: int = 0) -> dict[str, np.ndarray]:
+    """Rows ``[n, L]`` whose first ``prompt_lengths_[i]`` tokens are a prompt and the next
+    ``lengths[i]`` were generated, as a batch: ``input_ids`` (``pad_id`` after those),
+    ``attention_mask``, ``labels[t] = input_ids[t + 1]`` where ``input_ids[t + 1]`` is a
+    generated token and -100 elsewhere (prompt and padding carry no loss), and with
+    ``segment_ids`` those too (1 on the row's tokens, 0 on padding, as a dataset prepared with
+    ``data.document_mask`` has them)."""
+    n, seq_len = input_ids.shape
     ends = prompt_lengths_ + lengths  # [n] real tokens of each row
     positions = np.arange(seq_len)[None, :]
     real = positions < ends[:, None]
-    input_ids = np.where(real, np.take_along_axis(whole, np.minimum(source, seq_len - 1), axis=1),
-                         pad_id).astype(np.int32)
+    input_ids = np.where(real, input_ids, pad_id).astype(np.int32)
     target = (positions + 1 >= prompt_lengths_[:, None]) & (positions + 1 < ends[:, None])
     next_ids = np.concatenate([input_ids[:, 1:], np.full((n, 1), pad_id, np.int32)], axis=1)
     out = {"input_ids": input_ids, "attention_mask": real.astype(np.int32),
@@ -202,13 +216,14 @@ def mix(rollout: Mapping[str, np.ndarray | jax.Array], rest: Mapping[str, np.nda
 
 @dataclasses.dataclass
 class Rollout:
-    """The rollouts of one step on this host: ``batch`` (``continuation_rows``, plus the
-    scorer's targets once scored), the generated ``lengths`` and whether each ``stopped`` at
-    eos, the update count of the parameters that wrote them, and the seconds it took."""
+    """The rollouts of one step on this host: ``batch`` (``continuation_rows``), the prompt
+    and generated ``lengths`` and whether each ``stopped`` at eos, the update count of the
+    parameters that wrote them, the seconds it took, and (lag 1) the scorer's answer."""
 
     step: int
     rows: np.ndarray
     batch: dict
+    prompt_lengths: np.ndarray
     lengths: np.ndarray
     stopped: np.ndarray
     params_step: int
@@ -223,22 +238,24 @@ class Rollouts:
     rollout rows in; ``take_metrics()`` the means over the steps since the last call.
     """
 
-    def __init__(self, on_policy: OnPolicyConfig, *, seq_len: int, seed: int, mesh: Mesh,
-                 eos_id: int | None, segment_ids: bool, rows_per_host: int,
-                 scorer: SequenceScorer | None, next_batch: Callable[[int], tuple] | None = None):
-        self.config, self.seq_len, self.seed, self.mesh = on_policy, seq_len, seed, mesh
-        self.eos_id, self.segment_ids, self.scorer = eos_id, segment_ids, scorer
-        self.count = rollout_count(rows_per_host, on_policy.fraction)
+    def __init__(self, on_policy: OnPolicyConfig, batches: HostBatches, *, seed: int, steps: int,
+                 mesh: Mesh, scorer: SequenceScorer | None):
+        """The rollouts of ``batches`` (this host's dataset rows, step after step, up to step
+        ``steps``; ``seed``: the run's), generated on the student's ``mesh`` and scored by
+        ``scorer`` (None: the teacher runs in the step)."""
+        info = batches.dataset.info
+        self.config, self.seq_len, self.seed, self.mesh = on_policy, info.seq_len, seed, mesh
+        self.eos_id, self.segment_ids, self.scorer = info.eos_token_id, info.document_mask, scorer
+        self.count = rollout_count(batches.global_batch // batches.host_count, on_policy.fraction)
         self.sampling = Sampling(on_policy.temperature, on_policy.top_k, on_policy.top_p)
-        self._next_batch = next_batch
-        if on_policy.lag and next_batch is None:
-            raise ConfigError("train.on_policy.lag: 1 needs the next step's rows (next_batch)")
+        self._batches, self._steps = batches, steps
         data_devices = int(np.prod([mesh.shape[a] for a in BATCH_SPEC[0]])) // jax.process_count()
         self._multiple = max(data_devices, 1)
         self._pending: Rollout | None = None
         self._pool = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="score")
                       if on_policy.lag and scorer is not None else None)
         self._sums: dict[str, float] = {}
+        self._last: dict[str, float] = {}
 
     def offline_rows(self, rows: np.ndarray) -> np.ndarray:
         """The rows of a host's batch that read stored (or remote) targets: all but the first
@@ -270,7 +287,8 @@ class Rollouts:
         stopped = np.asarray(generated.stopped)[:len(rows)]
         batch = continuation_rows(ids[:len(rows)], lengths, tokens, new, self.seq_len,
                                   segment_ids=self.segment_ids)
-        return Rollout(step=step, rows=rows, batch=batch, lengths=new, stopped=stopped,
+        return Rollout(step=step, rows=rows, batch=batch, prompt_lengths=lengths, lengths=new,
+                       stopped=stopped,
                        params_step=int(state.step), generate_s=time.perf_counter() - start)
 
     def _score(self, rollout: Rollout) -> dict:
@@ -299,46 +317,85 @@ class Rollouts:
             rollout = self._submit(self._generate(state, step, rows, local))
         self._pending = None
         if self.config.lag:  # the next step's rollouts, written while this step trains
-            next_rows, next_local = self._next_batch(step + 1)
-            if next_rows is not None:
-                self._pending = self._submit(self._generate(state, step + 1, next_rows, next_local))
+            if step < self._steps:  # after this step's rows were taken: the next step's offset
+                upcoming = self._batches.rows_at(self._batches.offset)
+                self._pending = self._submit(self._generate(
+                    state, step + 1, upcoming, self._batches.dataset.read_rows(upcoming)))
         waited = time.perf_counter()
         if rollout.scored is not None:
             scored, _ = rollout.scored.result()
             score_s = time.perf_counter() - waited
         else:
             scored, score_s = _timed(self._score, rollout)
-        self._add({"rollout_length": float(rollout.lengths.mean()),
-                   "rollout_eos_fraction": float(rollout.stopped.mean()),
-                   "rollout_tokens": float(rollout.lengths.sum()),
-                   "rollout_s": rollout.generate_s, "score_s": score_s,
-                   "rollout_staleness": float(int(state.step) - rollout.params_step)})
+        self._last = {"rollout_length": float(rollout.lengths.mean()),
+                      "rollout_eos_fraction": float(rollout.stopped.mean()),
+                      "rollout_staleness": float(int(state.step) - rollout.params_step)}
+        self._add(rollout_tokens=float(rollout.lengths.sum()), rollout_s=rollout.generate_s,
+                  score_s=score_s)
         rest = {key: np.asarray(value)[self.count:] for key, value in local.items()}
         return mix(scored, {**rest, **targets})
 
+    # ---- checkpointed state (lag 1) ---------------------------------------------------------
+
+    def pending_state(self) -> dict | None:
+        """The rollouts written for the next step (lag 1) by every host, as JSON for the
+        checkpoint (``pipeline.checkpoint.TrainPosition.rollouts``); None when there are none.
+        Every host calls it (a collective in a multi-host run)."""
+        pending = self._pending
+        if pending is None:
+            return None
+        fields = {"rows": pending.rows, "input_ids": pending.batch["input_ids"],
+                  "prompt_lengths": pending.prompt_lengths, "lengths": pending.lengths,
+                  "stopped": pending.stopped}
+        if jax.process_count() > 1:
+            fields = {key: np.concatenate(multihost_utils.process_allgather(value))
+                      for key, value in fields.items()}
+        return {"step": pending.step, "params_step": pending.params_step,
+                **{key: np.asarray(value).tolist() for key, value in fields.items()}}
+
+    def restore(self, saved: Mapping | None, rows: np.ndarray) -> None:
+        """Takes back the pending rollouts of a checkpoint (``pending_state``) whose rows are
+        this host's first ``count`` of ``rows`` (the rows of its next step); otherwise (none
+        saved, or another host count) that step generates its own."""
+        if not saved:
+            return
+        where = {int(row): i for i, row in enumerate(saved["rows"])}
+        mine = [where.get(int(row)) for row in rows[:self.count]]
+        if None in mine:
+            return
+        picked = {key: np.asarray(saved[key])[mine] for key in
+                  ("input_ids", "prompt_lengths", "lengths", "stopped")}
+        batch = labelled_rows(picked["input_ids"], picked["prompt_lengths"], picked["lengths"],
+                              segment_ids=self.segment_ids)
+        self._pending = self._submit(Rollout(
+            step=saved["step"], rows=rows[:self.count], batch=batch,
+            prompt_lengths=picked["prompt_lengths"], lengths=picked["lengths"],
+            stopped=picked["stopped"].astype(bool), params_step=saved["params_step"],
+            generate_s=0.0))
+
     # ---- metrics ---------------------------------------------------------------------------
 
-    def _add(self, values: Mapping[str, float]) -> None:
-        self._sums["steps"] = self._sums.get("steps", 0) + 1
-        for key, value in values.items():
+    def _add(self, **seconds: float) -> None:
+        for key, value in {"steps": 1, **seconds}.items():
             self._sums[key] = self._sums.get(key, 0.0) + value
 
     def step_done(self, seconds: float) -> None:
         """Counts ``seconds`` of the step that trained on the last ``batch``."""
-        self._sums["step_s"] = self._sums.get("step_s", 0.0) + seconds
+        self._add(step_s=seconds, steps=0)
 
     def take_metrics(self) -> dict[str, float]:
-        """Means per step since the last call: ``rollout_length`` (generated tokens per rollout),
-        ``rollout_eos_fraction`` (rollouts that ended at eos), ``rollout_tokens_per_s``
-        (generated tokens over generation time), seconds per step generating (``rollout_s``),
-        waiting for the teacher's scores (``score_s``) and training (``step_s``), and
-        ``rollout_staleness`` (updates between the rollouts' parameters and the step's)."""
+        """The last step's rollouts: ``rollout_length`` (mean generated tokens),
+        ``rollout_eos_fraction`` (share that ended at eos), ``rollout_staleness`` (updates
+        between the parameters that wrote them and the step's); and means per step since the
+        last call: ``rollout_tokens_per_s`` (generated tokens over generation time), seconds
+        generating (``rollout_s``), waiting for the teacher's scores (``score_s``) and
+        training (``step_s``)."""
         sums, self._sums = self._sums, {}
         steps = sums.pop("steps", 0)
         if not steps:
             return {}
         tokens = sums.pop("rollout_tokens")
-        out = {key: value / steps for key, value in sums.items()}
+        out = {**self._last, **{key: value / steps for key, value in sums.items()}}
         out["rollout_tokens_per_s"] = tokens / max(sums["rollout_s"], 1e-9)
         return out
 

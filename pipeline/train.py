@@ -173,31 +173,14 @@ def evaluate(config: RunConfig, state: TrainState, dataset: TokenDataset, *, hos
     return result
 
 
-def _rollouts(config: RunConfig, setup: RunSetup, host: Host, scorer: SequenceScorer | None,
-              batches: HostBatches) -> Rollouts:
-    """The on-policy rows of this host (``train.on_policy``); ``scorer`` None: the teacher
-    scores them in the step."""
-    if scorer is None and not SOURCES[config.teacher_source].teacher_in_step:
-        raise ConfigError(f"train.on_policy: cluster.teacher_source '{config.teacher_source}' "
-                          f"scores rollouts on teacher hosts; run it with `kdpipe run`")
-
-    def next_batch(step: int):  # called after step - 1's rows were taken: batches.offset is step's
-        if step > config.train.steps:
-            return None, None
-        rows = batches.rows_at(batches.offset)
-        return rows, setup.train_data.read_rows(rows)
-
-    return Rollouts(config.train.on_policy, seq_len=setup.info.seq_len, seed=config.train.seed,
-                    mesh=setup.sharding.mesh, eos_id=setup.info.eos_token_id,
-                    segment_ids=setup.info.document_mask, scorer=scorer, next_batch=next_batch,
-                    rows_per_host=config.train.global_batch_size // host.count)
-
-
 def _sample_divergence(config: RunConfig, state: TrainState, local: Mapping, rollouts: Rollouts,
                        sharding: NamedSharding, teacher: TrainState | None,
                        vocab_size: int) -> dict[str, float]:
     """``rollout_reverse_kl``: the mean KL(student || teacher) per generated token of this
-    step's rollouts, at ``loss.temperature``, under the parameters before the step."""
+    step's rollouts, at ``loss.temperature``, under the parameters before the step (none from
+    sampled targets, whose estimator serves the forward KL alone)."""
+    if "teacher_sample_ids" in local:
+        return {}
     loss = dataclasses.replace(config.loss, divergence="reverse_kl", alpha=1.0,
                                hidden_state_weight=0.0, attention_weight=0.0)
     options = step_options(dataclasses.replace(config, loss=loss), vocab_size, is_training=False)
@@ -359,15 +342,24 @@ def _train(config: RunConfig, *, host: Host, teacher: Llama | None,
                               host_index=host.index, host_count=host.count, offset=offset,
                               shuffle_window=config.data.shuffle_window)
         batch_tokens = config.train.global_batch_size * info.seq_len
-        rollouts = None if config.train.on_policy is None else _rollouts(
-            config, setup, host, scorer if train_teacher is None else None, batches)
+        rollouts = None
+        if config.train.on_policy is not None:
+            if train_teacher is None and scorer is None:
+                raise ConfigError(f"train.on_policy: cluster.teacher_source '{source}' scores "
+                                  f"rollouts on teacher hosts; run it with `kdpipe run`")
+            rollouts = Rollouts(config.train.on_policy, batches, seed=config.train.seed,
+                                steps=config.train.steps, mesh=sharding.mesh,
+                                scorer=None if train_teacher is not None else scorer)
+            rollouts.restore(position and position.rollouts, batches.rows_at(batches.offset))
         utilisation = Utilisation(train_flops_per_token(state.model().config, info.seq_len),
                                   jax.devices()[0].device_kind, jax.device_count())
 
         def save(step: int) -> None:
             if step not in checkpoints.all_steps():
-                checkpoints.save(TrainPosition(step, batches.offset, config.train.seed,
-                                               **skips.totals()), saved_tree(state))
+                checkpoints.save(TrainPosition(
+                    step, batches.offset, config.train.seed, **skips.totals(),
+                    rollouts=None if rollouts is None else rollouts.pending_state()),
+                    saved_tree(state))
 
         def run_eval(step: int) -> dict:
             if eval_data is None or not config.eval.every_steps:
@@ -389,7 +381,8 @@ def _train(config: RunConfig, *, host: Host, teacher: Llama | None,
                     for i in range(config.train.steps - start))
         if rollouts is not None:  # the rollout rows' targets come from the scorer
             upcoming = map(rollouts.offline_rows, upcoming)
-        targets_ahead = (None if train_reader is None else
+        targets_ahead = (None if train_reader is None or rollouts is not None and
+                         not rollouts.offline_rows(batches.rows_at(offset)).size else
                          prefetch(train_reader.read, upcoming))
         with progress, (contextlib.nullcontext() if targets_ahead is None
                         else contextlib.closing(targets_ahead)), (

@@ -1,0 +1,183 @@
+"""On-policy distillation (``train.on_policy``, pipeline/onpolicy.py): rollout rows carry the
+loss on their generated tokens only, the batch mixes rollouts and dataset rows as configured,
+a scorer's targets land on the rollout rows, a stopped and resumed run reproduces the
+uninterrupted one bit for bit, and the rollout metrics reach the log and the report."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from pipeline.data import HostBatches, TokenDataset, read_info
+from pipeline.metrics import REPORT_FILE, read_metrics
+from pipeline.onpolicy import (Rollouts, continuation_rows, left_padded_prompts, prompt_lengths,
+                               rollout_count)
+from pipeline.step import DistillLossConfig, TrainState, distillation_step
+from pipeline.train import Preempted, train
+from tiny_run import config_of, make_tiny_run
+from toy_model import ToyDecoder
+
+VOCAB, SEQ = 32, 12
+ON_POLICY = ("cache=null", "cluster.teacher_source=live", "loss.use_hard_labels=false",
+             "loss.divergence=reverse_kl", "eval.every_steps=0", "logging.every_steps=2",
+             "checkpoint.every_steps=4", "train.steps=4")
+
+
+def _log_softmax(x):
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def test_rollout_rows_carry_the_loss_on_generated_tokens_only():
+    rng = np.random.default_rng(0)
+    n, width, new = 4, 5, 6
+    prompts = rng.integers(1, VOCAB, (n, SEQ))
+    p = np.array([5, 1, 3, 2])  # prompt tokens of each row
+    lengths = np.array([6, 2, 4, 1])  # generated tokens (through eos)
+    ids, mask = left_padded_prompts(prompts, p, width, pad_id=0)
+    tokens = rng.integers(1, VOCAB, (n, new))
+    batch = continuation_rows(ids, p, tokens, lengths, SEQ, segment_ids=False)
+
+    for i in range(n):  # the row: prompt, then the generated tokens, then padding
+        row = np.concatenate([prompts[i, :p[i]], tokens[i, :lengths[i]]])
+        np.testing.assert_array_equal(batch["input_ids"][i, :len(row)], row)
+        assert batch["attention_mask"][i].sum() == len(row)
+    teacher_logits = rng.standard_normal((n, SEQ, VOCAB)).astype(np.float32) * 3
+    student = TrainState.create(ToyDecoder(VOCAB, 16, 1, seed=3))
+    temperature = 2.0
+    _, metrics = jax.jit(distillation_step, static_argnames=("loss_config", "is_training",
+                                                             "temperature", "alpha"))(
+        student, {**batch, "teacher_logits": teacher_logits}, None,
+        loss_config=DistillLossConfig(divergence="reverse_kl"), is_training=False,
+        temperature=temperature, alpha=1.0)
+
+    # float64 reference: KL(student || teacher) at T on the positions that predict a generated
+    # token (p - 1 .. p + len - 2), whatever the labels say
+    student_logits = np.asarray(student.model()(batch["input_ids"], batch["attention_mask"]).logits,
+                                np.float64)
+    log_q = _log_softmax(student_logits / temperature)
+    log_p = _log_softmax(teacher_logits.astype(np.float64) / temperature)
+    kl = (np.exp(log_q) * (log_q - log_p)).sum(-1)
+    chosen = [kl[i, p[i] - 1:p[i] + lengths[i] - 1] for i in range(n)]
+    expected = temperature ** 2 * np.concatenate(chosen).mean()
+    assert int(metrics.num_tokens) == lengths.sum()
+    np.testing.assert_allclose(float(metrics.kl_loss), expected, rtol=2e-5)
+
+
+def test_prompts_of_each_source():
+    from pipeline.config import OnPolicyConfig
+
+    labels = np.full((3, SEQ), -100)
+    labels[0, 4:9] = 7  # first label at 4: the prompt is tokens 0..4
+    labels[2, 0:] = 7  # a row without prompt: its first token alone
+    batch = {"attention_mask": (np.arange(SEQ) < np.array([[9], [6], [SEQ]])).astype(int),
+             "labels": labels, "segment_ids": np.array([[1] * 9 + [0] * 3, [1, 1, 2, 2, 2, 2] +
+                                                        [0] * 6, [1] * SEQ])}
+    prompt = OnPolicyConfig(max_new_tokens=4, prompt_source="prompt")
+    # row 1 has no label: its whole real part (6 tokens)
+    np.testing.assert_array_equal(prompt_lengths(batch, prompt, SEQ), [5, 6, 1])
+    prefix = OnPolicyConfig(max_new_tokens=4, prompt_source="prefix", prefix_tokens=3)
+    # row 1's first document has 2 tokens
+    np.testing.assert_array_equal(prompt_lengths(batch, prefix, SEQ), [3, 2, 3])
+    assert [rollout_count(8, f) for f in (0.0, 0.3, 0.5, 1.0)] == [0, 2, 4, 8]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    work = tmp_path_factory.mktemp("onpolicy")
+    return work, make_tiny_run(work)
+
+
+class RecordingScorer:
+    """A stand-in for teacher hosts: random top-k targets of the sequences it is sent."""
+
+    def __init__(self, k: int, vocab: int):
+        self.k, self.vocab, self.calls = k, vocab, []
+
+    def score(self, batch, rows):
+        self.calls.append(({key: np.array(v) for key, v in batch.items()}, np.array(rows)))
+        rng = np.random.default_rng(int(rows[0]))
+        n, length = batch["input_ids"].shape
+        ids = np.argsort(rng.random((n, length, self.vocab)), axis=-1)[..., :self.k]
+        return {"teacher_topk_ids": ids.astype(np.int32),
+                "teacher_topk_logprobs": np.full((n, length, self.k), -3.0, np.float32),
+                "teacher_tail_logmass": np.full((n, length), -0.2, np.float32)}
+
+
+def test_a_batch_mixes_scored_rollouts_and_dataset_rows(tiny):
+    from pipeline.student_state import student_state
+
+    config = config_of(tiny, "mix", *ON_POLICY, "train.global_batch_size=4",
+                       "train.on_policy={fraction: 0.5, max_new_tokens: 6, temperature: 1.0, "
+                       "prompt_source: prefix, prefix_tokens: 5}")
+    info = read_info(config.data.prepared_dir)
+    data = TokenDataset(config.data.prepared_dir, "train")
+    state, mesh = student_state(config, info.vocab_size)
+    scorer = RecordingScorer(4, info.vocab_size)
+    batches = HostBatches(data, seed=0, global_batch=4)
+    rollouts = Rollouts(config.train.on_policy, batches, seed=0, steps=1, mesh=mesh,
+                        scorer=scorer)
+    rows = np.array([11, 3, 25, 7])
+    local = data.read_rows(rows)
+    stored = scorer.score({"input_ids": local["input_ids"][2:]}, rows[2:])  # the offline part
+    scorer.calls.clear()
+    batch = rollouts.batch(state, 1, rows, local, stored)
+
+    assert rollouts.count == 2 and len(scorer.calls) == 1
+    sent, sent_rows = scorer.calls[0]
+    np.testing.assert_array_equal(sent_rows, rows[:2])
+    for key in ("input_ids", "attention_mask", "labels"):  # rows 2, 3: the dataset's
+        np.testing.assert_array_equal(batch[key][2:], local[key][2:])
+        np.testing.assert_array_equal(batch[key][:2], sent[key])
+    for key, value in stored.items():
+        np.testing.assert_array_equal(np.asarray(batch[key][2:]), value)
+    # rows 0, 1: the prefix of their dataset row, then tokens; labels only after the prompt
+    np.testing.assert_array_equal(batch["input_ids"][:2, :5], local["input_ids"][:2, :5])
+    assert (batch["labels"][:2, :4] == -100).all() and (batch["labels"][:2, 4] != -100).all()
+    assert batch["teacher_topk_ids"].shape == (4, info.seq_len, 4)
+    # the same (seed, step, row) draws the same rollout, in any batch
+    again = rollouts.batch(state, 1, rows[[1, 0, 3, 2]], data.read_rows(rows[[1, 0, 3, 2]]),
+                           {k: np.asarray(v)[[1, 0]] for k, v in stored.items()})
+    np.testing.assert_array_equal(again["input_ids"][[1, 0]], batch["input_ids"][:2])
+    metrics = rollouts.take_metrics()
+    assert 1 <= metrics["rollout_length"] <= 6 and metrics["rollout_tokens_per_s"] > 0
+    assert metrics["rollout_staleness"] == 0
+
+
+@pytest.mark.parametrize("lag", [1])
+def test_a_stopped_and_resumed_run_reproduces_the_uninterrupted_one(tiny, lag):
+    on_policy = (f"train.on_policy={{fraction: 0.5, max_new_tokens: 8, prompt_source: prefix, "
+                 f"prefix_tokens: 8, lag: {lag}}}")
+    whole = config_of(tiny, f"whole{lag}", *ON_POLICY, on_policy, "logging.report=true",
+                      "logging.tensorboard=true")
+    train(whole)
+    parted = config_of(tiny, f"parted{lag}", *ON_POLICY, on_policy)
+    stop = threading.Event()
+    with pytest.raises(Preempted):
+        train(parted, stop=stop, on_step=lambda step, _: step == 1 and stop.set())
+    train(parted)
+
+    def export(config):
+        return (Path(config.run_dir) / "student" / "model.safetensors").read_bytes()
+
+    assert export(parted) == export(whole)  # the parameters, bit for bit
+    logged = [r for r in read_metrics(whole.run_dir) if r["split"] == "train"]
+    same = ("loss", "kl_loss", "grad_norm", "rollout_reverse_kl", "rollout_length",
+            "rollout_eos_fraction", "rollout_staleness")
+    assert [[r[k] for k in same] for r in logged] == [
+        [r[k] for k in same] for r in read_metrics(parted.run_dir) if r["split"] == "train"]
+    for record in logged:
+        assert 1 <= record["rollout_length"] <= 8
+        assert 0 <= record["rollout_eos_fraction"] <= 1
+        assert record["rollout_reverse_kl"] >= 0
+        for key in ("rollout_tokens_per_s", "rollout_s", "score_s", "step_s"):
+            assert record[key] >= 0, key
+    # the rollouts of logging steps 2 and 4 were written one update before the step's
+    assert [r["rollout_staleness"] for r in logged] == [lag, lag]
+    run_dir = Path(whole.run_dir)
+    assert "onpolicy_curves.png" in (run_dir / REPORT_FILE).read_text()
+    assert list((run_dir / "tensorboard").iterdir())
