@@ -5,7 +5,10 @@
    both ways on the same data (goal: offline >= 2x faster).
 2. Cache fill throughput with 1 vs 2 teacher hosts, each host pinned to one core with XLA's
    threads limited to it (``HostEnv(cores_per_host=1)``), the shards handed out by the driver's
-   work queue, after each host's warm-up (teacher loaded and compiled) (goal: >= 1.8x).
+   work queue, after each host's warm-up (teacher loaded and compiled) (goal: >= 1.8x); and at
+   equal hosts, 2 one-host replicas vs 1 replica of 2 hosts (``cluster.teacher.hosts_per_replica``:
+   one JAX program over both, gloo collectives between them, the teacher's weights split
+   over their devices), the price of splitting a teacher that fits on one host.
 3. One end-to-end ``kdpipe run`` (offline, fresh cache, teacher and student groups at once),
    its wall time split into phases.
 4. The same run with ``data.shuffle_window`` (blocks of rows shuffled, then rows within a
@@ -55,6 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--e2e-steps", type=int, default=60, help="student steps of the end-to-end run (3)")
     p.add_argument("--shuffle-window", type=int, default=128,
                    help="data.shuffle_window of the second end-to-end run (4), in rows")
+    p.add_argument("--fill-only", action="store_true", help="run the fill benchmark (2) only")
     p.add_argument("--json", help="also write the figures to this JSON file")
     return p.parse_args(argv)
 
@@ -97,19 +101,22 @@ def build_workspace(args, work: Path) -> list[str]:
     return overrides + [f"model.teacher={{path: {work / 'teacher'}}}"]
 
 
-def warm_up(host, config, teacher_fp: str) -> None:
+def warm_up(host, config, teacher_fp: str, hosts_per_replica: int) -> None:
     """Load the teacher and compile its forward pass and the encoder: one eval shard into a
-    scratch cache of this host's own."""
+    scratch cache of this host's replica's own."""
     from actors.work import fill_shard
 
-    scratch = dataclasses.replace(config.cache, path=f"{config.cache.path}-warmup-{host.rank}")
+    replica = host.rank // hosts_per_replica
+    scratch = dataclasses.replace(config.cache, path=f"{config.cache.path}-warmup-{replica}")
     fill_shard(host, dataclasses.replace(config, cache=scratch), "eval", 0, teacher_fp)
 
 
-def fill_benchmark(config, num_shards: int, hosts: int, teacher_fp: str) -> dict:
+def fill_benchmark(config, num_shards: int, hosts: int, teacher_fp: str,
+                   hosts_per_replica: int = 1) -> dict:
     """Fill the first ``num_shards`` shards of ``config``'s train cache with ``hosts`` one-core
-    teacher hosts fed by the driver's shard queue, after a warm-up (teacher loaded, compiled);
-    tokens/s from the first shard handed out to the last committed."""
+    teacher hosts in replicas of ``hosts_per_replica``, fed by the driver's shard queue, after
+    a warm-up (teacher loaded, compiled); tokens/s from the first shard handed out to the last
+    committed."""
     import ray
 
     from actors.teacher_group import ShardQueue, TeacherWork
@@ -118,23 +125,24 @@ def fill_benchmark(config, num_shards: int, hosts: int, teacher_fp: str) -> dict
 
     shards = [("train", s) for s in range(num_shards)]
     with HostGroup.create(GroupSpec.local("teacher", hosts, HostEnv(cores_per_host=1))) as teachers:
-        teachers.setup_jax(distributed=False)
-        teachers.run(warm_up, config, teacher_fp)
+        teachers.setup_jax(distributed=True, hosts_per_program=hosts_per_replica)
+        teachers.run(warm_up, config, teacher_fp, hosts_per_replica)
         work = TeacherWork(teachers, config, ShardQueue(shards), teacher_fp)
         while work.busy:
             ready, _ = ray.wait(work.refs, num_returns=1)
             work.collect(ready[0])
     tokens = sum(r.tokens for r in work.results)
-    by_host = [sum(1 for _, _, rank in work.queue.done if rank == h) for h in range(hosts)]
-    return {"hosts": hosts, "seconds": work.fill_seconds, "tokens": tokens,
-            "tokens_per_s": tokens / work.fill_seconds, "shards_per_host": by_host}
+    by_replica = [sum(1 for _, _, r in work.queue.done if r == replica)
+                  for replica in range(work.replicas)]
+    return {"hosts": hosts, "hosts_per_replica": hosts_per_replica, "seconds": work.fill_seconds,
+            "tokens": tokens, "tokens_per_s": tokens / work.fill_seconds,
+            "shards_per_replica": by_replica}
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import ray
     from rich.console import Console
-    from rich.table import Table
 
     from actors.cluster import connect
     from actors.driver import run
@@ -163,17 +171,29 @@ def main(argv=None) -> dict:
                                    "seconds": time.perf_counter() - started}}
     teacher_fp = teacher_fingerprint(work / "teacher")
 
-    # (2) cache fill, 1 vs 2 one-core teacher hosts
+    # (2) cache fill, 1 vs 2 one-core teacher hosts; 2 hosts as 2 replicas vs 1 replica
     connect(dashboard=False)
     try:
         fills = {}
-        for hosts in (1, 2):
-            cache = work / f"cache-fill-{hosts}"
-            fills[hosts] = fill_benchmark(config("fill", f"cache.path={cache}"), fill_shards,
-                                          hosts, teacher_fp)
-        figures["fill"] = fills
+        for hosts, per_replica in ((1, 1), (2, 1), (2, 2)):
+            cache = work / f"cache-fill-{hosts}x{per_replica}"
+            fills[hosts, per_replica] = fill_benchmark(
+                config("fill", f"cache.path={cache}"), fill_shards, hosts, teacher_fp, per_replica)
+        figures["fill"] = {f"{h} hosts, {r} per replica": f for (h, r), f in fills.items()}
     finally:
         ray.shutdown()
+    replicas_ratio = fills[2, 2]["tokens_per_s"] / fills[2, 1]["tokens_per_s"]
+    fill_rows = []
+    for (hosts, per_replica), f in fills.items():
+        fill_rows.append((f"(2) cache fill, {hosts} one-core teacher host(s), "
+                          f"{hosts // per_replica} replica(s) of {per_replica}",
+                          f"{f['tokens_per_s']:,.0f} tok/s  ({f['seconds']:.1f} s, shards/replica "
+                          f"{f['shards_per_replica']})"))
+    fill_rows.append(("(2) fill, 2 hosts: 1 replica of 2 / 2 replicas of 1",
+                      f"{replicas_ratio:.2f}x"))
+    if args.fill_only:
+        figures["headline"] = {"fill_replica_of_2_vs_2_replicas_of_1": replicas_ratio}
+        return _report(args, figures, fill_rows)
 
     # (3) end to end: `kdpipe run`, offline, fresh cache, both groups at once
     e2e_more = [f"train.steps={args.e2e_steps}", f"logging.every_steps={max(1, args.e2e_steps // 4)}",
@@ -201,37 +221,46 @@ def main(argv=None) -> dict:
     figures["step"] = steps
 
     speedup = steps["offline"]["tokens_per_s"] / steps["live"]["tokens_per_s"]
-    scaling = fills[2]["tokens_per_s"] / fills[1]["tokens_per_s"]
+    scaling = fills[2, 1]["tokens_per_s"] / fills[1, 1]["tokens_per_s"]
     waits = (outcome.seconds["student waiting"], windowed.seconds["student waiting"])
     figures["headline"] = {"offline_vs_live_step_speedup": speedup, "fill_scaling_2_vs_1": scaling,
+                           "fill_replica_of_2_vs_2_replicas_of_1": replicas_ratio,
                            "student_waiting_uniform_vs_windowed": list(waits),
                            "end_to_end_uniform_vs_windowed": outcome.seconds["total"]
                            / windowed.seconds["total"]}
 
-    table = Table(title=f"kdpipe pipeline benchmark (student {figures['workspace']['student_params']:,} "
-                        f"params, teacher {figures['workspace']['teacher_params']:,}, "
-                        f"batch {args.batch} x {info.seq_len} tokens)")
+    rows = [(f"(1) student step, {source} teacher", f"{s['ms_per_step']:.1f} ms  "
+             f"({s['tokens_per_s']:,.0f} tok/s)") for source, s in steps.items()]
+    rows += fill_rows[:-1]
+    rows += [(f"(3) end to end: {phase}", f"{seconds:.1f} s  (windowed shuffle: "
+              f"{windowed.seconds.get(phase, float('nan')):.1f} s)")
+             for phase, seconds in outcome.seconds.items()]
+    rows += [("(1) offline vs live step speedup (goal >= 2)", f"{speedup:.2f}x"),
+             ("(2) fill scaling, 2 vs 1 teacher hosts (goal >= 1.8)", f"{scaling:.2f}x"),
+             fill_rows[-1],
+             (f"(4) student waiting for shards, uniform vs window {args.shuffle_window}",
+              f"{waits[0]:.1f} s vs {waits[1]:.1f} s"),
+             ("(4) end to end total, uniform / windowed shuffle",
+              f"{figures['headline']['end_to_end_uniform_vs_windowed']:.2f}x")]
+    return _report(args, figures, rows)
+
+
+def _report(args, figures: dict, rows: list[tuple[str, str]]) -> dict:
+    """Print the table of ``rows`` (the headline ratios last), write --json; the figures."""
+    from rich.console import Console
+    from rich.table import Table
+
+    ws = figures["workspace"]
+    table = Table(title=f"kdpipe pipeline benchmark (student {ws['student_params']:,} params, "
+                        f"teacher {ws['teacher_params']:,}, batch {args.batch} x {ws['seq_len']} "
+                        f"tokens)")
     for column in ("measure", "value"):
         table.add_column(column, justify="left" if column == "measure" else "right")
-    for source, s in steps.items():
-        table.add_row(f"(1) student step, {source} teacher", f"{s['ms_per_step']:.1f} ms  "
-                      f"({s['tokens_per_s']:,.0f} tok/s)")
-    for hosts, f in fills.items():
-        table.add_row(f"(2) cache fill, {hosts} one-core teacher host(s)",
-                      f"{f['tokens_per_s']:,.0f} tok/s  ({f['seconds']:.1f} s, shards/host "
-                      f"{f['shards_per_host']})")
-    for phase, seconds in outcome.seconds.items():
-        table.add_row(f"(3) end to end: {phase}", f"{seconds:.1f} s  (windowed shuffle: "
-                      f"{windowed.seconds.get(phase, float('nan')):.1f} s)")
-    table.add_row("(1) offline vs live step speedup (goal >= 2)", f"{speedup:.2f}x")
-    table.add_row("(2) fill scaling, 2 vs 1 teacher hosts (goal >= 1.8)", f"{scaling:.2f}x")
-    table.add_row(f"(4) student waiting for shards, uniform vs window {args.shuffle_window}",
-                  f"{waits[0]:.1f} s vs {waits[1]:.1f} s")
-    table.add_row("(4) end to end total, uniform / windowed shuffle",
-                  f"{figures['headline']['end_to_end_uniform_vs_windowed']:.2f}x")
+    for row in rows:
+        table.add_row(*row)
     Console().print(table)
     if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=1) + "\n")
+        Path(args.json).write_text(json.dumps(figures, indent=1, default=str) + "\n")
     return figures
 
 
