@@ -13,7 +13,8 @@ import dataclasses
 import time
 from typing import Any
 
-from actors.remote import SERVICE, RemoteTargets, TargetService, remote_readers
+from actors.remote import (SERVICE, RemoteTargets, TargetService, remote_readers,
+                           teacher_hosts)
 from pipeline.config import RunConfig
 
 
@@ -91,6 +92,9 @@ def train_student(host, config: RunConfig, plan: StudentPlan) -> StudentReport:
         host.report(waiting=f"{split} shards {missing}" if missing else None)
 
     remote = remote_readers(plan.teachers, config, host.rank, host.num_hosts) if plan.teachers else None
+    # on-policy rollouts go to the teacher hosts too (a live teacher scores them in the step)
+    scorer = (teacher_hosts(plan.teachers, config, host.rank, host.num_hosts)
+              if plan.teachers and config.train.on_policy is not None else None)
     targets = run_targets(config, plan.source, teacher_fp=plan.teacher_fp,
                           offset=start_position(config.checkpoint_dir)[1], host_index=host.rank,
                           host_count=host.num_hosts, remote=remote, on_wait=on_wait)
@@ -101,7 +105,7 @@ def train_student(host, config: RunConfig, plan: StudentPlan) -> StudentReport:
     result, stopped_step = None, None
     try:
         result = train(config, host=Host(host.rank, host.num_hosts), stop=host.stop_event,
-                       pause=host.pause_event, on_step=on_step, targets=targets)
+                       pause=host.pause_event, on_step=on_step, targets=targets, scorer=scorer)
     except Preempted as stop:
         stopped_step = stop.step
     readers = (targets or {}).values()
