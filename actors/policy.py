@@ -34,9 +34,10 @@ serves requests (remote, hybrid)                            when the students fa
 A counted outcome is retried while its budget's count stays within the limit, else it raises
 ``HostLossesError`` naming the budget field. **One budget for the whole run**: teacher and
 student losses count against the same ``cluster.max_failures`` and the same
-``cluster.max_preemptions``. A teacher host replaced counts one per host; a student group
-re-formed counts one per re-formation, however many of its hosts were lost. Growing the student
-group when nodes join is no failure and counts nothing.
+``cluster.max_preemptions``. A teacher host lost counts one per host (the other hosts of its
+replica, replaced with it, count nothing); a student group re-formed counts one per
+re-formation, however many of its hosts were lost. Growing the student group when nodes join
+is no failure and counts nothing.
 
 How the driver carries a ``Retry`` out: the ``ranks`` of a teacher outcome get new hosts
 (offline: their shards first back on the queue); a student outcome re-forms the student group
