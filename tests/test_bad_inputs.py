@@ -248,6 +248,57 @@ def _(ws):
                    "model.teacher has neither a path nor an architecture",))
 
 
+# train.on_policy: a teacher that scores the student's sequences, live here
+_LIVE = ("cache=null", "cluster.teacher_source=live", "loss.use_hard_labels=false")
+
+
+@case("config/on_policy with an offline-only teacher")
+def _(ws):
+    return Expect(["train", *ws.config("train.on_policy={fraction: 0.5}",
+                                       "loss.use_hard_labels=false")],
+                  ("train.on_policy: the teacher must score the student's own sequences, but "
+                   "cluster.teacher_source 'offline' only reads stored targets",
+                   "use one of live, remote, hybrid"))
+
+
+@case("config/on_policy fraction outside [0, 1]")
+def _(ws):
+    return Expect(["train", *ws.config(*_LIVE, "train.on_policy={fraction: 1.5}")],
+                  ("train.on_policy.fraction: expected <= 1, got 1.5",))
+
+
+@case("config/on_policy top_p 0")
+def _(ws):
+    return Expect(["train", *ws.config(*_LIVE, "train.on_policy={top_p: 0}")],
+                  ("train.on_policy.top_p: expected > 0, got 0",))
+
+
+@case("config/on_policy prefix longer than seq_len - max_new_tokens")
+def _(ws):
+    return Expect(["train", *ws.config(*_LIVE, "train.on_policy={prompt_source: prefix, "
+                                       "prefix_tokens: 20, max_new_tokens: 16}")],
+                  ("train.on_policy.prefix_tokens: a prompt of 20 tokens + max_new_tokens 16 > "
+                   "data.seq_len 32; expected prefix_tokens <= 16",))
+
+
+@case("data/on_policy prompt longer than seq_len - max_new_tokens")
+def _(ws):
+    from pipeline.config import DataConfig
+    from pipeline.data import prepare_dataset
+
+    source, prepared = ws.scratch / "prompts.jsonl", ws.scratch / "prepared"
+    source.write_text(json.dumps({"prompt": "def " + "long_name_" * 20 + "(x):",
+                                  "completion": " return x"}) + "\n")
+    prepare_dataset(DataConfig(sources=(str(source),), tokenizer=str(ws.root / "tokenizer.json"),
+                               prepared_dir=str(prepared), seq_len=32, pack=False,
+                               eval_fraction=0.0), progress=False)
+    return Expect(["train", *ws.config(*_LIVE, "train.on_policy={max_new_tokens: 16}",
+                                       f"data.prepared_dir={prepared}")],
+                  ("train.on_policy.max_new_tokens:", "of the train split",
+                   "longer than data.seq_len - max_new_tokens = 32 - 16 = 16"),
+                  then=_absent(ws.scratch / "run"))
+
+
 @case("config/cache verb without a cache section")
 def _(ws):
     return Expect(["cache", *ws.config("cache=null", "cluster.teacher_source=live")],
