@@ -649,7 +649,7 @@ def _(ws):
     ws.edit_json(manifest, lambda m: m.update(format_version=99))
     return Expect(["train", *ws.config()],
                   (f"cache {_train_cache(ws)}: cache manifest: format_version 99 is not one this "
-                   f"kdpipe reads (1, 2); a newer cache needs a newer kdpipe",),
+                   f"kdpipe reads (1, 2, 3); a newer cache needs a newer kdpipe",),
                   then=_absent(ws.scratch / "run"))
 
 
@@ -707,11 +707,11 @@ def _(ws):
 @case("cache/flipped byte in a shard")
 def _(ws):
     shard = _first_shard(ws)
-    file = _train_cache(ws) / "id_stream" / "c" / str(shard) / "0" / "0"
+    file = _train_cache(ws) / "id_gaps" / "c" / str(shard) / "0" / "0"
     data = bytearray(file.read_bytes())
     data[len(data) // 2] ^= 0xFF
     ws.write(file, bytes(data))
-    return Expect(["train", *ws.config()], (f"shard {shard} is corrupt: file id_stream/c/{shard}/0/0 "
+    return Expect(["train", *ws.config()], (f"shard {shard} is corrupt: file id_gaps/c/{shard}/0/0 "
                                             f"is", "crc32"))
 
 

@@ -1,6 +1,7 @@
 """Adaptive top-k caches (top_p, bytes_per_token): the kept ids, the exact tail, ragged storage,
 the k_t+1-bucket loss and the writer's fidelity audit, each against a float64 numpy reference;
-format version 1 caches still read."""
+the budget on stored bytes against the files TensorStore writes; format version 1 and 2 caches
+still read."""
 
 import json
 
@@ -12,18 +13,19 @@ import pytest
 from actors.inspect import describe
 from pipeline import losses
 from pipeline.cache import (CacheManifest, CacheReader, CacheWriter, RunDeclaration, TargetSpec,
-                            audit, compress, ragged, read_manifest)
-from pipeline.cache.format import MANIFEST_KEY, raw_token_bytes
+                            audit, budget, compress, ragged, read_manifest)
+from pipeline.cache.format import (MANIFEST_KEY, array_layout, array_metadata_key,
+                                   raw_token_bytes, shard_file_key)
 from pipeline.errors import CacheError, ConfigError
 
 V, REAL_V, L, K = 61, 57, 6, 9
 
 
-def _logits(seed, rows):
+def _logits(seed, rows, length=L):
     """Rows of differing peakiness, so that k_t varies within and across sequences."""
     rng = np.random.default_rng(seed)
-    scale = np.linspace(0.5, 6.0, rows * L).reshape(rows, L, 1)
-    return (rng.standard_normal((rows, L, V)) * scale).astype(np.float32)
+    scale = np.linspace(0.5, 6.0, rows * length).reshape(rows, length, 1)
+    return (rng.standard_normal((rows, length, V)) * scale).astype(np.float32)
 
 
 def _ref_logp(logits):
@@ -33,24 +35,28 @@ def _ref_logp(logits):
         -1, keepdims=True)
 
 
-def _ref_counts(logp_sorted, spec):
-    """k_t per token of one sequence [L, K] (descending float64 log-probs)."""
+def _ref_counts(logp_sorted, spec, extra=None):
+    """k_t per token of one sequence [L, K] (descending float64 log-probs); a budget keeps
+    ``extra`` ids beyond min_k (default: what format 2's raw budget affords)."""
     if spec.top_p is not None:
         cum = np.cumsum(np.exp(logp_sorted), -1)
         return np.clip(np.argmax(cum >= spec.top_p, -1) + 1 + (cum[:, -1] < spec.top_p) * K,
                        spec.min_k, K)
-    per_token, per_id = raw_token_bytes(spec)
-    extra = int(L * (spec.bytes_per_token - per_token) // per_id) - L * spec.min_k
+    length = len(logp_sorted)
+    if extra is None:
+        per_token, per_id = raw_token_bytes(spec)
+        extra = int(length * (spec.bytes_per_token - per_token) // per_id) - length * spec.min_k
     cand = logp_sorted[:, spec.min_k:]
     order = sorted(np.ndindex(cand.shape), key=lambda tj: (-cand[tj], tj))
-    counts = np.full(L, spec.min_k)
+    counts = np.full(length, spec.min_k)
     for t, _ in order[:extra]:
         counts[t] += 1
     return counts
 
 
-@pytest.mark.parametrize("rule,encoding", [(dict(top_p=0.9, min_k=2), "gap"),
-                                           (dict(bytes_per_token=20.0, min_k=1), "packed")])
+@pytest.mark.parametrize("rule,encoding", [
+    (dict(top_p=0.9, min_k=2), "gap"),
+    (dict(bytes_per_token=20.0, min_k=1, format_version=2), "packed")])  # raw budget
 def test_kept_ids_exact_tail_and_ragged_storage_match_float64(rule, encoding):
     spec = TargetSpec("topk", V, REAL_V, k=K, value_dtype="float32", id_encoding=encoding,
                       **rule)
@@ -166,43 +172,80 @@ def test_audit_kl_and_mass_match_float64():
     assert record["k_mean"] == pytest.approx(np.asarray(encoded["id_count"]).mean())
 
 
-def test_ragged_cache_roundtrip_audit_and_version_1_still_reads(tmp_path):
-    spec = TargetSpec("topk", V, REAL_V, k=K, bytes_per_token=18.0, min_k=1)
-    m = CacheManifest(spec, "teacher", "tok", "data", seq_len=L, num_sequences=3,
-                      shard_sequences=2)
-    logits = _logits(6, 3)
-    with CacheWriter(tmp_path / "v2", m) as writer:
-        writer.write(jnp.asarray(logits), np.arange(3))
-    run = RunDeclaration("tok", "data", V, L, 1.0)
-    got = CacheReader(tmp_path / "v2", run).read([0, 1, 2])
-    want = compress.decode(compress.encode(jnp.asarray(logits), jnp.arange(3), spec), spec)
+def _reads_as_encoded(location, logits, spec, run):
+    got = CacheReader(location, run).read(list(range(len(logits))))
+    want = compress.decode(compress.encode(jnp.asarray(logits), jnp.arange(len(logits)), spec),
+                           spec)
     for key in want:
-        np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]))
-    audits = [c.audit for c in read_manifest(tmp_path / "v2").commits]
-    assert [a["tokens"] for a in audits] == [2 * L, L]
+        np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]), err_msg=key)
+
+
+def test_stored_budget_cache_roundtrip_audit_and_versions_1_2_still_read(tmp_path):
+    length, budget_b = 48, 14.0
+    spec = TargetSpec("topk", V, REAL_V, k=K, bytes_per_token=budget_b, min_k=1)
+    m = CacheManifest(spec, "teacher", "tok", "data", seq_len=length, num_sequences=4,
+                      shard_sequences=2)
+    logits = _logits(6, 4, length)
+    with CacheWriter(tmp_path / "v3", m) as writer:
+        writer.write(jnp.asarray(logits), np.arange(4))
+    run = RunDeclaration("tok", "data", V, length, 1.0)
+    _reads_as_encoded(tmp_path / "v3", logits, spec, run)
+    # the budget is on stored bytes: each sequence's measure is within B, the files on disk
+    # are exactly what was measured (a chunk's index entry is 16 bytes; a shard's index crc 4)
+    encoded = {n: np.asarray(a) for n, a in
+               compress.encode(jnp.asarray(logits), jnp.arange(4), spec).items()}
+    measured = [budget.stored_sequence_bytes({n: a[row] for n, a in encoded.items()}, spec)
+                for row in range(4)]
+    assert max(measured) <= budget_b * length
+    for shard in (0, 1):
+        on_disk = sum((tmp_path / "v3" / shard_file_key(a, shard)).stat().st_size
+                      for a in array_layout(spec))
+        assert on_disk == sum(measured[2 * shard:2 * shard + 2]) - 4 * len(array_layout(spec))
+    manifest = read_manifest(tmp_path / "v3")
+    assert 0.9 * budget_b < manifest.committed_bytes / (4 * length) <= budget_b
+    # ... spent on the most probable candidates of the sequence (float64 reference)
+    logp = _ref_logp(logits)
+    top = -np.sort(-logp, -1)[..., :K]
+    counts = encoded["id_count"].astype(np.int64)
+    assert len(np.unique(counts)) > 2
+    for row in range(4):
+        extra = int(counts[row].sum()) - length * spec.min_k
+        np.testing.assert_array_equal(counts[row], _ref_counts(top[row], spec, extra))
+    # format 3's codecs: token-major byte-shuffled gaps
+    meta = json.loads((tmp_path / "v3" / "id_gaps" / "zarr.json").read_text())
+    assert [c["name"] for c in meta["codecs"][0]["configuration"]["codecs"]] == [
+        "bytes", "blosc", "crc32c"]
+    audits = [c.audit for c in manifest.commits]
+    assert [a["tokens"] for a in audits] == [2 * 16, 2 * 16]
     assert all(a["kl_mean"] > 0 and 0 < a["mass_mean"] < 1 and 1 <= a["k_mean"] <= K
                for a in audits)
-    printed = describe(str(tmp_path / "v2"))  # kdpipe inspect: token-weighted over the shards
-    kl = (audits[0]["kl_mean"] * 2 + audits[1]["kl_mean"]) / 3
-    assert f"KL(teacher || reconstruction) mean {kl:.4g} nats over {3 * L} audited" in printed
+    printed = describe(str(tmp_path / "v3"))  # kdpipe inspect: token-weighted over the shards
+    kl = (audits[0]["kl_mean"] + audits[1]["kl_mean"]) / 2
+    assert f"KL(teacher || reconstruction) mean {kl:.4g} nats over {4 * 16} audited" in printed
     assert f"largest shard p99 {max(a['kl_p99'] for a in audits):.4g}" in printed
-    assert "format      version 2" in printed and "ids per token, <= 18 raw B/token" in printed
-    # a version-1 cache (fixed top-k, written before adaptive k and audits) reads unchanged
-    fixed = CacheManifest(TargetSpec("topk", V, REAL_V, k=5), "teacher", "tok", "data",
-                          seq_len=L, num_sequences=3, shard_sequences=2)
-    with CacheWriter(tmp_path / "v1", fixed) as writer:
-        writer.write(jnp.asarray(logits), np.arange(3))
+    assert "format      version 3" in printed and "ids per token, <= 14 stored B/token" in printed
+    # version 2 (raw budget, gap lengths + extra bits, slot-major) and version 1 (fixed top-k)
+    # caches read unchanged
+    v2 = TargetSpec("topk", V, REAL_V, k=K, bytes_per_token=18.0, min_k=1, format_version=2)
+    fixed = TargetSpec("topk", V, REAL_V, k=5, format_version=2)
+    short = _logits(7, 3)
+    for name, old in (("v2", v2), ("v1", fixed)):
+        with CacheWriter(tmp_path / name, CacheManifest(old, "teacher", "tok", "data",
+                                                        seq_len=L, num_sequences=3,
+                                                        shard_sequences=2)) as writer:
+            writer.write(jnp.asarray(short), np.arange(3))
+        assert {a.name for a in array_layout(old)} >= {"id_gap_lengths", "id_stream"}
+        assert (tmp_path / name / array_metadata_key(array_layout(old)[-2])).exists()
     header = json.loads((tmp_path / "v1" / MANIFEST_KEY).read_text())
     header["format_version"] = 1
     for field in ("top_p", "min_k", "bytes_per_token"):
         del header["target"][field]
     (tmp_path / "v1" / MANIFEST_KEY).write_text(json.dumps(header))
-    old = CacheReader(tmp_path / "v1", run)
-    assert old.manifest.format_version == 1
-    want = compress.decode(compress.encode(jnp.asarray(logits), jnp.arange(3), fixed.target),
-                           fixed.target)
-    np.testing.assert_array_equal(np.asarray(old.read([0, 1, 2])["teacher_topk_logprobs"]),
-                                  np.asarray(want["teacher_topk_logprobs"]))
+    run = RunDeclaration("tok", "data", V, L, 1.0)
+    assert CacheReader(tmp_path / "v1", run).manifest.format_version == 1
+    assert "<= 18 raw B/token" in describe(str(tmp_path / "v2"))
+    for name, old in (("v2", v2), ("v1", fixed)):
+        _reads_as_encoded(tmp_path / name, short, old, run)
 
 
 def test_bad_adaptive_settings_name_the_field():

@@ -16,8 +16,8 @@ import pytest
 from pipeline.cache import (CacheManifest, CacheReader, CacheWriter, RunDeclaration, TargetSpec,
                             read_manifest)
 from pipeline.cache import compress
-from pipeline.cache.format import (MANIFEST_KEY, PADDED_LOGIT, array_layout, check_compatible,
-                                   shard_file_key)
+from pipeline.cache.format import (FORMAT_VERSION, MANIFEST_KEY, PADDED_LOGIT, array_layout,
+                                   check_compatible, shard_file_key)
 from pipeline.errors import CacheError
 
 V, REAL_V, L, N, SHARD = 50, 45, 4, 6, 2
@@ -177,7 +177,8 @@ def test_newer_format_version_is_refused(tmp_path):
     header = json.loads((tmp_path / MANIFEST_KEY).read_text())
     header["format_version"] += 1
     (tmp_path / MANIFEST_KEY).write_text(json.dumps(header))
-    with pytest.raises(CacheError, match="format_version 3 is not one this kdpipe reads"):
+    with pytest.raises(CacheError, match=f"format_version {FORMAT_VERSION + 1} is not one this "
+                       f"kdpipe reads"):
         CacheReader(tmp_path, run_for(m))
 
 
@@ -227,8 +228,9 @@ def test_damage_after_verification_is_caught_by_chunk_checksums(tmp_path):
 
 
 def test_killed_writer_rerun_equals_uninterrupted(tmp_path):
-    # ragged shards (adaptive top-k), whose commit records also carry the fidelity audit
-    m = manifest(TargetSpec("topk", V, REAL_V, k=7, top_p=0.9, min_k=1))
+    # ragged shards (adaptive top-k: a budget on stored bytes, measured as each sequence is
+    # encoded), whose commit records also carry the fidelity audit
+    m = manifest(TargetSpec("topk", V, REAL_V, k=7, bytes_per_token=68.0, min_k=1))
     write_shards(tmp_path / "reference", m, range(m.num_shards))
     killed = tmp_path / "killed"
     CacheWriter(killed, m).close()  # create the manifest so the worker joins it

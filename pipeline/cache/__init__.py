@@ -8,7 +8,7 @@ the modes and what may change after caching (temperature) are documented in
 
 from pipeline.cache.format import (CacheManifest, RunDeclaration, ShardCommit, TargetSpec,
                                    check_compatible, load_manifest, num_shards, shard_of)
-from pipeline.cache import audit, compress, ragged  # noqa: F401  (submodules)
+from pipeline.cache import audit, budget, compress, ragged  # noqa: F401  (submodules)
 from pipeline.cache.reader import CacheReader
 from pipeline.cache.store import open_kvstore, split_location
 from pipeline.cache.writer import CacheWriter

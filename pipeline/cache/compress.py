@@ -10,17 +10,20 @@ Codes, per token:
 - teacher distribution: p = softmax(logits / T_cache) over the real ids (ids >=
   tokenizer_vocab_size get probability 0 before anything is chosen or drawn).
 - ids, ``packed``: each id in ceil(log2 V) bits, concatenated LSB-first into a byte row.
-- ids, ``gap``: ids sorted ascending, gaps g_i = id_i - id_{i-1} - 1 (id_{-1} = -1). Each gap is
-  stored as its bit length b_i (a byte, ``id_gap_lengths``, which zstd entropy-codes) and its
-  b_i - 1 bits below the leading one (``id_stream``), as DEFLATE codes distances: a bucket plus
-  extra bits. Decoding is parallel because the lengths give every code's offset.
+- ids, ``gap``: ids sorted ascending, gaps g_i = id_i - id_{i-1} - 1 (id_{-1} = -1). Format 3
+  stores the gaps themselves (``id_gaps``, uint16 up to a 65,536-id vocabulary, else uint32),
+  which the cache keeps token-major and byte-shuffled (pipeline/cache/format.py). Formats 1
+  and 2 store each gap as its bit length b_i (a byte, ``id_gap_lengths``) and its b_i - 1 bits
+  below the leading one (``id_stream``), as DEFLATE codes distances: a bucket plus extra bits.
+  Decoding is parallel either way (a cumulative sum).
 - topk values (log-probs, in the ids' order): float32, bfloat16, or ``q8``: q = round(-lp / s)
   in [0, 255] with s = -min(lp) / 255 per token (stored as bf16). The tail log-mass
   log(sum_{v not in top k} p_v) is summed directly (so it is exactly -inf when k covers the
   vocab). Lossy values are renormalised at decode so that the k values and the tail sum to 1.
 - adaptive topk (``top_p`` / ``bytes_per_token``): the k candidates are cut to k_t per token
-  (:func:`kept_counts`); the cut ones join the tail (summed directly), the unused slots hold
-  zeros and ``id_count`` holds k_t (pipeline/cache/ragged.py stores only the used slots).
+  (:func:`kept_counts`; a format-3 budget: ``pipeline.cache.budget``); the cut ones join the
+  tail (summed directly), the unused slots hold zeros and ``id_count`` holds k_t
+  (pipeline/cache/ragged.py stores only the used slots).
 - sampled: n ids drawn i.i.d. from p by inverse CDF with a key per (seed, sequence, position),
   so a re-run draws the same ids; stored as sorted unique ids, counts (uint8, unused slots 0
   with id 0) and the teacher entropy H(p) in f32. (A cumulative sum in f32 resolves
@@ -36,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pipeline.cache import budget
 from pipeline.cache.format import (PADDED_LOGIT, TargetSpec, array_layout, id_bits,
                                    mantissa_bytes, raw_token_bytes)
 from pipeline.losses import restrict_to_vocab
@@ -94,6 +98,8 @@ def encode_ids(ids: jax.Array, used: jax.Array, spec: TargetSpec) -> dict[str, j
         return {"id_stream": pack_bits(jnp.where(used, ids, 0), widths, capacity)}
     previous = jnp.concatenate([jnp.full_like(ids[:, :1], -1), ids[:, :-1]], axis=-1)
     gaps = jnp.where(used, ids - previous - 1, 0).astype(jnp.uint32)
+    if spec.gap_ids:
+        return {"id_gaps": gaps.astype(array_dtype(spec, "id_gaps"))}
     lengths = _bit_length(gaps)
     leading_one = jnp.where(lengths > 0, jnp.uint32(1) << jnp.maximum(lengths - 1, 0), 0)
     stream = pack_bits(gaps - leading_one, jnp.maximum(lengths - 1, 0), capacity)
@@ -106,6 +112,8 @@ def decode_ids(stored: dict[str, jax.Array], spec: TargetSpec) -> jax.Array:
         shape = (stored["id_stream"].shape[0], spec.slots)
         widths = jnp.full(shape, id_bits(spec.vocab_size), jnp.int32)
         return unpack_bits(stored["id_stream"], widths).astype(jnp.int32)
+    if spec.gap_ids:
+        return jnp.cumsum(stored["id_gaps"].astype(jnp.int32) + 1, axis=-1) - 1
     lengths = stored["id_gap_lengths"].astype(jnp.int32)
     extra = unpack_bits(stored["id_stream"], jnp.maximum(lengths - 1, 0))
     leading_one = jnp.where(lengths > 0, jnp.uint32(1) << jnp.maximum(lengths - 1, 0), 0)
@@ -141,14 +149,28 @@ def _encode_topk(x: jax.Array, spec: TargetSpec) -> dict[str, jax.Array]:
     below = jnp.sum(jnp.where(x < kth, weights, 0.0), axis=-1)
     left_out_ties = jnp.sum(x == kth, axis=-1) - jnp.sum(top == kth, axis=-1)
     tail_mass = below + left_out_ties * jnp.exp(kth - peak)[:, 0]
-    log_total = jnp.log(total)
-    values = top - peak - log_total[:, None]
+    candidates = (ids, top - peak, tail_mass, jnp.log(total))
+    if not spec.adaptive:
+        return _cut_topk(*candidates, None, spec)
+    logprobs = candidates[1] - candidates[3][:, None]
+    if spec.stored_budget:
+        count = budget.stored_counts(lambda c: _cut_topk(*candidates, c, spec), logprobs, spec)
+    else:
+        count = kept_counts(logprobs, spec)
+    return _cut_topk(*candidates, count, spec)
+
+
+def _cut_topk(ids: jax.Array, relative: jax.Array, tail_mass: jax.Array, log_total: jax.Array,
+              count: jax.Array | None, spec: TargetSpec) -> dict[str, jax.Array]:
+    """Stored arrays of the k candidates of each token, cut to ``count`` ``[T]`` (None: all).
+    ids ``[T, k]`` by descending probability; relative: their logits less the peak; tail_mass:
+    the other ids' exp(logit - peak) summed; log_total: log of all of it (``[T]`` each)."""
+    values = relative - log_total[:, None]
     used = jnp.ones(ids.shape, bool)
-    if spec.adaptive:
-        count = kept_counts(values, spec)
+    if count is not None:
         used = jnp.arange(spec.k) < count[:, None]
         # the dropped candidates join the tail, summed directly (no 1 - kept mass)
-        tail_mass = tail_mass + jnp.sum(jnp.where(used, 0.0, jnp.exp(top - peak)), axis=-1)
+        tail_mass = tail_mass + jnp.sum(jnp.where(used, 0.0, jnp.exp(relative)), axis=-1)
         values = jnp.where(used, values, 0.0)
     tail = jnp.log(tail_mass) - log_total
     if spec.id_encoding == "gap":
@@ -163,8 +185,8 @@ def _encode_topk(x: jax.Array, spec: TargetSpec) -> dict[str, jax.Array]:
     else:
         out["values"] = values.astype(spec.value_dtype)
         out["tail_logmass"] = tail.astype(spec.value_dtype)
-    if spec.adaptive:
-        out["id_count"] = count.astype(ragged_count_dtype(spec))
+    if count is not None:
+        out["id_count"] = count.astype(array_dtype(spec, "id_count"))
     return out
 
 
@@ -173,11 +195,12 @@ def kept_counts(logprobs: jax.Array, spec: TargetSpec) -> jax.Array:
     (descending) of the T positions of one sequence.
 
     - ``top_p``: the fewest ids whose mass reaches top_p (each token on its own);
-    - ``bytes_per_token`` = B: with (c_t, c_id) = :func:`~pipeline.cache.spec.raw_token_bytes`,
-      the sequence keeps ``n = floor(T (B - c_t) / c_id)`` ids in all: ``min_k`` per token,
-      then the remaining candidates of highest probability over the whole sequence (ties: the
-      earlier position), so bytes go where the teacher is unsure. Each sequence's raw bytes
-      per token are then at most B, so is their mean.
+    - ``bytes_per_token`` = B of formats 1 and 2: with (c_t, c_id) =
+      :func:`~pipeline.cache.spec.raw_token_bytes`, the sequence keeps
+      ``n = floor(T (B - c_t) / c_id)`` ids in all (:func:`budget.counts_with_extra`: ``min_k``
+      per token, then the most probable remaining candidates of the sequence), so each
+      sequence's raw bytes per token are at most B. Format 3 measures stored bytes instead
+      (``pipeline.cache.budget.stored_counts``).
     """
     if spec.top_p is not None:
         below_p = jnp.cumsum(jnp.exp(logprobs), axis=-1)[:, :-1] < spec.top_p
@@ -185,15 +208,12 @@ def kept_counts(logprobs: jax.Array, spec: TargetSpec) -> jax.Array:
     tokens, k = logprobs.shape
     per_token, per_id = raw_token_bytes(spec)
     extra = int(tokens * (spec.bytes_per_token - per_token) // per_id) - tokens * spec.min_k
-    extra = min(extra, tokens * (k - spec.min_k))
-    candidates = logprobs[:, spec.min_k:].reshape(-1)
-    rank = jnp.argsort(jnp.argsort(-candidates, stable=True))  # rank 0 = most probable
-    kept = (rank < extra).reshape(tokens, k - spec.min_k)
-    return spec.min_k + jnp.sum(kept, axis=-1)
+    return budget.counts_with_extra(logprobs, min(extra, tokens * (k - spec.min_k)), spec)
 
 
-def ragged_count_dtype(spec: TargetSpec) -> str:
-    return next(a.dtype for a in array_layout(spec) if a.name == "id_count")
+def array_dtype(spec: TargetSpec, name: str) -> str:
+    """The stored dtype of array ``name`` (``array_layout(spec)``)."""
+    return next(a.dtype for a in array_layout(spec) if a.name == name)
 
 
 def _decode_topk(stored: dict[str, jax.Array], spec: TargetSpec) -> dict[str, jax.Array]:

@@ -55,16 +55,13 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.cache.spec import (ID_ENCODINGS, MAX_ID_BITS, MODES, PADDED_LOGIT,  # noqa: F401
-                                 VALUE_DTYPES, ArrayLayout, TargetSpec, array_layout, id_bits,
-                                 mantissa_bytes, raw_token_bytes)
+from pipeline.cache.spec import (FORMAT_VERSION, ID_ENCODINGS, MAX_ID_BITS,  # noqa: F401
+                                 MODES, PADDED_LOGIT, READABLE_VERSIONS, VALUE_DTYPES,
+                                 ArrayLayout, TargetSpec, array_layout, id_bits, mantissa_bytes,
+                                 raw_token_bytes)
 from pipeline.cache.store import ts_key_range
 from pipeline.errors import CacheError
 
-FORMAT_VERSION = 2
-# Version 1 is version 2 without adaptive top-k (no top_p / min_k / bytes_per_token): its
-# arrays and manifest read unchanged.
-READABLE_VERSIONS = (1, 2)
 MANIFEST_KEY = "manifest.json"
 COMMIT_PREFIX = "commits/"
 
@@ -115,7 +112,8 @@ class CacheManifest:
 
     Fingerprints are opaque strings chosen by the caller (teacher: config + weights hash;
     tokenizer; dataset: a path-independent hash of the token ids). ``commits`` is derived
-    from the commit records and is not part of manifest.json.
+    from the commit records and is not part of manifest.json. The format version is the
+    target's (``target.format_version``), written as manifest.json's ``format_version``.
     """
 
     target: TargetSpec
@@ -126,7 +124,6 @@ class CacheManifest:
     num_sequences: int
     shard_sequences: int
     chunk_sequences: int = 1
-    format_version: int = FORMAT_VERSION
     commits: tuple[ShardCommit, ...] = ()
 
     def __post_init__(self):
@@ -138,6 +135,10 @@ class CacheManifest:
             raise CacheError(
                 f"cache manifest: shard_sequences ({self.shard_sequences}) must be a multiple "
                 f"of chunk_sequences ({self.chunk_sequences})")
+
+    @property
+    def format_version(self) -> int:
+        return self.target.format_version
 
     @property
     def num_shards(self) -> int:
@@ -168,6 +169,7 @@ class CacheManifest:
         """manifest.json contents: all fields but the commits."""
         obj = dataclasses.asdict(self)
         del obj["commits"]
+        obj["format_version"] = obj["target"].pop("format_version")
         return obj
 
     @classmethod
@@ -179,7 +181,8 @@ class CacheManifest:
                 f"({', '.join(map(str, READABLE_VERSIONS))}); a newer cache needs a newer kdpipe")
         try:
             fields = dict(obj)
-            fields["target"] = TargetSpec(**fields["target"])
+            del fields["format_version"]
+            fields["target"] = TargetSpec(**fields["target"], format_version=version)
             return cls(**fields, commits=commits)
         except (KeyError, TypeError) as e:
             raise CacheError(f"cache manifest: malformed {MANIFEST_KEY} ({e!r})") from e
@@ -251,12 +254,9 @@ def check_compatible(manifest: CacheManifest, run: RunDeclaration) -> None:
             f"distribution at its own temperature only (full-mode caches serve any temperature)")
 
 
-def zarr3_spec(kvstore: dict, manifest: CacheManifest, array: ArrayLayout) -> dict:
-    """TensorStore spec of one stored array under the cache's kvstore spec (a dict)."""
-    trailing = list(array.stored_trailing(manifest.seq_len))
-    ndim = 1 + len(trailing)
-    shape = [manifest.num_sequences, *trailing]
-    inner = [manifest.chunk_sequences, *trailing]
+def inner_codecs(array: ArrayLayout, seq_len: int) -> list[dict]:
+    """The zarr3 codecs of one inner chunk (a sequence's bytes) of a stored array."""
+    ndim = 1 + len(array.stored_trailing(seq_len))
     codecs = []
     if array.codec == "zstd_transposed":
         # Slot-major bytes: each slot's bytes of all tokens sit together (similar statistics,
@@ -264,8 +264,24 @@ def zarr3_spec(kvstore: dict, manifest: CacheManifest, array: ArrayLayout) -> di
         codecs.append({"name": "transpose",
                        "configuration": {"order": [ndim - 1, *range(ndim - 1)]}})
     codecs.append({"name": "bytes", "configuration": {"endian": "little"}})
-    codecs.append({"name": "zstd", "configuration": {"level": 5}})
+    if array.codec == "blosc_shuffle":
+        # byte shuffle: the high bytes of all gaps, then the low bytes, each stream zstd-coded
+        codecs.append({"name": "blosc", "configuration": {
+            "cname": "zstd", "clevel": 5, "shuffle": "shuffle",
+            "typesize": np.dtype(array.dtype).itemsize, "blocksize": 0}})
+    else:
+        codecs.append({"name": "zstd", "configuration": {"level": 5}})
     codecs.append({"name": "crc32c"})
+    return codecs
+
+
+def zarr3_spec(kvstore: dict, manifest: CacheManifest, array: ArrayLayout) -> dict:
+    """TensorStore spec of one stored array under the cache's kvstore spec (a dict); its
+    codecs follow the manifest's format version (``array_layout(manifest.target)``)."""
+    trailing = list(array.stored_trailing(manifest.seq_len))
+    shape = [manifest.num_sequences, *trailing]
+    inner = [manifest.chunk_sequences, *trailing]
+    codecs = inner_codecs(array, manifest.seq_len)
     sub = dict(kvstore)
     sub["path"] = sub.get("path", "") + array.name + "/"
     return {

@@ -2,12 +2,13 @@
 
 The encoder (pipeline/cache/compress.py) gives every per-slot array padded, ``[B, L, width]``
 with zeros in the unused slots. On disk (:class:`pipeline.cache.spec.ArrayLayout` with
-``ragged``) a sequence's row holds only the used slots, packed at the front slot-major (slot 0
-of every token that uses it, then slot 1, ...: entries of one slot have alike statistics, and
-zstd sees one dense stream and one zero run), zeros after them. Which slots a token uses
-follows from what is stored before them, so nothing else is stored:
+``ragged``) a sequence's row holds only the used slots, packed at the front, zeros after them:
+slot-major (slot 0 of every token that uses it, then slot 1, ...: entries of one slot have
+alike statistics, and zstd sees one dense stream and one zero run), or token-major for a
+token-major array (format 3's ``id_gaps``: neighbouring tokens' gaps repeat). Which slots a
+token uses follows from what is stored before them, so nothing else is stored:
 
-- ``id_gap_lengths`` and ``values``: the first ``id_count`` slots;
+- ``id_gaps``, ``id_gap_lengths`` and ``values``: the first ``id_count`` slots;
 - ``id_stream`` (bytes of bit-packed id codes): the bytes the token's codes fill,
   ``ceil(bits / 8)`` with ``bits`` = the sum of ``max(length - 1, 0)`` over its gap lengths
   (``gap``) or ``id_count * id_bits`` (``packed``).
@@ -39,9 +40,14 @@ def _used(name: str, arrays: dict[str, np.ndarray], spec: TargetSpec) -> np.ndar
     return -(-bits // 8)
 
 
-def _slot_major_mask(used: np.ndarray, width: int) -> np.ndarray:
-    """``[..., width, L]`` bool: slot j of token t is used (slot-major, as stored)."""
-    return np.arange(width)[:, None] < used[..., None, :]
+def _in_stored_order(a: np.ndarray, token_major: bool) -> np.ndarray:
+    """Padded ``[S, L, width]`` -> ``[S, L, width]`` token-major or ``[S, width, L]`` (a view)."""
+    return a if token_major else np.swapaxes(a, -1, -2)
+
+
+def _used_mask(used: np.ndarray, width: int, token_major: bool) -> np.ndarray:
+    """Bool mask of the used slots (``used``: slots per token ``[S, L]``) in stored order."""
+    return _in_stored_order(np.arange(width) < used[..., None], token_major)
 
 
 def pack(arrays: dict[str, np.ndarray], spec: TargetSpec) -> dict[str, np.ndarray]:
@@ -52,10 +58,11 @@ def pack(arrays: dict[str, np.ndarray], spec: TargetSpec) -> dict[str, np.ndarra
         if not layout.ragged:
             continue
         a = arrays[layout.name]  # [S, L, width]
-        mask = _slot_major_mask(_used(layout.name, arrays, spec), a.shape[-1])
+        mask = _used_mask(_used(layout.name, arrays, spec), a.shape[-1], layout.token_major)
         rows = np.zeros((a.shape[0], a.shape[1] * a.shape[2]), a.dtype)
-        for row, (slot_major, used) in enumerate(zip(np.swapaxes(a, -1, -2), mask)):
-            entries = slot_major[used]
+        for row, (ordered, used) in enumerate(zip(_in_stored_order(a, layout.token_major),
+                                                  mask)):
+            entries = ordered[used]
             rows[row, :len(entries)] = entries
         out[layout.name] = rows
     return out
@@ -71,9 +78,9 @@ def unpack(stored: dict[str, np.ndarray], spec: TargetSpec) -> dict[str, np.ndar
                          key=lambda a: a.name == "id_stream"):
         flat = stored[layout.name]
         width = layout.trailing[0]
-        mask = _slot_major_mask(_used(layout.name, out, spec), width)
-        padded = np.zeros((flat.shape[0], width, seq_len), flat.dtype)
-        for row, used in enumerate(mask):
-            padded[row][used] = flat[row, :int(used.sum())]
-        out[layout.name] = np.swapaxes(padded, -1, -2)
+        padded = np.zeros((flat.shape[0], seq_len, width), flat.dtype)
+        mask = _used_mask(_used(layout.name, out, spec), width, layout.token_major)
+        for ordered, row, used in zip(_in_stored_order(padded, layout.token_major), flat, mask):
+            ordered[used] = row[:int(used.sum())]
+        out[layout.name] = padded
     return out

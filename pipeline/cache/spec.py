@@ -11,6 +11,11 @@ import numpy as np
 
 from pipeline.errors import CacheError
 
+# Version 3: the gap code's ids as plain gaps (:func:`gap_dtype`), token-major and
+# byte-shuffled; budgets on stored bytes. Version 2: adaptive top-k (ragged arrays). Version 1:
+# fixed top-k / sampled / full. Arrays of versions 1 and 2 read unchanged (:func:`array_layout`).
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 MODES = ("topk", "sampled", "full")
 VALUE_DTYPES = ("float32", "bfloat16", "q8")
 ID_ENCODINGS = ("gap", "packed")
@@ -26,6 +31,12 @@ def id_bits(vocab_size: int) -> int:
     return max(1, math.ceil(math.log2(vocab_size)))
 
 
+def gap_dtype(vocab_size: int) -> str:
+    """Integer type of a stored gap (format 3): uint16 while every gap (< vocab_size) fits in
+    16 bits, else uint32, whose two high bytes, byte-shuffled, are nearly all zero runs."""
+    return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
 @dataclasses.dataclass(frozen=True)
 class TargetSpec:
     """What is stored per token; hashable, so it is a static argument of the jitted codecs.
@@ -33,13 +44,16 @@ class TargetSpec:
     mode: "topk" | "sampled" | "full". k: ids per token (topk). n_draws: draws per token
     (sampled). value_dtype: topk values / full logits as "float32" | "bfloat16" | "q8" (8-bit
     log-probs with a per-token scale; topk only); default q8 (topk), float32 (full); None in
-    sampled mode. id_encoding: "gap" (sorted ids, gap
+    sampled mode. id_encoding: "gap" (sorted ids, gaps; formats 1 and 2: gap
     lengths + extra bits) or "packed" (ceil(log2 V) bits each). temperature: T_cache (None in
     full mode). seed: key of the sampled draws, one stream per (sequence, position).
     Adaptive top-k (topk only; None otherwise): top_p keeps each token's most probable ids
-    until their mass reaches top_p; bytes_per_token spends at most that many raw bytes per
-    token on average (:func:`raw_token_bytes`), on each sequence's most probable ids; either way
+    until their mass reaches top_p; bytes_per_token stores at most that many bytes per token
+    on average (format 3: stored bytes, measured; formats 1 and 2: raw bytes before
+    compression, :func:`raw_token_bytes`), on each sequence's most probable ids; either way
     between min_k and k ids per token.
+    format_version: the cache format whose arrays these are (manifest.json keeps it beside
+    the target, not in it: :class:`pipeline.cache.format.CacheManifest`).
     """
 
     mode: str
@@ -54,11 +68,14 @@ class TargetSpec:
     top_p: float | None = None
     min_k: int | None = None
     bytes_per_token: float | None = None
+    format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
         def bad(field, expected, seen):
             raise CacheError(f"cache target spec: {field} expected {expected}, got {seen!r}")
 
+        if self.format_version not in READABLE_VERSIONS:
+            bad("format_version", f"one of {READABLE_VERSIONS}", self.format_version)
         if self.mode not in MODES:
             bad("mode", f"one of {MODES}", self.mode)
         if not (isinstance(self.vocab_size, int) and self.vocab_size >= 2):
@@ -129,6 +146,16 @@ class TargetSpec:
         return self.top_p is not None or self.bytes_per_token is not None
 
     @property
+    def stored_budget(self) -> bool:
+        """Whether bytes_per_token bounds stored bytes (format 3) rather than raw ones."""
+        return self.bytes_per_token is not None and self.format_version >= 3
+
+    @property
+    def gap_ids(self) -> bool:
+        """Whether ids are stored as plain gaps (:func:`gap_dtype`; gap code of format 3)."""
+        return self.id_encoding == "gap" and self.format_version >= 3
+
+    @property
     def slots(self) -> int:
         """Ids stored per token: k (topk), n_draws (sampled)."""
         return self.k if self.mode == "topk" else self.n_draws
@@ -138,7 +165,8 @@ class TargetSpec:
         """What is stored per token, in words (``kdpipe inspect``)."""
         kept = (f"{self.min_k}..{self.k} ids per token to mass {self.top_p}"
                  if self.top_p is not None else
-                 f"{self.min_k}..{self.k} ids per token, <= {self.bytes_per_token:g} raw B/token"
+                 f"{self.min_k}..{self.k} ids per token, <= {self.bytes_per_token:g} "
+                 f"{'stored' if self.stored_budget else 'raw'} B/token"
                  if self.adaptive else f"top-{self.k}")
         return {"topk": f"{kept} log-probs + tail mass",
                 "sampled": f"{self.n_draws} sampled draws (ids + counts) + teacher entropy",
@@ -161,10 +189,18 @@ class ArrayLayout:
     name: str
     dtype: str
     trailing: tuple[int, ...]
-    codec: str  # "zstd", or "zstd_transposed" (slot-major bytes: per-slot arrays, id bits)
+    # "zstd"; "zstd_transposed" (slot-major bytes: per-slot arrays, id bits); "blosc_shuffle"
+    # (token-major, bytes shuffled by significance: format 3's gaps)
+    codec: str
     # Adaptive top-k's per-slot arrays: stored as [num_sequences, seq_len * trailing[0]], each
-    # sequence's used slots packed slot-major at the front (pipeline/cache/ragged.py).
+    # sequence's used slots packed at the front (pipeline/cache/ragged.py), token-major for a
+    # token-major codec, else slot-major.
     ragged: bool = False
+
+    @property
+    def token_major(self) -> bool:
+        """Whether a token's slots are stored together (else each slot's entries are)."""
+        return self.codec == "blosc_shuffle"
 
     def stored_trailing(self, seq_len: int) -> tuple[int, ...]:
         """The on-disk shape after [num_sequences] (ragged: one entry axis)."""
@@ -183,8 +219,11 @@ def array_layout(spec: TargetSpec) -> tuple[ArrayLayout, ...]:
     if spec.mode == "full":
         return (ArrayLayout("logits", spec.value_dtype, (spec.vocab_size,), "zstd"),)
     m = spec.slots
-    ids = [ArrayLayout("id_stream", "uint8", (mantissa_bytes(spec),), "zstd_transposed")]
-    if spec.id_encoding == "gap":
+    # neighbouring tokens share much of their id sets: token-major gaps repeat byte patterns
+    ids = [ArrayLayout("id_gaps", gap_dtype(spec.vocab_size), (m,), "blosc_shuffle")]
+    if not spec.gap_ids:
+        ids = [ArrayLayout("id_stream", "uint8", (mantissa_bytes(spec),), "zstd_transposed")]
+    if spec.id_encoding == "gap" and not spec.gap_ids:
         ids.insert(0, ArrayLayout("id_gap_lengths", "uint8", (m,), "zstd_transposed"))
     if spec.mode == "sampled":
         return (*ids, ArrayLayout("counts", "uint8", (m,), "zstd_transposed"),
@@ -199,10 +238,11 @@ def array_layout(spec: TargetSpec) -> tuple[ArrayLayout, ...]:
     arrays = (*ids, *values, ArrayLayout("tail_logmass", tail_dtype, (), "zstd"))
     if not spec.adaptive:
         return arrays
-    # ragged slot arrays are packed slot-major already: no transpose
+    # ragged slot arrays are packed in their order already: no transpose
     count = ArrayLayout("id_count", "uint8" if spec.k <= 255 else "uint16", (), "zstd")
-    return (count, *(dataclasses.replace(a, ragged=True, codec="zstd") if a.trailing else a
-                     for a in arrays))
+    return (count, *(dataclasses.replace(a, ragged=True, codec="zstd" if a.codec ==
+                                         "zstd_transposed" else a.codec)
+                     if a.trailing else a for a in arrays))
 
 
 def raw_token_bytes(spec: TargetSpec) -> tuple[float, float]:
