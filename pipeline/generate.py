@@ -245,4 +245,6 @@ def _generate(model, ids, mask, key, eos_id, pad_id, *, max_new_tokens, sampling
     _, _, _, steps, stopped, tokens = nnx.while_loop(
         running, step, (model, out.cache, token, jnp.int32(1), stopped, tokens))
     lengths = jnp.where(stopped, jnp.argmax(tokens == eos_id, axis=1) + 1, steps)
-    return Generated(tokens, lengths, stopped)
+    out = Generated(tokens, lengths, stopped)
+    # Rows where the prompts were: each process's rows stay on its devices (its host-local part).
+    return out if batch_sharding is None else jax.lax.with_sharding_constraint(out, batch_sharding)

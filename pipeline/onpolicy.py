@@ -235,7 +235,7 @@ class Rollouts:
     """The on-policy rows of a run on one student host (module docstring).
 
     ``batch(state, step, rows, local, targets)`` is the host's batch of ``step`` with its
-    rollout rows in; ``take_metrics()`` the means over the steps since the last call.
+    rollout rows in; ``take_metrics()`` what they were like, and took, since its last call.
     """
 
     def __init__(self, on_policy: OnPolicyConfig, batches: HostBatches, *, seed: int, steps: int,
