@@ -88,7 +88,8 @@ def teacher_mesh(mesh: MeshConfig) -> Mesh:
 
 def _mesh_of(teacher: TrainState) -> Mesh | None:
     """The mesh the teacher's parameters are laid out on (None: one device, no mesh)."""
-    return getattr(jax.tree.leaves(teacher)[0].sharding, "mesh", None)
+    return next((leaf.sharding.mesh for leaf in jax.tree.leaves(teacher)
+                 if isinstance(leaf.sharding, NamedSharding)), None)
 
 
 @functools.cache
@@ -101,9 +102,9 @@ def _jit_teacher_targets(mesh: Mesh | None):
 
 def _run_teacher(teacher: TrainState, batch: dict[str, np.ndarray], rows: np.ndarray,
                  spec: TargetSpec, rows_per_device: int | None = None) -> FusedTargets:
-    """The targets of ``batch`` (rows ``rows`` [B]) as host arrays, computed ``rows_per_device``
-    rows to a data-parallel device (default: as few as hold B), the batch padded to that with
-    copies of its last row (dropped again)."""
+    """The targets of ``batch`` (rows ``rows`` [B]), computed ``rows_per_device`` rows to a
+    data-parallel device (default: as few as hold B), the batch padded to that with copies of
+    its last row (dropped again). Dispatched, not awaited: the writer's thread fetches them."""
     mesh = _mesh_of(teacher)
     ways = 1 if mesh is None else mesh.shape[DATA] * mesh.shape[FSDP]
     count = len(rows)
@@ -121,10 +122,10 @@ def _run_teacher(teacher: TrainState, batch: dict[str, np.ndarray], rows: np.nda
         teacher, inputs["input_ids"], inputs["attention_mask"], inputs["rows"], spec,
         chunk_positions(per_device, batch["input_ids"].shape[1]),
         segment_ids=inputs["segment_ids"])
-    return FusedTargets({name: np.asarray(a)[:count] for name, a in out.encoded.items()},
-                        np.asarray(out.check),
-                        None if out.fidelity is None else
-                        tuple(np.asarray(a)[:count] for a in out.fidelity))
+    if not padding:
+        return out
+    return FusedTargets({name: a[:count] for name, a in out.encoded.items()}, out.check,
+                        None if out.fidelity is None else tuple(a[:count] for a in out.fidelity))
 
 
 def encode_targets(teacher: TrainState, batch: dict[str, np.ndarray], rows: np.ndarray,
@@ -132,7 +133,8 @@ def encode_targets(teacher: TrainState, batch: dict[str, np.ndarray], rows: np.n
     """The teacher's targets for ``batch`` (rows ``rows`` [B] of a split), encoded as a cache
     of ``spec`` stores them: {name: [B, L, *trailing]} (``pipeline.cache.compress.decode``
     turns them into batch keys). Same bytes as the cache holds for these rows."""
-    return _run_teacher(teacher, batch, rows, spec).encoded
+    encoded = _run_teacher(teacher, batch, rows, spec).encoded
+    return {name: np.asarray(a) for name, a in encoded.items()}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,10 +1,12 @@
 """Teacher replicas of several hosts (``cluster.teacher.hosts_per_replica``) on a multi-node
 ``ray.cluster_utils.Cluster`` (one node per teacher host, Ray actors with num_cpus=0, JAX over
-gloo): 2 replicas x 2 hosts fill a cache byte-identical to one teacher on one device, and so
-does the same run with a replica's writing host SIGKILLed mid-shard (its files written, its
-commit record not): the replica is formed again on new hosts and the shard rewritten once.
+gloo): 2 replicas x 2 hosts fill a cache byte-identical to one teacher on one device, with a
+replica's writing host SIGKILLed mid-fill (a shard's files written, its commit record not):
+the replica is formed again on new hosts and the shard rewritten once. One run shows both (a
+run without the kill costs CI another ~40 s and shows nothing more: every other shard of this
+run is written undisturbed).
 
-The student of each run takes 2 steps: the driver returns once the fill is complete.
+The run's student takes 2 steps: the driver returns once the fill is complete.
 """
 
 from __future__ import annotations
@@ -69,11 +71,13 @@ def config_of(tiny, name: str, *more: str):
 
 def killing_fill(host, config, split, shard, teacher_fp):
     """``fill_shard``; but the first replica's writer (its JAX process 0) to start a train shard
-    SIGKILLs its process once the shard's array files are written, before its commit record.
-    The marker file (the shard), created exclusively, makes it happen once in the run."""
+    once two are committed SIGKILLs its process when the shard's array files are written,
+    before its commit record. The marker file (the shard), created exclusively, makes it
+    happen once in the run."""
     import jax
 
-    if split == "train" and jax.process_index() == 0:
+    commits = Path(config.cache.path) / "train" / "commits"
+    if split == "train" and jax.process_index() == 0 and len(list(commits.glob("*"))) >= 2:
         try:
             fd = os.open(Path(config.run_dir) / "killed", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
@@ -90,23 +94,17 @@ def killing_fill(host, config, split, shard, teacher_fp):
     return fill_shard(host, config, split, shard, teacher_fp)
 
 
-def test_two_replicas_of_two_hosts_fill_the_same_cache_and_survive_a_killed_host(tiny):
+def test_two_replicas_of_two_hosts_fill_the_cache_of_one_device_despite_a_killed_host(tiny):
     work, _ = tiny
     want = files(work / "reference")
     assert want  # both splits, every shard committed
 
     config = config_of(tiny, "replicas")
     Path(config.run_dir).mkdir(parents=True)
-    outcome = quiet_run(config)
-    assert outcome.teacher_hosts == 4 and outcome.teacher_hosts_lost == 0
-    assert {replica for _, _, replica in outcome.shards_written} == {0, 1}
-    assert files(Path(config.cache.path)) == want
-
-    config = config_of(tiny, "killed")
-    Path(config.run_dir).mkdir(parents=True)
     outcome = quiet_run(config, fill=killing_fill)
     killed = int((Path(config.run_dir) / "killed").read_text())
-    assert outcome.teacher_hosts_lost >= 1 and outcome.result.step == 2
+    assert outcome.teacher_hosts == 4 and outcome.teacher_hosts_lost >= 1
+    assert outcome.result.step == 2
     written = [(split, shard) for split, shard, _ in outcome.shards_written]
-    assert written.count(("train", killed)) == 1  # committed once, by the replica formed again
+    assert written.count(("train", killed)) == 1  # committed once, after the replica's loss
     assert files(Path(config.cache.path)) == want
