@@ -51,7 +51,8 @@ ARMS = ("hard-labels", "offline", "on-policy")
 
 def function_records(sources: list[str], tokenizer, seq_len: int) -> list[dict]:
     """Every function (and method) of ``sources`` of at least 4 lines whose tokens and eos fit
-    one row of ``seq_len``: ``{"prompt": first half of its lines, "completion": the rest}``."""
+    one row of ``seq_len``, its prompt half of it at most: ``{"prompt": first half of its
+    lines, "completion": the rest}``."""
     records = []
     for source in sources:
         text = Path(source).read_text(encoding="utf-8")
@@ -64,7 +65,8 @@ def function_records(sources: list[str], tokenizer, seq_len: int) -> list[dict]:
                 continue
             half = len(body) // 2
             prompt, completion = "".join(body[:half]), "".join(body[half:])
-            if len(tokenizer.encode(prompt + completion).ids) < seq_len:  # + eos
+            if (len(tokenizer.encode(prompt + completion).ids) < seq_len  # + eos
+                    and len(tokenizer.encode(prompt).ids) <= seq_len // 2):
                 records.append({"prompt": prompt, "completion": completion})
     return records
 
@@ -182,48 +184,65 @@ def clustered_mean(sums: np.ndarray, counts: np.ndarray) -> tuple[float, float]:
     return float(mean), float(se)
 
 
-def reverse_kl_on_samples(student, teacher, prompts: list[list[int]], *, samples: int,
-                          new_tokens: int, temperature: float, eos_id: int, seed: int,
-                          batch: int = 32) -> dict:
-    """The teacher's reverse KL on the student's own continuations of ``prompts``:
-    per generated token ``t`` (its eos included), ``Σ_v p_s(v) (log p_s(v) − log p_t(v))``
-    with both distributions from the logits before ``t``, in float64; token mean and its
-    standard error over sequences, mean generated length, fraction stopped at eos."""
+def sample_continuations(student, prompts: list[list[int]], *, samples: int, new_tokens: int,
+                         temperature: float, eos_id: int, seed: int, batch: int = 32
+                         ) -> tuple[list[tuple[list[int], list[int]]], float]:
+    """``samples`` continuations of each of ``prompts`` by ``student`` (``pipeline.generate``,
+    at most ``new_tokens``, through eos): ``[(prompt, continuation)]``, and the fraction of
+    them that stopped at eos."""
     import jax
 
     from pipeline.generate import Sampling, generate, left_pad
 
-    logits = _logits_fn()
-    sums, counts, stopped = [], [], []
     jobs = [p for p in prompts for _ in range(samples)]
     key = jax.random.PRNGKey(seed)
-    width = max(len(p) for p in prompts) + new_tokens  # one compiled shape for the scoring
+    out, stopped = [], []
     for first in range(0, len(jobs), batch):
         group = jobs[first:first + batch]
-        group = group + [group[-1]] * (batch - len(group))  # one compiled shape
+        real = len(group)
+        group = group + [group[-1]] * (batch - real)  # one compiled shape
         ids, mask = left_pad(group, pad_id=0)
-        out = generate(student, ids, mask, max_new_tokens=new_tokens,
-                       sampling=Sampling(temperature=temperature), eos_id=eos_id,
-                       key=jax.random.fold_in(key, first))
-        tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-        # right-padded sequences prompt + continuation: plain causal positions for scoring
+        generated = generate(student, ids, mask, max_new_tokens=new_tokens,
+                             sampling=Sampling(temperature=temperature), eos_id=eos_id,
+                             key=jax.random.fold_in(key, first))
+        tokens, lengths = np.asarray(generated.tokens), np.asarray(generated.lengths)
+        out += [(group[i], tokens[i, :lengths[i]].tolist()) for i in range(real)]
+        stopped += np.asarray(generated.stopped)[:real].tolist()
+    return out, float(np.mean(stopped))
+
+
+def reverse_kl(student, teacher, sequences: list[tuple[list[int], list[int]]], *,
+               batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Per ``(prompt, continuation)``: the sum over its continuation's tokens ``t`` of
+    ``KL(p_s || p_t) = Σ_v p_s(v) (log p_s(v) − log p_t(v))``, both distributions from the
+    logits before ``t``, in float64; and the continuation's length."""
+    logits = _logits_fn()
+    width = max(len(p) + len(c) for p, c in sequences)  # one compiled shape
+    sums = []
+    for first in range(0, len(sequences), batch):
+        group = sequences[first:first + batch]
+        # right-padded prompt + continuation: plain causal positions
         seq = np.zeros((batch, width), np.int32)
-        seq_mask = np.zeros((batch, width), np.int32)
-        for i, prompt in enumerate(group):
-            row = list(prompt) + tokens[i, :lengths[i]].tolist()
-            seq[i, :len(row)], seq_mask[i, :len(row)] = row, 1
-        log_s = float64_log_softmax(logits(student, seq, seq_mask, seq_mask))
-        log_t = float64_log_softmax(logits(teacher, seq, seq_mask, seq_mask))
-        kl = np.sum(np.exp(log_s) * (log_s - log_t), axis=-1)  # [b, width]
-        real = min(len(group), len(jobs) - first)
-        for i, prompt in enumerate(group[:real]):
-            before = slice(len(prompt) - 1, len(prompt) - 1 + lengths[i])
-            sums.append(kl[i, before].sum())
-            counts.append(int(lengths[i]))
-            stopped.append(bool(out.stopped[i]))
+        mask = np.zeros((batch, width), np.int32)
+        for i, (prompt, continuation) in enumerate(group):
+            seq[i, :len(prompt) + len(continuation)] = prompt + continuation
+            mask[i, :len(prompt) + len(continuation)] = 1
+        log_s = float64_log_softmax(logits(student, seq, mask, mask))
+        log_t = float64_log_softmax(logits(teacher, seq, mask, mask))
+        kl = np.sum(np.exp(log_s) * (log_s - log_t), axis=-1)  # [batch, width]
+        sums += [kl[i, len(p) - 1:len(p) - 1 + len(c)].sum() for i, (p, c) in enumerate(group)]
+    return np.asarray(sums), np.asarray([len(c) for _, c in sequences])
+
+
+def reverse_kl_on_samples(student, teacher, prompts: list[list[int]], **sampling) -> dict:
+    """The teacher's reverse KL on the student's own continuations of ``prompts``
+    (``sample_continuations``'s ``sampling`` options): token mean and its standard error over
+    sequences, mean generated length, fraction stopped at eos."""
+    sequences, eos_fraction = sample_continuations(student, prompts, **sampling)
+    sums, counts = reverse_kl(student, teacher, sequences)
     mean, se = clustered_mean(sums, counts)
-    return {"reverse_kl": mean, "reverse_kl_se": se, "mean_length": float(np.mean(counts)),
-            "eos_fraction": float(np.mean(stopped)), "sequences": len(counts)}
+    return {"reverse_kl": mean, "reverse_kl_se": se, "mean_length": float(counts.mean()),
+            "eos_fraction": eos_fraction, "sequences": len(sequences)}
 
 
 def held_out_ce(student, config, *, batch: int = 32) -> tuple[float, float]:
@@ -291,13 +310,16 @@ def main():
 
     workdir = Path(args.workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
+    seq_len = base_config(workdir, args).data.seq_len
+    if args.new_tokens > seq_len - seq_len // 2:
+        raise SystemExit(f"--new-tokens: at most {seq_len - seq_len // 2} (prompts take up to "
+                         f"half of a {seq_len}-token row)")
     config, teacher_dir = prepare(workdir, args)
     teacher = build_model(ModelSpec(path=str(teacher_dir)), frozen=True)
     eos_id = load_tokenizer(config.data.tokenizer).token_to_id(config.data.eos_token)
     prompts = held_out_prompts(config, args.prompts)
     if len(prompts) < args.prompts:
         print(f"only {len(prompts)} held-out functions; evaluating those")
-    seq_len = config.data.seq_len
     out = {"args": vars(args), "arms": {}}
     for arm in args.arms:
         run = arm_config(config, teacher_dir, arm, args)
@@ -313,7 +335,7 @@ def main():
         figures["teacher_tokens"] = 0 if arm == "hard-labels" else args.steps * args.batch * seq_len
         figures["train_s"] = seconds
         out["arms"][arm] = figures
-        print(f"{arm}: trained in {seconds:.0f} s (0 when reused)")
+        print(f"{arm}: {seconds:.0f} s (a finished run in the work dir is reused)")
 
     header = (f"{'arm':<12} {'rev KL on own samples':>22} {'held-out CE':>16} "
               f"{'gen len':>8} {'eos':>5} {'teacher tokens':>15}")

@@ -63,12 +63,11 @@ def test_scored_sequences_travel_alone_and_come_back_as_the_teachers_top_k(monke
     from types import SimpleNamespace
 
     from pipeline.cache import TargetSpec
-    from pipeline.models.build import build_model
     from pipeline.step import TrainState
+    from toy_model import ToyDecoder
 
-    config = load_config(TINY)
     vocab, k, (batch, seq) = 96, 6, (3, 16)
-    teacher = build_model(config.model.teacher, vocab, seed=3)
+    teacher = ToyDecoder(vocab, hidden=24, seed=3)
     spec = TargetSpec(mode="topk", vocab_size=vocab, tokenizer_vocab_size=vocab, k=k,
                       value_dtype="float32", temperature=1.0)
     host = SimpleNamespace(rank=0, state={"teacher": (teacher, TrainState.create(teacher)),
