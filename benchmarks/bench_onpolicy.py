@@ -22,7 +22,7 @@ split is ``pipeline.data.prepare``'s, by hash). In a work directory that reruns 
 
 One table side by side; the last lines are the issue's goal: on-policy has the lowest reverse
 KL on student samples, and held-out CE no worse than offline-only by more than noise (two
-standard errors of the difference).
+standard errors of the per-row difference, both students being scored on the same rows).
 
     python benchmarks/bench_onpolicy.py                    # the default, minutes on 2 cores
     python benchmarks/bench_onpolicy.py --steps 600 --teacher-steps 1500 --workdir runs/onp-big
@@ -81,6 +81,7 @@ def base_config(workdir: Path, args):
         "data.pack=false", f"demo.teacher_steps={args.teacher_steps}",
         f"train.steps={args.steps}", f"train.global_batch_size={args.batch}",
         "cluster.teacher_source=live", "eval.every_steps=0", "checkpoint.every_steps=1000000",
+        "logging.every_steps=25",
         "logging.progress=false", "logging.report=false", "logging.tensorboard=false"])
     return dataclasses.replace(config, cache=None)  # the teacher runs live: nothing cached
 
@@ -245,9 +246,9 @@ def reverse_kl_on_samples(student, teacher, prompts: list[list[int]], **sampling
             "eos_fraction": eos_fraction, "sequences": len(sequences)}
 
 
-def held_out_ce(student, config, *, batch: int = 32) -> tuple[float, float]:
+def held_out_ce(student, config, *, batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """The student's cross-entropy on the held-out completions (labels != -100), float64:
-    token mean and its standard error over rows."""
+    per held-out row with a completion, its sum over tokens and its token count."""
     from pipeline.data import TokenDataset
 
     logits = _logits_fn()
@@ -263,7 +264,7 @@ def held_out_ce(student, config, *, batch: int = 32) -> tuple[float, float]:
         sums.extend(ce.sum(axis=1))
         counts.extend((labels != -100).sum(axis=1))
     keep = np.asarray(counts) > 0
-    return clustered_mean(np.asarray(sums)[keep], np.asarray(counts)[keep])
+    return np.asarray(sums)[keep], np.asarray(counts)[keep]
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,6 +322,7 @@ def main():
     if len(prompts) < args.prompts:
         print(f"only {len(prompts)} held-out functions; evaluating those")
     out = {"args": vars(args), "arms": {}}
+    ce_sums = {}  # arm -> per held-out row (the same rows for every arm)
     for arm in args.arms:
         run = arm_config(config, teacher_dir, arm, args)
         started = time.perf_counter()
@@ -330,9 +332,13 @@ def main():
         figures = reverse_kl_on_samples(student, teacher, prompts, samples=args.samples,
                                         new_tokens=args.new_tokens, temperature=args.temperature,
                                         eos_id=eos_id, seed=0)
-        figures["held_out_ce"], figures["held_out_ce_se"] = held_out_ce(student, config)
-        # the rows the teacher runs over in training (the live teacher scores whole rows)
-        figures["teacher_tokens"] = 0 if arm == "hard-labels" else args.steps * args.batch * seq_len
+        ce_sums[arm], ce_counts = held_out_ce(student, config)
+        figures["held_out_ce"], figures["held_out_ce_se"] = clustered_mean(ce_sums[arm], ce_counts)
+        # the tokens the live teacher runs over in training (whole rows each step); the
+        # on-policy arm's rollout_reverse_kl metric runs it once more on each logged step
+        logged = 0 if arm != "on-policy" else -(-args.steps // run.logging.every_steps)
+        figures["teacher_tokens"] = (0 if arm == "hard-labels" else
+                                     (args.steps + logged) * args.batch * seq_len)
         figures["train_s"] = seconds
         out["arms"][arm] = figures
         print(f"{arm}: {seconds:.0f} s (a finished run in the work dir is reused)")
@@ -350,8 +356,9 @@ def main():
     if {"offline", "on-policy"} <= arms.keys():
         on, off = arms["on-policy"], arms["offline"]
         kl_ratio = on["reverse_kl"] / off["reverse_kl"]
-        ce_gap = on["held_out_ce"] - off["held_out_ce"]
-        noise = 2 * math.hypot(on["held_out_ce_se"], off["held_out_ce_se"])
+        # paired: both students on the same rows
+        ce_gap, gap_se = clustered_mean(ce_sums["on-policy"] - ce_sums["offline"], ce_counts)
+        noise = 2 * gap_se
         lowest = min(arms, key=lambda a: arms[a]["reverse_kl"])
         out["goal"] = {"reverse_kl_ratio_on_vs_offline": kl_ratio, "ce_gap": ce_gap,
                        "ce_noise": noise, "lowest_reverse_kl": lowest,
