@@ -393,8 +393,9 @@ def write_report(run_dir: str | os.PathLike, title: str,
                         "rollout_tokens_per_s"), "onpolicy_curves.png"),
              ("train", ("rollout_s", "score_s", "step_s"), "onpolicy_time.png"))
     for split, keys, name in plots:
-        if _plot(records, split, keys, run_dir / name, f"{split} curves"):
-            parts += ["", f"![{split} curves]({name})"]
+        title = name.removesuffix(".png").replace("_", " ")  # "train curves", "onpolicy time"
+        if _plot(records, split, keys, run_dir / name, title):
+            parts += ["", f"![{title}]({name})"]
     path = run_dir / REPORT_FILE
     path.write_text("\n".join(parts) + "\n")
     return path

@@ -46,9 +46,6 @@ from pipeline.losses import IGNORE_INDEX
 from pipeline.models.sharding import BATCH_SPEC
 from pipeline.step import TrainState
 
-# Keys of the teacher targets a scorer returns (pipeline/losses/targets.py): they replace the
-# rollout rows' part of the offline rows' targets.
-TEACHER_PREFIX = "teacher_"
 # Rows of the dataset read at a time when the prompts of a split are checked.
 CHECK_ROWS = 4096
 

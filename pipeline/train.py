@@ -455,7 +455,8 @@ def _train(config: RunConfig, *, host: Host, teacher: Llama | None,
         if primary and config.logging.report:
             rows_out = [{"split": "train", **{k: last_train.get(k, float("nan"))
                                               for k in ("loss", "kl_loss", "ce_loss", "tokens_per_s")},
-                         "mfu": format_mfu(last_train.get("mfu"))},
+                         "mfu": format_mfu(last_train.get("mfu")),
+                         **{k: v for k, v in last_train.items() if k == "rollout_reverse_kl"}},
                         {"split": "eval", **last_eval}]
             write_report(run_dir, f"kdpipe run: {run_dir.name}", rows_out,
                          notes=[f"steps: {final_step}", f"teacher source: {source}",
