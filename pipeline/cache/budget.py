@@ -12,8 +12,11 @@ on the host (``jax.pure_callback``) inside the jitted encoder, so every path tha
 (``compress.encode``, ``pipeline.teacher_head``) gets the same bytes, and it depends on the
 sequence alone: a re-fill, or another batching or host count, writes the same bytes. ``extra``
 = 0 is kept even when ``min_k`` ids alone take more than B (short sequences, where each
-chunk's codec headers weigh most). Formats 1 and 2 capped raw bytes before compression
-(``compress.kept_counts``), which stored about half of B.
+chunk's codec headers weigh most). Each sequence is measured as its own inner chunk: with
+``chunk_sequences`` > 1 zstd sees several sequences at once and, in practice, stores no more;
+a short last shard's index keeps 16 bytes per absent sequence and array, beyond B. Formats 1
+and 2 capped raw bytes before compression (``compress.kept_counts``), which stored about half
+of B.
 """
 
 from __future__ import annotations

@@ -15,6 +15,11 @@ A cache is a kvstore prefix (a local directory or any TensorStore kvstore URL su
 
 The layout depends only on (sequence index, position), never on how many hosts wrote or read.
 
+Versions (manifest.json's ``format_version``, carried by the target spec): 3 is written; 1 and
+2 are read with their own arrays and codecs (:func:`array_layout`, :func:`inner_codecs`); a
+newer one is refused. Version 3 stores the gap code's ids as plain gaps, token-major and
+byte-shuffled, and bounds ``bytes_per_token`` on stored bytes (pipeline/cache/budget.py).
+
 Modes (``TargetSpec.mode``), with the batch keys the reader produces (pipeline/losses/targets.py):
 
 - ``topk``: the k largest teacher log-probs at ``temperature`` with their ids, and the log of the

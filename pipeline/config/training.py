@@ -80,9 +80,9 @@ class CacheConfig(Section):
                                 gt=0.0, le=1.0)
     bytes_per_token: float | None = field(
         None, "Adaptive top-k by a bytes budget (mode topk; not with top_p): each sequence keeps "
-        "min_k ids per token, then its most probable remaining candidates (of the top k) while "
-        "its raw bytes per token (ids counted at their widest code, before zstd) stay <= this; "
-        "the stored bytes are lower. null: no budget.", gt=0.0)
+        "min_k ids per token, then as many of its most probable remaining candidates (of the "
+        "top k) as keep its stored bytes per token (as written, compressed) <= this; min_k ids "
+        "are kept even past it. null: no budget.", gt=0.0)
     min_k: int = field(1, "Fewest ids a token keeps under top_p or bytes_per_token.", gt=0)
     n_draws: int = field(64, "Draws per token (mode sampled).", gt=0, le=255)
     value_dtype: Literal["q8", "bfloat16", "float32"] | None = field(
