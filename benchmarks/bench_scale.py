@@ -91,7 +91,14 @@ def _args(argv=None) -> argparse.Namespace:
                         help="the teacher section instead (benchmarks/scale_teacher.py: the "
                              "cache fill step of Llama-3.1-8B on 4 devices and Llama-3.1-70B "
                              "on 16, at the first --seq); names: only those teachers")
+    parser.add_argument("--tpu", choices=("v5e", "v4"),
+                        help="with --teacher: compile for this TPU's slices by its own compiler "
+                             "(libtpu: pip install 'jax[tpu]'), deviceless, instead of XLA:CPU "
+                             "on virtual devices, which converts every bfloat16 matmul's "
+                             "operands to float32 and holds those copies")
     args = parser.parse_args(argv)
+    if args.tpu and args.teacher is None:
+        parser.error("--tpu: only with --teacher (the student's section compiles for CPU)")
     if len(args.layer_growth) == 1 or any(depth < 1 for depth in args.layer_growth):
         parser.error(f"--layer-growth: expected two or more depths >= 1 (none: skip the "
                      f"table), got {args.layer_growth}")
@@ -99,6 +106,8 @@ def _args(argv=None) -> argparse.Namespace:
 
 
 ARGS = _args() if __name__ == "__main__" else None
+if ARGS and ARGS.tpu:  # libtpu compiles for a described slice; JAX itself runs on the CPU
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_"
                            f"count={max(ARGS.devices + [16]) if ARGS else 8}"
                            ).strip()
@@ -341,7 +350,8 @@ def main(args: argparse.Namespace) -> None:
         import scale_teacher  # benchmarks/scale_teacher.py, after XLA_FLAGS like this file
 
         rows = scale_teacher.teacher_rows(args.seq[0], CHIPS, largest_fitting, args.max_batch,
-                                          args.teacher or list(scale_teacher.TEACHERS), PEAKS)
+                                          args.teacher or list(scale_teacher.TEACHERS), PEAKS,
+                                          tpu=args.tpu)
         if args.json:
             args.json.write_text(json.dumps({"teacher": rows}, indent=2) + "\n")
         return

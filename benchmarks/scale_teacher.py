@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 
 from pipeline import hardware
 from pipeline.cache import TargetSpec
@@ -53,20 +53,23 @@ TEACHERS = {
 SPEC = dict(mode="topk", k=64, value_dtype="q8", id_encoding="gap", temperature=1.0)
 PAPER_70B_V5E_CHIP_HOURS = 39e3  # issue 14: the on-paper teacher cost of 100B tokens
 TOKENS = 100e9
+# TPU slices compiled for without being attached (--tpu): chips -> libtpu's topology name.
+TPU_TOPOLOGIES = {"v5e": {4: "2x2", 16: "4x4"}, "v4": {4: "2x2x1", 16: "2x2x4"}}
 
 
 def abstract_teacher(spec: ModelSpec, mesh) -> TrainState:
-    """The teacher's state, abstract, laid out on ``mesh`` as ``build_model(mesh, frozen)``
-    lays it out (read off the creation compiled, not run)."""
-    def create():
-        state = TrainState.create(build_model(spec, spec.vocab_size, 0, mesh, frozen=True))
-        return state.replace(params=jax.lax.with_sharding_constraint(
-            state.params, state_shardings(state.params, mesh)))
+    """The teacher's state, abstract (traced, neither compiled nor allocated), laid out on
+    ``mesh`` as ``build_model(mesh, frozen)`` lays it out: the parameters by
+    ``pipeline.models.sharding``'s rules (``shard_model``), the rest (the step) replicated."""
+    shapes = jax.eval_shape(
+        lambda: TrainState.create(build_model(spec, spec.vocab_size, 0, mesh, frozen=True)))
+    replicated = NamedSharding(mesh, PartitionSpec())
 
-    create = jax.jit(create)
-    shardings = create.lower().compile().output_shardings
-    return jax.tree.map(lambda shape, sharding: jax.ShapeDtypeStruct(
-        shape.shape, shape.dtype, sharding=sharding), jax.eval_shape(create), shardings)
+    def place(shape, sharding=replicated):
+        return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding)
+
+    return jax.tree.map(place, shapes).replace(params=jax.tree.map(
+        place, shapes.params, state_shardings(shapes.params, mesh)))
 
 
 def _forward_logits(teacher: TrainState, input_ids, attention_mask):
@@ -97,21 +100,41 @@ def compile_fill(state, mesh, vocab: int, batch: int, seq: int, fused: bool) -> 
                 flops=float(cost.get("flops", float("nan"))))
 
 
+def replica_devices(count: int, tpu: str | None = None) -> list:
+    """``count`` devices to compile for: the process's (virtual CPU devices), or with ``tpu``
+    (a key of ``TPU_TOPOLOGIES``) a TPU slice of ``count`` chips that is described, not
+    attached: libtpu's compiler builds for it on any host (``jax.experimental.topologies``)."""
+    if tpu is None:
+        return jax.devices()[:count]
+    from jax.experimental import topologies
+
+    shape = TPU_TOPOLOGIES[tpu][count]
+    try:
+        topology = topologies.get_topology_desc(platform="tpu", topology_name=f"{tpu}:{shape}")
+    except (RuntimeError, ValueError) as error:
+        raise SystemExit(f"--tpu {tpu}: libtpu could not describe a {shape} slice (it needs "
+                         f"libtpu: pip install 'jax[tpu]=={jax.__version__}'; a second process "
+                         f"using it at once needs ALLOW_MULTIPLE_LIBTPU_LOAD=1): {error}"
+                         ) from error
+    return topology.devices
+
+
 def teacher_rows(seq: int, limits: dict[str, int], largest_fitting, max_batch: int,
-                 names: list[str], peaks: dict[str, float]) -> list:
+                 names: list[str], peaks: dict[str, float], tpu: str | None = None) -> list:
     """One row per teacher of ``names``, each printed when done: the fused step at one row
     per device, today's forward at the same batch, and the largest batch per replica fitting
     each of ``limits`` (bytes per device), found by ``largest_fitting(need, limit,
-    max_batch)`` over rows per device."""
+    max_batch)`` over rows per device. Compiled for virtual CPU devices, or with ``tpu`` by
+    the TPU compiler for that chip (``replica_devices``)."""
     unknown = sorted(set(names) - set(TEACHERS))
     if unknown:
         raise SystemExit(f"--teacher: expected names among {list(TEACHERS)}, got {unknown}")
-    print_header()
+    print_header(tpu)
     rows = []
     for name in names:
         fields, devices = TEACHERS[name]
         spec = ModelSpec(**fields)
-        mesh = make_mesh(fsdp=devices, devices=jax.devices()[:devices])
+        mesh = make_mesh(fsdp=devices, devices=replica_devices(devices, tpu))
         state = abstract_teacher(spec, mesh)
         needs = {}
 
@@ -134,8 +157,10 @@ def teacher_rows(seq: int, limits: dict[str, int], largest_fitting, max_batch: i
     return rows
 
 
-def print_header() -> None:
-    print("teacher fill step (forward + fused head/encode, top-k 64 q8), compile only, per "
+def print_header(tpu: str | None) -> None:
+    compiler = f"TPU {tpu}'s compiler (libtpu)" if tpu else "XLA:CPU on virtual devices"
+    print(f"teacher fill step (forward + fused head/encode, top-k 64 q8), compiled only by "
+          f"{compiler}, per "
           "device at one row per device; today: the forward's [batch, seq, vocab] f32 logits. "
           "b@: the largest batch per replica whose need per device fits (0: not one row per "
           "device)")
