@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import io
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -123,6 +124,9 @@ def fill_benchmark(config, num_shards: int, hosts: int, teacher_fp: str,
     from actors.groups import GroupSpec, HostGroup
     from actors.hosts import HostEnv
 
+    # from empty caches (a reused --workdir holds committed shards, which a fill skips)
+    for path in Path(config.cache.path).parent.glob(f"{Path(config.cache.path).name}*"):
+        shutil.rmtree(path)
     shards = [("train", s) for s in range(num_shards)]
     with HostGroup.create(GroupSpec.local("teacher", hosts, HostEnv(cores_per_host=1))) as teachers:
         teachers.setup_jax(distributed=True, hosts_per_program=hosts_per_replica)
