@@ -27,10 +27,12 @@ On this CPU-only machine the teacher, the encoder, zstd and the reader share the
 on an accelerator host the teacher and step run on the device and storage on the host CPUs.
 
 ``--real`` replaces parts 1-3 with the frontier on real teacher outputs (the demo's teacher
-trained with a 32,768-id tokenizer, cached on demo text; benchmarks/cache_real.py): bytes/token,
-KL(teacher || reconstruction) mean and p99, mass captured and a student's held-out CE for fixed
-top-k 8/16/32/64, top-p 0.9/0.95/0.99, budgets 40/60/100 B and sampled n=12; the id and value
-codes compared on the top-64 cache; the issue's goals as measured. ``--quick``: a smoke run.
+with a 32,768-id tokenizer, trained on the demo text it caches and taken at ``--temperature``;
+benchmarks/cache_real.py): bytes/token, KL(teacher || reconstruction) mean and p99, mass
+captured and a student's held-out CE for fixed top-k 8/16/32/64/128, top-p 0.9/0.95/0.99,
+stored-byte budgets 40/60/100/140 B and sampled n=12; the id and value codes compared on the
+top-64 cache; the issue's goals as measured. ``--quick``: a smoke run (one setting of each
+kind).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from flax import nnx
 from pipeline import losses
 from pipeline.cache import CacheManifest, CacheReader, CacheWriter, RunDeclaration, TargetSpec
 from pipeline.cache import compress
+from pipeline.cache.format import FORMAT_VERSION
 from pipeline.models.llama import Llama, LlamaConfig
 from pipeline.step import TrainState, jit_distillation_step
 
@@ -254,9 +257,15 @@ def main():
     real.add_argument("--real-workdir", default="runs/bench_cache_real",
                       help="tokenizer, data, teacher, caches and students (reused by re-runs)")
     real.add_argument("--real-vocab", type=int, default=32768, help="tokenizer ids")
-    real.add_argument("--teacher-steps", type=int, default=200)
-    real.add_argument("--student-steps", type=int, default=12)
-    real.add_argument("--real-kb", type=float, default=24,
+    real.add_argument("--teacher-steps", type=int, default=300,
+                      help="the teacher's steps on the cached text (all of it)")
+    real.add_argument("--teacher-lr", type=float, default=1e-2,
+                      help="the teacher's peak learning rate (demo.teacher_learning_rate)")
+    real.add_argument("--temperature", type=float, default=0.5,
+                      help="loss.temperature, so the caches' T: 0.5 sharpens this small "
+                           "teacher to a real 135M teacher's top-1 mass (about 0.6)")
+    real.add_argument("--student-steps", type=int, default=30)
+    real.add_argument("--real-kb", type=float, default=48,
                       help="the cached data: the demo's smallest files up to this many kB")
     real.add_argument("--real-kmax", type=int, default=128,
                       help="cache.k (most ids a token keeps) of the top-p and budget settings")
@@ -270,6 +279,8 @@ def main():
     if args.real:
         import cache_real
 
+        args.real_set[:0] = [f"demo.teacher_learning_rate={args.teacher_lr}",
+                             f"loss.temperature={args.temperature}"]
         if args.quick:
             args.real_workdir += "-quick"
             args.real_vocab, args.teacher_steps, args.student_steps = 4096, 2, 2
@@ -287,6 +298,7 @@ def main():
                              "decay": DECAY, "cand_noise": CAND_NOISE}, "formats": []}
     configs = [("topk", dict(k=k)) for k in (8, 16, 32, 64)]
     configs += [("topk", dict(k=64, id_encoding="packed")), ("topk", dict(k=64, value_dtype="bfloat16"))]
+    configs += [("topk", dict(k=64, format_version=2))]  # format 2's gap code, side by side
     configs += [("sampled", dict(n_draws=n)) for n in (8, 12, 24)]
     configs += [("full", dict(value_dtype="bfloat16", temperature=None))]
     header = (f"{'V':>7} {'mode':8} {'config':22} {'B/token':>9} {'write tok/s':>12} "
@@ -313,7 +325,9 @@ def main():
                 per_token = cache_bytes(root) / (n * L)
                 fid = fidelity(spec, {k: v[:fid_seqs] for k, v in decoded.items()}, teacher, student)
                 shutil.rmtree(root)
-                label = {"topk": f"k={spec.k},{spec.value_dtype},{spec.id_encoding}",
+                label = {"topk": f"k={spec.k},{spec.value_dtype},{spec.id_encoding}"
+                                 + ("" if spec.format_version == FORMAT_VERSION else
+                                    f",v{spec.format_version}"),
                          "sampled": f"n={spec.n_draws},{spec.id_encoding}",
                          "full": spec.value_dtype}[mode]
                 row = {"vocab": vocab, "mode": mode, "config": label, "bytes_per_token": per_token,
@@ -351,8 +365,11 @@ def main():
     for vocab in vocabs:
         ours = find(vocab, "k=64,q8,gap")
         packed = find(vocab, "k=64,q8,packed")
+        v2 = find(vocab, "k=64,q8,gap,v2")
         sampled = find(vocab, "n=12,gap")
-        print(f"V={vocab}: topk k=64 {ours['bytes_per_token']:.1f} B/token (ids packed at "
+        print(f"V={vocab}: topk k=64 {ours['bytes_per_token']:.1f} B/token (format 2's gap "
+              f"code: {v2['bytes_per_token']:.1f}, ratio "
+              f"{ours['bytes_per_token'] / v2['bytes_per_token']:.3f}; ids packed at "
               f"ceil(log2 V) bits: {packed['bytes_per_token']:.1f}; ratio "
               f"{ours['bytes_per_token'] / packed['bytes_per_token']:.2f}); sampled n=12 "
               f"{sampled['bytes_per_token']:.1f} B/token")

@@ -6,12 +6,18 @@ directory that later runs reuse (each step is skipped when its output exists):
 1. a byte-level BPE tokenizer of ``--real-vocab`` ids (32,768 by default, so that ids cost what
    they cost at real vocabularies) trained on the standard library's sources, tests left out
    (:func:`tokenizer_sources`; the demo's 80 modules alone yield only about 18,000 merges);
-2. the demo corpus prepared with it, and the demo's teacher pretrained on it
-   (``actors.demo.demo_configs``, ``pipeline.train.train``);
-3. a smaller dataset of the demo's smallest files (``--real-kb`` of text, same tokenizer), the one the caches
-   and the students use: one pass of the teacher over each of its batches feeds one
-   ``pipeline.cache.CacheWriter`` per setting (``pipeline.cache.compress`` encodes on the device),
-   so every setting stores the same teacher outputs;
+2. a small dataset of the demo's smallest files (``--real-kb`` of text, that tokenizer), the
+   one the caches and the students use, a fifth of its files held out;
+3. the demo's teacher pretrained on all of that text, held-out files included
+   (``actors.demo.demo_configs``, ``pipeline.train.train``, ``--teacher-steps`` at
+   ``demo.teacher_learning_rate``). A teacher that has seen the text it is cached on is peaky
+   there, as a pretrained teacher is on public code: the demo's 4-layer, 128-wide teacher
+   trained on the whole demo corpus for 200 steps stayed nearly flat (top-1 mass 0.08,
+   held-out CE 6.12 nats) where a 135M Llama-family teacher on Python source gives top-1 0.60,
+   and on 2 CPU cores a model that learns a whole corpus that well is out of reach. One pass
+   of the teacher over each batch of the cached text feeds one ``pipeline.cache.CacheWriter``
+   per setting (``pipeline.cache.compress`` encodes on the device), so every setting stores the
+   same teacher outputs;
 4. per setting, the demo's student distilled from that cache for a fixed number of steps
    (``pipeline.train.train``, offline teacher source) and its held-out CE.
 
@@ -56,34 +62,49 @@ def tokenizer_sources() -> list[str]:
     return sorted(str(p) for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts))
 
 
-def prepare_teacher(workdir: Path, vocab: int, teacher_steps: int, overrides=()):
-    """Tokenizer, demo data and the demo's trained teacher in ``workdir`` (made or reused).
-    Returns (the demo config, the demo's file selection, the teacher's directory)."""
+def prepare_teacher(workdir: Path, vocab: int, teacher_steps: int, kilobytes: float,
+                    overrides=()):
+    """Tokenizer and the demo's teacher trained on the :func:`bench_sources` of ``kilobytes``
+    (every file, none held out) in ``workdir`` (made or reused). Returns (the demo config,
+    the demo's file selection, the teacher's directory)."""
     from actors.demo import demo_configs, stdlib_sources
     from pipeline.data import prepare_dataset, train_bpe_tokenizer
     from pipeline.train import train
 
     config = demo_config(workdir, vocab, teacher_steps, overrides)
     sources = stdlib_sources(config.demo.max_files)
-    runs = demo_configs(config, sources)
     if not Path(config.data.tokenizer).exists():
         train_bpe_tokenizer(tokenizer_sources(), vocab, config.data.tokenizer)
-    if not (Path(config.data.prepared_dir) / "metadata.json").exists():
-        prepare_dataset(runs["teacher"].data, progress=False)
-    teacher_dir = Path(runs["distilled"].model.teacher.path)
+    text = workdir / f"text-{kilobytes:g}kB"
+    teacher = demo_configs(config, bench_sources(sources, kilobytes))["teacher"]
+    lr = teacher.optimizer.learning_rate
+    teacher = dataclasses.replace(
+        teacher, run_dir=str(text / f"teacher-{teacher_steps}steps-lr{lr:g}"),
+        data=dataclasses.replace(teacher.data, eval_fraction=0.0,
+                                 prepared_dir=str(text / "teacher-data")))
+    if not (Path(teacher.data.prepared_dir) / "metadata.json").exists():
+        prepare_dataset(teacher.data, progress=False)
+    teacher_dir = Path(teacher.run_dir) / "student"
     if not (teacher_dir / "config.json").exists():
-        result = train(runs["teacher"])
-        (workdir / "teacher.json").write_text(json.dumps(result.final_eval, indent=1))
+        train(teacher)
     return config, sources, teacher_dir
 
 
-def settings(kmax: int) -> list[tuple[str, dict]]:
-    """The cache settings of the frontier: (label, cache config fields)."""
-    rows = [(f"top-k {k}", {"mode": "topk", "k": k}) for k in (8, 16, 32, 64)]
+def settings(kmax: int, quick: bool = False) -> list[tuple[str, dict]]:
+    """The cache settings of the frontier: (label, cache config fields); ``quick``: one of
+    each kind."""
+    rows = [(f"top-k {k}", {"mode": "topk", "k": k}) for k in (8, 16, 32, 64, 128)]
     rows += [(f"top-p {p}", {"mode": "topk", "k": kmax, "top_p": p}) for p in (0.9, 0.95, 0.99)]
     rows += [(f"budget {b} B", {"mode": "topk", "k": kmax, "bytes_per_token": float(b)})
-             for b in (40, 60, 100)]
-    return rows + [("sampled n=12", {"mode": "sampled", "n_draws": 12})]
+             for b in (40, 60, 100, 140)]
+    rows += [("sampled n=12", {"mode": "sampled", "n_draws": 12})]
+    quick_rows = ("top-k 8", "top-k 64", "top-p 0.9", "budget 40 B", "sampled n=12")
+    return [row for row in rows if not quick or row[0] in quick_rows]
+
+
+def has_student(label: str) -> bool:
+    """Students are trained on the settings the goals compare (fixed top-k and budgets)."""
+    return label.startswith(("top-k", "budget"))
 
 
 def bench_sources(sources: list[str], kilobytes: float) -> list[str]:
@@ -98,12 +119,17 @@ def bench_sources(sources: list[str], kilobytes: float) -> list[str]:
     return chosen
 
 
-def bench_config(config, sources: list[str], workdir: Path, kilobytes: float, steps: int):
+def bench_config(config, sources: list[str], teacher_dir: Path, workdir: Path,
+                 kilobytes: float, steps: int):
     """The distilled student's run of the demo on :func:`bench_sources` (a fifth of the files
-    held out), ``steps`` steps (warm-up at most a quarter of them), evaluated once at the end."""
+    held out) from the teacher in ``teacher_dir``, ``steps`` steps (warm-up at most a quarter
+    of them), evaluated once at the end."""
     from actors.demo import demo_configs
 
     distilled = demo_configs(config, sources)["distilled"]
+    distilled = dataclasses.replace(distilled, model=dataclasses.replace(
+        distilled.model, teacher=dataclasses.replace(distilled.model.teacher,
+                                                     path=str(teacher_dir))))
     data = dataclasses.replace(distilled.data, sources=tuple(bench_sources(sources, kilobytes)),
                                eval_fraction=0.2,
                                prepared_dir=str(workdir / f"text-{kilobytes:g}kB" / "data"))
@@ -116,13 +142,19 @@ def bench_config(config, sources: list[str], workdir: Path, kilobytes: float, st
         checkpoint=dataclasses.replace(distilled.checkpoint, every_steps=steps))
 
 
+# Sequences per shard: a shard's index has an entry per sequence, present or not, so the
+# default 256 would add 16 B per absent sequence and array to this small text's last shard.
+SHARD_SEQUENCES = 16
+
+
 def setting_config(base, label: str, fields: dict):
     """``base`` caching and distilling with the cache of one setting, beside its data
     (CacheConfig refuses bad fields with a ConfigError; a field this kdpipe lacks is a
     TypeError)."""
     slug = label.replace(" ", "-").replace("=", "")
     root = Path(base.data.prepared_dir).parent
-    cache = dataclasses.replace(base.cache, path=str(root / "caches" / slug), **fields)
+    cache = dataclasses.replace(base.cache, path=str(root / "caches" / slug),
+                                shard_sequences=SHARD_SEQUENCES, chunk_sequences=1, **fields)
     return dataclasses.replace(base, cache=cache, run_dir=str(
         root / f"students-{base.train.steps}" / slug))
 
@@ -136,13 +168,15 @@ def teacher_forward():
 
 def fill_caches(configs: dict, teacher, teacher_fp: str, split: str, batch: int) -> float:
     """Cache ``split`` for every config of ``configs`` from one teacher pass per batch (each
-    logits batch goes to every setting's CacheWriter). Complete caches are kept; a partial one
-    is filled again from scratch. Returns the seconds spent."""
+    logits batch goes to every setting's CacheWriter). Complete caches are kept; a partial one,
+    or one another kdpipe wrote (another header), is filled again from scratch, and the
+    student trained on it is trained again. Returns the seconds spent."""
     import shutil
     import time
 
     from pipeline.cache import CacheWriter, split_location
     from pipeline.data import TokenDataset, read_info
+    from pipeline.errors import CacheError
     from pipeline.step import TrainState
     from pipeline.teacher import cache_manifest
 
@@ -155,7 +189,11 @@ def fill_caches(configs: dict, teacher, teacher_fp: str, split: str, batch: int)
     for config in configs.values():
         manifest = cache_manifest(config, info, split, vocab_size=vocab, teacher_fp=teacher_fp)
         location = split_location(config.cache.path, split)
-        writer = CacheWriter(location, manifest)
+        try:
+            writer = CacheWriter(location, manifest)
+        except CacheError:  # written by another kdpipe (format version, fields)
+            shutil.rmtree(location)
+            writer = CacheWriter(location, manifest)
         if not writer.pending_shards(range(manifest.num_shards)):
             writer.close()
             continue
@@ -163,6 +201,7 @@ def fill_caches(configs: dict, teacher, teacher_fp: str, split: str, batch: int)
             writer.close()
             shutil.rmtree(location)
             writer = CacheWriter(location, manifest)
+        shutil.rmtree(config.run_dir, ignore_errors=True)  # its student read the old cache
         writers.append(writer)
     if not writers:
         return 0.0
@@ -267,57 +306,51 @@ def stored_bytes(a: np.ndarray, codec: dict, slot_major: bool) -> int:
 
 def id_codes(stored: dict[str, np.ndarray], ids: np.ndarray, spec) -> dict[str, float]:
     """Bytes/token of fixed top-k ids and q8 values under several codes. ``stored``: the
-    cache's gap-coded arrays (``CacheReader.read_stored``), ``ids``: the decoded sorted ids
+    cache's arrays (``CacheReader.read_stored``, format 3), ``ids``: the decoded sorted ids
     ``[S, L, k]`` of the same sequences, ``spec`` their TargetSpec."""
     import jax.numpy as jnp
 
     from pipeline.cache import compress
 
     tokens = ids.shape[0] * ids.shape[1]
-    wide = np.uint16 if spec.vocab_size <= 2**16 else np.uint32
-    gaps = np.diff(ids, axis=-1, prepend=-1) - 1
-    packed_spec = dataclasses.replace(spec, id_encoding="packed")
     flat = jnp.asarray(ids.reshape(tokens, -1))
-    packed = np.asarray(compress.encode_ids(flat, jnp.ones(flat.shape, bool), packed_spec)
-                        ["id_stream"]).reshape(*ids.shape[:2], -1)
-    lengths, bits = stored["id_gap_lengths"], stored["id_stream"]
-    size = wide().itemsize
+    used = jnp.ones(flat.shape, bool)
+
+    def encoded_ids(**fields):
+        return {name: np.asarray(a).reshape(*ids.shape[:2], -1) for name, a in
+                compress.encode_ids(flat, used, dataclasses.replace(spec, **fields)).items()}
+
+    v2 = encoded_ids(format_version=2)
+    packed = encoded_ids(format_version=2, id_encoding="packed")["id_stream"]
+    gaps = stored["id_gaps"]
+    wide, size = gaps.dtype.name, gaps.dtype.itemsize
+    lengths_bits = (v2["id_gap_lengths"], v2["id_stream"])
     codes = {
-        "gap lengths + extra bits, zstd 5 slot-major (now)":
-            stored_bytes(lengths, zstd(5), True) + stored_bytes(bits, zstd(5), True),
-        "gap lengths + extra bits, zstd 19 slot-major":
-            stored_bytes(lengths, zstd(19), True) + stored_bytes(bits, zstd(19), True),
+        "gap lengths + extra bits, zstd 5 slot-major (format 2)":
+            sum(stored_bytes(a, zstd(5), True) for a in lengths_bits),
         "gap lengths + extra bits, zstd 5 token-major":
-            stored_bytes(lengths, zstd(5), False) + stored_bytes(bits, zstd(5), False),
-        "gap lengths + extra bits, blosc bitshuffle":
-            stored_bytes(lengths, blosc("bitshuffle", 1), True)
-            + stored_bytes(bits, blosc("bitshuffle", 1), True),
-        f"packed {packed_spec.vocab_size.bit_length() - 1}-bit ids, zstd 5 slot-major":
+            sum(stored_bytes(a, zstd(5), False) for a in lengths_bits),
+        f"packed {spec.vocab_size.bit_length() - 1}-bit ids, zstd 5 slot-major":
             stored_bytes(packed, zstd(5), True),
-        f"gaps {np.dtype(wide).name}, zstd 5 slot-major":
-            stored_bytes(gaps.astype(wide), zstd(5), True),
-        f"gaps {np.dtype(wide).name}, zstd 5 token-major":
-            stored_bytes(gaps.astype(wide), zstd(5), False),
-        f"gaps {np.dtype(wide).name}, zstd 19 slot-major":
-            stored_bytes(gaps.astype(wide), zstd(19), True),
-        f"gaps {np.dtype(wide).name}, blosc bitshuffle":
-            stored_bytes(gaps.astype(wide), blosc("bitshuffle", size), False),
-        f"gaps {np.dtype(wide).name}, blosc bitshuffle slot-major":
-            stored_bytes(gaps.astype(wide), blosc("bitshuffle", size), True),
-        f"gaps {np.dtype(wide).name}, blosc byteshuffle":
-            stored_bytes(gaps.astype(wide), blosc("shuffle", size), False),
-        f"gaps {np.dtype(wide).name}, blosc no shuffle":
-            stored_bytes(gaps.astype(wide), blosc("noshuffle", size), False),
-        f"ids {np.dtype(wide).name}, blosc bitshuffle":
-            stored_bytes(ids.astype(wide), blosc("bitshuffle", size), False),
+        f"gaps {wide}, zstd 5 slot-major": stored_bytes(gaps, zstd(5), True),
+        f"gaps {wide}, zstd 5 token-major": stored_bytes(gaps, zstd(5), False),
+        f"gaps {wide}, zstd 19 token-major": stored_bytes(gaps, zstd(19), False),
+        f"gaps {wide}, blosc bitshuffle token-major": stored_bytes(gaps, blosc("bitshuffle",
+                                                                                size), False),
+        f"gaps {wide}, blosc byteshuffle slot-major": stored_bytes(gaps, blosc("shuffle", size),
+                                                                   True),
+        f"gaps {wide}, blosc byteshuffle token-major (format 3)":
+            stored_bytes(gaps, blosc("shuffle", size), False),
+        "gaps uint32, blosc byteshuffle token-major (format 3 past 65,536 ids)":
+            stored_bytes(gaps.astype(np.uint32), blosc("shuffle", 4), False),
+        f"ids {wide}, blosc byteshuffle token-major":
+            stored_bytes(ids.astype(gaps.dtype), blosc("shuffle", size), False),
     }
-    values = {"q8 values, zstd 5 slot-major (now)": stored_bytes(stored["values"], zstd(5), True),
-              "q8 values, zstd 19 slot-major": stored_bytes(stored["values"], zstd(19), True),
+    values = {"q8 values, zstd 5 slot-major (formats 2, 3)":
+                  stored_bytes(stored["values"], zstd(5), True),
               "q8 values, zstd 5 token-major": stored_bytes(stored["values"], zstd(5), False),
-              "q8 values, blosc bitshuffle": stored_bytes(stored["values"],
-                                                           blosc("bitshuffle", 1), False),
-              "q8 values, blosc bitshuffle slot-major":
-                  stored_bytes(stored["values"], blosc("bitshuffle", 1), True)}
+              "q8 values, blosc bitshuffle token-major":
+                  stored_bytes(stored["values"], blosc("bitshuffle", 1), False)}
     return {name: n / tokens for name, n in {**codes, **values}.items()}
 
 
@@ -356,15 +389,15 @@ def run(args) -> dict:
 
     workdir = Path(args.real_workdir)
     config, sources, teacher_dir = prepare_teacher(workdir, args.real_vocab, args.teacher_steps,
-                                                   args.real_set)
-    base = bench_config(config, sources, workdir, args.real_kb, args.student_steps)
+                                                   args.real_kb, args.real_set)
+    base = bench_config(config, sources, teacher_dir, workdir, args.real_kb, args.student_steps)
     if not (Path(base.data.prepared_dir) / "metadata.json").exists():
         prepare_dataset(base.data, progress=False)
     info = read_info(base.data.prepared_dir)
     if not info.splits["eval"]["num_rows"]:
         raise SystemExit(f"--real-kb {args.real_kb}: no file of that text is held out; take more")
     configs, missing = {}, {}
-    for label, fields in settings(args.real_kmax):
+    for label, fields in settings(args.real_kmax, args.quick):
         try:
             configs[label] = setting_config(base, label, fields)
         except (TypeError, KdpipeError) as e:  # a field this kdpipe lacks, or refuses
@@ -374,8 +407,9 @@ def run(args) -> dict:
     fill_s = {split: fill_caches(configs, teacher, teacher_fp, split, base.train.global_batch_size)
               for split in ("train", "eval")}
     print(f"\nreal teacher outputs: tokenizer {info.vocab_size} ids; teacher {teacher_dir} "
-          f"(demo config, {args.teacher_steps} steps); cached data: the smallest demo files "
-          f"up to {args.real_kb:g} kB, train {info.splits['train']['num_rows']} x {info.seq_len} tokens, eval "
+          f"(demo config, {args.teacher_steps} steps on all of the cached text); cached data: "
+          f"the smallest demo files up to {args.real_kb:g} kB, train "
+          f"{info.splits['train']['num_rows']} x {info.seq_len} tokens, eval "
           f"{info.splits['eval']['num_rows']} x {info.seq_len}; caches filled in "
           f"{fill_s['train'] + fill_s['eval']:.0f} s (0 = reused)")
 
@@ -385,9 +419,11 @@ def run(args) -> dict:
                          ).read_rows(rows)
     logits = np.asarray(teacher_forward()(TrainState.create(teacher), batch), np.float32)
     real = batch["attention_mask"].reshape(-1) > 0
-    logits = logits.reshape(-1, logits.shape[-1])[real]
+    # at the caches' temperature (loss.temperature), the distribution they store
+    logits = logits.reshape(-1, logits.shape[-1])[real] / base.loss.temperature
     stats = teacher_stats(logits, info.vocab_size)
-    print(f"teacher on {len(logits)} held-out tokens: entropy {stats['entropy_nats']:.2f} nats, "
+    print(f"teacher at T = {base.loss.temperature:g} on {len(logits)} of the students' "
+          f"held-out tokens: entropy {stats['entropy_nats']:.2f} nats, "
           f"top-1 {stats['top1']:.2f}, top-64 mass {stats['top64_mass']:.3f}, ids for 90% of the "
           f"mass: median {stats['ids_for_90pct_median']:.0f}, mean "
           f"{stats['ids_for_90pct_mean']:.1f}")
@@ -408,7 +444,7 @@ def run(args) -> dict:
                        mass=float(sampled_mass(logits, decoded, info.vocab_size).mean()),
                        mean_k=float((decoded["teacher_sample_counts"] > 0).sum(-1).mean()))
         results.append(row)
-    for row in results:
+    for row in filter(lambda r: has_student(r["setting"]), results):
         row.update({f"student_{k}": v for k, v in
                     student_ce(configs[row["setting"]]).items() if k in ("ce_loss", "kl_loss")})
     hard = configs["top-k 64"]
@@ -420,7 +456,8 @@ def run(args) -> dict:
     header = (f"{'setting':14} {'B/token':>8} {'KL mean':>8} {'KL p99':>8} {'mass':>6} "
               f"{'mean k':>7} {'student CE':>10}")
     print(f"\nfrontier (KL(teacher || reconstruction) and mass captured on the held-out tokens; "
-          f"student: demo student, {args.student_steps} steps, held-out CE)")
+          f"student: demo student, {args.student_steps} steps, held-out CE; fixed top-k and "
+          f"budgets only)")
     print(header)
     for r in results:
         print(f"{r['setting']:14} {r['bytes_per_token']:8.1f} {r['kl_mean']:8.4f} "
@@ -438,12 +475,15 @@ def run(args) -> dict:
                                      reader.manifest.target)["teacher_topk_ids"])
     codes = id_codes(stored, ids, reader.manifest.target)
     print(f"\nid and value codes, top-k 64 ids of {len(sample)} cached sequences (bytes/token; "
-          f"ratio to today's code)")
-    ids_now = next(v for k, v in codes.items() if k.startswith("gap lengths") and "(now)" in k)
-    values_now = next(v for k, v in codes.items() if k.startswith("q8") and "(now)" in k)
+          f"ratio to format 2's code)")
+    ids_now = next(v for k, v in codes.items() if "(format 2)" in k)
+    values_now = next(v for k, v in codes.items() if k.startswith("q8") and "(formats" in k)
     for name, per_token in codes.items():
         now = values_now if name.startswith("q8") else ids_now
-        print(f"  {name:52} {per_token:7.2f}  {per_token / now:5.3f}")
+        print(f"  {name:66} {per_token:7.2f}  {per_token / now:5.3f}")
+    ids_v3 = next(v for k, v in codes.items() if "(format 3)" in k)
+    print(f"format 3's ids / format 2's: {ids_v3:.2f} / {ids_now:.2f} B/token = "
+          f"{ids_v3 / ids_now:.3f}")
     out = {"teacher": stats, "settings": results, "hard_label_ce": hard_ce, "codes": codes,
            "not_measured": missing}
     goals(out)
@@ -493,5 +533,8 @@ if __name__ == "__main__":  # the teacher alone, ahead of a bench run
     parser.add_argument("--workdir", default="runs/bench_cache_real")
     parser.add_argument("--vocab", type=int, default=32768)
     parser.add_argument("--teacher-steps", type=int, default=400)
+    parser.add_argument("--kb", type=float, default=24)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
     args = parser.parse_args()
-    print(prepare_teacher(Path(args.workdir), args.vocab, args.teacher_steps)[2])
+    print(prepare_teacher(Path(args.workdir), args.vocab, args.teacher_steps, args.kb,
+                          args.set)[2])
