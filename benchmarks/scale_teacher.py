@@ -15,6 +15,17 @@ split over it. Per device, from XLA: argument, output, temp bytes and their sum 
 donates nothing), XLA's FLOPs (a loop's body counted once); the largest batch per replica (a
 power of two times the devices) whose need fits 16 GiB (v5e) and 32 GiB (v4).
 
+Which compiler: XLA:CPU on virtual devices by default, or with ``--tpu v5e`` (``v4``) the TPU's
+own, for a slice that is described rather than attached (libtpu, ``jax.experimental.topologies``,
+as MaxText's ``train_compile.py`` compiles ahead of time). XLA:CPU has no bfloat16 matmul: it
+converts each bfloat16 dot's operands to float32, and its loop-invariant code motion then
+converts the whole stacked ``[layers, ...]`` weights once, outside the layer scan (in its
+optimised HLO, ``f32[layers, ...] convert`` of each stacked weight fed to the scan's while
+loop), and the gathered head too. A bfloat16 teacher's CPU figures thus hold a float32 copy of
+all its weights, twice their bytes (Llama-3.1-70B on 16 devices: temp grows 204 MiB a layer, a
+layer's weights being 102 MiB a device), which a TPU, multiplying bfloat16 natively, does not:
+compiled for a v5e 4x4 slice, its temp is the same at 2 and at 4 layers.
+
 Throughput at peak: forward FLOPs per token by formula (``pipeline.hardware``: ``2 N + 4 L H Q
 T``, N with the head) give tokens/s per chip = peak / FLOPs, a bound (memory traffic,
 communication and the encoder's vector work are not in it), and the chip-hours that 100B
