@@ -5,7 +5,7 @@ on a mixture: with probability lambda a sequence is sampled from the student and
 scores each sampled token, else it comes from the fixed dataset. Here the mixture is by rows:
 each step, the first ``rollout_count(rows, fraction)`` rows of a host's batch are replaced by
 
-1. their prompts (``prompts``: the tokens before a row's first label, or a fixed-length prefix),
+1. their prompts (``prompt_lengths``: the tokens before a row's first label, or a prefix),
 2. continued by the student with the current parameters (``pipeline.generate``, on the
    student's mesh; the sampling key of a row is ``rollout_keys(seed, step, rows)``, so a
    rollout depends on the run's seed, the step and the row alone: no generation state to
@@ -21,7 +21,7 @@ The other rows read their teacher targets as without on-policy rows (``offline_r
 ``lag: 1`` the rollouts of step s+1 are generated after step s-1's update and scored on a
 background thread while step s runs (the student's parameters are one update old when it
 trains on them: ``rollout_staleness``); a checkpoint then holds the pending rollouts too
-(``Rollouts.pending_tree``), so a resumed run continues exactly.
+(``Rollouts.pending_state``), so a resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -327,8 +327,8 @@ class Rollouts:
         self._last = {"rollout_length": float(rollout.lengths.mean()),
                       "rollout_eos_fraction": float(rollout.stopped.mean()),
                       "rollout_staleness": float(int(state.step) - rollout.params_step)}
-        self._add(rollout_tokens=float(rollout.lengths.sum()), rollout_s=rollout.generate_s,
-                  score_s=score_s)
+        self._add(steps=1, rollout_tokens=float(rollout.lengths.sum()),
+                  rollout_s=rollout.generate_s, score_s=score_s)
         rest = {key: np.asarray(value)[self.count:] for key, value in local.items()}
         return mix(scored, {**rest, **targets})
 
@@ -372,13 +372,13 @@ class Rollouts:
 
     # ---- metrics ---------------------------------------------------------------------------
 
-    def _add(self, **seconds: float) -> None:
-        for key, value in {"steps": 1, **seconds}.items():
+    def _add(self, **values: float) -> None:
+        for key, value in values.items():
             self._sums[key] = self._sums.get(key, 0.0) + value
 
     def step_done(self, seconds: float) -> None:
         """Counts ``seconds`` of the step that trained on the last ``batch``."""
-        self._add(step_s=seconds, steps=0)
+        self._add(step_s=seconds)
 
     def take_metrics(self) -> dict[str, float]:
         """The last step's rollouts: ``rollout_length`` (mean generated tokens),
