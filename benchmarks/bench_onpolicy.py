@@ -7,8 +7,10 @@ split is ``pipeline.data.prepare``'s, by hash). In a work directory that reruns 
 
 1. the demo's tokenizer, the function dataset, and the demo's teacher trained on it (hard
    labels, ``--teacher-steps``);
-2. three students from the same initialisation, ``--steps`` steps each at the same batch,
-   the teacher live in the step (``pipeline.train.train``): **hard labels** (CE alone),
+2. a student trained ``--warm-steps`` on hard labels (GKD, like most on-policy recipes,
+   starts from a supervised student: reverse KL from a random student learns slowly), then
+   three students from it, ``--steps`` steps each at the same batch, the teacher live in the
+   step (``pipeline.train.train``): **hard labels** (CE alone),
    **offline** (the divergence ``--divergence`` to the teacher on the dataset's completions),
    **on-policy** (the same loss, with ``--fraction`` of each batch the student's own
    continuations of its prompts, ``train.on_policy``). Both distilled arms run the teacher over
@@ -25,6 +27,7 @@ KL on student samples, and held-out CE no worse than offline-only by more than n
 standard errors of the per-row difference, both students being scored on the same rows).
 
     python benchmarks/bench_onpolicy.py                    # the default, minutes on 2 cores
+    python benchmarks/bench_onpolicy.py --warm-steps 0          # every arm from initialisation
     python benchmarks/bench_onpolicy.py --steps 600 --teacher-steps 1500 --workdir runs/onp-big
 """
 
@@ -113,19 +116,40 @@ def prepare(workdir: Path, args):
     return config, teacher_dir
 
 
-def arm_config(config, teacher_dir: Path, arm: str, args):
-    """The run of one arm: the same student, seed, steps, batch and optimizer; the teacher live."""
+def arm_config(config, teacher_dir: Path, arm: str, args, *, start: Path | None = None,
+               steps: int | None = None, name: str | None = None):
+    """The run of one arm: the same student (initialised from ``train.seed``, or the one
+    exported at ``start``), steps (``steps``, default ``--steps``), batch and optimizer; the
+    teacher live. Its run directory: ``name`` under the work dir."""
     from pipeline.config import ModelSpec
 
     model = dataclasses.replace(config.model, teacher=ModelSpec(path=str(teacher_dir)))
+    if start is not None:
+        model = dataclasses.replace(model, student=ModelSpec(path=str(start)))
     loss = dataclasses.replace(config.loss, alpha=0.0 if arm == "hard-labels" else 1.0,
                                use_hard_labels=arm == "hard-labels",
                                divergence=args.divergence, temperature=1.0)
-    train = config.train
+    train = dataclasses.replace(config.train, steps=steps or args.steps)
     if arm == "on-policy":
         train = dataclasses.replace(train, on_policy=on_policy_section(args))
-    return dataclasses.replace(config, run_dir=str(Path(config.run_dir) / f"{arm}-{args.steps}"),
-                               model=model, loss=loss, train=train)
+    name = name or f"{arm}-w{args.warm_steps}-{train.steps}"
+    return dataclasses.replace(config, run_dir=str(Path(config.run_dir) / name), model=model,
+                               loss=loss, train=train)
+
+
+def warm_start(config, teacher_dir: Path, args) -> Path | None:
+    """The student every arm starts from: ``--warm-steps`` of hard-label training (GKD starts
+    from a supervised student too), exported; None: from initialisation."""
+    from pipeline.train import train
+
+    if not args.warm_steps:
+        return None
+    run = arm_config(config, teacher_dir, "hard-labels", args, steps=args.warm_steps,
+                     name=f"warm-{args.warm_steps}")
+    started = time.perf_counter()
+    train(run)
+    print(f"warm start: {args.warm_steps} hard-label steps, {time.perf_counter() - started:.0f} s")
+    return Path(run.run_dir) / "student"
 
 
 def on_policy_section(args):
@@ -277,7 +301,9 @@ def parse_args():
     parser.add_argument("--workdir", default="runs/bench_onpolicy",
                         help="tokenizer, data, teacher and students; reruns reuse them")
     parser.add_argument("--teacher-steps", type=int, default=300)
-    parser.add_argument("--steps", type=int, default=150, help="training steps of each student")
+    parser.add_argument("--warm-steps", type=int, default=100,
+                        help="hard-label steps of the student all arms start from (0: none)")
+    parser.add_argument("--steps", type=int, default=100, help="training steps of each arm")
     parser.add_argument("--batch", type=int, default=16, help="rows per step, each arm")
     parser.add_argument("--fraction", type=float, default=0.5,
                         help="on-policy arm: share of each batch the student rolls out (λ)")
@@ -295,6 +321,8 @@ def parse_args():
     for name in ("teacher_steps", "steps", "batch", "new_tokens", "prompts", "samples"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: expected an integer >= 1")
+    if args.warm_steps < 0:
+        parser.error("--warm-steps: expected an integer >= 0")
     if not 0 < args.fraction <= 1:
         parser.error(f"--fraction: expected a number in (0, 1], got {args.fraction}")
     if not args.temperature > 0:
@@ -316,6 +344,10 @@ def main():
         raise SystemExit(f"--new-tokens: at most {seq_len - seq_len // 2} (prompts take up to "
                          f"half of a {seq_len}-token row)")
     config, teacher_dir = prepare(workdir, args)
+    for name in ("steps", "warm_steps"):
+        if 0 < getattr(args, name) < config.optimizer.warmup_steps:
+            raise SystemExit(f"--{name.replace('_', '-')}: at least optimizer.warmup_steps "
+                             f"({config.optimizer.warmup_steps}) or 0")
     teacher = build_model(ModelSpec(path=str(teacher_dir)), frozen=True)
     eos_id = load_tokenizer(config.data.tokenizer).token_to_id(config.data.eos_token)
     prompts = held_out_prompts(config, args.prompts)
@@ -323,8 +355,9 @@ def main():
         print(f"only {len(prompts)} held-out functions; evaluating those")
     out = {"args": vars(args), "arms": {}}
     ce_sums = {}  # arm -> per held-out row (the same rows for every arm)
+    start = warm_start(config, teacher_dir, args)
     for arm in args.arms:
-        run = arm_config(config, teacher_dir, arm, args)
+        run = arm_config(config, teacher_dir, arm, args, start=start)
         started = time.perf_counter()
         train(run)
         seconds = time.perf_counter() - started
@@ -345,7 +378,8 @@ def main():
 
     header = (f"{'arm':<12} {'rev KL on own samples':>22} {'held-out CE':>16} "
               f"{'gen len':>8} {'eos':>5} {'teacher tokens':>15}")
-    print(f"\n{args.steps} steps x {args.batch} rows, λ = {args.fraction}, divergence "
+    print(f"\n{args.warm_steps} hard-label steps, then {args.steps} steps x {args.batch} rows, "
+          f"λ = {args.fraction}, divergence "
           f"{args.divergence}, {len(prompts)} held-out prompts x {args.samples} samples")
     print(header)
     for arm, f in out["arms"].items():
