@@ -300,7 +300,8 @@ def parse_args():
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--workdir", default="runs/bench_onpolicy",
                         help="tokenizer, data, teacher and students; reruns reuse them")
-    parser.add_argument("--teacher-steps", type=int, default=300)
+    parser.add_argument("--teacher-steps", type=int, default=300,
+                        help="hard-label steps of the teacher (made once per work dir)")
     parser.add_argument("--warm-steps", type=int, default=100,
                         help="hard-label steps of the student all arms start from (0: none)")
     parser.add_argument("--steps", type=int, default=100, help="training steps of each arm")
