@@ -1,6 +1,6 @@
 """Fixtures shared by the CLI tests: ONE tiny demo run per test session, and an in-process
-runner of the ``kdpipe`` command line; and one XLA compilation cache per session for the
-processes the tests start."""
+runner of the ``kdpipe`` command line; one XLA compilation cache per session for the
+processes the tests start; and the ``heavy`` mark that .ci/run runs apart."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny-test.yaml"
 # What the session's demo printed, kept in its directory.
 DEMO_OUTPUT = "demo-output.txt"
+# The directory of the cache made below, for the processes that inherit it.
+SESSION_CACHE = "KDPIPE_TEST_COMPILATION_CACHE"
 
 # Every Ray host actor and every `kdpipe` subprocess starts with empty in-memory JAX caches,
 # and the integration tests start dozens of them on the same tiny shapes (test_elastic.py
@@ -26,14 +28,34 @@ DEMO_OUTPUT = "demo-output.txt"
 # (https://docs.jax.dev/en/latest/persistent_compilation_cache.html) in a directory of this
 # session, removed at its end: the first process compiles, the others load the executable.
 # This process itself keeps only its in-memory caches, as before.
+# Under pytest-xdist (`pytest -n 2`, as .ci/run runs the light tests) the workers inherit this
+# environment from the main process, which made the cache: one cache for all of them.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _COMPILATION_CACHE = tempfile.mkdtemp(prefix="kdpipe-test-xla-cache-")
+    os.environ[SESSION_CACHE] = _COMPILATION_CACHE
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _COMPILATION_CACHE
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # tiny steps compile fast
     # a size limit (never reached) turns on JAX's file lock around each read and write: without
     # one, a host could read an entry that another process is still writing
     os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(4 << 30)
+if os.environ.get(SESSION_CACHE) == os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     jax.config.update("jax_compilation_cache_dir", None)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "heavy: the module runs the session's demo or starts Ray")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Marks ``heavy`` the tests of every module that uses the session's demo or starts Ray:
+    minutes each, in several processes whose multi-host runs fail when a host is starved past
+    JAX's 30 s gloo set-up deadline. .ci/run runs them in one process, alone, and the others
+    on two pytest-xdist workers (`-m "not heavy" -n 2 --dist loadfile`)."""
+    heavy = {item.module for item in items
+             if "demo_dir" in item.fixturenames or "ray" in vars(item.module)}
+    for item in items:
+        if item.module in heavy:
+            item.add_marker(pytest.mark.heavy)
 
 
 def pytest_sessionfinish(session, exitstatus):
