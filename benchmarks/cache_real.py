@@ -514,6 +514,13 @@ def goals(out: dict) -> None:
           f"{ref['bytes_per_token']:.1f} B/token: "
           + (", ".join(f"{r['setting']} ({r['bytes_per_token']:.1f} B, KL {r['kl_mean']:.4f})"
                        for r in good) if good else "NOT met"))
+    # where the budgets' frontier (linear between measured budgets) reaches top-64's KL
+    points = sorted((r["bytes_per_token"], r["kl_mean"]) for r in budgets)
+    for (b0, k0), (b1, k1) in zip(points, points[1:]):
+        if k0 > ref["kl_mean"] >= k1:
+            at = b0 + (b1 - b0) * (k0 - ref["kl_mean"]) / (k0 - k1)
+            print(f"  the budgets' frontier reaches top-64's KL at {at:.1f} B/token "
+                  f"(interpolated): {at / ref['bytes_per_token']:.2f}x its bytes")
     for key, what in (("kl_mean", "KL"), ("student_ce_loss", "student CE")):
         for r in budgets:
             on_fixed = _on_fixed_frontier(fixed, r["bytes_per_token"], key)
