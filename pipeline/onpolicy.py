@@ -70,6 +70,12 @@ def rollout_count(rows: int, fraction: float) -> int:
     return int(np.floor(fraction * rows + 0.5))
 
 
+def offline_rows(rows: np.ndarray, count: int) -> np.ndarray:
+    """The rows of a host's batch that read stored (or remote) targets: all but the first
+    ``count``, which are rollouts."""
+    return rows[count:]
+
+
 # --------------------------------------------------------------------------------------------
 # Prompts and rows
 # --------------------------------------------------------------------------------------------
@@ -255,9 +261,8 @@ class Rollouts:
         self._last: dict[str, float] = {}
 
     def offline_rows(self, rows: np.ndarray) -> np.ndarray:
-        """The rows of a host's batch that read stored (or remote) targets: all but the first
-        ``count``."""
-        return rows[self.count:]
+        """This host's batch ``rows`` less its rollouts (:func:`offline_rows`)."""
+        return offline_rows(rows, self.count)
 
     # ---- generation ------------------------------------------------------------------------
 

@@ -283,13 +283,12 @@ def run_targets(config: RunConfig, source: str, *, teacher_fp: str | None, offse
             host_count=host_count)
         if config.train.on_policy is None:
             return schedule
-        from pipeline.onpolicy import rollout_count
+        from pipeline.onpolicy import offline_rows, rollout_count
 
-        # on-policy: the first rows of a host's batch are rollouts, whose targets come from the
-        # scorer (pipeline.onpolicy.Rollouts.offline_rows); the rest are read from here
+        # on-policy: a host's rollouts get their targets from the scorer; the rest from here
         count = rollout_count(config.train.global_batch_size // host_count,
                               config.train.on_policy.fraction)
-        return (batch[count:] for batch in schedule)
+        return (offline_rows(batch, count) for batch in schedule)
 
     schedules = {
         "train": train_rows,
