@@ -8,7 +8,7 @@ Two kinds of request, both answered with the targets encoded as the run's ``Targ
 - rows of the dataset (offline-style targets): ``RemoteTargets`` (on a student host) asks,
   ``answer`` (on a teacher host) answers. The request carries a split and its rows only; the
   teacher host holds the rest (``TargetService``) from the time it loaded the teacher.
-- sequences the student wrote (on-policy rollouts): ``RemoteScorer.score`` sends the token ids
+- sequences the student wrote (on-policy rollouts): ``TeacherHosts.score`` sends the token ids
   and masks themselves, ``score`` runs the teacher over them.
 
 A teacher host that dies under either kind fails the student's ``ray.get``; the driver then
@@ -98,7 +98,6 @@ class TeacherHosts:
     def __init__(self, teachers: Sequence, spec: TargetSpec, vocab_size: int, *, first: int = 0):
         self._teachers, self._spec, self._vocab_size = list(teachers), spec, vocab_size
         self._next = first  # the teacher host of the next request
-        self.requests = 0
 
     def ask(self, work: Callable, *args):
         """Send ``work(host, *args)`` (``answer``, ``score``) to the next teacher host; its ref."""
@@ -114,7 +113,6 @@ class TeacherHosts:
         from pipeline.cache import compress
 
         stored = ray.get(ref)
-        self.requests += 1
         return compress.decode({k: jnp.asarray(v) for k, v in stored.items()}, self._spec,
                                self._vocab_size)
 

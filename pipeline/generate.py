@@ -35,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pipeline.errors import ConfigError, DataError
 from pipeline.models.attention import KVCache
-from pipeline.models.sharding import BATCH_SPEC
+from pipeline.models.sharding import BATCH_SPEC, batch_devices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +159,7 @@ def generate(model: nnx.Module, prompt_ids, prompt_mask, *, max_new_tokens: int,
     batch_sharding = None
     if mesh is not None:
         batch_sharding = NamedSharding(mesh, BATCH_SPEC)
-        devices = math.prod(mesh.shape[axis] for axis in BATCH_SPEC[0]) // jax.process_count()
+        devices = batch_devices(mesh) // jax.process_count()
         if ids.shape[0] % max(devices, 1):
             raise DataError(f"prompt: a batch of {ids.shape[0]} does not split over the mesh's "
                             f"{devices} data-parallel devices; give a multiple of {devices}")

@@ -43,7 +43,7 @@ from pipeline.data import HostBatches
 from pipeline.errors import DataError
 from pipeline.generate import Generated, Sampling, generate
 from pipeline.losses import IGNORE_INDEX
-from pipeline.models.sharding import BATCH_SPEC
+from pipeline.models.sharding import BATCH_SPEC, batch_devices
 from pipeline.step import TrainState
 
 # Rows of the dataset read at a time when the prompts of a split are checked.
@@ -252,8 +252,7 @@ class Rollouts:
         self.count = rollout_count(batches.global_batch // batches.host_count, on_policy.fraction)
         self.sampling = Sampling(on_policy.temperature, on_policy.top_k, on_policy.top_p)
         self._batches, self._steps = batches, steps
-        data_devices = int(np.prod([mesh.shape[a] for a in BATCH_SPEC[0]])) // jax.process_count()
-        self._multiple = max(data_devices, 1)
+        self._multiple = max(batch_devices(mesh) // jax.process_count(), 1)
         self._pending: Rollout | None = None
         self._pool = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="score")
                       if on_policy.lag and scorer is not None else None)

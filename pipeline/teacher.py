@@ -39,7 +39,7 @@ from pipeline.config import MeshConfig, RunConfig
 from pipeline.data import DatasetInfo, TokenDataset, read_info
 from pipeline.metrics import progress_bar
 from pipeline.models.llama import Llama
-from pipeline.models.sharding import BATCH_SPEC, DATA, FSDP, make_mesh
+from pipeline.models.sharding import BATCH_SPEC, batch_devices, make_mesh
 from pipeline.step import TrainState
 from pipeline.teacher_head import FusedTargets, chunk_positions, encode_from_hidden
 
@@ -106,7 +106,7 @@ def _run_teacher(teacher: TrainState, batch: dict[str, np.ndarray], rows: np.nda
     data-parallel device (default: as few as hold B), the batch padded to that with copies of
     its last row (dropped again). Dispatched, not awaited: the writer's thread fetches them."""
     mesh = _mesh_of(teacher)
-    ways = 1 if mesh is None else mesh.shape[DATA] * mesh.shape[FSDP]
+    ways = 1 if mesh is None else batch_devices(mesh)
     count = len(rows)
     per_device = rows_per_device or -(-count // ways)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
@@ -178,7 +178,7 @@ def fill_cache(config: RunConfig, teacher: Llama, split: str, *, teacher_fp: str
     per_device = batch_size or config.train.global_batch_size // config.train.grad_accum_steps
     state = TrainState.create(teacher)
     mesh = _mesh_of(state)
-    batch_size = per_device * (1 if mesh is None else mesh.shape[DATA] * mesh.shape[FSDP])
+    batch_size = per_device * (1 if mesh is None else batch_devices(mesh))
     writes = jax.process_index() == 0
     start = time.perf_counter()
     with (CacheWriter(split_location(config.cache.path, split), manifest, name=f"split {split}")

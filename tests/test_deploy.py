@@ -256,7 +256,9 @@ def test_submit_script_without_a_token_says_how_to_make_one(tmp_path):
 
 def test_tpu_launcher_yaml_passes_rays_validation():
     # Ray's GCP provider module (its get_node_type) needs the Google API client libraries; the
-    # accelerator check it applies to TPU node configs is this one.
+    # accelerator check it applies to TPU node configs is this one. Ray 2.60 has no public API
+    # that validates a cluster launcher YAML (`ray up` does it only while launching), so this
+    # test calls the private helpers `ray up` itself runs.
     import ray.util.tpu
     from ray._private.accelerators import TPUAcceleratorManager
     from ray.autoscaler._private.util import prepare_config, validate_config

@@ -26,6 +26,11 @@ DATA, FSDP, TENSOR = MESH_AXES
 # A batch's leading axis is split over every data-parallel device (data and fsdp).
 BATCH_SPEC = P((DATA, FSDP))
 
+
+def batch_devices(mesh: Mesh) -> int:
+    """How many ways ``BATCH_SPEC`` splits a batch on ``mesh``: its data-parallel devices."""
+    return int(np.prod([mesh.shape[axis] for axis in BATCH_SPEC[0]]))
+
 Rules = tuple[tuple[str, P], ...]
 
 # (regex searched in the parameter path, spec). The first match wins. The axis suffix of each
