@@ -31,14 +31,12 @@ Typical use in a training loop::
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import gc
 import logging
 import os
 import re
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -204,16 +202,18 @@ def read_checkpoint_metas(directory: str | os.PathLike) -> dict[int, dict[str, A
         manager.close()
 
 
-@contextlib.contextmanager
-def _orbax_read_failures_unreported() -> Iterator[None]:
-    """Within the block, Python's reports of Orbax's failed reads are dropped; all others, and
-    everything after the block, go to the hook that was there before.
+def _unreport_orbax_reads() -> None:
+    """From now on, for the rest of the process, Python's reports of Orbax's read coroutines
+    are dropped; every other report goes to the hook that was there before.
 
-    Orbax reads a state's arrays in coroutines; when several reads fail, one failure is raised
-    (and reported to the user as a CheckpointError) while the others stay inside their
-    coroutines, which Python prints as "Exception ignored in: <coroutine ...>" with a dump of
-    TensorStore specs whenever it collects them (often at exit). The block's end collects them
-    while the filter is on, so the block must not keep the failure alive past its end."""
+    Called once a restore has failed and been raised as a CheckpointError. Orbax reads a
+    state's arrays in coroutines; when one read fails, the others are left suspended in Orbax's
+    event loop, and Python prints each as "Exception ignored in: <coroutine ...>" with a dump
+    of TensorStore specs whenever it closes them: when the loop lets go of them, often only at
+    exit. A filter limited to a block (an earlier version) missed the reads still pending at
+    its end, so the filter stays."""
+    if getattr(sys.unraisablehook, "drops_orbax_reads", False):
+        return
     previous = sys.unraisablehook
 
     def hook(unraisable):
@@ -222,12 +222,8 @@ def _orbax_read_failures_unreported() -> Iterator[None]:
             return
         previous(unraisable)
 
+    hook.drops_orbax_reads = True
     sys.unraisablehook = hook
-    try:
-        yield
-    finally:
-        gc.collect()
-        sys.unraisablehook = previous
 
 
 class Checkpoints:
@@ -344,19 +340,14 @@ class Checkpoints:
             raise CheckpointError(f"{self.directory / str(step)}: the saved state does not match "
                                   f"the target state: {_layers_hint(saved, wanted)}"
                                   f"{_listing(mismatched)}")
-        failure = None
-        with _orbax_read_failures_unreported():
-            try:
-                restored = self._manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract)))
-            except Exception as e:  # Orbax/TensorStore raise many types for damaged files
-                failure = _root_cause(e)
-            # Only the message is kept: the error's frames hold the other failed reads, which
-            # the block's end collects.
-        if failure is not None:
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract)))
+        except Exception as e:  # Orbax/TensorStore raise many types for damaged files
+            _unreport_orbax_reads()
             raise CheckpointError(f"{self.directory / str(step)}: corrupt checkpoint, its state "
-                                  f"cannot be read ({failure}); move it away to resume from an "
-                                  f"earlier one")
+                                  f"cannot be read ({_root_cause(e)}); move it away to resume "
+                                  f"from an earlier one") from None
         return restored.state, TrainPosition.from_json(meta["position"])
 
     def wait(self) -> None:
