@@ -55,8 +55,9 @@ class SequenceScorer(Protocol):
     ``actors.remote.TeacherHosts``).
 
     ``score(batch, rows)``: ``batch`` holds this host's ``input_ids``, ``attention_mask`` (and
-    ``segment_ids`` when the data has them), each ``[n, L]`` int32; ``rows`` ``[n]`` are the
-    dataset rows whose prompts they continue (they seed a sampled encoding). Returns the
+    ``segment_ids`` when the data has them), each ``[n, L]`` int32; ``rows`` ``[n]`` int32 are
+    the sequences' indices that seed a sampled encoding (``rollout_sequence_ids``: one per
+    dataset row and step, so a row's rollouts at two steps draw apart). Returns the
     teacher's targets as batch keys of pipeline/losses/targets.py (``[n, L, ...]``, on the
     device or not), in the form the run's other targets take (``pipeline.teacher.target_spec``).
     """
@@ -195,6 +196,14 @@ def rollout_keys(seed: int, step: int, rows: np.ndarray) -> np.ndarray:
     return np.asarray(keys)
 
 
+def rollout_sequence_ids(seed: int, step: int, rows: np.ndarray) -> np.ndarray:
+    """The sequence index ``[n]`` int32 in [0, 2^31) that keys a sampled encoding of each
+    rollout's targets (``pipeline.cache.compress``: draws per (seed, sequence, position)): a
+    word of ``rollout_keys``, so a function of the run's seed, the step and the row, distinct
+    for a row's rollouts at different steps (unlike the row itself)."""
+    return (rollout_keys(seed, step, rows)[:, 1] >> 1).astype(np.int32)
+
+
 def mix(rollout: Mapping[str, np.ndarray | jax.Array], rest: Mapping[str, np.ndarray | jax.Array]
         ) -> dict[str, np.ndarray | jax.Array]:
     """A host's batch: the rollout rows ``[n, ...]`` then the other rows ``rest`` ``[b - n,
@@ -256,8 +265,7 @@ class Rollouts:
         self._pending: Rollout | None = None
         self._pool = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="score")
                       if on_policy.lag and scorer is not None else None)
-        self._sums: dict[str, float] = {}
-        self._last: dict[str, float] = {}
+        self._sums = dict.fromkeys(METRIC_SUMS, 0.0)
 
     def offline_rows(self, rows: np.ndarray) -> np.ndarray:
         """This host's batch ``rows`` less its rollouts (:func:`offline_rows`)."""
@@ -296,8 +304,9 @@ class Rollouts:
         """The rollout's rows with the scorer's targets (none for a teacher in the step)."""
         if self.scorer is None:
             return rollout.batch
+        ids = rollout_sequence_ids(self.seed, rollout.step, rollout.rows)
         return {**rollout.batch, **jax.block_until_ready(dict(
-            self.scorer.score(rollout.batch, rollout.rows)))}
+            self.scorer.score(rollout.batch, ids)))}
 
     def _submit(self, rollout: Rollout) -> Rollout:
         if self._pool is not None:
@@ -328,11 +337,11 @@ class Rollouts:
             score_s = time.perf_counter() - waited
         else:
             scored, score_s = _timed(self._score, rollout)
-        self._last = {"rollout_length": float(rollout.lengths.mean()),
-                      "rollout_eos_fraction": float(rollout.stopped.mean()),
-                      "rollout_staleness": float(int(state.step) - rollout.params_step)}
-        self._add(steps=1, rollout_tokens=float(rollout.lengths.sum()),
-                  rollout_s=rollout.generate_s, score_s=score_s)
+        tokens = float(rollout.lengths.sum())
+        self._sums.update(last_tokens=tokens, last_stopped=float(rollout.stopped.sum()),
+                          last_rows=float(len(rollout.lengths)),
+                          last_staleness=float(int(state.step) - rollout.params_step))
+        self._add(steps=1, rollout_tokens=tokens, rollout_s=rollout.generate_s, score_s=score_s)
         rest = {key: np.asarray(value)[self.count:] for key, value in local.items()}
         return mix(scored, {**rest, **targets})
 
@@ -378,31 +387,50 @@ class Rollouts:
 
     def _add(self, **values: float) -> None:
         for key, value in values.items():
-            self._sums[key] = self._sums.get(key, 0.0) + value
+            self._sums[key] += value
 
     def step_done(self, seconds: float) -> None:
         """Counts ``seconds`` of the step that trained on the last ``batch``."""
         self._add(step_s=seconds)
 
     def take_metrics(self) -> dict[str, float]:
-        """The last step's rollouts: ``rollout_length`` (mean generated tokens),
-        ``rollout_eos_fraction`` (share that ended at eos), ``rollout_staleness`` (updates
-        between the parameters that wrote them and the step's); and means per step since the
-        last call: ``rollout_tokens_per_s`` (generated tokens over generation time), seconds
-        generating (``rollout_s``), waiting for the teacher's scores (``score_s``) and
-        training (``step_s``)."""
-        sums, self._sums = self._sums, {}
-        steps = sums.pop("steps", 0)
-        if not steps:
+        """``rollout_metrics`` of every host's rollouts since the last call (each host calls it
+        at the same steps: a collective in a multi-host run)."""
+        sums, self._sums = self._sums, dict.fromkeys(METRIC_SUMS, 0.0)
+        if not sums["steps"]:
             return {}
-        tokens = sums.pop("rollout_tokens")
-        out = {**self._last, **{key: value / steps for key, value in sums.items()}}
-        out["rollout_tokens_per_s"] = tokens / max(sums["rollout_s"], 1e-9)
-        return out
+        local = np.asarray([[sums[key] for key in METRIC_SUMS]], np.float32)
+        if jax.process_count() > 1:
+            local = np.concatenate(multihost_utils.process_allgather(local))
+        return rollout_metrics(local)
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+# What each host sums between two logging steps (``Rollouts.take_metrics``), in this order:
+# steps, generated tokens and seconds of those steps, and the last step's rollouts.
+METRIC_SUMS = ("steps", "rollout_tokens", "rollout_s", "score_s", "step_s", "last_tokens",
+               "last_stopped", "last_rows", "last_staleness")
+
+
+def rollout_metrics(per_host: np.ndarray) -> dict[str, float]:
+    """The rollout metrics of a logging period from every host's sums ``[hosts,
+    len(METRIC_SUMS)]``: of the last step's rollouts of all hosts, ``rollout_length`` (mean
+    generated tokens), ``rollout_eos_fraction`` (share that ended at eos) and
+    ``rollout_staleness`` (updates between the parameters that wrote them and the step's);
+    per step, the hosts' mean seconds generating (``rollout_s``), waiting for the teacher's
+    scores (``score_s``) and training (``step_s``); and ``rollout_tokens_per_s``, all hosts'
+    generated tokens over their mean generation seconds (the hosts generate at once)."""
+    sums = dict(zip(METRIC_SUMS, np.asarray(per_host, np.float64).T))
+    rows, steps = sums["last_rows"].sum(), sums["steps"].sum()
+    return {"rollout_length": float(sums["last_tokens"].sum() / rows),
+            "rollout_eos_fraction": float(sums["last_stopped"].sum() / rows),
+            "rollout_staleness": float(sums["last_staleness"].max()),
+            **{key: float(sums[key].sum() / steps) for key in ("rollout_s", "score_s", "step_s")},
+            "rollout_tokens_per_s": float(sums["rollout_tokens"].sum()
+                                          / max(sums["rollout_s"].mean(), 1e-9))}
 
 
 def samples_only(batch: Mapping[str, np.ndarray | jax.Array], count: int

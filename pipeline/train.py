@@ -177,16 +177,19 @@ def _sample_divergence(config: RunConfig, state: TrainState, local: Mapping, rol
                        sharding: NamedSharding, teacher: TrainState | None,
                        vocab_size: int) -> dict[str, float]:
     """``rollout_reverse_kl``: the mean KL(student || teacher) per generated token of this
-    step's rollouts, at ``loss.temperature``, under the parameters before the step (none from
-    sampled targets, whose estimator serves the forward KL alone)."""
-    if "teacher_sample_ids" in local:
+    step's rollouts at temperature 1 (the models' own distributions, whatever
+    ``loss.temperature`` and the rollouts' sampling temperature), under the parameters before
+    the step. None from
+    sampled targets (their estimator serves the forward KL alone), nor from a scorer's targets
+    taken at a ``loss.temperature`` other than 1 (they hold the teacher at that temperature)."""
+    if "teacher_sample_ids" in local or (teacher is None and config.loss.temperature != 1):
         return {}
-    loss = dataclasses.replace(config.loss, divergence="reverse_kl", alpha=1.0,
+    loss = dataclasses.replace(config.loss, divergence="reverse_kl", alpha=1.0, temperature=1.0,
                                hidden_state_weight=0.0, attention_weight=0.0)
     options = step_options(dataclasses.replace(config, loss=loss), vocab_size, is_training=False)
     batch = global_batch(samples_only(local, rollouts.count), sharding)
     _, metrics = jit_distillation_step(state, batch, teacher, **options)
-    return {"rollout_reverse_kl": float(metrics.kl_loss) / config.loss.temperature ** 2}
+    return {"rollout_reverse_kl": float(metrics.kl_loss)}
 
 
 def _ce_only(config: RunConfig) -> RunConfig:

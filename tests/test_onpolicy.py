@@ -1,7 +1,8 @@
 """On-policy distillation (``train.on_policy``, pipeline/onpolicy.py): rollout rows carry the
 loss on their generated tokens only, the batch mixes rollouts and dataset rows as configured,
-a scorer's targets land on the rollout rows, a stopped and resumed run reproduces the
-uninterrupted one bit for bit, and the rollout metrics reach the log and the report."""
+a scorer's targets land on the rollout rows (keyed by row and step), a stopped and resumed run
+reproduces the uninterrupted one bit for bit, and the rollout metrics (every host's, the reverse
+KL at temperature 1) reach the log and the report."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import pytest
 
 from pipeline.data import HostBatches, TokenDataset, read_info
 from pipeline.metrics import REPORT_FILE, read_metrics
-from pipeline.onpolicy import (Rollouts, continuation_rows, left_padded_prompts, prompt_lengths,
-                               rollout_count)
+from pipeline.onpolicy import (METRIC_SUMS, Rollouts, continuation_rows, left_padded_prompts,
+                               prompt_lengths, rollout_count, rollout_metrics,
+                               rollout_sequence_ids)
 from pipeline.step import DistillLossConfig, TrainState, distillation_step
 from pipeline.train import Preempted, train
 from tiny_run import config_of, make_tiny_run
@@ -128,8 +130,11 @@ def test_a_batch_mixes_scored_rollouts_and_dataset_rows(tiny):
     batch = rollouts.batch(state, 1, rows, local, stored)
 
     assert rollouts.count == 2 and len(scorer.calls) == 1
-    sent, sent_rows = scorer.calls[0]
-    np.testing.assert_array_equal(sent_rows, rows[:2])
+    sent, sent_ids = scorer.calls[0]
+    # a sampled encoding's draws are keyed by (row, step): a row's next rollout draws apart
+    np.testing.assert_array_equal(sent_ids, rollout_sequence_ids(0, 1, rows[:2]))
+    assert sent_ids.dtype == np.int32 and (sent_ids >= 0).all()
+    assert (rollout_sequence_ids(0, 2, rows[:2]) != sent_ids).all()
     for key in ("input_ids", "attention_mask", "labels"):  # rows 2, 3: the dataset's
         np.testing.assert_array_equal(batch[key][2:], local[key][2:])
         np.testing.assert_array_equal(batch[key][:2], sent[key])
@@ -150,6 +155,57 @@ def test_a_batch_mixes_scored_rollouts_and_dataset_rows(tiny):
     metrics = rollouts.take_metrics()
     assert 1 <= metrics["rollout_length"] <= 8 and metrics["rollout_tokens_per_s"] > 0
     assert metrics["rollout_staleness"] == 0
+
+
+def test_rollout_metrics_pool_every_hosts_rollouts():
+    rng = np.random.default_rng(2)
+    steps, hosts = 3, 2
+    lengths = [rng.integers(1, 9, (steps, n)) for n in (3, 5)]  # [step, rollout] per host
+    stopped = [rng.random((steps, n)) < 0.5 for n in (3, 5)]
+    seconds = rng.gamma(2.0, size=(hosts, steps, 3))  # rollout_s, score_s, step_s
+    per_host = np.array([[steps, lengths[h].sum(), *seconds[h].sum(axis=0),
+                          lengths[h][-1].sum(), stopped[h][-1].sum(), lengths[h].shape[1], 1]
+                         for h in range(hosts)])
+    assert per_host.shape == (hosts, len(METRIC_SUMS))
+    got = rollout_metrics(per_host)
+    last = np.concatenate([x[-1] for x in lengths])  # the last step, all hosts' rollouts
+    assert np.isclose(got["rollout_length"], last.mean())
+    assert np.isclose(got["rollout_eos_fraction"], np.concatenate([x[-1] for x in stopped]).mean())
+    for i, key in enumerate(("rollout_s", "score_s", "step_s")):
+        assert np.isclose(got[key], seconds[..., i].mean())  # per step and host
+    all_tokens = sum(x.sum() for x in lengths)
+    assert np.isclose(got["rollout_tokens_per_s"], all_tokens / seconds[..., 0].sum(axis=1).mean())
+    assert got["rollout_staleness"] == 1
+
+
+def test_rollout_reverse_kl_is_at_temperature_1_on_the_generated_tokens(tiny):
+    from pipeline.train import _sample_divergence, prepare_run
+
+    config = config_of(tiny, "kl1", *ON_POLICY, "loss.temperature=2.0",
+                       f"train.on_policy={{{ROLLOUTS}}}")
+    setup = prepare_run(config)
+    rollouts = Rollouts(config.train.on_policy, HostBatches(setup.train_data, seed=0,
+                                                            global_batch=4),
+                        seed=0, steps=1, mesh=setup.sharding.mesh, scorer=None)
+    rows = np.array([11, 3, 25, 7])
+    batch = rollouts.batch(setup.state, 1, rows, setup.train_data.read_rows(rows), {})
+    got = _sample_divergence(config, setup.state, batch, rollouts, setup.sharding,
+                             setup.teacher_state, setup.vocab_size)["rollout_reverse_kl"]
+
+    def log_probs(state):  # float64, temperature 1, the tokenizer's ids
+        logits = state.model()(batch["input_ids"], batch["attention_mask"],
+                               segment_ids=batch.get("segment_ids")).logits
+        return _log_softmax(np.asarray(logits, np.float64)[..., :setup.vocab_size])
+
+    log_q, log_p = log_probs(setup.state), log_probs(setup.teacher_state)
+    kl = (np.exp(log_q) * (log_q - log_p)).sum(-1)
+    generated = batch["labels"] != -100
+    generated[rollouts.count:] = False  # the rollouts' tokens alone
+    assert generated.any()
+    np.testing.assert_allclose(got, kl[generated].mean(), rtol=2e-5)
+    # a scorer's targets hold the teacher at loss.temperature 2: no KL at 1 from them
+    assert _sample_divergence(config, setup.state, batch, rollouts, setup.sharding, None,
+                              setup.vocab_size) == {}
 
 
 def test_a_stopped_and_resumed_run_reproduces_the_uninterrupted_one(tiny):
