@@ -40,6 +40,7 @@ from jax.sharding import Mesh
 
 from pipeline.config import OnPolicyConfig
 from pipeline.data import HostBatches
+from pipeline.data.dataset import prompt_tokens
 from pipeline.errors import DataError
 from pipeline.generate import Generated, Sampling, generate
 from pipeline.losses import IGNORE_INDEX
@@ -87,17 +88,13 @@ def prompt_lengths(batch: Mapping[str, np.ndarray], on_policy: OnPolicyConfig,
     one whose label is the first (the rest of a row without labels); ``prefix`` source, the
     first ``on_policy.prompt_tokens(seq_len)`` tokens of the row's first document (fewer when
     the document is shorter). Rows are left-aligned (``pipeline.data``)."""
-    mask = np.asarray(batch["attention_mask"]) != 0
     if on_policy.prompt_source == "prompt":
-        labelled = np.asarray(batch["labels"]) != IGNORE_INDEX
-        lengths = np.where(labelled.any(axis=1), labelled.argmax(axis=1) + 1, mask.sum(axis=1))
-    else:
-        first_document = mask
-        if "segment_ids" in batch:
-            segments = np.asarray(batch["segment_ids"])
-            first_document = mask & (segments == segments[:, :1])
-        lengths = np.minimum(first_document.sum(axis=1), on_policy.prompt_tokens(seq_len))
-    return np.maximum(lengths, 1)
+        return prompt_tokens(batch["labels"], batch["attention_mask"])
+    first_document = np.asarray(batch["attention_mask"]) != 0
+    if "segment_ids" in batch:
+        segments = np.asarray(batch["segment_ids"])
+        first_document = first_document & (segments == segments[:, :1])
+    return np.maximum(np.minimum(first_document.sum(axis=1), on_policy.prompt_tokens(seq_len)), 1)
 
 
 def check_prompts(lengths: np.ndarray, rows: np.ndarray, on_policy: OnPolicyConfig,
@@ -116,9 +113,13 @@ def check_prompts(lengths: np.ndarray, rows: np.ndarray, on_policy: OnPolicyConf
 
 def check_split_prompts(dataset, on_policy: OnPolicyConfig) -> None:
     """``check_prompts`` over every row of ``dataset`` (a ``pipeline.data.TokenDataset``),
-    before a step is taken. A prefix is never too long (``pipeline.config.RunConfig`` checks
-    its length)."""
+    before a step is taken: from the split's ``max_prompt_tokens`` (``pipeline.data.prepare``
+    records it), reading rows only to name a long one, or for a dataset prepared before that
+    figure. A prefix is never too long (``pipeline.config.RunConfig`` checks its length)."""
     if on_policy.prompt_source != "prompt":
+        return
+    longest = dataset.info.splits[dataset.split].get("max_prompt_tokens")
+    if longest is not None and longest <= on_policy.prompt_tokens(dataset.seq_len):
         return
     for first in range(0, dataset.num_rows, CHECK_ROWS):
         rows = np.arange(first, min(first + CHECK_ROWS, dataset.num_rows))

@@ -6,6 +6,7 @@ KL at temperature 1) reach the log and the report."""
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -88,6 +89,34 @@ def test_prompts_of_each_source():
     # row 1's first document has 2 tokens
     np.testing.assert_array_equal(prompt_lengths(batch, prefix, SEQ), [3, 2, 3])
     assert [rollout_count(8, f) for f in (0.0, 0.3, 0.5, 1.0)] == [0, 2, 4, 8]
+
+
+def test_the_prompt_check_reads_the_longest_prompt_prepare_recorded(tiny, tmp_path, monkeypatch):
+    from pipeline.config import OnPolicyConfig
+    from pipeline.data import prepare_dataset
+    from pipeline.errors import DataError
+    from pipeline.onpolicy import check_split_prompts
+
+    rng = np.random.default_rng(3)
+    words = np.array(["alpha", "beta", "gamma", "delta", "wrap"])
+    source = tmp_path / "pairs.jsonl"
+    source.write_text("".join(
+        json.dumps({"prompt": " ".join(rng.choice(words, rng.integers(1, 6))),
+                    "completion": " done"}) + "\n" for _ in range(60)))
+    config = config_of(tiny, "pairs", f"data.sources=[{source}]", "data.pack=false",
+                       f"data.prepared_dir={tmp_path / 'data'}")
+    prepare_dataset(config.data, progress=False)
+    data = TokenDataset(config.data.prepared_dir, "train")
+    scanned = prompt_lengths(data.read_rows(np.arange(data.num_rows)), OnPolicyConfig(),
+                             data.seq_len)
+    longest = read_info(config.data.prepared_dir).splits["train"]["max_prompt_tokens"]
+    assert longest == scanned.max() > scanned.min()
+    monkeypatch.setattr(TokenDataset, "read_rows", lambda *_: pytest.fail("read rows"))
+    check_split_prompts(data, OnPolicyConfig(max_new_tokens=data.seq_len - longest))
+    monkeypatch.undo()  # a prompt too long: rows are read to name the first
+    with pytest.raises(DataError, match=r"max_new_tokens: \d+ prompt\(s\) .* \(row \d+: "
+                                        f"{longest} tokens"):
+        check_split_prompts(data, OnPolicyConfig(max_new_tokens=data.seq_len - longest + 1))
 
 
 @pytest.fixture(scope="module")

@@ -40,6 +40,16 @@ METADATA_FILE = "metadata.json"
 SPLITS = ("train", "eval")
 
 
+def prompt_tokens(labels: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    """Each row's prompt length ``[n]`` (at least 1) from its ``labels`` and ``attention_mask``
+    ``[n, L]``: the tokens through the one whose label is the first (a prompt/completion row's
+    prompt); the row's real tokens when none is labelled."""
+    labelled = np.asarray(labels) != IGNORE_INDEX
+    lengths = np.where(labelled.any(axis=1), labelled.argmax(axis=1) + 1,
+                       (np.asarray(attention_mask) != 0).sum(axis=1))
+    return np.maximum(lengths, 1)
+
+
 def row_columns(document_mask: bool) -> tuple[str, ...]:
     """The ``[L]`` int columns of each row: ``input_ids``, ``attention_mask``, ``labels``, and
     ``segment_ids`` with ``document_mask`` (``pipeline.data.prepare``)."""
@@ -51,8 +61,9 @@ class DatasetInfo:
     """The metadata of a prepared dataset (``metadata.json``).
 
     ``splits[name]`` holds ``num_rows``, ``num_tokens`` (real tokens), ``num_target_tokens``
-    (labels != -100), ``max_token_id``, ``fingerprint`` and ``shards``. ``document_mask``: the
-    rows carry ``segment_ids``.
+    (labels != -100), ``max_token_id``, ``max_prompt_tokens`` (the longest ``prompt_tokens`` of
+    a row; absent from datasets prepared before it), ``fingerprint`` and ``shards``.
+    ``document_mask``: the rows carry ``segment_ids``.
     """
 
     seq_len: int

@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import DataConfig
 from pipeline.data.dataset import (FORMAT_NAME, FORMAT_VERSION, IGNORE_INDEX, METADATA_FILE, SPLITS,
-                                   DatasetInfo, row_columns)
+                                   DatasetInfo, prompt_tokens, row_columns)
 from pipeline.errors import DataError, ModelLoadError
 from pipeline.metrics import progress_bar
 
@@ -352,6 +352,7 @@ class _SplitWriter:
         self.hasher = hashlib.sha256((header + ("/segment_ids" if document_mask else "")).encode())
         self.num_rows = self.num_tokens = self.num_targets = 0
         self.max_token_id = -1
+        self.max_prompt_tokens = 0
         (directory / name).mkdir(parents=True)
 
     def add(self, rows: dict[str, np.ndarray]) -> None:
@@ -365,6 +366,8 @@ class _SplitWriter:
         self.num_targets += int((rows["labels"] != IGNORE_INDEX).sum())
         self.max_token_id = max(self.max_token_id, int(rows["input_ids"].max()),
                                 int(rows["labels"].max()))
+        self.max_prompt_tokens = max(self.max_prompt_tokens, int(prompt_tokens(
+            rows["labels"], rows["attention_mask"]).max()))
         self.pending.append(rows)
         self.pending_rows += count
         while self.pending_rows >= self.rows_per_shard:
@@ -393,6 +396,7 @@ class _SplitWriter:
             self._flush(self.pending_rows)
         return {"num_rows": self.num_rows, "num_tokens": self.num_tokens,
                 "num_target_tokens": self.num_targets, "max_token_id": self.max_token_id,
+                "max_prompt_tokens": self.max_prompt_tokens,
                 "fingerprint": self.hasher.hexdigest()[:16], "shards": self.shards}
 
 
