@@ -29,10 +29,11 @@ on an accelerator host the teacher and step run on the device and storage on the
 ``--real`` replaces parts 1-3 with the frontier on real teacher outputs (the demo's teacher
 with a 32,768-id tokenizer, trained on the demo text it caches and taken at ``--temperature``;
 benchmarks/cache_real.py): bytes/token, KL(teacher || reconstruction) mean and p99, mass
-captured and a student's held-out CE for fixed top-k 8/16/32/64/128, top-p 0.9/0.95/0.99,
-stored-byte budgets 40/60/100/140 B and sampled n=12; the id and value codes compared on the
-top-64 cache; the issue's goals as measured. ``--quick``: a smoke run (one setting of each
-kind).
+captured and a student's held-out CE for fixed top-k 8/16/32/64/128 (q8sqrt values, and top-64
+with format 3's q8 values for reference), top-p 0.9/0.95/0.99, stored-byte budgets
+40/60/70/80/100/140 B and one at 0.7x top-64's measured bytes, and sampled n=12; the id and
+value codes compared on the top-64 cache; the issue's goals as measured. ``--quick``: a smoke
+run (top-k 16 and 64, the q8 reference and the 0.7x budget; no students).
 """
 
 from __future__ import annotations
@@ -249,8 +250,9 @@ def main():
     parser.add_argument("--skip-loops", action="store_true", help="only part 1")
     parser.add_argument("--json", help="write the figures to this file")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: tiny sizes (with --real: 2 teacher and student steps, "
-                             "a 4,096-id tokenizer, 8 kB of text, in <workdir>-quick)")
+                        help="smoke run: tiny sizes (with --real: a 4,096-id tokenizer, 8 kB "
+                             "of text, 2 teacher steps, no students; top-k 16 and 64, the q8 "
+                             "reference and the goal's budget; in <workdir>-quick)")
     real = parser.add_argument_group("real teacher outputs (--real; benchmarks/cache_real.py)")
     real.add_argument("--real", action="store_true",
                       help="the frontier on the demo's trained teacher instead of part 1-3")
@@ -264,7 +266,8 @@ def main():
     real.add_argument("--temperature", type=float, default=0.5,
                       help="loss.temperature, so the caches' T: 0.5 sharpens this small "
                            "teacher to a real 135M teacher's top-1 mass (about 0.6)")
-    real.add_argument("--student-steps", type=int, default=30)
+    real.add_argument("--student-steps", type=int, default=30,
+                      help="steps of each setting's distilled student (0: no students)")
     real.add_argument("--real-kb", type=float, default=48,
                       help="the cached data: the demo's smallest files up to this many kB")
     real.add_argument("--real-kmax", type=int, default=128,
@@ -283,7 +286,7 @@ def main():
                              f"loss.temperature={args.temperature}"]
         if args.quick:
             args.real_workdir += "-quick"
-            args.real_vocab, args.teacher_steps, args.student_steps = 4096, 2, 2
+            args.real_vocab, args.teacher_steps, args.student_steps = 4096, 2, 0
             args.real_kb, args.real_fidelity_seqs, args.real_code_seqs = 8, 2, 4
             args.real_set.append("optimizer.warmup_steps=1")
         results = cache_real.run(args)
@@ -298,7 +301,8 @@ def main():
                              "decay": DECAY, "cand_noise": CAND_NOISE}, "formats": []}
     configs = [("topk", dict(k=k)) for k in (8, 16, 32, 64)]
     configs += [("topk", dict(k=64, id_encoding="packed")), ("topk", dict(k=64, value_dtype="bfloat16"))]
-    configs += [("topk", dict(k=64, format_version=2))]  # format 2's gap code, side by side
+    configs += [("topk", dict(k=64, value_dtype="q8"))]  # format 3's values, side by side
+    configs += [("topk", dict(k=64, format_version=2))]  # format 2's gap code and q8 values
     configs += [("sampled", dict(n_draws=n)) for n in (8, 12, 24)]
     configs += [("full", dict(value_dtype="bfloat16", temperature=None))]
     header = (f"{'V':>7} {'mode':8} {'config':22} {'B/token':>9} {'write tok/s':>12} "
@@ -363,12 +367,15 @@ def main():
     print("\nheadline")
     vocabs = sorted({r["vocab"] for r in results["formats"]})
     for vocab in vocabs:
-        ours = find(vocab, "k=64,q8,gap")
-        packed = find(vocab, "k=64,q8,packed")
+        ours = find(vocab, "k=64,q8sqrt,gap")
+        q8 = find(vocab, "k=64,q8,gap")
+        packed = find(vocab, "k=64,q8sqrt,packed")
         v2 = find(vocab, "k=64,q8,gap,v2")
         sampled = find(vocab, "n=12,gap")
-        print(f"V={vocab}: topk k=64 {ours['bytes_per_token']:.1f} B/token (format 2's gap "
-              f"code: {v2['bytes_per_token']:.1f}, ratio "
+        print(f"V={vocab}: topk k=64 {ours['bytes_per_token']:.1f} B/token (q8 values: "
+              f"{q8['bytes_per_token']:.1f}, ratio "
+              f"{ours['bytes_per_token'] / q8['bytes_per_token']:.3f}; format 2's gap "
+              f"code and q8 values: {v2['bytes_per_token']:.1f}, ratio "
               f"{ours['bytes_per_token'] / v2['bytes_per_token']:.3f}; ids packed at "
               f"ceil(log2 V) bits: {packed['bytes_per_token']:.1f}; ratio "
               f"{ours['bytes_per_token'] / packed['bytes_per_token']:.2f}); sampled n=12 "

@@ -1,6 +1,6 @@
 """Adaptive top-k caches (top_p, bytes_per_token): the kept ids, the exact tail, ragged storage,
 the k_t+1-bucket loss and the writer's fidelity audit, each against a float64 numpy reference;
-the budget on stored bytes against the files TensorStore writes; format version 1 and 2 caches
+the budget on stored bytes against the files TensorStore writes; format version 1 to 3 caches
 still read."""
 
 import json
@@ -180,16 +180,16 @@ def _reads_as_encoded(location, logits, spec, run):
         np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]), err_msg=key)
 
 
-def test_stored_budget_cache_roundtrip_audit_and_versions_1_2_still_read(tmp_path):
+def test_stored_budget_cache_roundtrip_audit_and_versions_1_to_3_still_read(tmp_path):
     length, budget_b = 48, 14.0
     spec = TargetSpec("topk", V, REAL_V, k=K, bytes_per_token=budget_b, min_k=1)
     m = CacheManifest(spec, "teacher", "tok", "data", seq_len=length, num_sequences=4,
                       shard_sequences=2)
     logits = _logits(6, 4, length)
-    with CacheWriter(tmp_path / "v3", m) as writer:
+    with CacheWriter(tmp_path / "v4", m) as writer:
         writer.write(jnp.asarray(logits), np.arange(4))
     run = RunDeclaration("tok", "data", V, length, 1.0)
-    _reads_as_encoded(tmp_path / "v3", logits, spec, run)
+    _reads_as_encoded(tmp_path / "v4", logits, spec, run)
     # the budget is on stored bytes: each sequence's measure is within B, the files on disk
     # are exactly what was measured (a chunk's index entry is 16 bytes; a shard's index crc 4)
     encoded = {n: np.asarray(a) for n, a in
@@ -198,10 +198,10 @@ def test_stored_budget_cache_roundtrip_audit_and_versions_1_2_still_read(tmp_pat
                 for row in range(4)]
     assert max(measured) <= budget_b * length
     for shard in (0, 1):
-        on_disk = sum((tmp_path / "v3" / shard_file_key(a, shard)).stat().st_size
+        on_disk = sum((tmp_path / "v4" / shard_file_key(a, shard)).stat().st_size
                       for a in array_layout(spec))
         assert on_disk == sum(measured[2 * shard:2 * shard + 2]) - 4 * len(array_layout(spec))
-    manifest = read_manifest(tmp_path / "v3")
+    manifest = read_manifest(tmp_path / "v4")
     assert 0.9 * budget_b < manifest.committed_bytes / (4 * length) <= budget_b
     # ... spent on the most probable candidates of the sequence (float64 reference)
     logp = _ref_logp(logits)
@@ -211,30 +211,34 @@ def test_stored_budget_cache_roundtrip_audit_and_versions_1_2_still_read(tmp_pat
     for row in range(4):
         extra = int(counts[row].sum()) - length * spec.min_k
         np.testing.assert_array_equal(counts[row], _ref_counts(top[row], spec, extra))
-    # format 3's codecs: token-major byte-shuffled gaps
-    meta = json.loads((tmp_path / "v3" / "id_gaps" / "zarr.json").read_text())
+    # format 3's codecs (format 4's too): token-major byte-shuffled gaps
+    meta = json.loads((tmp_path / "v4" / "id_gaps" / "zarr.json").read_text())
     assert [c["name"] for c in meta["codecs"][0]["configuration"]["codecs"]] == [
         "bytes", "blosc", "crc32c"]
     audits = [c.audit for c in manifest.commits]
     assert [a["tokens"] for a in audits] == [2 * 16, 2 * 16]
     assert all(a["kl_mean"] > 0 and 0 < a["mass_mean"] < 1 and 1 <= a["k_mean"] <= K
                for a in audits)
-    printed = describe(str(tmp_path / "v3"))  # kdpipe inspect: token-weighted over the shards
+    printed = describe(str(tmp_path / "v4"))  # kdpipe inspect: token-weighted over the shards
     kl = (audits[0]["kl_mean"] + audits[1]["kl_mean"]) / 2
     assert f"KL(teacher || reconstruction) mean {kl:.4g} nats over {4 * 16} audited" in printed
     assert f"largest shard p99 {max(a['kl_p99'] for a in audits):.4g}" in printed
-    assert "format      version 3" in printed and "ids per token, <= 14 stored B/token" in printed
-    # version 2 (raw budget, gap lengths + extra bits, slot-major) and version 1 (fixed top-k)
-    # caches read unchanged
+    assert "format      version 4" in printed and "ids per token, <= 14 stored B/token" in printed
+    # version 3 (q8 values with a per-token scale), version 2 (raw budget, gap lengths + extra
+    # bits, slot-major) and version 1 (fixed top-k) caches read unchanged
+    v3 = TargetSpec("topk", V, REAL_V, k=5, format_version=3)
     v2 = TargetSpec("topk", V, REAL_V, k=K, bytes_per_token=18.0, min_k=1, format_version=2)
     fixed = TargetSpec("topk", V, REAL_V, k=5, format_version=2)
+    assert spec.value_dtype == "q8sqrt" and v3.value_dtype == "q8"
+    assert "value_scale" not in {a.name for a in array_layout(spec)}
     short = _logits(7, 3)
-    for name, old in (("v2", v2), ("v1", fixed)):
+    for name, old in (("f3", v3), ("v2", v2), ("v1", fixed)):
         with CacheWriter(tmp_path / name, CacheManifest(old, "teacher", "tok", "data",
                                                         seq_len=L, num_sequences=3,
                                                         shard_sequences=2)) as writer:
             writer.write(jnp.asarray(short), np.arange(3))
-        assert {a.name for a in array_layout(old)} >= {"id_gap_lengths", "id_stream"}
+        assert {a.name for a in array_layout(old)} >= (
+            {"id_gaps", "value_scale"} if old is v3 else {"id_gap_lengths", "id_stream"})
         assert (tmp_path / name / array_metadata_key(array_layout(old)[-2])).exists()
     header = json.loads((tmp_path / "v1" / MANIFEST_KEY).read_text())
     header["format_version"] = 1
@@ -244,7 +248,8 @@ def test_stored_budget_cache_roundtrip_audit_and_versions_1_2_still_read(tmp_pat
     run = RunDeclaration("tok", "data", V, L, 1.0)
     assert CacheReader(tmp_path / "v1", run).manifest.format_version == 1
     assert "<= 18 raw B/token" in describe(str(tmp_path / "v2"))
-    for name, old in (("v2", v2), ("v1", fixed)):
+    assert "format      version 3" in describe(str(tmp_path / "f3"))
+    for name, old in (("f3", v3), ("v2", v2), ("v1", fixed)):
         _reads_as_encoded(tmp_path / name, short, old, run)
 
 

@@ -74,8 +74,33 @@ def test_quantize_logprobs_error_within_half_step():
     assert np.all(np.abs(back - lp) <= step * 0.5 + 1e-6 * np.abs(lp))
 
 
+def test_q8sqrt_levels_against_float64():
+    # a wide range of log-probs: peaked and flat rows, ids below the floor, p = 1 exactly
+    rng = np.random.default_rng(3)
+    p = np.concatenate([rng.dirichlet(np.full(64, a), size=16) for a in (0.02, 0.3, 3)])
+    lp = np.log(np.maximum(p, 1e-300))
+    lp[0, :3] = [0.0, -1e-6, -150.0]
+    q = np.asarray(compress.quantize_sqrt_logprobs(jnp.asarray(lp, jnp.float32)))
+    back = np.asarray(compress.dequantize_sqrt_logprobs(jnp.asarray(q)), np.float64)
+    # the level table in float64: sqrt(p) = 1 - n / 100 to n = 98, then 1-nat steps of log p
+    n = np.arange(256, dtype=np.float64)
+    table = np.where(n <= 98, 2 * np.log(np.maximum(1 - n / 100, 1e-300)),
+                     2 * np.log(0.02) - (n - 98))
+    np.testing.assert_allclose(back, table[q], rtol=1e-5, atol=1e-6)
+    root = q <= 98
+    # nearest level: within half a step of sqrt(p) above p = 4e-4, of log p below
+    assert np.all(np.abs(np.exp(back[root] / 2) - np.exp(lp[root] / 2)) <= 0.005 + 1e-6)
+    clamped = np.maximum(lp[~root], compress.Q8_LOGPROB_FLOOR)
+    assert np.all(np.abs(back[~root] - clamped) <= 0.5 + 1e-5)
+    assert q[0, 0] == 0 and q[0, 2] == q.max() == 98 + round(2 * np.log(0.02) + 100)
+    assert root.mean() > 0.2 and (~root).mean() > 0.2  # both kinds of level are exercised
+    # monotone: a larger probability never gets a higher level
+    order = np.argsort(lp.ravel())
+    assert np.all(np.diff(q.ravel()[order].astype(int)) <= 0)
+
+
 @pytest.mark.parametrize("encoding", ["gap", "packed"])
-@pytest.mark.parametrize("value_dtype", ["float32", "bfloat16", "q8"])
+@pytest.mark.parametrize("value_dtype", ["float32", "bfloat16", "q8", "q8sqrt"])
 def test_topk_roundtrip_against_float64(encoding, value_dtype):
     logits = _logits(4)
     spec = TargetSpec("topk", V, REAL_V, k=7, value_dtype=value_dtype, id_encoding=encoding,
@@ -88,8 +113,12 @@ def test_topk_roundtrip_against_float64(encoding, value_dtype):
     in_top = np.zeros(ref.shape, bool)
     np.put_along_axis(in_top, ids, True, -1)
     ref_tail = np.log(np.where(in_top, 0.0, np.exp(ref)).sum(-1))
-    tol = {"float32": 1e-5, "bfloat16": 0.03, "q8": 0.03}[value_dtype]
-    np.testing.assert_allclose(out["teacher_topk_logprobs"], ref_vals, atol=tol)
+    if value_dtype == "q8sqrt":  # half a level in sqrt(p), plus the renormalisation
+        np.testing.assert_allclose(np.exp(out["teacher_topk_logprobs"] / 2),
+                                   np.exp(ref_vals / 2), atol=0.006)
+    else:
+        tol = {"float32": 1e-5, "bfloat16": 0.03, "q8": 0.03}[value_dtype]
+        np.testing.assert_allclose(out["teacher_topk_logprobs"], ref_vals, atol=tol)
     np.testing.assert_allclose(out["teacher_tail_logmass"], ref_tail,
                                atol=1e-5 if value_dtype == "float32" else 0.02)
     # whatever the rounding, the decoded k + 1 buckets form a distribution
@@ -242,6 +271,9 @@ def test_padded_ids_never_chosen_or_drawn():
     ({"vocab_size": 2**26, "tokenizer_vocab_size": 2**26}, "vocab_size"),
     ({"mode": "full", "k": None}, "temperature"),
     ({"mode": "full", "k": None, "temperature": None, "value_dtype": "q8"}, "value_dtype"),
+    ({"mode": "full", "k": None, "temperature": None, "value_dtype": "q8sqrt"}, "value_dtype"),
+    ({"value_dtype": "q8sqrt", "format_version": 3}, "value_dtype expected one of format "
+                                                      "version 3's"),
     ({"mode": "sampled", "k": None, "n_draws": 256}, "n_draws"),
     ({"mode": "sampled", "n_draws": 4}, "k"),
 ])

@@ -4,7 +4,7 @@ Every token keeps ``min_k`` ids; the sequence's other candidates are ranked by p
 the whole sequence (ties: the earlier position, then the earlier slot) and the first ``extra``
 of them are kept too (:func:`counts_with_extra`), so bytes go where the teacher is unsure.
 
-Format 3 picks ``extra`` on **stored** bytes, what a user reads off the disk: the largest
+Format 3 and later pick ``extra`` on **stored** bytes, what a user reads off the disk: the largest
 ``extra`` (found by bisection, about log2(L (k - min_k)) steps) whose encoded sequence, stored
 as the cache stores it (:func:`stored_sequence_bytes`: the ragged packing and each array's
 own codecs, as TensorStore writes them), takes at most ``B * L`` bytes. The measurement runs
@@ -74,7 +74,7 @@ def stored_sequence_bytes(encoded: dict[str, np.ndarray], spec: TargetSpec) -> i
 def stored_counts(cut: Callable[[jax.Array], dict[str, jax.Array]], logprobs: jax.Array,
                   spec: TargetSpec) -> jax.Array:
     """Ids kept per token ``[T]`` so that the sequence stores at most ``bytes_per_token * T``
-    bytes (format 3; the module docstring). cut: counts ``[T]`` -> the encoded arrays
+    bytes (format 3 and later; the module docstring). cut: counts ``[T]`` -> the encoded arrays
     ``{name: [T, ...]}``; logprobs: ``[T, k]`` descending per token. Traceable (jit, vmap)."""
     tokens, k = logprobs.shape
     limit = int(spec.bytes_per_token * tokens)

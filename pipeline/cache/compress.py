@@ -16,13 +16,22 @@ Codes, per token:
   and 2 store each gap as its bit length b_i (a byte, ``id_gap_lengths``) and its b_i - 1 bits
   below the leading one (``id_stream``), as DEFLATE codes distances: a bucket plus extra bits.
   Decoding is parallel either way (a cumulative sum).
-- topk values (log-probs, in the ids' order): float32, bfloat16, or ``q8``: q = round(-lp / s)
-  in [0, 255] with s = -min(lp) / 255 per token (stored as bf16). The tail log-mass
+- topk values (log-probs, in the ids' order): float32, bfloat16, ``q8``: q = round(-lp / s)
+  in [0, 255] with s = -min(lp) / 255 per token (stored as bf16), or ``q8sqrt`` (format 4's
+  default): one fixed code, no per-token scale, whose levels are uniform in sqrt(p) (level n:
+  sqrt(p) = 1 - n / 100) down to p = 4e-4, then 1 nat apart in log p
+  (:func:`quantize_sqrt_logprobs`). A rounding error d (|d| <= SQRT_STEP / 2) in sqrt(p) is
+  an error of about 2 d / sqrt(p) in log p, and the KL it adds, about p (log-p error)^2 / 2
+  after renormalisation, does not depend on p: at most SQRT_STEP^2 / 2 per id (SQRT_STEP^2 / 6
+  on average; the log steps below p = 4e-4 add at most as much). So rare ids, whose values
+  matter little, get coarse levels, which zstd codes in few bits (on the real teacher outputs
+  of ``bench_cache.py --real``, top-64 values take about 0.6 B each instead of q8's 0.96, and
+  the KL they add is a few percent of top-64's truncation KL). The tail log-mass
   log(sum_{v not in top k} p_v) is summed directly (so it is exactly -inf when k covers the
   vocab). Lossy values are renormalised at decode so that the k values and the tail sum to 1.
 - adaptive topk (``top_p`` / ``bytes_per_token``): the k candidates are cut to k_t per token
-  (:func:`kept_counts`; a format-3 budget: ``pipeline.cache.budget``); the cut ones join the
-  tail (summed directly), the unused slots hold zeros and ``id_count`` holds k_t
+  (:func:`kept_counts`; a budget of format 3 and later: ``pipeline.cache.budget``); the cut
+  ones join the tail (summed directly), the unused slots hold zeros and ``id_count`` holds k_t
   (pipeline/cache/ragged.py stores only the used slots).
 - sampled: n ids drawn i.i.d. from p by inverse CDF with a key per (seed, sequence, position),
   so a re-run draws the same ids; stored as sorted unique ids, counts (uint8, unused slots 0
@@ -44,8 +53,15 @@ from pipeline.cache.format import (PADDED_LOGIT, TargetSpec, array_layout, id_bi
                                    mantissa_bytes, raw_token_bytes)
 from pipeline.losses import restrict_to_vocab
 
-# q8 log-probs are clamped here so that the per-token scale stays finite (e^-100 ~ 0 in f32).
+# q8 log-probs are clamped here so that the per-token scale stays finite (e^-100 ~ 0 in f32);
+# q8sqrt's, so that every level fits in a byte.
 Q8_LOGPROB_FLOOR = -100.0
+# q8sqrt: levels 0..SQRT_LEVELS are sqrt(p) = 1 - n * SQRT_STEP (down to sqrt(p) = 0.02); the
+# levels after them step log p by what one sqrt step is there (1 nat), down to the floor.
+SQRT_STEP = 0.01
+SQRT_LEVELS = 98
+_SQRT_LAST_LOGPROB = 2 * np.log(1 - SQRT_LEVELS * SQRT_STEP)
+_LOG_STEP = 2 * SQRT_STEP / (1 - SQRT_LEVELS * SQRT_STEP)
 
 
 def scaled_logits(logits: jax.Array, spec: TargetSpec) -> jax.Array:
@@ -136,6 +152,23 @@ def dequantize_logprobs(q: jax.Array, scale: jax.Array) -> jax.Array:
     return -q.astype(jnp.float32) * scale.astype(jnp.float32)[:, None]
 
 
+def quantize_sqrt_logprobs(logprobs: jax.Array) -> jax.Array:
+    """[..., k] f32 log-probs (<= 0) -> [..., k] uint8 q8sqrt levels (module docstring): the
+    nearest level in sqrt(p) down to level SQRT_LEVELS, then the nearest log-p step."""
+    lp = jnp.maximum(logprobs, Q8_LOGPROB_FLOOR)
+    root_level = jnp.round(-jnp.expm1(lp / 2) / SQRT_STEP)
+    log_level = SQRT_LEVELS + jnp.maximum(1, jnp.round((_SQRT_LAST_LOGPROB - lp) / _LOG_STEP))
+    return jnp.where(root_level <= SQRT_LEVELS, root_level, log_level).astype(jnp.uint8)
+
+
+def dequantize_sqrt_logprobs(q: jax.Array) -> jax.Array:
+    """Inverse of :func:`quantize_sqrt_logprobs` up to rounding: -> [..., k] f32 log-probs."""
+    n = q.astype(jnp.float32)
+    root = 2 * jnp.log1p(-jnp.minimum(n, SQRT_LEVELS) * SQRT_STEP)
+    return jnp.where(n <= SQRT_LEVELS, root,
+                     _SQRT_LAST_LOGPROB - (n - SQRT_LEVELS) * _LOG_STEP)
+
+
 def _encode_topk(x: jax.Array, spec: TargetSpec) -> dict[str, jax.Array]:
     """[T, V] scaled logits -> stored arrays. One top-k and one fused pass over the vocab."""
     top, ids = jax.lax.top_k(x, spec.k)
@@ -182,6 +215,9 @@ def _cut_topk(ids: jax.Array, relative: jax.Array, tail_mass: jax.Array, log_tot
     if spec.value_dtype == "q8":
         out["values"], out["value_scale"] = quantize_logprobs(values)
         out["tail_logmass"] = tail.astype(jnp.bfloat16)
+    elif spec.value_dtype == "q8sqrt":
+        out["values"] = quantize_sqrt_logprobs(values)
+        out["tail_logmass"] = tail.astype(jnp.bfloat16)
     else:
         out["values"] = values.astype(spec.value_dtype)
         out["tail_logmass"] = tail.astype(spec.value_dtype)
@@ -199,7 +235,7 @@ def kept_counts(logprobs: jax.Array, spec: TargetSpec) -> jax.Array:
       :func:`~pipeline.cache.spec.raw_token_bytes`, the sequence keeps
       ``n = floor(T (B - c_t) / c_id)`` ids in all (:func:`budget.counts_with_extra`: ``min_k``
       per token, then the most probable remaining candidates of the sequence), so each
-      sequence's raw bytes per token are at most B. Format 3 measures stored bytes instead
+      sequence's raw bytes per token are at most B. Format 3 and later measure stored bytes instead
       (``pipeline.cache.budget.stored_counts``).
     """
     if spec.top_p is not None:
@@ -221,6 +257,8 @@ def _decode_topk(stored: dict[str, jax.Array], spec: TargetSpec) -> dict[str, ja
     tail = stored["tail_logmass"].astype(jnp.float32)
     if spec.value_dtype == "q8":
         values = dequantize_logprobs(stored["values"], stored["value_scale"])
+    elif spec.value_dtype == "q8sqrt":
+        values = dequantize_sqrt_logprobs(stored["values"])
     else:
         values = stored["values"].astype(jnp.float32)
     if spec.adaptive:

@@ -11,13 +11,16 @@ import numpy as np
 
 from pipeline.errors import CacheError
 
-# Version 3: the gap code's ids as plain gaps (:func:`gap_dtype`), token-major and
-# byte-shuffled; budgets on stored bytes. Version 2: adaptive top-k (ragged arrays). Version 1:
-# fixed top-k / sampled / full. Arrays of versions 1 and 2 read unchanged (:func:`array_layout`).
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+# Version 4: topk values default to q8sqrt (pipeline/cache/compress.py). Version 3: the gap
+# code's ids as plain gaps (:func:`gap_dtype`), token-major and byte-shuffled; budgets on
+# stored bytes. Version 2: adaptive top-k (ragged arrays). Version 1: fixed top-k / sampled /
+# full. Arrays of versions 1 to 3 read unchanged (:func:`array_layout`).
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 MODES = ("topk", "sampled", "full")
-VALUE_DTYPES = ("float32", "bfloat16", "q8")
+VALUE_DTYPES = ("float32", "bfloat16", "q8", "q8sqrt")
+# 8-bit codes of log-probs (topk only), and the first format version that has each
+QUANTIZED_VALUES = {"q8": 1, "q8sqrt": 4}
 ID_ENCODINGS = ("gap", "packed")
 # Finite on purpose: softmax gives these ids probability exactly 0, and p * log p stays 0
 # where -inf would make it nan in a dense loss.
@@ -43,13 +46,14 @@ class TargetSpec:
 
     mode: "topk" | "sampled" | "full". k: ids per token (topk). n_draws: draws per token
     (sampled). value_dtype: topk values / full logits as "float32" | "bfloat16" | "q8" (8-bit
-    log-probs with a per-token scale; topk only); default q8 (topk), float32 (full); None in
+    log-probs with a per-token scale; topk only) | "q8sqrt" (8-bit levels uniform in sqrt(p),
+    format 4; topk only); default q8sqrt (topk; q8 before format 4), float32 (full); None in
     sampled mode. id_encoding: "gap" (sorted ids, gaps; formats 1 and 2: gap
     lengths + extra bits) or "packed" (ceil(log2 V) bits each). temperature: T_cache (None in
     full mode). seed: key of the sampled draws, one stream per (sequence, position).
     Adaptive top-k (topk only; None otherwise): top_p keeps each token's most probable ids
     until their mass reaches top_p; bytes_per_token stores at most that many bytes per token
-    on average (format 3: stored bytes, measured; formats 1 and 2: raw bytes before
+    on average (format 3 and later: stored bytes, measured; formats 1 and 2: raw bytes before
     compression, :func:`raw_token_bytes`), on each sequence's most probable ids; either way
     between min_k and k ids per token.
     format_version: the cache format whose arrays these are (manifest.json keeps it beside
@@ -91,9 +95,15 @@ class TargetSpec:
             if self.value_dtype is not None:
                 bad("value_dtype", "None in sampled mode", self.value_dtype)
         elif self.value_dtype is None:
-            object.__setattr__(self, "value_dtype", "q8" if self.mode == "topk" else "float32")
+            object.__setattr__(self, "value_dtype", "float32" if self.mode != "topk" else
+                               "q8sqrt" if self.format_version >= 4 else "q8")
         elif self.value_dtype not in VALUE_DTYPES:
             bad("value_dtype", f"one of {VALUE_DTYPES}", self.value_dtype)
+        elif QUANTIZED_VALUES.get(self.value_dtype, 1) > self.format_version:
+            known = tuple(v for v in VALUE_DTYPES
+                          if QUANTIZED_VALUES.get(v, 1) <= self.format_version)
+            bad("value_dtype", f"one of format version {self.format_version}'s {known}",
+                self.value_dtype)
         if self.id_encoding not in ID_ENCODINGS:
             bad("id_encoding", f"one of {ID_ENCODINGS}", self.id_encoding)
         if self.mode == "topk":
@@ -111,7 +121,7 @@ class TargetSpec:
             if self.temperature is not None:
                 bad("temperature", "None in full mode (logits serve any temperature)",
                     self.temperature)
-            if self.value_dtype == "q8":
+            if self.value_dtype in QUANTIZED_VALUES:
                 bad("value_dtype", "float32 or bfloat16 in full mode", self.value_dtype)
         elif not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
             bad("temperature", "a number > 0", self.temperature)
@@ -147,7 +157,7 @@ class TargetSpec:
 
     @property
     def stored_budget(self) -> bool:
-        """Whether bytes_per_token bounds stored bytes (format 3) rather than raw ones."""
+        """Whether bytes_per_token bounds stored bytes (format >= 3) rather than raw ones."""
         return self.bytes_per_token is not None and self.format_version >= 3
 
     @property
@@ -228,9 +238,10 @@ def array_layout(spec: TargetSpec) -> tuple[ArrayLayout, ...]:
     if spec.mode == "sampled":
         return (*ids, ArrayLayout("counts", "uint8", (m,), "zstd_transposed"),
                 ArrayLayout("entropy", "float32", (), "zstd"))
-    if spec.value_dtype == "q8":
-        values = [ArrayLayout("values", "uint8", (m,), "zstd_transposed"),
-                  ArrayLayout("value_scale", "bfloat16", (), "zstd")]
+    if spec.value_dtype in QUANTIZED_VALUES:
+        values = [ArrayLayout("values", "uint8", (m,), "zstd_transposed")]
+        if spec.value_dtype == "q8":
+            values.append(ArrayLayout("value_scale", "bfloat16", (), "zstd"))
         tail_dtype = "bfloat16"
     else:
         values = [ArrayLayout("values", spec.value_dtype, (m,), "zstd_transposed")]

@@ -85,9 +85,11 @@ class CacheConfig(Section):
         "are kept even past it. null: no budget.", gt=0.0)
     min_k: int = field(1, "Fewest ids a token keeps under top_p or bytes_per_token.", gt=0)
     n_draws: int = field(64, "Draws per token (mode sampled).", gt=0, le=255)
-    value_dtype: Literal["q8", "bfloat16", "float32"] | None = field(
-        None, "Stored values: q8 (8-bit log-probs with a per-token scale; topk only), bfloat16 or "
-        "float32. null: q8 for topk, float32 for full; must stay null for sampled.")
+    value_dtype: Literal["q8sqrt", "q8", "bfloat16", "float32"] | None = field(
+        None, "Stored values: q8sqrt (8-bit levels uniform in sqrt(p), then 1-nat log steps "
+        "below p = 4e-4; topk only), q8 (8-bit log-probs with a per-token scale; topk only), "
+        "bfloat16 or float32. null: q8sqrt for topk, float32 for full; must stay null for "
+        "sampled.")
     id_encoding: Literal["gap", "packed"] = field("gap", "Token ids as sorted gaps (smaller) or "
                                                   "fixed-width packed bits.")
     temperature: float | None = field(None, "T_cache: the teacher temperature the topk/sampled "
@@ -105,9 +107,9 @@ class CacheConfig(Section):
         if self.mode == "sampled" and self.value_dtype is not None:
             raise ConfigError(f"cache.value_dtype: must be null in mode sampled (it stores counts), "
                               f"got {self.value_dtype!r}")
-        if self.mode == "full" and self.value_dtype == "q8":
-            raise ConfigError("cache.value_dtype: q8 is for mode topk; use bfloat16 or float32 "
-                              "in mode full")
+        if self.mode == "full" and self.value_dtype in ("q8", "q8sqrt"):
+            raise ConfigError(f"cache.value_dtype: {self.value_dtype} is for mode topk; use "
+                              f"bfloat16 or float32 in mode full")
         if self.top_p is not None and self.bytes_per_token is not None:
             raise ConfigError(f"cache.top_p ({self.top_p}) and cache.bytes_per_token "
                               f"({self.bytes_per_token}): set one of them (each picks how many "
