@@ -40,6 +40,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(4 << 30)
 if os.environ.get(SESSION_CACHE) == os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     jax.config.update("jax_compilation_cache_dir", None)
+# The processes the tests start (host actors, `kdpipe` subprocesses) import the project from
+# this checkout and session_site/sitecustomize.py at start-up, which lets every process of a
+# multi-host JAX program use that cache (rank 0 alone does, as jax ships).
+_SITE = [str(ROOT), str(ROOT / "tests" / "session_site")]
+if not os.environ.get("PYTHONPATH", "").startswith(os.pathsep.join(_SITE)):
+    os.environ["PYTHONPATH"] = os.pathsep.join(_SITE + [p for p in [os.environ.get("PYTHONPATH")] if p])
 
 
 def pytest_configure(config):
@@ -69,8 +75,7 @@ def demo_dir(tmp_path_factory):
     every test of the session: read it, or copy it before changing anything."""
     work = tmp_path_factory.mktemp("demo")
     proc = subprocess.run([sys.executable, "-m", "actors.cli", "demo", "--config", str(TINY)],
-                          cwd=work, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          cwd=work, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (work / DEMO_OUTPUT).write_text(proc.stdout)
     return work

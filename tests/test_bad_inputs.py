@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, TINY
+from conftest import TINY
 
 
 # A log record of Ray itself ("2026-01-01 09:00:00,123\tINFO worker.py:2029 -- ...").
@@ -924,8 +924,7 @@ def test_a_real_process_exits_2_without_traceback(workspace, tmp_path):
     try:
         expect = CASES["checkpoint/corrupt state"](ws)
         proc = subprocess.run([sys.executable, "-m", "actors.cli", *map(str, expect.args)],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
     finally:
         ws.restore()
     assert tree_digest(root) == pristine

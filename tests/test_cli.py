@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEMO_OUTPUT, ROOT, TINY
+from conftest import DEMO_OUTPUT, TINY
 from pipeline.metrics import read_metrics
 
 # The demo's rows and the run directory each row's figures come from.
@@ -103,8 +103,7 @@ def test_train_survives_sigkill_and_sigterm_with_the_same_result(demo_dir, tmp_p
     (same config, data, cache and teacher)."""
     run_dir = tmp_path / "resumed"
     args = [sys.executable, "-m", "actors.cli", "train", *map(str, _distill_config(demo_dir, run_dir))]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    popen = lambda: subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+    popen = lambda: subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT)
     proc = popen()
     _wait_for(run_dir / "checkpoints" / "4" / "commit_success.txt", proc)
@@ -128,7 +127,7 @@ def test_train_survives_sigkill_and_sigterm_with_the_same_result(demo_dir, tmp_p
     saved = [int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()]
     assert max(saved) >= 5
 
-    done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     resumed = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     reference = [json.loads(l) for l in

@@ -120,7 +120,9 @@ def readme_run(tmp_path_factory, demo_dir):
     script = _as_run_here(readme_block("On one machine"), work=work, config=config,
                           demo_outputs=demo_dir / "runs" / "tiny-test",
                           ray_start_options=options, address=address)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    # no PYTHONPATH either (conftest.py's, for the processes other tests start): the job
+    # imports the project it uploaded
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "PYTHONPATH"}
     path = [p for p in env.get("PATH", "").split(os.pathsep) if Path(p) != VENV_BIN]
     env.update(HOME=str(work / "home"), PATH=os.pathsep.join(path))
     proc = subprocess.Popen(["bash", "-e", "-o", "pipefail", "-c", script], cwd=REPO, env=env,

@@ -4,11 +4,11 @@ One tiny dataset, teacher and (top-k) cache per module; every run is the same 20
 distillation (checkpoints at 10 and 20) with ``logging.example_ids`` on, in its own run
 directory, compared with the uninterrupted run:
 
-- a student host SIGKILLed after step 12: the group is re-formed (2 hosts), restores the step-10
-  checkpoint, and ends with parameters equal to the uninterrupted run's, every example trained
-  on exactly once;
-- a preemption notice (SIGTERM) to a student host: all hosts save a checkpoint at the same step
-  and stop, the group is re-formed and ends the same way;
+- a student host SIGKILLed after step 12, then, in the same run, a preemption notice (SIGTERM)
+  to a student host of the re-formed group after step 15: the group is re-formed (2 hosts) and
+  restores the step-10 checkpoint; then all hosts save a checkpoint at the same step and stop,
+  and the group is re-formed again from it; the run ends with parameters equal to the
+  uninterrupted run's, every example trained on exactly once;
 - restarts past ``cluster.max_failures``: a clear error;
 - the driver process itself SIGKILLed while the teacher still writes the eval cache: the same
   command again writes only the missing shards and resumes training from the checkpoint;
@@ -49,7 +49,6 @@ from tiny_run import (TINY, assert_same_curves, checked_example_logs, config_of,
 # importable in Ray's worker processes.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-ROOT = Path(__file__).resolve().parent.parent
 STEPS = 20
 BATCH = 4
 
@@ -73,17 +72,23 @@ def uninterrupted(tiny):
     return config, quiet_run(config)
 
 
-def signalled_student(host, config, plan, *, signum: int, at_step: int, rank: int, marker: str):
-    """``train_student``, but host ``rank`` sends its own process ``signum`` right after step
-    ``at_step``, once per ``marker`` file (the re-formed group's host carries on). After a
-    SIGTERM it waits until the host's handler has seen it, so the stop is voted at that step."""
-    if host.rank == rank and not Path(marker).exists():
+def signalled_student(host, config, plan, *, signals: tuple[tuple[int, int], ...], rank: int,
+                      markers: str):
+    """``train_student``, but host ``rank`` sends its own process each ``(signum, at_step)`` of
+    ``signals`` in turn, right after step ``at_step``, each once in the run (a marker file per
+    signal under ``markers``: the re-formed group's host carries on). After a SIGTERM it waits
+    until the host's handler has seen it, so the stop is voted at that step."""
+    if host.rank == rank:
         report = host.report
 
         def report_then_signal(**values):
             report(**values)
+            sent = [Path(markers, str(i)).exists() for i in range(len(signals))]
+            if all(sent):
+                return
+            signum, at_step = signals[sent.index(False)]
             if values.get("step") == at_step:
-                Path(marker).write_text(str(os.getpid()))
+                Path(markers, str(sent.index(False))).write_text(str(os.getpid()))
                 os.kill(os.getpid(), signum)
                 deadline = time.monotonic() + 30
                 while not host.stop_requested() and time.monotonic() < deadline:
@@ -127,38 +132,33 @@ def test_uninterrupted_run_logs_each_example_once(uninterrupted):
     assert_each_example_once(config)
 
 
-def test_student_host_killed_is_reformed_and_ends_as_if_uninterrupted(tiny, uninterrupted, tmp_path):
+def test_student_host_killed_then_preempted_is_reformed_and_ends_as_if_uninterrupted(
+        tiny, uninterrupted, tmp_path):
+    """One run, both re-formations (one run rather than two: each costs CI a group's start-up
+    and 20 steps). ``cluster.max_failures=1``: the kill spends the whole failure budget, so the
+    run goes on after the notice only because a notice counts as a preemption, not a failure."""
     reference, _ = uninterrupted
-    config = config_of(tiny, "killed")
+    config = config_of(tiny, "killed-preempted", "cluster.max_failures=1")
     outcome = quiet_run(config, student=functools.partial(
-        signalled_student, signum=signal.SIGKILL, at_step=12, rank=1, marker=str(tmp_path / "k")))
+        signalled_student, signals=((signal.SIGKILL, 12), (signal.SIGTERM, 15)), rank=1,
+        markers=str(tmp_path)))
     assert outcome.result.step == STEPS and outcome.teacher_hosts == 0  # the cache was complete
-    (restart,) = outcome.student_restarts
-    assert (restart.reason, restart.hosts_before, restart.hosts_after) == ("failure", 2, 2)
-    assert restart.resumed_step == 10
-    assert "rank 1: ActorDiedError" in restart.detail or "rank 1: RayActorError" in restart.detail
-    assert not [line for line in restart.detail.splitlines() if line.startswith("    ")]
-    assert restart.recover_s is not None and restart.recover_s > 0
-    print(f"\nrecovered from a SIGKILLed student host in {restart.recover_s:.1f} s")
+    killed, preempted = outcome.student_restarts
+    assert (killed.reason, killed.hosts_before, killed.hosts_after) == ("failure", 2, 2)
+    assert killed.resumed_step == 10
+    assert "rank 1: ActorDiedError" in killed.detail or "rank 1: RayActorError" in killed.detail
+    assert not [line for line in killed.detail.splitlines() if line.startswith("    ")]
+    assert killed.recover_s is not None and killed.recover_s > 0
+    assert (preempted.reason, preempted.hosts_before, preempted.hosts_after) == ("preemption", 2, 2)
+    assert "preemption notice (SIGTERM) to rank(s) [1]" in preempted.detail
+    # the notice came after step 15; two hosts read their votes one step later
+    assert preempted.resumed_step == 16
+    print(f"\nrecovered from a SIGKILLed student host in {killed.recover_s:.1f} s")
     assert_same_params(config.run_dir, reference.run_dir)
     assert_same_metrics(config.run_dir, reference.run_dir)
     records = assert_each_example_once(config)
     # the killed host had logged steps past the checkpoint; they were dropped and redone
     assert max(r["step"] for r in records if r["file"] == "host-1-of-2.jsonl") == STEPS
-
-
-def test_preemption_notice_checkpoints_all_hosts_and_the_run_resumes(tiny, uninterrupted, tmp_path):
-    reference, _ = uninterrupted
-    config = config_of(tiny, "preempted", "cluster.max_failures=0")
-    outcome = quiet_run(config, student=functools.partial(
-        signalled_student, signum=signal.SIGTERM, at_step=12, rank=1, marker=str(tmp_path / "t")))
-    (restart,) = outcome.student_restarts
-    assert (restart.reason, restart.hosts_before, restart.hosts_after) == ("preemption", 2, 2)
-    assert "preemption notice (SIGTERM) to rank(s) [1]" in restart.detail
-    # the notice came after step 12; two hosts read their votes one step later
-    assert restart.resumed_step == 13
-    assert_same_params(config.run_dir, reference.run_dir)
-    assert_each_example_once(config)
 
 
 def teacher_killing_student(host, config, plan, *, at_step: int, marker: str):
@@ -200,7 +200,7 @@ def test_student_restarts_past_the_budget_end_the_run(tiny, uninterrupted, tmp_p
     with pytest.raises(HostLossesError, match=r"student group: 1 restart\(s\) after failures, more "
                        r"than cluster.max_failures=0 allows; the last:\nstudent group: run failed"):
         quiet_run(config, student=functools.partial(
-            signalled_student, signum=signal.SIGKILL, at_step=3, rank=0, marker=str(tmp_path / "k")))
+            signalled_student, signals=((signal.SIGKILL, 3),), rank=0, markers=str(tmp_path)))
 
 
 def test_kdpipe_run_stopped_by_sigterm_checkpoints_then_resumes(tiny, uninterrupted, tmp_path):
@@ -208,7 +208,6 @@ def test_kdpipe_run_stopped_by_sigterm_checkpoints_then_resumes(tiny, uninterrup
     work, overrides = tiny
     config = config_of(tiny, "driver-sigterm")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PYTHONPATH"] = str(ROOT)
     sets = [arg for override in [*overrides, f"run_dir={config.run_dir}"]
             for arg in ("--set", override)]
     driver = subprocess.Popen([sys.executable, "-m", "actors.cli", "run", str(TINY), *sets],
@@ -279,7 +278,6 @@ def test_driver_killed_then_rerun_resumes_the_fill_and_the_training(tiny, uninte
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PYTHONPATH"] = str(ROOT)
     driver = subprocess.Popen([sys.executable, str(script), str(TINY), *overrides, *more],
                               cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
