@@ -645,11 +645,14 @@ def _(ws):
 
 @case("cache/newer format version")
 def _(ws):
+    from pipeline.cache.spec import READABLE_VERSIONS
+
     manifest = _train_cache(ws) / "manifest.json"
     ws.edit_json(manifest, lambda m: m.update(format_version=99))
+    readable = ", ".join(map(str, READABLE_VERSIONS))
     return Expect(["train", *ws.config()],
                   (f"cache {_train_cache(ws)}: cache manifest: format_version 99 is not one this "
-                   f"kdpipe reads (1, 2, 3); a newer cache needs a newer kdpipe",),
+                   f"kdpipe reads ({readable}); a newer cache needs a newer kdpipe",),
                   then=_absent(ws.scratch / "run"))
 
 
