@@ -8,10 +8,11 @@ and on CPU the key hashes a topology fingerprint that differs from process to pr
 (jax/_src/cache_key.py, ``_hash_accelerator_config``). So the student host of rank 1 of each
 of the dozens of 2-host groups that the integration tests form compiled every step and every
 initialiser again, and rank 0 waited for it at their first collective. Here each process
-writes what it compiles, and the key hashes the devices' kinds instead of the fingerprint
-(that function's own fallback, ``_hash_devices``); the devices a program runs on stay in the
-key through its compile options. A process that never imports jax is untouched, and so is any
-other jax version: its tests run as before, compiling more.
+writes what it compiles, and the key hashes, instead of the fingerprint, each device of the
+program with the process that holds it: the same in every process of the program, and
+different for one process holding the same devices (--xla_force_host_platform_device_count).
+A process that never imports jax is untouched, and so is any other jax version: its tests run
+as before, compiling more.
 """
 
 import importlib.abc
@@ -36,7 +37,11 @@ def _share_between_processes(compiler) -> None:
         compilation_cache.put_executable_and_time(key, module_name, executable, backend,
                                                   int(compile_time_secs))
 
-    cache_key._hash_accelerator_config = cache_key._hash_devices
+    def devices_and_their_processes(hash_obj, devices):
+        for device in devices.flat:
+            hash_obj.update(f"{device.id}/{device.process_index}/{device.device_kind};".encode())
+
+    cache_key._hash_accelerator_config = devices_and_their_processes
     compiler._cache_write = write_from_every_process
 
 
