@@ -200,6 +200,18 @@ def jitted_dense(divergence, use_hard, with_mask, with_labels, beta=0.5):
     return jax.jit(f)
 
 
+@functools.lru_cache(maxsize=None)
+def jitted_value_and_grad(loss_fn, divergence="forward_kl", use_hard=False, beta=0.5, valid=None):
+    """``f(s, teacher, attention, labels, temperature, alpha) -> ((loss, metrics), d loss / d s)``
+    of ``loss_fn`` (distillation_loss, teacher logits; or targets_distillation_loss, targets),
+    jitted once per options: taken eagerly, a gradient compiles each primitive apart, several
+    times the work of one program."""
+    def f(s, teacher, attention, labels, temperature, alpha):
+        return loss_fn(s, teacher, attention, labels, use_hard, temperature, alpha,
+                       divergence=divergence, beta=beta, valid_vocab_size=valid)
+    return jax.jit(jax.value_and_grad(f, has_aux=True))
+
+
 def check_metrics(got, want, rtol=2e-5, atol=2e-6):
     got_loss, got_metrics = got
     want_loss, want_metrics = want
@@ -236,8 +248,8 @@ def test_dense_matches_reference(shape, divergence, use_hard, with_mask, with_la
 def test_dense_gradient_matches_numeric_reference(divergence, beta):
     s, t, attention, labels = make_inputs(7, (2, 3, 9))
     temperature, alpha = 2.0, 0.7
-    grad = jax.grad(lambda x: losses.distillation_loss(
-        x, t, attention, labels, True, temperature, alpha, divergence=divergence, beta=beta)[0])(s)
+    _, grad = jitted_value_and_grad(losses.distillation_loss, divergence, True, beta)(
+        s, t, attention, labels, temperature, alpha)
     want = numeric_grad(lambda x: ref_dense(x, t, attention, labels, True, temperature, alpha,
                                             divergence, beta)[0], s)
     np.testing.assert_allclose(np.asarray(grad), want, rtol=1e-3, atol=1e-6)
@@ -337,18 +349,12 @@ def test_topk_with_k_equal_vocab_equals_dense(divergence):
     s, t, attention, labels = make_inputs(21, (2, 5, 12))
     exact = topk_targets(t, 12, 2.0)
 
-    def sparse(x, targets):
-        return losses.targets_distillation_loss(x, targets, attention, labels, True, 2.0, 0.8,
-                                                divergence=divergence)
-
-    def dense(x):
-        return losses.distillation_loss(x, t, attention, labels, True, 2.0, 0.8,
-                                        divergence=divergence)
-
-    (want, want_m), want_grad = jax.value_and_grad(dense, has_aux=True)(s)
+    dense = jitted_value_and_grad(losses.distillation_loss, divergence, True)
+    sparse = jitted_value_and_grad(losses.targets_distillation_loss, divergence, True)
+    (want, want_m), want_grad = dense(s, t, attention, labels, 2.0, 0.8)
     residue = exact._replace(tail_logmass=jnp.full_like(exact.tail_logmass, np.log(1e-7)))
     for targets in (exact, residue):
-        (got, got_m), got_grad = jax.value_and_grad(sparse, has_aux=True)(s, targets)
+        (got, got_m), got_grad = sparse(s, targets, attention, labels, 2.0, 0.8)
         np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
         for key in ("kl_loss", "ce_loss", "teacher_entropy", "top1_agreement"):
             np.testing.assert_allclose(float(got_m[key]), float(want_m[key]), rtol=1e-5,
@@ -367,13 +373,9 @@ def test_topk_tail_matches_reference(divergence, k):
             ref_topk, ids=np.asarray(targets.ids), logprobs=np.asarray(targets.logprobs),
             tail=np.asarray(targets.tail_logmass), attention_mask=attention, labels=labels,
             use_hard=True, temperature=temperature, alpha=0.6, divergence=divergence, beta=0.3)
-
-        def loss(x):
-            return losses.targets_distillation_loss(x, targets, attention, labels, True,
-                                                    temperature, 0.6, divergence=divergence,
-                                                    beta=0.3)
-
-        (value, metrics), grad = jax.value_and_grad(loss, has_aux=True)(s)
+        (value, metrics), grad = jitted_value_and_grad(
+            losses.targets_distillation_loss, divergence, True, 0.3)(
+                s, targets, attention, labels, temperature, 0.6)
         check_metrics((value, metrics), reference(s), rtol=1e-4)
         want = numeric_grad(lambda x: reference(x)[0], s)
         np.testing.assert_allclose(np.asarray(grad), want, rtol=2e-3, atol=1e-6,
@@ -414,14 +416,20 @@ def confident_student_case(dtype=jnp.float32, vocab=1000, seed=0):
     return student, targets, np.asarray(student.astype(jnp.float32), np.float64)
 
 
-def topk_divergence_and_grad(student, targets, temperature, divergence, beta=0.5):
-    """Per-token top-k divergence and its gradient w.r.t. each token's logits (jitted)."""
-    def total(x, temperature):
+@functools.lru_cache(maxsize=None)
+def _jitted_topk_divergence_and_grad(divergence, beta):
+    def total(x, targets, temperature):
         div = losses.token_losses(x, targets, temperature=temperature, divergence=divergence,
                                   beta=beta).divergence
         return jnp.sum(div), div
+    return jax.jit(jax.value_and_grad(total, has_aux=True))
 
-    (_, div), grad = jax.jit(jax.value_and_grad(total, has_aux=True))(student, temperature)
+
+def topk_divergence_and_grad(student, targets, temperature, divergence, beta=0.5):
+    """Per-token top-k divergence and its gradient w.r.t. each token's logits (jitted once
+    per divergence and beta, whatever the temperature)."""
+    (_, div), grad = _jitted_topk_divergence_and_grad(divergence, beta)(student, targets,
+                                                                        temperature)
     return np.asarray(div), np.asarray(grad.astype(jnp.float32), np.float64)
 
 
@@ -529,8 +537,8 @@ def test_sampled_is_unbiased_for_loss_and_gradient():
 
     values, grads = jax.jit(jax.vmap(jax.value_and_grad(sampled), (None, 0, 0, 0)))(
         s, ids, counts, entropy)
-    dense, dense_grad = jax.value_and_grad(lambda x: losses.distillation_loss(
-        x, t, attention, labels, False, temperature, 1.0)[0])(s)
+    (dense, _), dense_grad = jitted_value_and_grad(losses.distillation_loss)(
+        s, t, attention, labels, temperature, 1.0)
     stderr = np.std(values) / np.sqrt(n_rounds)
     assert abs(np.mean(values) - float(dense)) < 4 * stderr + 1e-6
     grad_stderr = np.std(grads, axis=0) / np.sqrt(n_rounds)
@@ -601,14 +609,10 @@ def test_padded_vocab_dense_matches_reference_over_real_ids(divergence):
     top-1 agreement are those over the real ids; the CE is over the full logits."""
     s, t, full_mode, attention, labels = padded_case(60 + losses.DIVERGENCES.index(divergence))
     minus_inf = np.where(np.arange(PADDED_V) < REAL_V, t, -np.inf).astype(np.float32)
+    loss = jitted_value_and_grad(losses.distillation_loss, divergence, True, 0.3, REAL_V)
     for teacher in (full_mode, minus_inf):
-        def loss(x, temperature):
-            return losses.distillation_loss(x, teacher, attention, labels, True, temperature,
-                                            0.7, divergence=divergence, beta=0.3,
-                                            valid_vocab_size=REAL_V)
-
         for temperature in (1.0, 2.0):
-            (value, metrics), grad = jax.value_and_grad(loss, has_aux=True)(s, temperature)
+            (value, metrics), grad = loss(s, teacher, attention, labels, temperature, 0.7)
             reference = functools.partial(ref_dense, t=t, attention_mask=attention,
                                           labels=labels, use_hard=True, temperature=temperature,
                                           alpha=0.7, divergence=divergence, beta=0.3,
@@ -623,8 +627,8 @@ def test_minus_inf_teacher_logits_count_zero_without_valid_vocab_size():
     s, t, attention, labels = make_inputs(64, (2, 3, 10))
     t[..., 7:] = -np.inf
     for divergence in ("forward_kl", "jsd"):
-        (value, metrics), grad = jax.value_and_grad(lambda x: losses.distillation_loss(
-            x, t, attention, labels, True, 2.0, 0.7, divergence=divergence), has_aux=True)(s)
+        (value, metrics), grad = jitted_value_and_grad(
+            losses.distillation_loss, divergence, True)(s, t, attention, labels, 2.0, 0.7)
         check_metrics((value, metrics), ref_dense(s, t, attention, labels, True, 2.0, 0.7,
                                                   divergence), rtol=1e-5)
         assert np.all(np.isfinite(np.asarray(grad))), divergence
@@ -641,13 +645,12 @@ def test_nan_inputs_give_a_nan_loss_and_gradient():
     poisoned = [DenseTargets(bad_t), good._replace(logprobs=good.logprobs.at[0, 0, 1].set(np.nan)),
                 good._replace(tail_logmass=good.tail_logmass.at[0, 0].set(np.nan))]
     for divergence in losses.DIVERGENCES:
+        loss = jitted_value_and_grad(losses.targets_distillation_loss, divergence)
         for targets in poisoned:
-            value, grad = jax.value_and_grad(lambda x: losses.targets_distillation_loss(
-                x, targets, temperature=1.0, divergence=divergence)[0])(s)
+            (value, _), grad = loss(s, targets, None, None, 1.0, 0.9)
             assert np.isnan(float(value)), (divergence, type(targets).__name__)
         for targets in (DenseTargets(t), good):
-            grad = jax.grad(lambda x: losses.targets_distillation_loss(
-                x, targets, temperature=1.0, divergence=divergence)[0])(bad_s)
+            _, grad = loss(bad_s, targets, None, None, 1.0, 0.9)
             assert np.any(np.isnan(np.asarray(grad))), (divergence, type(targets).__name__)
 
 
@@ -675,12 +678,8 @@ def test_padded_vocab_sparse_targets_match_reference_over_real_ids(divergence):
     topk, sampled = padded_sparse_targets(t, temperature)
     ids, logprobs, tail = (np.asarray(x) for x in topk)
 
-    def loss(x, targets):
-        return losses.targets_distillation_loss(x, targets, attention, labels, True, temperature,
-                                                0.7, divergence=divergence, beta=0.3,
-                                                valid_vocab_size=REAL_V)
-
-    (value, metrics), grad = jax.value_and_grad(loss, has_aux=True)(s, topk)
+    loss = jitted_value_and_grad(losses.targets_distillation_loss, divergence, True, 0.3, REAL_V)
+    (value, metrics), grad = loss(s, topk, attention, labels, temperature, 0.7)
     reference = functools.partial(ref_topk, ids=ids, logprobs=logprobs, tail=tail,
                                   attention_mask=attention, labels=labels, use_hard=True,
                                   temperature=temperature, alpha=0.7, divergence=divergence,
@@ -690,7 +689,7 @@ def test_padded_vocab_sparse_targets_match_reference_over_real_ids(divergence):
     np.testing.assert_allclose(np.asarray(grad), want, rtol=1e-3, atol=1e-6)
     if divergence != "forward_kl":
         return
-    value = loss(s, sampled)[0]
+    (value, _), _ = loss(s, sampled, attention, labels, temperature, 0.7)
     log_q = ref_log_softmax(np.asarray(s, np.float64) / temperature, REAL_V)
     counts = np.asarray(sampled.counts, np.float64)
     div = (-(counts * np.take_along_axis(log_q, ids, -1)).sum(-1) / counts.sum(-1)

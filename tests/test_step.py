@@ -69,6 +69,13 @@ def live_batch() -> dict[str, np.ndarray]:
     return make_batch(1, lengths=(1, 6, 2, 6, 1, 6, 3, 5), left_padded_rows=(2, 7))
 
 
+@jax.jit
+def model_logits(state: TrainState, batch) -> jax.Array:
+    """The logits [batch, seq, vocab] of ``state``'s model on ``batch``, jitted (run eagerly, a
+    forward compiles each primitive apart)."""
+    return state.model()(batch["input_ids"], batch["attention_mask"]).logits
+
+
 def fresh(state: TrainState) -> TrainState:
     """A copy, since the jitted step donates (deletes) the state it is given."""
     return jax.tree.map(lambda x: x.copy(), state)
@@ -236,7 +243,7 @@ def test_padded_head_live_and_cached_teachers_give_the_same_step(teacher, diverg
     batch = make_batch(3)
     batch["input_ids"] %= real
     batch["labels"] = np.where(batch["labels"] == -100, -100, batch["labels"] % real)
-    logits = teacher.model()(batch["input_ids"], batch["attention_mask"]).logits
+    logits = model_logits(teacher, batch)
     spec = TargetSpec(mode="full", vocab_size=VOCAB, tokenizer_vocab_size=real,
                       value_dtype="float32", temperature=None)
     cached = compress.decode(compress.encode(logits, np.arange(len(logits)), spec), spec)
@@ -249,7 +256,7 @@ def test_padded_head_live_and_cached_teachers_give_the_same_step(teacher, diverg
     assert_metrics_close(from_cache, live, rtol=1e-5, atol=1e-6)
     assert_trees_close(cached_state.params, live_state.params, atol=1e-6)
 
-    student = np.asarray(state.model()(batch["input_ids"], batch["attention_mask"]).logits)
+    student = np.asarray(model_logits(state, batch))
     t = options["temperature"]
     div = ref_divergence(ref_log_softmax(student[..., :real].astype(np.float64) / t),
                          ref_log_softmax(np.asarray(logits, np.float64)[..., :real] / t),
@@ -549,9 +556,9 @@ def test_hard_labels_only_step_needs_no_teacher_and_matches_plain_cross_entropy(
         picked = jnp.take_along_axis(logp, jnp.maximum(batch["labels"], 0)[..., None], -1)[..., 0]
         return -jnp.sum(jnp.where(mask, picked, 0.0)) / mask.sum()
 
-    with jax.enable_x64(True):
+    with jax.enable_x64(True):  # jitted: a model's gradient taken eagerly compiles every primitive
         params64 = jax.tree.map(lambda p: np.asarray(p, np.float64), state.params)
-        ce, grads = jax.value_and_grad(reference_ce)(params64)
+        ce, grads = jax.jit(jax.value_and_grad(reference_ce))(params64)
         expected = jax.tree.map(lambda p, g: p - 0.1 * np.asarray(g), params64, grads)
     new_state, metrics = jit_distillation_step(fresh(state), batch, None, alpha=0.0,
                                                loss_config=DistillLossConfig(use_hard_labels=True))
