@@ -31,6 +31,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+# Imported here, not first inside a case: Ray sets its log handler on the sys.stderr of the
+# moment it is first imported, and a case's is closed once that case ends (a later case's
+# embedded Ray then prints "--- Logging error ---" and a traceback into its stderr).
+import ray  # noqa: F401
 
 from conftest import TINY
 
