@@ -247,7 +247,8 @@ def test_corrupt_metadata_is_refused_at_open(saved):
 
 _RESHARD = textwrap.dedent("""
     import os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=" + sys.argv[2]
+    os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""),
+                                        "--xla_force_host_platform_device_count=" + sys.argv[2]]).strip()
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P

@@ -210,7 +210,8 @@ def test_two_processes_load_and_save(tmp_path):
 
 def test_two_device_mesh_loads_sharded_and_matches_transformers():
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+           "XLA_FLAGS": " ".join([os.environ.get("XLA_FLAGS", ""),
+                                       "--xla_force_host_platform_device_count=2"]).strip()}
     proc = subprocess.run([sys.executable, "-c", _TWO_DEVICES, str(FIXTURES), *NAMES],
                           env=env, capture_output=True, text=True, timeout=600,
                           cwd=Path(__file__).parents[1])

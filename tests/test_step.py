@@ -456,7 +456,8 @@ _TWO_DEVICE_SCRIPT = textwrap.dedent(r"""
 
 
 def test_data_parallel_step_on_two_cpu_devices_matches_one_device():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    env = {**os.environ, "XLA_FLAGS": " ".join([os.environ.get("XLA_FLAGS", ""),
+                                      "--xla_force_host_platform_device_count=2"]).strip(),
            "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": os.pathsep.join([str(TESTS_DIR.parent), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", _TWO_DEVICE_SCRIPT, str(TESTS_DIR)], env=env,
