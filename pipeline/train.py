@@ -179,9 +179,9 @@ def _sample_divergence(config: RunConfig, state: TrainState, local: Mapping, rol
     """``rollout_reverse_kl``: the mean KL(student || teacher) per generated token of this
     step's rollouts at temperature 1 (the models' own distributions, whatever
     ``loss.temperature`` and the rollouts' sampling temperature), under the parameters before
-    the step. None from
-    sampled targets (their estimator serves the forward KL alone), nor from a scorer's targets
-    taken at a ``loss.temperature`` other than 1 (they hold the teacher at that temperature)."""
+    the step. None from sampled targets (their estimator serves the forward KL alone), nor from
+    a scorer's targets taken at a ``loss.temperature`` other than 1 (they hold the teacher at
+    that temperature)."""
     if "teacher_sample_ids" in local or (teacher is None and config.loss.temperature != 1):
         return {}
     loss = dataclasses.replace(config.loss, divergence="reverse_kl", alpha=1.0, temperature=1.0,
