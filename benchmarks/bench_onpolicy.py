@@ -287,11 +287,12 @@ def held_out_sequences(config) -> list[tuple[list[int], list[int]]]:
     completion the labelled tokens after it (through eos), as ``reverse_kl`` takes them."""
     from pipeline.config import OnPolicyConfig
     from pipeline.data import TokenDataset
+    from pipeline.data.dataset import IGNORE_INDEX
     from pipeline.onpolicy import prompt_lengths
 
     data = TokenDataset(config.data.prepared_dir, "eval")
     rows = data.read_rows(np.arange(data.num_rows))
-    labelled = rows["labels"] != -100
+    labelled = rows["labels"] != IGNORE_INDEX
     starts = prompt_lengths(rows, OnPolicyConfig(prompt_source="prompt"), data.seq_len)
     ends = data.seq_len - np.argmax(labelled[:, ::-1], axis=1)  # after the last label
     # the targets, not input_ids[start:]: a full row's last target is past its input_ids
@@ -302,9 +303,10 @@ def held_out_sequences(config) -> list[tuple[list[int], list[int]]]:
 
 
 def held_out_ce(student, config, *, batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """The student's cross-entropy on the held-out completions (labels != -100), float64:
+    """The student's cross-entropy on the held-out completions (labelled tokens), float64:
     per held-out row with a completion, its sum over tokens and its token count."""
     from pipeline.data import TokenDataset
+    from pipeline.data.dataset import IGNORE_INDEX
 
     logits = _logits_fn()
     data = TokenDataset(config.data.prepared_dir, "eval")
@@ -315,9 +317,10 @@ def held_out_ce(student, config, *, batch: int = 32) -> tuple[np.ndarray, np.nda
                                            rows.get("segment_ids")))
         labels = rows["labels"]
         taken = np.take_along_axis(log_p, np.maximum(labels, 0)[..., None], axis=-1)[..., 0]
-        ce = np.where(labels != -100, -taken, 0.0)
+        labelled = labels != IGNORE_INDEX
+        ce = np.where(labelled, -taken, 0.0)
         sums.extend(ce.sum(axis=1))
-        counts.extend((labels != -100).sum(axis=1))
+        counts.extend(labelled.sum(axis=1))
     keep = np.asarray(counts) > 0
     return np.asarray(sums)[keep], np.asarray(counts)[keep]
 

@@ -118,14 +118,14 @@ def goal_budget(top64_bytes: float, kmax: int) -> tuple[str, dict]:
                                                    "bytes_per_token": budget})
 
 
-def has_student(label: str) -> bool:
-    """Students are trained on the settings the goals compare (fixed top-k and budgets)."""
-    return label.startswith(("top-k", "budget")) and label != Q8_REFERENCE
-
-
 def is_fixed(label: str) -> bool:
     """The fixed top-k frontier (the default value code)."""
     return label.startswith("top-k") and label != Q8_REFERENCE
+
+
+def has_student(label: str) -> bool:
+    """Students are trained on the settings the goals compare (fixed top-k and budgets)."""
+    return is_fixed(label) or label.startswith("budget")
 
 
 def bench_sources(sources: list[str], kilobytes: float) -> list[str]:
