@@ -5,8 +5,15 @@ functions: each function's first half of lines is a prompt, the rest its complet
 (``prompt``/``completion`` JSONL, one function a row, loss on completions only; the held-out
 split is ``pipeline.data.prepare``'s, by hash). In a work directory that reruns reuse:
 
-1. the demo's tokenizer, the function dataset, and the demo's teacher trained on it (hard
-   labels, ``--teacher-steps``);
+1. the demo's tokenizer, the function dataset, and the teacher: the demo's teacher model
+   trained (hard labels, ``--teacher-steps``, rows packed) on more text than the student sees,
+   as real teachers are: the student's training functions plus the whole source of
+   ``--teacher-modules`` standard-library modules outside the demo's selection (default: all
+   of them). The held-out functions stay unseen by the teacher: their modules are not among
+   those, the functions it gets are the training split's (less any that holds a held-out
+   one, as a class's or an outer function's text can), and any verbatim copy of a held-out
+   function in the extra modules is cut out (``teacher_corpus``). Its held-out CE is printed
+   next to the hard-label student's;
 2. a student trained ``--warm-steps`` on hard labels (GKD, like most on-policy recipes,
    starts from a supervised student: reverse KL from a random student learns slowly), then
    four students from it, ``--steps`` steps each at the same batch, the teacher live in the
@@ -36,6 +43,7 @@ KL on student samples, and held-out CE no worse than each offline arm's by more 
     python benchmarks/bench_onpolicy.py                    # the default, minutes on 2 cores
     python benchmarks/bench_onpolicy.py --warm-steps 0          # every arm from initialisation
     python benchmarks/bench_onpolicy.py --steps 600 --teacher-steps 1500 --workdir runs/onp-big
+    python benchmarks/bench_onpolicy.py --arms hard-labels    # the teacher vs the hard-label student
 """
 
 from __future__ import annotations
@@ -96,10 +104,58 @@ def base_config(workdir: Path, args):
     return dataclasses.replace(config, cache=None)  # the teacher runs live: nothing cached
 
 
+def teacher_corpus(config, demo_sources: list[str], modules: int | None) -> list[dict]:
+    """The teacher's documents: the student's training functions (``prompt``/``completion``
+    records outside ``pipeline.data.prepare``'s held-out split) that hold no held-out function
+    (a method's class or an outer function can), and, as ``text`` records, the whole source of
+    ``modules`` (None: all) standard-library modules outside ``demo_sources``, evenly spaced
+    over their sorted list, each with any verbatim copy of a held-out function cut out."""
+    from pipeline.data.prepare import Document, is_held_out
+
+    def whole(record: dict) -> str:
+        return record.get("text") or record["prompt"] + record["completion"]
+
+    records = [json.loads(line) for line in Path(config.data.sources[0]).read_text().splitlines()]
+    split = [is_held_out(Document(r["completion"], prompt=r["prompt"]), config.data.eval_fraction)
+             for r in records]
+    held_out = [whole(r) for r, out in zip(records, split) if out]
+    corpus = [r for r, out in zip(records, split)
+              if not out and not any(function in whole(r) for function in held_out)]
+    others = sorted(set(map(str, Path(demo_sources[0]).parent.glob("*.py"))) - set(demo_sources))
+    count = len(others) if modules is None else min(modules, len(others))
+    for path in (others[i * len(others) // count] for i in range(count)):
+        text = Path(path).read_text(encoding="utf-8")
+        for function in held_out:
+            text = text.replace(function, "")
+        corpus.append({"text": text})
+    return corpus
+
+
+def teacher_run(config, demo_sources: list[str], args):
+    """The teacher's training run (the demo's teacher, ``actors.demo.demo_configs``) on
+    ``teacher_corpus``, packed, every row for training; its corpus and prepared data made once
+    in the work dir, named after the run."""
+    from actors.demo import demo_configs
+    from pipeline.data import prepare_dataset
+
+    workdir = Path(config.run_dir)
+    modules = "all" if args.teacher_modules is None else args.teacher_modules
+    name = f"teacher-m{modules}-{args.teacher_steps}"
+    corpus = workdir / f"{name}.jsonl"
+    data = dataclasses.replace(config.data, sources=(str(corpus),), pack=True, eval_fraction=0.0,
+                               prepared_dir=str(workdir / f"{name}-data"))
+    if not (Path(data.prepared_dir) / "metadata.json").exists():
+        records = teacher_corpus(config, demo_sources, args.teacher_modules)
+        corpus.write_text("".join(json.dumps(r) + "\n" for r in records))
+        prepare_dataset(data, overwrite=True, progress=False)
+    teacher = demo_configs(config, list(data.sources))["teacher"]
+    return dataclasses.replace(teacher, run_dir=str(workdir / name), data=data)
+
+
 def prepare(workdir: Path, args):
     """Tokenizer, function dataset and trained teacher in ``workdir`` (each made once);
     returns the base config and the teacher's Hugging Face directory."""
-    from actors.demo import demo_configs, stdlib_sources
+    from actors.demo import stdlib_sources
     from pipeline.data import load_tokenizer, prepare_dataset, train_bpe_tokenizer
     from pipeline.train import train
 
@@ -114,7 +170,7 @@ def prepare(workdir: Path, args):
         functions.write_text("".join(json.dumps(r) + "\n" for r in records))
     if not (Path(config.data.prepared_dir) / "metadata.json").exists():
         prepare_dataset(config.data, progress=False)
-    teacher_config = demo_configs(config, list(config.data.sources))["teacher"]
+    teacher_config = teacher_run(config, sources, args)
     teacher_dir = Path(teacher_config.run_dir) / "student"
     if not (teacher_dir / "config.json").exists():
         started = time.perf_counter()
@@ -139,6 +195,8 @@ def arm_config(config, teacher_dir: Path, arm: str, args, *, start: Path | None 
                                temperature=1.0)
     train = dataclasses.replace(config.train, steps=steps or args.steps)
     name = name or f"{arm}-w{args.warm_steps}-{train.steps}"
+    if arm != "hard-labels":
+        name += f"-{teacher_dir.parent.name}"
     if arm in ("offline", "on-policy"):
         name += f"-{args.divergence}"
     if arm == "on-policy":
@@ -347,6 +405,10 @@ def parse_args():
                         help="tokenizer, data, teacher and students; reruns reuse them")
     parser.add_argument("--teacher-steps", type=int, default=300,
                         help="hard-label steps of the teacher (made once per work dir)")
+    parser.add_argument("--teacher-modules", type=int, default=None,
+                        help="standard-library modules outside the demo's selection whose "
+                             "whole source the teacher also trains on (default: all; 0: only "
+                             "the student's training functions)")
     parser.add_argument("--warm-steps", type=int, default=100,
                         help="hard-label steps of the student all arms start from (0: none)")
     parser.add_argument("--steps", type=int, default=100, help="training steps of each arm")
@@ -364,6 +426,8 @@ def parse_args():
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args()
+    if args.teacher_modules is not None and args.teacher_modules < 0:
+        parser.error("--teacher-modules: expected an integer >= 0")
     for name in ("teacher_steps", "steps", "batch", "new_tokens", "prompts", "samples"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: expected an integer >= 1")
@@ -401,7 +465,12 @@ def main():
     if len(prompts) < args.prompts:
         print(f"only {len(prompts)} held-out functions; evaluating those")
     out = {"args": vars(args), "arms": {}}
-    ce_sums = {}  # arm -> per held-out row (the same rows for every arm)
+    teacher_ce, ce_counts = held_out_ce(teacher, config)  # per held-out row, as every arm's
+    out["teacher"] = dict(zip(("held_out_ce", "held_out_ce_se"),
+                              clustered_mean(teacher_ce, ce_counts)))
+    print(f"teacher: held-out CE {out['teacher']['held_out_ce']:.4f} ± "
+          f"{out['teacher']['held_out_ce_se']:.4f}", flush=True)
+    ce_sums = {}  # arm -> per held-out row
     start = warm_start(config, teacher_dir, args)
     for arm in args.arms:
         run = arm_config(config, teacher_dir, arm, args, start=start)
@@ -414,7 +483,7 @@ def main():
                                         eos_id=eos_id, seed=0)
         figures["reverse_kl_data"], figures["reverse_kl_data_se"] = clustered_mean(
             *reverse_kl(student, teacher, completions))
-        ce_sums[arm], ce_counts = held_out_ce(student, config)
+        ce_sums[arm] = held_out_ce(student, config)[0]
         figures["held_out_ce"], figures["held_out_ce_se"] = clustered_mean(ce_sums[arm], ce_counts)
         # the tokens the live teacher runs over in training (whole rows each step); the
         # on-policy arm's rollout_reverse_kl metric runs it once more on each logged step
@@ -434,6 +503,11 @@ def main():
     for arm, f in out["arms"].items():
         print(table_row(arm, f))
     arms = out["arms"]
+    if "hard-labels" in arms:  # paired: the same rows
+        gap, gap_se = clustered_mean(teacher_ce - ce_sums["hard-labels"], ce_counts)
+        out["teacher"]["vs_hard_labels"] = {"ce_gap": gap, "ce_noise": 2 * gap_se}
+        print(f"teacher vs the hard-label student: held-out CE {gap:+.4f} nats (noise, 2 s.e.: "
+              f"{2 * gap_se:.4f})")
     offline = [arm for arm in ("offline", "offline-fkl") if arm in arms]
     if "on-policy" in arms and offline:
         lowest = min(arms, key=lambda a: arms[a]["reverse_kl"])

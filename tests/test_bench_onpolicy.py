@@ -1,8 +1,9 @@
 """benchmarks/bench_onpolicy.py's figures: the reverse KL on sampled sequences against a
 sequence-by-sequence float64 reference, the clustered standard error, the prompt/completion
-split of functions."""
+split of functions, the teacher's corpus without the held-out functions."""
 
 import importlib.util
+import json
 import textwrap
 from pathlib import Path
 from types import SimpleNamespace
@@ -79,3 +80,37 @@ def test_functions_split_into_first_half_prompts_and_the_rest(tmp_path):
     # half a row
     assert bench.function_records([str(source)], characters, seq_len=84) == records[:1]
     assert bench.function_records([str(source)], characters, seq_len=79) == []
+
+
+def test_the_teachers_corpus_holds_no_held_out_function(tmp_path):
+    from pipeline.data.prepare import Document, is_held_out
+
+    def function(name: str, value: int) -> dict:
+        return {"prompt": f"def {name}(x):\n    y = x\n",
+                "completion": f"    z = y + {value}\n    return z\n"}
+
+    def held_out(record: dict) -> bool:
+        return is_held_out(Document(record["completion"], prompt=record["prompt"]), 0.5)
+
+    records = [function(f"f{i}", i) for i in range(12)]
+    hidden = next(r for r in records if held_out(r))
+    seen = [r for r in records if not held_out(r)]
+    # a training function (an outer one) that holds the held-out one verbatim
+    outer = next(r for r in ({"prompt": "def outer():\n", "completion": hidden["prompt"]
+                              + hidden["completion"] + f"    return {i}\n"} for i in range(99))
+                 if not held_out(r))
+    functions = tmp_path / "functions.jsonl"
+    functions.write_text("".join(json.dumps(r) + "\n" for r in records + [outer]))
+    whole = hidden["prompt"] + hidden["completion"]
+    demo = tmp_path / "a_demo.py"  # the modules the functions come from
+    demo.write_text(whole)
+    other = {name: tmp_path / f"{name}.py" for name in ("b", "c", "d")}
+    for name, path in other.items():
+        path.write_text(f"import {name}\n{whole}X = 1\n")
+    config = SimpleNamespace(data=SimpleNamespace(sources=[str(functions)], eval_fraction=0.5))
+    corpus = bench.teacher_corpus(config, [str(demo)], None)
+    assert corpus[:len(seen)] == seen  # the training functions, less the outer one
+    assert corpus[len(seen):] == [{"text": f"import {name}\nX = 1\n"} for name in other]
+    assert [r["text"] for r in bench.teacher_corpus(config, [str(demo)], 2)[len(seen):]] == [
+        "import b\nX = 1\n", "import c\nX = 1\n"]  # evenly spaced: indices 0 and 1 of 3
+    assert bench.teacher_corpus(config, [str(demo)], 0) == seen
