@@ -2,7 +2,10 @@
 cluster when given an address), and the placement of each host group on it.
 
 - No address (no argument, no RAY_ADDRESS, no ``cluster.address``): start Ray inside this
-  process, the laptop default. Its dashboard, if started, listens on 127.0.0.1 only.
+  process, the laptop default. Its dashboard, if started (``cluster.dashboard``), listens on
+  127.0.0.1 only. A start that fails (Ray 2.60 raises a bare ``Exception`` when its raylet is
+  not up 30 s after it was started, as on an overloaded machine) is an ``EmbeddedRayError``:
+  one message saying what failed and what to do, not Ray's traceback.
 - ``address`` (``kdpipe run --address``), else RAY_ADDRESS (what ``ray job submit`` sets for the
   job's entrypoint), else the config's ``cluster.address``: join that cluster's GCS
   ("10.0.0.2:6379", "auto").
@@ -22,12 +25,13 @@ import dataclasses
 import os
 
 import ray
+from ray._common.utils import get_default_ray_temp_dir
 
 from actors.group_errors import InsufficientResourcesError
 from actors.groups import LOCAL_HOST_CPU, GroupSpec
 from actors.hosts import HostEnv
 from pipeline.config import GroupConfig
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, KdpipeError
 
 LOOPBACK = "127.0.0.1"
 
@@ -51,6 +55,10 @@ def resolve_address(address: str | None, configured: str | None = None) -> str |
     return chosen
 
 
+class EmbeddedRayError(KdpipeError):
+    """The embedded local Ray did not start."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Connection:
     """Where the driver is connected: ``address`` is None for an embedded Ray."""
@@ -70,13 +78,26 @@ def connect(address: str | None = None, *, configured: str | None = None,
       num_cpus: embedded Ray only: the CPUs it advertises (default: all of this machine).
       dashboard: embedded Ray only: start the dashboard (bound to 127.0.0.1).
       namespace: Ray namespace of the driver (named actors/placement groups live there).
+
+    Raises:
+      EmbeddedRayError: the embedded Ray failed to start (Ray's own message included).
     """
     chosen = resolve_address(address, configured)
     if chosen is None:
-        # "local": always a new Ray in this process, even when another one (a `ray start`, a
-        # test cluster) left its address in Ray's temp dir, which a bare ray.init() would join.
-        context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
-                           dashboard_host=LOOPBACK, namespace=namespace)
+        try:
+            # "local": always a new Ray in this process, even when another one (a `ray start`,
+            # a test cluster) left its address in Ray's temp dir, which a bare ray.init() joins.
+            context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
+                               dashboard_host=LOOPBACK, namespace=namespace)
+        except Exception as error:  # Ray 2.60 times its raylet out with a bare Exception
+            logs = f"{get_default_ray_temp_dir()}/session_latest/logs"
+            said = " ".join(str(error).split()).rstrip(".")
+            raise EmbeddedRayError(
+                f"cluster.address: none given, so kdpipe started an embedded local Ray, which "
+                f"failed to start: {said}. If it timed out, retry when this machine is less "
+                f"loaded; Ray's logs are in {logs} (raylet.out, gcs_server.out); or start Ray "
+                f"apart (`ray start --head`) and give its address with --address, RAY_ADDRESS "
+                f"or cluster.address") from error
     else:
         context = ray.init(address=chosen, namespace=namespace)
     url = context.dashboard_url or None

@@ -177,7 +177,8 @@ def run(config: RunConfig, *, address: str | None = None, console=None,
     start_teachers = kind.asks_teacher_hosts or (kind.fills_cache and not queue.empty)
 
     own_ray = not ray.is_initialized()
-    embedded = own_ray and connect(address, configured=config.cluster.address).address is None
+    embedded = own_ray and connect(address, configured=config.cluster.address,
+                                   dashboard=config.cluster.dashboard).address is None
     teachers = students = None
     policy = FailurePolicy(config.cluster, source)
     seconds: dict[str, float] = {}

@@ -105,11 +105,13 @@ class Workspace:
 @dataclasses.dataclass(frozen=True)
 class Expect:
     """What a case runs and what its message must say (each string, whitespace-normalised).
-    ``then``: further checks after the command (e.g. that nothing was created)."""
+    ``then``: further checks after the command (e.g. that nothing was created); ``patch``:
+    ``(object, name, value)`` set for the command, a failure of the machine simulated."""
 
     args: list
     says: tuple[str, ...]
     then: Callable[[], None] | None = None
+    patch: tuple[object, str, object] | None = None
 
 
 CASES: dict[str, Callable[[Workspace], Expect]] = {}
@@ -851,6 +853,29 @@ def _(ws):
                   then=_absent(ws.scratch / "run"))
 
 
+@case("run/embedded Ray that does not start")
+def _(ws):
+    asked = {}
+
+    def timed_out(**kwargs):  # what Ray 2.60 raises when its raylet is not up in 30 s
+        asked.update(kwargs)
+        raise Exception("The current node timed out during startup. This could happen because "
+                        "some of the raylet failed to startup or the GCS has become overloaded.")
+
+    def then():
+        _absent(ws.scratch / "run")()
+        # an embedded Ray, without the dashboard that configs/tiny-test.yaml turns off
+        assert asked["address"] == "local" and asked["include_dashboard"] is False, asked
+
+    return Expect(["run", *ws.config()],
+                  ("cluster.address: none given, so kdpipe started an embedded local Ray, which "
+                   "failed to start: The current node timed out during startup.",
+                   "the GCS has become overloaded. If it timed out, retry when this machine is "
+                   "less loaded; Ray's logs are in", "/session_latest/logs (raylet.out, "
+                   "gcs_server.out)", "`ray start --head`"),
+                  then=then, patch=(ray, "init", timed_out))
+
+
 # --------------------------------------------------------------------------------------------
 # Inspect
 # --------------------------------------------------------------------------------------------
@@ -893,11 +918,13 @@ def test_corpus_is_large_enough():
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_input_exits_2_naming_the_culprit(name, workspace, tmp_path, cli):
+def test_bad_input_exits_2_naming_the_culprit(name, workspace, tmp_path, cli, monkeypatch):
     root, pristine = workspace
     ws = Workspace(root, tmp_path)
     try:
         expect = CASES[name](ws)
+        if expect.patch is not None:
+            monkeypatch.setattr(*expect.patch)
         damaged = bool(ws.edits)
         before = tree_digest(root) if damaged else pristine
         code, out, err = cli(expect.args, tmp_path)

@@ -154,6 +154,10 @@ class ClusterConfig(Section):
     PATH: ClassVar[str] = "cluster"
     address: str | None = field(None, "Ray address to join; null: start an embedded local Ray "
                                 "(RAY_ADDRESS or --address override it).", hashed=False)
+    dashboard: bool = field(True, "Embedded Ray only: start Ray's dashboard (on 127.0.0.1; the "
+                            "address is in Ray's start-up line) to watch the hosts' actors. "
+                            "false: start without it, a few seconds and processes fewer.",
+                            hashed=False)
     teacher_source: TeacherSource | None = field(
         None, "offline: the teacher group fills the cache and the student reads it; live: the "
         "teacher runs inside the student step; remote: teacher actors send targets ahead of need; "
