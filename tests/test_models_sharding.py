@@ -193,8 +193,10 @@ def test_two_processes_load_and_save(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         coordinator = f"127.0.0.1:{sock.getsockname()[1]}"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
+    # one device each: the session's XLA flags (tests/conftest.py) without any device count
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(flags)}
     fixture = str(FIXTURES / "llama_gqa_tied")
     procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESSES, coordinator, str(i), fixture,
                                str(tmp_path / "saved")], env=env, cwd=Path(__file__).parents[1],
