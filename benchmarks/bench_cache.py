@@ -272,8 +272,9 @@ def main():
                       help="the cached data: the demo's smallest files up to this many kB")
     real.add_argument("--real-kmax", type=int, default=128,
                       help="cache.k (most ids a token keeps) of the top-p and budget settings")
-    real.add_argument("--real-fidelity-seqs", type=int, default=8,
-                      help="held-out sequences the reconstruction is measured on")
+    real.add_argument("--real-fidelity-seqs", type=int, default=None,
+                      help="held-out sequences the reconstruction is measured on (default: "
+                           "all of them)")
     real.add_argument("--real-set", action="append", default=[], metavar="KEY.PATH=VALUE",
                       help="an override of configs/demo.yaml (repeatable)")
     real.add_argument("--real-code-seqs", type=int, default=64,

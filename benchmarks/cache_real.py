@@ -279,106 +279,42 @@ def sampled_mass(logits: np.ndarray, targets: dict, real_vocab: int) -> np.ndarr
     return np.where(drawn, np.take_along_axis(p, ids, -1), 0.0).sum(-1)
 
 
-def teacher_stats(logits: np.ndarray, real_vocab: int) -> dict:
-    """Entropy, top-1 and top-64 mass, ids needed for 90% of the mass (median, mean)."""
+def _teacher_token_stats(logits: np.ndarray, real_vocab: int) -> dict:
     x = np.asarray(logits, np.float64)[:, :real_vocab]
     lp = x - x.max(-1, keepdims=True)
     lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
     p = np.exp(lp)
     top = -np.sort(-p, -1)
-    need90 = (np.cumsum(top, -1) < 0.9).sum(-1) + 1
-    return {"entropy_nats": float(-(p * lp).sum(-1).mean()), "top1": float(top[:, 0].mean()),
-            "top64_mass": float(top[:, :64].sum(-1).mean()),
-            "ids_for_90pct_median": float(np.median(need90)),
-            "ids_for_90pct_mean": float(need90.mean())}
+    return {"entropy": -(p * lp).sum(-1), "top1": top[:, 0], "top64": top[:, :64].sum(-1),
+            "need90": (np.cumsum(top, -1) < 0.9).sum(-1) + 1.0}
 
 
-BYTES = {"name": "bytes", "configuration": {"endian": "little"}}
+def teacher_stats(logits: np.ndarray, real_vocab: int) -> dict:
+    """Entropy, top-1 and top-64 mass, ids needed for 90% of the mass (median, mean)."""
+    per_token = in_chunks(_teacher_token_stats, logits, None, real_vocab)
+    return {"entropy_nats": float(per_token["entropy"].mean()),
+            "top1": float(per_token["top1"].mean()),
+            "top64_mass": float(per_token["top64"].mean()),
+            "ids_for_90pct_median": float(np.median(per_token["need90"])),
+            "ids_for_90pct_mean": float(per_token["need90"].mean())}
 
 
-def zstd(level: int) -> dict:
-    return {"name": "zstd", "configuration": {"level": level}}
+# Tokens per float64 pass over the vocabulary (a [512, 32768] float64 array is 128 MiB).
+CHUNK_TOKENS = 512
 
 
-def blosc(shuffle: str, typesize: int) -> dict:
-    """TensorStore's zarr3 blosc codec (zstd level 5 inside)."""
-    return {"name": "blosc", "configuration": {"cname": "zstd", "clevel": 5, "shuffle": shuffle,
-                                               "typesize": typesize, "blocksize": 0}}
-
-
-def stored_bytes(a: np.ndarray, codec: dict, slot_major: bool) -> int:
-    """Bytes of ``a`` [S, L, m] stored as a zarr3 array in memory, one chunk per sequence (the
-    cache's inner chunk), ``codec`` after the ``bytes`` codec; ``slot_major`` puts the
-    ``transpose`` codec first, as the cache does for its per-slot arrays."""
-    import tensorstore as ts
-
-    codecs = ([{"name": "transpose", "configuration": {"order": [2, 0, 1]}}] if slot_major
-              else []) + [BYTES, codec]
-    spec = {"driver": "zarr3", "kvstore": "memory://", "metadata": {
-        "shape": list(a.shape), "data_type": str(a.dtype),
-        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [1, *a.shape[1:]]}},
-        "chunk_key_encoding": {"name": "default"}, "fill_value": 0, "codecs": codecs}}
-    store = ts.open(spec, create=True).result()
-    store.write(a).result()
-    kvstore = store.kvstore
-    return sum(len(kvstore.read(key).result().value) for key in kvstore.list().result()
-               if not key.endswith(b"zarr.json"))
-
-
-def id_codes(stored: dict[str, np.ndarray], ids: np.ndarray, spec,
-             q8: dict[str, np.ndarray]) -> dict[str, float]:
-    """Bytes/token of fixed top-k ids and values under several codes. ``stored``: the cache's
-    arrays (``CacheReader.read_stored``, format 4, q8sqrt values), ``ids``: the decoded sorted
-    ids ``[S, L, k]`` of the same sequences, ``spec`` their TargetSpec; ``q8``: the same
-    sequences' arrays in the q8 reference cache."""
-    import jax.numpy as jnp
-
-    from pipeline.cache import compress
-
-    tokens = ids.shape[0] * ids.shape[1]
-    flat = jnp.asarray(ids.reshape(tokens, -1))
-    used = jnp.ones(flat.shape, bool)
-
-    def encoded_ids(**fields):
-        return {name: np.asarray(a).reshape(*ids.shape[:2], -1) for name, a in
-                compress.encode_ids(flat, used, dataclasses.replace(spec, value_dtype="q8",
-                                                                    **fields)).items()}
-
-    v2 = encoded_ids(format_version=2)
-    packed = encoded_ids(format_version=2, id_encoding="packed")["id_stream"]
-    gaps = stored["id_gaps"]
-    wide, size = gaps.dtype.name, gaps.dtype.itemsize
-    lengths_bits = (v2["id_gap_lengths"], v2["id_stream"])
-    codes = {
-        "gap lengths + extra bits, zstd 5 slot-major (format 2)":
-            sum(stored_bytes(a, zstd(5), True) for a in lengths_bits),
-        "gap lengths + extra bits, zstd 5 token-major":
-            sum(stored_bytes(a, zstd(5), False) for a in lengths_bits),
-        f"packed {spec.vocab_size.bit_length() - 1}-bit ids, zstd 5 slot-major":
-            stored_bytes(packed, zstd(5), True),
-        f"gaps {wide}, zstd 5 slot-major": stored_bytes(gaps, zstd(5), True),
-        f"gaps {wide}, zstd 5 token-major": stored_bytes(gaps, zstd(5), False),
-        f"gaps {wide}, zstd 19 token-major": stored_bytes(gaps, zstd(19), False),
-        f"gaps {wide}, blosc bitshuffle token-major": stored_bytes(gaps, blosc("bitshuffle",
-                                                                                size), False),
-        f"gaps {wide}, blosc byteshuffle slot-major": stored_bytes(gaps, blosc("shuffle", size),
-                                                                   True),
-        f"gaps {wide}, blosc byteshuffle token-major (format 3)":
-            stored_bytes(gaps, blosc("shuffle", size), False),
-        "gaps uint32, blosc byteshuffle token-major (format 3 past 65,536 ids)":
-            stored_bytes(gaps.astype(np.uint32), blosc("shuffle", 4), False),
-        f"ids {wide}, blosc byteshuffle token-major":
-            stored_bytes(ids.astype(gaps.dtype), blosc("shuffle", size), False),
-    }
-    scale = q8["value_scale"].view(np.uint16)[..., None]
-    values = {"q8 values + scale, zstd 5 slot-major (formats 2, 3)":
-                  stored_bytes(q8["values"], zstd(5), True) + stored_bytes(scale, zstd(5), True),
-              "q8sqrt values, zstd 5 slot-major (format 4)":
-                  stored_bytes(stored["values"], zstd(5), True),
-              "q8sqrt values, zstd 5 token-major": stored_bytes(stored["values"], zstd(5), False),
-              "q8sqrt values, blosc bitshuffle token-major":
-                  stored_bytes(stored["values"], blosc("bitshuffle", 1), False)}
-    return {name: n / tokens for name, n in {**codes, **values}.items()}
+def in_chunks(fn, logits: np.ndarray, targets: dict | None, real_vocab: int):
+    """``fn(logits, targets, real_vocab)`` (or ``fn(logits, real_vocab)`` without targets) on
+    :data:`CHUNK_TOKENS` tokens at a time, per-token results concatenated (an array, or a dict
+    of them), so that memory stays bounded whatever the number of held-out tokens."""
+    parts = []
+    for first in range(0, len(logits), CHUNK_TOKENS):
+        chunk = slice(first, first + CHUNK_TOKENS)
+        parts.append(fn(logits[chunk], real_vocab) if targets is None else
+                     fn(logits[chunk], {k: v[chunk] for k, v in targets.items()}, real_vocab))
+    if isinstance(parts[0], dict):
+        return {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
+    return np.concatenate(parts)
 
 
 def bytes_per_token(config) -> float:
@@ -412,10 +348,8 @@ def student_ce(config) -> dict:
 
 def run(args) -> dict:
     """Everything of the real-outputs mode; prints the tables and returns the figures."""
-    import jax
-
-    from pipeline.cache import read_manifest, split_location
-    from pipeline.cache import compress
+    import cache_codes
+    from pipeline.cache import split_location
     from pipeline.data import TokenDataset, prepare_dataset, read_info
     from pipeline.errors import KdpipeError
     from pipeline.models.build import build_model
@@ -459,7 +393,8 @@ def run(args) -> dict:
           f"{fill_s:.0f} s (0 = reused)")
 
     # the teacher's dense logits on held-out tokens, against which every setting is measured
-    rows = np.arange(min(args.real_fidelity_seqs, info.splits["eval"]["num_rows"]))
+    held_out = info.splits["eval"]["num_rows"]
+    rows = np.arange(min(args.real_fidelity_seqs or held_out, held_out))
     batch = TokenDataset(base.data.prepared_dir, "eval", vocab_size=teacher.config.vocab_size
                          ).read_rows(rows)
     logits = np.asarray(teacher_forward()(TrainState.create(teacher), batch), np.float32)
@@ -479,12 +414,13 @@ def run(args) -> dict:
         decoded = {k: np.asarray(v).reshape(-1, *v.shape[2:])[real] for k, v in
                    _reader(split_location(config.cache.path, "eval")).read(rows).items()}
         if config.cache.mode == "topk":
-            fid = reconstruction_stats(logits, decoded, info.vocab_size)
+            fid = in_chunks(reconstruction_stats, logits, decoded, info.vocab_size)
             row.update(kl_mean=float(fid["kl"].mean()), kl_p99=float(np.quantile(fid["kl"], 0.99)),
                        mass=float(fid["mass"].mean()), mean_k=float(fid["k"].mean()))
         else:
             row.update(kl_mean=float("nan"), kl_p99=float("nan"),
-                       mass=float(sampled_mass(logits, decoded, info.vocab_size).mean()),
+                       mass=float(in_chunks(sampled_mass, logits, decoded,
+                                            info.vocab_size).mean()),
                        mean_k=float((decoded["teacher_sample_counts"] > 0).sum(-1).mean()))
         results.append(row)
     hard_ce = float("nan")
@@ -512,24 +448,9 @@ def run(args) -> dict:
     for label, why in missing.items():
         print(f"{label:20} not measured: {why}")
 
-    top64 = configs["top-k 64"]
-    reader = _reader(split_location(top64.cache.path, "train"))
-    sample = np.arange(min(args.real_code_seqs, reader.manifest.num_sequences))
-    stored = reader.read_stored(sample)
-    ids = np.asarray(compress.decode({k: jax.numpy.asarray(v) for k, v in stored.items()},
-                                     reader.manifest.target)["teacher_topk_ids"])
-    q8 = _reader(split_location(configs[Q8_REFERENCE].cache.path, "train")).read_stored(sample)
-    codes = id_codes(stored, ids, reader.manifest.target, q8)
-    print(f"\nid and value codes, top-k 64 ids of {len(sample)} cached sequences (bytes/token; "
-          f"ratio to format 2's code)")
-    ids_now = next(v for k, v in codes.items() if "(format 2)" in k)
-    values_now = next(v for k, v in codes.items() if k.startswith("q8") and "(formats" in k)
-    for name, per_token in codes.items():
-        now = values_now if name.startswith("q8") else ids_now
-        print(f"  {name:66} {per_token:7.2f}  {per_token / now:5.3f}")
-    ids_v3 = next(v for k, v in codes.items() if "(format 3)" in k)
-    print(f"format 3's ids / format 2's: {ids_v3:.2f} / {ids_now:.2f} B/token = "
-          f"{ids_v3 / ids_now:.3f}")
+    codes = cache_codes.compare_codes(
+        _reader(split_location(configs["top-k 64"].cache.path, "train")),
+        _reader(split_location(configs[Q8_REFERENCE].cache.path, "train")), args.real_code_seqs)
     out = {"teacher": stats, "settings": results, "hard_label_ce": hard_ce, "codes": codes,
            "not_measured": missing}
     goals(out)

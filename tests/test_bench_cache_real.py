@@ -34,6 +34,11 @@ def test_reconstruction_stats_match_dense_reference():
     targets = {"teacher_topk_ids": ids, "teacher_topk_logprobs": lq.astype(np.float32),
                "teacher_tail_logmass": tail.astype(np.float32)}
     got = cache_real.reconstruction_stats(logits, targets, real)
+    # the bench measures in chunks of tokens (bounded memory): the same per-token figures
+    cache_real.CHUNK_TOKENS = 7
+    chunked = cache_real.in_chunks(cache_real.reconstruction_stats, logits, targets, real)
+    for key in got:
+        np.testing.assert_array_equal(chunked[key], got[key])
 
     kl, mass = np.empty(tokens), np.empty(tokens)
     for t in range(tokens):
@@ -57,5 +62,13 @@ def test_reconstruction_stats_match_dense_reference():
     sample_ids[:, :3] = drawn
     want = np.array([p[t, drawn[t][counts[t, :3] > 0]].sum() for t in range(tokens)])
     np.testing.assert_allclose(
-        cache_real.sampled_mass(logits, {"teacher_sample_ids": sample_ids,
-                                         "teacher_sample_counts": counts}, real), want, rtol=1e-12)
+        cache_real.in_chunks(cache_real.sampled_mass, logits, {
+            "teacher_sample_ids": sample_ids, "teacher_sample_counts": counts}, real),
+        want, rtol=1e-12)
+    # the teacher's own figures, chunked, against the dense float64 p
+    top = -np.sort(-p, -1)
+    stats = cache_real.teacher_stats(logits, real)
+    np.testing.assert_allclose(stats["entropy_nats"], -(p * lp).sum(-1).mean(), rtol=1e-12)
+    np.testing.assert_allclose(stats["top1"], top[:, 0].mean(), rtol=1e-12)
+    need90 = np.array([np.searchsorted(np.cumsum(row), 0.9) + 1 for row in top])
+    assert stats["ids_for_90pct_median"] == np.median(need90)
