@@ -189,10 +189,12 @@ def arm_config(config, teacher_dir: Path, arm: str, args, *, start: Path | None 
     model = dataclasses.replace(config.model, teacher=ModelSpec(path=str(teacher_dir)))
     if start is not None:
         model = dataclasses.replace(model, student=ModelSpec(path=str(start)))
+    # hard labels use no divergence: the configured one, whatever --divergence, so that the
+    # warm start and the hard-label arm serve every --divergence of a work dir
+    divergence = {"hard-labels": config.loss.divergence, "offline-fkl": "forward_kl"}
     loss = dataclasses.replace(config.loss, alpha=0.0 if arm == "hard-labels" else 1.0,
                                use_hard_labels=arm == "hard-labels",
-                               divergence="forward_kl" if arm == "offline-fkl" else args.divergence,
-                               temperature=1.0)
+                               divergence=divergence.get(arm, args.divergence), temperature=1.0)
     train = dataclasses.replace(config.train, steps=steps or args.steps)
     name = name or f"{arm}-w{args.warm_steps}-{train.steps}"
     if arm != "hard-labels":
