@@ -25,7 +25,6 @@ import dataclasses
 import os
 
 import ray
-from ray._common.utils import get_default_ray_temp_dir
 
 from actors.group_errors import InsufficientResourcesError
 from actors.groups import LOCAL_HOST_CPU, GroupSpec
@@ -90,12 +89,12 @@ def connect(address: str | None = None, *, configured: str | None = None,
             context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
                                dashboard_host=LOOPBACK, namespace=namespace)
         except Exception as error:  # Ray 2.60 times its raylet out with a bare Exception
-            logs = f"{get_default_ray_temp_dir()}/session_latest/logs"
             said = " ".join(str(error).split()).rstrip(".")
             raise EmbeddedRayError(
                 f"cluster.address: none given, so kdpipe started an embedded local Ray, which "
                 f"failed to start: {said}. If it timed out, retry when this machine is less "
-                f"loaded; Ray's logs are in {logs} (raylet.out, gcs_server.out); or start Ray "
+                f"loaded; Ray's logs are in session_latest/logs under its temp dir (RAY_TMPDIR, "
+                f"default /tmp/ray: raylet.out, gcs_server.out); or start Ray "
                 f"apart (`ray start --head`) and give its address with --address, RAY_ADDRESS "
                 f"or cluster.address") from error
     else:

@@ -871,8 +871,8 @@ def _(ws):
                   ("cluster.address: none given, so kdpipe started an embedded local Ray, which "
                    "failed to start: The current node timed out during startup.",
                    "the GCS has become overloaded. If it timed out, retry when this machine is "
-                   "less loaded; Ray's logs are in", "/session_latest/logs (raylet.out, "
-                   "gcs_server.out)", "`ray start --head`"),
+                   "less loaded; Ray's logs are in session_latest/logs under its temp dir",
+                   "raylet.out, gcs_server.out", "`ray start --head`"),
                   then=then, patch=(ray, "init", timed_out))
 
 
