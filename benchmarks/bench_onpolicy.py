@@ -113,7 +113,7 @@ def teacher_corpus(config, demo_sources: list[str], modules: int | None) -> list
     from pipeline.data.prepare import Document, is_held_out
 
     def whole(record: dict) -> str:
-        return record.get("text") or record["prompt"] + record["completion"]
+        return record["text"] if "text" in record else record["prompt"] + record["completion"]
 
     records = [json.loads(line) for line in Path(config.data.sources[0]).read_text().splitlines()]
     split = [is_held_out(Document(r["completion"], prompt=r["prompt"]), config.data.eval_fraction)
