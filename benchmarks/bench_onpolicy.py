@@ -525,7 +525,9 @@ def main():
             print(f"on-policy vs {arm}: reverse KL on student samples {kl_ratio:.3f}x; held-out "
                   f"CE {ce_gap:+.4f} nats (noise, 2 s.e.: {2 * gap_se:.4f})")
         out["goal"]["met"] = met
-        print(f"lowest reverse KL on student samples: {lowest}; goal {'met' if met else 'NOT met'}")
+        absent = [arm for arm in ARMS if arm not in arms]  # a verdict among the arms run only
+        print(f"lowest reverse KL on student samples: {lowest}; goal {'met' if met else 'NOT met'}"
+              + (f" among the arms of this run (not run: {', '.join(absent)})" if absent else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
 
