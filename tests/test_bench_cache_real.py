@@ -11,7 +11,7 @@ cache_real = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(cache_real)
 
 
-def test_reconstruction_stats_match_dense_reference():
+def test_reconstruction_stats_match_dense_reference(monkeypatch):
     rng = np.random.default_rng(0)
     tokens, vocab, real, width = 40, 37, 33, 8
     logits = (3 * rng.standard_normal((tokens, vocab))).astype(np.float32)
@@ -35,7 +35,7 @@ def test_reconstruction_stats_match_dense_reference():
                "teacher_tail_logmass": tail.astype(np.float32)}
     got = cache_real.reconstruction_stats(logits, targets, real)
     # the bench measures in chunks of tokens (bounded memory): the same per-token figures
-    cache_real.CHUNK_TOKENS = 7
+    monkeypatch.setattr(cache_real, "CHUNK_TOKENS", 7)
     chunked = cache_real.in_chunks(cache_real.reconstruction_stats, logits, targets, real)
     for key in got:
         np.testing.assert_array_equal(chunked[key], got[key])
