@@ -49,6 +49,17 @@ if os.environ.get(SESSION_CACHE) == os.environ.get("JAX_COMPILATION_CACHE_DIR"):
 _FAST_COMPILE = ["--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"]
 if _FAST_COMPILE[0] not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = " ".join([*_FAST_COMPILE, os.environ.get("XLA_FLAGS", "")]).strip()
+
+
+def xla_flags(devices: int | None = None) -> str:
+    """XLA_FLAGS for a subprocess: the session's (fast compile, above) without any host device
+    count, plus ``devices`` host devices when given."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    return " ".join(flags + ([f"--xla_force_host_platform_device_count={devices}"]
+                             if devices else []))
+
+
 # The processes the tests start (host actors, `kdpipe` subprocesses) import the project from
 # this checkout and session_site/sitecustomize.py at start-up, which lets every process of a
 # multi-host JAX program use that cache (rank 0 alone does, as jax ships).

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import xla_flags
 from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
@@ -193,10 +194,7 @@ def test_two_processes_load_and_save(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         coordinator = f"127.0.0.1:{sock.getsockname()[1]}"
-    # one device each: the session's XLA flags (tests/conftest.py) without any device count
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(flags)}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()}  # one device each
     fixture = str(FIXTURES / "llama_gqa_tied")
     procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESSES, coordinator, str(i), fixture,
                                str(tmp_path / "saved")], env=env, cwd=Path(__file__).parents[1],
@@ -212,8 +210,7 @@ def test_two_processes_load_and_save(tmp_path):
 
 def test_two_device_mesh_loads_sharded_and_matches_transformers():
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": " ".join([os.environ.get("XLA_FLAGS", ""),
-                                       "--xla_force_host_platform_device_count=2"]).strip()}
+           "XLA_FLAGS": xla_flags(2)}
     proc = subprocess.run([sys.executable, "-c", _TWO_DEVICES, str(FIXTURES), *NAMES],
                           env=env, capture_output=True, text=True, timeout=600,
                           cwd=Path(__file__).parents[1])

@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec
 from pipeline.errors import ConfigError, DataError, KdpipeError
 from pipeline.step import (DistillLossConfig, LossMetrics, TrainState, distillation_step,
                            jit_distillation_step, lower_distillation_step)
+from conftest import xla_flags
 from toy_model import ToyDecoder
 
 VOCAB, HIDDEN = 40, 16  # a vocab unlike any model width, for the [tokens, vocab] check
@@ -456,8 +457,7 @@ _TWO_DEVICE_SCRIPT = textwrap.dedent(r"""
 
 
 def test_data_parallel_step_on_two_cpu_devices_matches_one_device():
-    env = {**os.environ, "XLA_FLAGS": " ".join([os.environ.get("XLA_FLAGS", ""),
-                                      "--xla_force_host_platform_device_count=2"]).strip(),
+    env = {**os.environ, "XLA_FLAGS": xla_flags(2),
            "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": os.pathsep.join([str(TESTS_DIR.parent), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", _TWO_DEVICE_SCRIPT, str(TESTS_DIR)], env=env,
