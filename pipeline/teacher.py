@@ -34,7 +34,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from pipeline.cache import CacheManifest, CacheWriter, TargetSpec, split_location
+from pipeline.cache import CacheManifest, CacheWriter, TargetSpec, budget, split_location
 from pipeline.config import MeshConfig, RunConfig
 from pipeline.data import DatasetInfo, TokenDataset, read_info
 from pipeline.metrics import progress_bar
@@ -136,9 +136,12 @@ def encode_targets(teacher: TrainState, batch: dict[str, np.ndarray], rows: np.n
     tail are the same bytes only when the request has the fill's rows per device: XLA compiles
     another batch size into another program, whose float32 results differ in the last one or
     two ulps (measured on XLA:CPU; a hybrid run's uncached rows, requested a few at a time,
-    differ from the cached ones by that much)."""
-    encoded = _run_teacher(teacher, batch, rows, spec).encoded
-    return {name: np.asarray(a) for name, a in encoded.items()}
+    differ from the cached ones by that much). A ``bytes_per_token`` spec's budget applies to
+    each row on its own here (``pipeline.cache.budget.cut``): a format-5 cache shares it over
+    a shard, so its rows may keep other ids than a live row would."""
+    encoded = {name: np.asarray(a) for name, a in _run_teacher(teacher, batch, rows, spec)
+               .encoded.items()}
+    return encoded if spec.bytes_per_token is None else budget.cut(encoded, spec)
 
 
 @dataclasses.dataclass(frozen=True)

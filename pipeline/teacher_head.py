@@ -17,9 +17,9 @@ larger one, so with a vocabulary that small the last bit of a float32 value may 
 chunk; tests/test_teacher_head.py checks the bytes with a vocabulary past that.)
 
 Full mode stores the logits themselves (``[batch, seq, vocab]`` in its value dtype): fusing
-saves only the float32 copy there. ``cache.bytes_per_token`` allocates ids over a whole
-sequence (``compress.kept_counts``), so such a spec is encoded one whole sequence per chunk
-(``[batch, seq, vocab]`` logits, as unfused). A top-k cache's fidelity audit
+saves only the float32 copy there. ``cache.bytes_per_token`` gives each token's k candidates,
+chunk by chunk like the rest; the budget is applied to them later, on the host
+(pipeline/cache/budget.py), which also audits them. Another top-k cache's fidelity audit
 (``pipeline.cache.audit``) needs the teacher's logits at a few positions of every sequence: the
 head is applied again to those positions only.
 """
@@ -54,7 +54,8 @@ class FusedTargets(NamedTuple):
 
     encoded: dict[str, jax.Array]  # {name: [batch, seq, *trailing]}, as compress.encode
     check: jax.Array  # [2] int32: the logits' first_nonfinite (pipeline.cache.writer)
-    fidelity: tuple[jax.Array, jax.Array] | None  # top-k: audit.audit_batch's (KL, mass) [B, n]
+    # top-k but bytes_per_token: audit.audit_batch's (KL, mass) [B, n]
+    fidelity: tuple[jax.Array, jax.Array] | None
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "chunk"))
@@ -85,7 +86,7 @@ def encode_from_hidden(hidden: jax.Array, head: jax.Array, sequence_indices: jax
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk: expected a positive int, got {chunk!r}")
     batch, seq_len, _ = hidden.shape
-    chunk = seq_len if spec.bytes_per_token is not None else min(chunk, seq_len)
+    chunk = min(chunk, seq_len)
     sequence_indices = jnp.asarray(sequence_indices, jnp.int32)
 
     def logits_of(h):
@@ -112,7 +113,7 @@ def encode_from_hidden(hidden: jax.Array, head: jax.Array, sequence_indices: jax
         lambda s: jnp.zeros((batch, seq_len, *s.shape[2:]), s.dtype), shapes)
     stored, flags = jax.lax.fori_loop(0, -(-seq_len // chunk), body, outputs)
     fidelity = None
-    if spec.mode == "topk":
+    if spec.mode == "topk" and spec.bytes_per_token is None:
         # audit_batch on the audited positions alone audits all of them: the same figures
         positions = audit.audit_positions(seq_len)
         fidelity = audit.audit_batch(logits_of(hidden[:, positions]),

@@ -1,7 +1,7 @@
 """Adaptive top-k caches (top_p, bytes_per_token): the kept ids, the exact tail, ragged storage,
 the k_t+1-bucket loss and the writer's fidelity audit, each against a float64 numpy reference;
-the budget on stored bytes against the files TensorStore writes; format version 1 to 3 caches
-still read."""
+the budget on stored bytes (shared over a shard) against the files TensorStore writes; format
+1 to 4 caches still read."""
 
 import json
 
@@ -54,6 +54,15 @@ def _ref_counts(logp_sorted, spec, extra=None):
     return counts
 
 
+def _stored(logits, spec):
+    """The stored arrays of rows ``logits`` [S, L, V] (a budget: each row on its own, as live
+    scoring keeps it)."""
+    encoded = {n: np.asarray(a) for n, a in compress.encode(jnp.asarray(logits),
+                                                            jnp.arange(len(logits)),
+                                                            spec).items()}
+    return encoded if spec.bytes_per_token is None else budget.cut(encoded, spec)
+
+
 @pytest.mark.parametrize("rule,encoding", [
     (dict(top_p=0.9, min_k=2), "gap"),
     (dict(bytes_per_token=20.0, min_k=1, format_version=2), "packed")])  # raw budget
@@ -61,8 +70,7 @@ def test_kept_ids_exact_tail_and_ragged_storage_match_float64(rule, encoding):
     spec = TargetSpec("topk", V, REAL_V, k=K, value_dtype="float32", id_encoding=encoding,
                       **rule)
     logits = _logits(1, 2)
-    stored = {n: np.asarray(a) for n, a in compress.encode(jnp.asarray(logits), jnp.arange(2),
-                                                           spec).items()}
+    stored = _stored(logits, spec)
     got = {n: np.asarray(a) for n, a in compress.decode(stored, spec).items()}
     logp = _ref_logp(logits)
     order = np.argsort(-logp, -1)[..., :K]
@@ -172,58 +180,98 @@ def test_audit_kl_and_mass_match_float64():
     assert record["k_mean"] == pytest.approx(np.asarray(encoded["id_count"]).mean())
 
 
-def _reads_as_encoded(location, logits, spec, run):
+def _reads_as_encoded(location, logits, spec, run, stored=None):
     got = CacheReader(location, run).read(list(range(len(logits))))
-    want = compress.decode(compress.encode(jnp.asarray(logits), jnp.arange(len(logits)), spec),
-                           spec)
+    want = compress.decode(stored or _stored(logits, spec), spec)
     for key in want:
         np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]), err_msg=key)
 
 
-def test_stored_budget_cache_roundtrip_audit_and_versions_1_to_3_still_read(tmp_path):
+def _on_disk(location, spec, shard):
+    return sum((location / shard_file_key(a, shard)).stat().st_size for a in array_layout(spec))
+
+
+def test_shard_budget_cache_roundtrip_audit_and_versions_1_to_4_still_read(tmp_path):
     length, budget_b = 48, 14.0
     spec = TargetSpec("topk", V, REAL_V, k=K, bytes_per_token=budget_b, min_k=1)
-    m = CacheManifest(spec, "teacher", "tok", "data", seq_len=length, num_sequences=4,
+    m = CacheManifest(spec, "teacher", "tok", "data", seq_len=length, num_sequences=5,
                       shard_sequences=2)
-    logits = _logits(6, 4, length)
-    with CacheWriter(tmp_path / "v4", m) as writer:
-        writer.write(jnp.asarray(logits), np.arange(4))
+    logits = _logits(6, 5, length)
+    with CacheWriter(tmp_path / "v5", m) as writer:  # batches that straddle the shards
+        writer.write(jnp.asarray(logits[:3]), np.arange(3))
+        writer.write(jnp.asarray(logits[3:]), np.arange(3, 5))
     run = RunDeclaration("tok", "data", V, length, 1.0)
-    _reads_as_encoded(tmp_path / "v4", logits, spec, run)
-    # the budget is on stored bytes: each sequence's measure is within B, the files on disk
-    # are exactly what was measured (a chunk's index entry is 16 bytes; a shard's index crc 4)
-    encoded = {n: np.asarray(a) for n, a in
-               compress.encode(jnp.asarray(logits), jnp.arange(4), spec).items()}
-    measured = [budget.stored_sequence_bytes({n: a[row] for n, a in encoded.items()}, spec)
-                for row in range(4)]
-    assert max(measured) <= budget_b * length
-    for shard in (0, 1):
-        on_disk = sum((tmp_path / "v4" / shard_file_key(a, shard)).stat().st_size
-                      for a in array_layout(spec))
-        assert on_disk == sum(measured[2 * shard:2 * shard + 2]) - 4 * len(array_layout(spec))
-    manifest = read_manifest(tmp_path / "v4")
-    assert 0.9 * budget_b < manifest.committed_bytes / (4 * length) <= budget_b
-    # ... spent on the most probable candidates of the sequence (float64 reference)
+    candidates = {n: np.asarray(a) for n, a in
+                  compress.encode(jnp.asarray(logits), jnp.arange(5), spec).items()}
+    shards = [slice(0, 2), slice(2, 4), slice(4, 5)]
+    stored = [budget.cut({n: a[rows] for n, a in candidates.items()}, spec, shard=(2, 1))
+              for rows in shards]
+    stored = {n: np.concatenate([s[n] for s in stored]) for n in stored[0]}
+    _reads_as_encoded(tmp_path / "v5", logits, spec, run, stored)
+    # the budget is on a shard's stored bytes: the files on disk are exactly what was measured,
+    # within B per token, and near it (the short last shard's index keeps 16 bytes per absent
+    # sequence and array)
+    for shard, rows in enumerate(shards):
+        measured = budget.stored_bytes({n: a[rows] for n, a in stored.items()}, spec,
+                                       shard_sequences=2)
+        assert _on_disk(tmp_path / "v5", spec, shard) == measured
+        tokens = (rows.stop - rows.start) * length
+        assert 0.8 * budget_b * tokens < measured <= budget_b * tokens
+    # ... spent on the most probable candidates of the whole shard (float64 reference), which
+    # moves ids between its sequences: each sequence on its own keeps other counts
     logp = _ref_logp(logits)
     top = -np.sort(-logp, -1)[..., :K]
-    counts = encoded["id_count"].astype(np.int64)
+    counts = stored["id_count"].astype(np.int64)
     assert len(np.unique(counts)) > 2
-    for row in range(4):
-        extra = int(counts[row].sum()) - length * spec.min_k
-        np.testing.assert_array_equal(counts[row], _ref_counts(top[row], spec, extra))
-    # format 3's codecs (format 4's too): token-major byte-shuffled gaps
-    meta = json.loads((tmp_path / "v4" / "id_gaps" / "zarr.json").read_text())
+    for rows in shards:
+        extra = int(counts[rows].sum()) - counts[rows].size * spec.min_k
+        np.testing.assert_array_equal(counts[rows].ravel(),
+                                      _ref_counts(top[rows].reshape(-1, K), spec, extra))
+    alone = _stored(logits, spec)["id_count"].astype(np.int64)
+    assert np.any(alone[:4].sum(-1) != counts[:4].sum(-1))
+    for row in range(5):  # live scoring: each sequence within B on its own
+        one = {n: a[row:row + 1] for n, a in _stored(logits, spec).items()}
+        assert budget.stored_bytes(one, spec, shard_sequences=1) <= budget_b * length
+    # format 3's codecs (format 4's and 5's too): token-major byte-shuffled gaps
+    meta = json.loads((tmp_path / "v5" / "id_gaps" / "zarr.json").read_text())
     assert [c["name"] for c in meta["codecs"][0]["configuration"]["codecs"]] == [
         "bytes", "blosc", "crc32c"]
+    # the audit, at every token, from the candidates: as the logits' (float64-checked) audit
+    manifest = read_manifest(tmp_path / "v5")
     audits = [c.audit for c in manifest.commits]
-    assert [a["tokens"] for a in audits] == [2 * 16, 2 * 16]
-    assert all(a["kl_mean"] > 0 and 0 < a["mass_mean"] < 1 and 1 <= a["k_mean"] <= K
-               for a in audits)
-    printed = describe(str(tmp_path / "v4"))  # kdpipe inspect: token-weighted over the shards
-    kl = (audits[0]["kl_mean"] + audits[1]["kl_mean"]) / 2
-    assert f"KL(teacher || reconstruction) mean {kl:.4g} nats over {4 * 16} audited" in printed
+    assert [a["tokens"] for a in audits] == [2 * length, 2 * length, length]
+    decoded = compress.decode(stored, spec)
+    kl, mass = audit.candidate_audit(candidates, stored, spec)
+    for row in range(5):
+        want_kl, want_mass = audit.reconstruction_kl(
+            jnp.asarray(logits[row]), {n: a[row] for n, a in decoded.items()}, spec)
+        np.testing.assert_allclose(kl[row], want_kl, rtol=2e-4, atol=2e-6)
+        np.testing.assert_allclose(mass[row], want_mass, rtol=1e-5)
+    for shard, rows in enumerate(shards):
+        assert audits[shard]["kl_mean"] == pytest.approx(kl[rows].astype(np.float64).mean())
+        assert audits[shard]["k_mean"] == pytest.approx(counts[rows].mean())
+    printed = describe(str(tmp_path / "v5"))  # kdpipe inspect: token-weighted over the shards
+    tokens = 5 * length
+    kl_mean = sum(a["kl_mean"] * a["tokens"] for a in audits) / tokens
+    assert f"KL(teacher || reconstruction) mean {kl_mean:.4g} nats over {tokens} audited" in printed
     assert f"largest shard p99 {max(a['kl_p99'] for a in audits):.4g}" in printed
-    assert "format      version 4" in printed and "ids per token, <= 14 stored B/token" in printed
+    assert "format      version 5" in printed
+    assert "ids per token, <= 14 stored B/token over each shard" in printed
+    # format 4 kept the budget per sequence: each one's measure within B, the shard's file
+    # their sum less one index crc (4 bytes) per array
+    v4 = TargetSpec("topk", V, REAL_V, k=K, bytes_per_token=budget_b, min_k=1, format_version=4)
+    with CacheWriter(tmp_path / "v4", CacheManifest(v4, "teacher", "tok", "data",
+                                                    seq_len=length, num_sequences=2,
+                                                    shard_sequences=2)) as writer:
+        writer.write(jnp.asarray(logits[:2]), np.arange(2))
+    per_sequence = _stored(logits[:2], v4)
+    measured = [budget.stored_bytes({n: a[row:row + 1] for n, a in per_sequence.items()}, v4,
+                                    shard_sequences=1) for row in range(2)]
+    assert max(measured) <= budget_b * length
+    assert _on_disk(tmp_path / "v4", v4, 0) == sum(measured) - 4 * len(array_layout(v4))
+    _reads_as_encoded(tmp_path / "v4", logits[:2], v4, run)
+    assert "format      version 4" in describe(str(tmp_path / "v4"))
+    assert "<= 14 stored B/token over each sequence" in describe(str(tmp_path / "v4"))
     # version 3 (q8 values with a per-token scale), version 2 (raw budget, gap lengths + extra
     # bits, slot-major) and version 1 (fixed top-k) caches read unchanged
     v3 = TargetSpec("topk", V, REAL_V, k=5, format_version=3)
@@ -251,6 +299,33 @@ def test_stored_budget_cache_roundtrip_audit_and_versions_1_to_3_still_read(tmp_
     assert "format      version 3" in describe(str(tmp_path / "f3"))
     for name, old in (("f3", v3), ("v2", v2), ("v1", fixed)):
         _reads_as_encoded(tmp_path / name, short, old, run)
+
+
+def test_largest_fitting_meets_its_contract_in_few_probes():
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        most = int(rng.integers(1, 300_000))
+        slope, jitter = rng.uniform(0.3, 2.0), rng.uniform(0, 40)  # bytes per id; zstd's noise
+        noise = rng.uniform(-jitter, jitter, 64)
+        probes = []
+
+        def size(extra, base=float(rng.uniform(50, 5000))):
+            probes.append(extra)
+            return int(base + slope * extra + noise[extra % 64])
+        limit = int(size(int(rng.integers(0, most + 1))) + rng.uniform(-10, 10))
+        probes.clear()
+        extra = budget.largest_fitting(size, limit, most)
+        assert 0 <= extra <= most and extra in probes + [0]
+        if size(0) > limit:
+            assert extra == 0
+            continue
+        assert size(extra) <= limit
+        assert (extra == most or size(extra) >= limit * (1 - budget.SLACK)
+                or size(extra + 1) > limit), (trial, extra)
+        assert len(set(probes)) <= 2 * np.log2(most + 1) + 4, (trial, len(set(probes)))
+    assert budget.largest_fitting(lambda e: 10 * e, 5, 0) == 0
+    assert budget.largest_fitting(lambda e: 100 + e, 5, 9) == 0
+    assert budget.largest_fitting(lambda e: e, 50, 9) == 9
 
 
 def test_bad_adaptive_settings_name_the_field():

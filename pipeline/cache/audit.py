@@ -14,6 +14,14 @@ summed term by term in log space (never as a difference of two large sums), and 
 mass :math:`\sum_{v \in K} p_v`. A shard's commit record carries their mean and the KL's 99th
 percentile over its sampled tokens, and the mean k over all of its tokens
 (:func:`shard_audit`); ``kdpipe inspect`` prints them.
+
+A ``bytes_per_token`` cache is cut on the host after the logits are gone
+(pipeline/cache/budget.py), so its audit (:func:`candidate_audit`) is computed from what the
+encoder kept of them instead, at **every** token: the k candidates' exact log-probs and, for the
+other ids O (mass :math:`m_O`, n - k of them), :math:`S = \sum_{v \in O} p_v (\log p_v - c)`
+with :math:`c = \log(m_O / (n - k))`, summed term by term by the encoder (``cand_tail_kl``).
+Whatever the cut, O's part of the sum above is then :math:`S + m_O (c - \log s)`, s the stored
+tail's share of each id outside K, exactly.
 """
 
 from __future__ import annotations
@@ -76,6 +84,40 @@ def audit_batch(logits: jax.Array, encoded: dict[str, jax.Array],
     per_row = [_audit_row(logits, encoded, positions, np.int32(b), spec)
                for b in range(logits.shape[0])]
     return jnp.stack([kl for kl, _ in per_row]), jnp.stack([m for _, m in per_row])
+
+
+@functools.partial(jax.jit, static_argnames="spec")
+def _candidate_audit(candidates, stored, spec):
+    count = stored["id_count"].astype(jnp.int32)
+    logp = candidates["cand_relative"] - candidates["cand_log_total"][..., None]
+    kept = jnp.arange(spec.k) < count[..., None]
+    decoded = compress.decode(stored, spec)
+    order = compress.kept_order(candidates["cand_ids"], kept, spec)
+    # the kept candidates in the order the stored slots hold them, beside their decoded values
+    in_stored = logp if order is None else jnp.take_along_axis(logp, order, axis=-1)
+    log_r = decoded["teacher_topk_logprobs"]
+    kept_kl = jnp.sum(jnp.where(kept, xlogx_ratio(in_stored, jnp.where(kept, log_r, 0.0)), 0.0),
+                      axis=-1)
+    # outside K: the dropped candidates and O, each id at the stored tail's share
+    log_share = decoded["teacher_tail_logmass"] - jnp.log(
+        jnp.maximum(spec.tokenizer_vocab_size - count, 1).astype(jnp.float32))
+    dropped_kl = jnp.sum(jnp.where(kept, 0.0, xlogx_ratio(logp, log_share[..., None])), axis=-1)
+    log_mass_o = jnp.log(candidates["cand_tail_mass"]) - candidates["cand_log_total"]
+    shift = log_mass_o - jnp.log(float(spec.tokenizer_vocab_size - spec.k))
+    other_kl = candidates["cand_tail_kl"] + jnp.where(
+        jnp.isfinite(log_mass_o), jnp.exp(log_mass_o) * (shift - log_share), 0.0)
+    mass = jnp.sum(jnp.where(kept, jnp.exp(logp), 0.0), axis=-1)
+    return kept_kl + dropped_kl + other_kl, mass
+
+
+def candidate_audit(candidates: dict[str, np.ndarray], stored: dict[str, np.ndarray],
+                    spec: TargetSpec) -> tuple[np.ndarray, np.ndarray]:
+    """KL(teacher || reconstruction) and the captured mass at every token ``[S, L]`` float32
+    of a ``bytes_per_token`` spec's stored arrays ``{name: [S, L, ...]}`` (padded), from the
+    candidates they were cut from (the module docstring); on the host's CPU, as the cut."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        kl, mass = _candidate_audit(candidates, stored, spec)
+        return np.asarray(kl), np.asarray(mass)
 
 
 def shard_audit(kl: np.ndarray | None, mass: np.ndarray | None, counts: np.ndarray) -> dict:

@@ -1,96 +1,163 @@
-"""``cache.bytes_per_token``: which of a sequence's top-k candidates a byte budget keeps.
+"""``cache.bytes_per_token``: which of the teacher's top-k candidates a byte budget keeps.
 
-Every token keeps ``min_k`` ids; the sequence's other candidates are ranked by probability over
-the whole sequence (ties: the earlier position, then the earlier slot) and the first ``extra``
-of them are kept too (:func:`counts_with_extra`), so bytes go where the teacher is unsure.
+The encoder gives every token's k candidates (``compress.candidate_layout``); :func:`cut` picks
+how many each token keeps and cuts them (``compress.cut``), on the host. A **group** of
+sequences shares one budget: every token keeps ``min_k`` ids, the group's other candidates are
+ranked by probability over the whole group (ties: the earlier sequence, then position, then
+slot; :func:`candidate_ranks`) and the first ``extra`` of them are kept too, so bytes go where
+the teacher is unsure, across tokens and across sequences.
 
-Format 3 and later pick ``extra`` on **stored** bytes, what a user reads off the disk: the largest
-``extra`` (found by bisection, about log2(L (k - min_k)) steps) whose encoded sequence, stored
-as the cache stores it (:func:`stored_sequence_bytes`: the ragged packing and each array's
-own codecs, as TensorStore writes them), takes at most ``B * L`` bytes. The measurement runs
-on the host (``jax.pure_callback``) inside the jitted encoder, so every path that encodes
-(``compress.encode``, ``pipeline.teacher_head``) gets the same bytes, and it depends on the
-sequence alone: a re-fill, or another batching or host count, writes the same bytes. ``extra``
-= 0 is kept even when ``min_k`` ids alone take more than B (short sequences, where each
-chunk's codec headers weigh most). Each sequence is measured as its own inner chunk: with
-``chunk_sequences`` > 1 zstd sees several sequences at once and, in practice, stores no more;
-a short last shard's index keeps 16 bytes per absent sequence and array, beyond B. Formats 1
-and 2 capped raw bytes before compression (``compress.kept_counts``), which stored about half
-of B.
+- **Format 5** (written today): the group is a **shard** of the cache, and ``extra`` is one
+  whose shard, written as the cache writes it (:func:`stored_bytes`: the ragged packing, each
+  array's codecs and the shard index, in a memory kvstore), takes at most ``B * S * L`` bytes
+  and at least 0.999 of that, or all that fits (:func:`largest_fitting`): B bounds exactly
+  what a user reads off the disk. Sharing over a shard's S sequences rather than one lets a sequence the teacher is
+  sure of lend bytes to one it is not (measured on the real teacher of ``bench_cache.py
+  --real``: about 0.65x top-64's bytes at its KL, against 0.71x per sequence). The shard is a
+  fixed set of sequences, so its bytes never depend on the batching, the devices or which host
+  wrote it. The writer holds a shard's candidates until it is complete: ``shard_sequences * L
+  * k * 8`` bytes (256 sequences of 2,048 tokens at k = 64: 268 MB).
+- **Formats 3 and 4**, and **live scoring** (a remote teacher's targets for rows no cache
+  holds, ``pipeline.teacher.encode_targets``, where no shard exists): the group is one
+  sequence, measured the same way as a one-sequence shard.
+- **Formats 1 and 2** capped raw bytes before compression, per sequence: ``extra`` =
+  floor(L (B - c_t) / c_id) - L min_k, with (c_t, c_id) = ``spec.raw_token_bytes``; that
+  stored about half of B.
+
+``extra`` = 0 is kept even when ``min_k`` ids alone take more than B (short sequences, where
+each chunk's codec headers weigh most).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from pipeline.cache import ragged
-from pipeline.cache.format import array_layout, inner_codecs
-from pipeline.cache.spec import TargetSpec
-
-# Per stored array and sequence (inner chunk): its offset and size in the shard index (2 x 8
-# bytes), plus the index's crc32c (4 bytes a shard, counted once per chunk: an upper bound).
-INDEX_BYTES_PER_CHUNK = 20
+from pipeline.cache import compress, ragged
+from pipeline.cache.format import CacheManifest, array_layout, open_array, shard_file_key
+from pipeline.cache.spec import TargetSpec, raw_token_bytes
 
 
-def counts_with_extra(logprobs: jax.Array, extra, spec: TargetSpec) -> jax.Array:
-    """Ids kept per token ``[T]`` int32: ``min_k``, plus the sequence's ``extra`` most probable
-    other candidates. logprobs: ``[T, k]`` the candidates' log-probs, descending per token;
-    extra: int (traced or not) in [0, T (k - min_k)]."""
-    tokens, k = logprobs.shape
-    candidates = logprobs[:, spec.min_k:].reshape(-1)
-    rank = jnp.argsort(jnp.argsort(-candidates, stable=True))  # rank 0 = most probable
-    kept = (rank < extra).reshape(tokens, k - spec.min_k)
-    return spec.min_k + jnp.sum(kept, axis=-1, dtype=jnp.int32)
+# The share of a group's budget :func:`largest_fitting` may leave unused: zstd's bytes are not
+# monotone in the ids kept at the scale of a few bytes, so the last probes of an exact search
+# gain nothing.
+SLACK = 1 / 1024
 
 
-def stored_sequence_bytes(encoded: dict[str, np.ndarray], spec: TargetSpec) -> int:
-    """Bytes one sequence's encoded arrays ``{name: [L, *trailing]}`` (padded, as the encoder
-    gives them) take in the cache: each array packed (pipeline/cache/ragged.py) and written as
-    one inner chunk with its codecs (``format.inner_codecs``), plus its shard-index share."""
-    import tensorstore as ts
+def candidate_ranks(logprobs: np.ndarray, min_k: int) -> np.ndarray:
+    """Rank of each candidate beyond the first ``min_k`` of its token over the whole group
+    (0: the most probable), ``[..., k - min_k]`` int64. logprobs: ``[..., k]`` the group's
+    candidates' log-probs, descending per token; ties rank in row-major order."""
+    candidates = logprobs[..., min_k:]
+    order = np.argsort(-candidates.reshape(-1), kind="stable")
+    ranks = np.empty(order.size, np.int64)
+    ranks[order] = np.arange(order.size)
+    return ranks.reshape(candidates.shape)
 
-    seq_len = next(iter(encoded.values())).shape[0]
-    stored = ragged.pack({name: np.asarray(a)[None] for name, a in encoded.items()}, spec)
+
+def counts_with_extra(ranks: np.ndarray, extra: int, min_k: int) -> np.ndarray:
+    """Ids kept per token: ``min_k`` plus its candidates among the group's ``extra`` most
+    probable (``ranks`` from :func:`candidate_ranks`), ``[...]`` int32."""
+    return (min_k + np.sum(ranks < extra, axis=-1)).astype(np.int32)
+
+
+def stored_bytes(stored: dict[str, np.ndarray], spec: TargetSpec, *, shard_sequences: int,
+                 chunk_sequences: int = 1) -> int:
+    """Bytes that sequences' stored arrays ``{name: [S, L, ...]}`` (padded, as
+    ``compress.cut`` gives them) take as one shard of a cache of ``shard_sequences`` and
+    ``chunk_sequences`` (S <= shard_sequences: a short last shard): written with the cache's
+    own layout (``pipeline.cache.format.zarr3_spec``) to a memory kvstore, the files' sizes."""
+    sequences, seq_len = stored["id_count"].shape
+    manifest = CacheManifest(spec, "", "", "", seq_len=seq_len, num_sequences=sequences,
+                             shard_sequences=shard_sequences, chunk_sequences=chunk_sequences)
+    packed = ragged.pack(stored, spec)
+    root = {"driver": "memory", "path": ""}
     total = 0
     for layout in array_layout(spec):
-        a = stored[layout.name]
-        store = ts.open({
-            "driver": "zarr3", "kvstore": "memory://", "store_data_equal_to_fill_value": True,
-            "metadata": {"shape": list(a.shape), "data_type": layout.dtype, "fill_value": 0,
-                         "chunk_grid": {"name": "regular",
-                                        "configuration": {"chunk_shape": list(a.shape)}},
-                         "chunk_key_encoding": {"name": "default"},
-                         "codecs": inner_codecs(layout, seq_len)}}, create=True).result()
-        store.write(a).result()
-        chunk_key = "c/" + "/".join("0" * a.ndim)
-        total += len(store.kvstore.read(chunk_key).result().value) + INDEX_BYTES_PER_CHUNK
+        array = open_array(root, manifest, layout, create=True)
+        array.write(packed[layout.name]).result()
+        # the array's kvstore is rooted at its own directory
+        key = shard_file_key(layout, 0).removeprefix(layout.name + "/")
+        total += len(array.kvstore.read(key).result().value)
     return total
 
 
-def stored_counts(cut: Callable[[jax.Array], dict[str, jax.Array]], logprobs: jax.Array,
-                  spec: TargetSpec) -> jax.Array:
-    """Ids kept per token ``[T]`` so that the sequence stores at most ``bytes_per_token * T``
-    bytes (format 3 and later; the module docstring). cut: counts ``[T]`` -> the encoded arrays
-    ``{name: [T, ...]}``; logprobs: ``[T, k]`` descending per token. Traceable (jit, vmap)."""
-    tokens, k = logprobs.shape
+def _group_counts(logprobs: np.ndarray, spec: TargetSpec, stored_size) -> np.ndarray:
+    """Ids kept per token ``[S, L]`` of one group (logprobs ``[S, L, k]``): an ``extra`` whose
+    cut ``stored_size(counts)`` fits ``B * S * L`` bytes and ``extra + 1``'s does not
+    (:func:`largest_fitting`), or formats 1 and 2's raw ``extra`` (``stored_size`` None)."""
+    ranks = candidate_ranks(logprobs, spec.min_k)
+    tokens = logprobs.shape[0] * logprobs.shape[1]
+    most = tokens * (spec.k - spec.min_k)
+    if stored_size is None:
+        per_token, per_id = raw_token_bytes(spec)
+        extra = int(tokens * (spec.bytes_per_token - per_token) // per_id) - tokens * spec.min_k
+        return counts_with_extra(ranks, min(extra, most), spec.min_k)
     limit = int(spec.bytes_per_token * tokens)
+    extra = largest_fitting(lambda e: stored_size(counts_with_extra(ranks, e, spec.min_k)),
+                            limit, most)
+    return counts_with_extra(ranks, extra, spec.min_k)
 
-    def stored_bytes(extra):
-        encoded = cut(counts_with_extra(logprobs, extra, spec))
-        return jax.pure_callback(
-            lambda arrays: np.int32(stored_sequence_bytes(arrays, spec)),
-            jax.ShapeDtypeStruct((), jnp.int32), encoded, vmap_method="sequential")
 
-    def bisect(bounds):
-        low, high = bounds  # stored_bytes(low) fits (or low = 0); every extra > high does not
-        middle = (low + high + 1) // 2
-        fits = stored_bytes(middle) <= limit
-        return jnp.where(fits, middle, low), jnp.where(fits, high, middle - 1)
+def largest_fitting(size, limit: int, most: int) -> int:
+    """An ``extra`` in [0, most] with ``size(extra) <= limit``, and either within
+    :data:`SLACK` of it or with ``size(extra + 1) > limit`` (``most`` if it fits; 0 if nothing
+    does). ``size`` is about linear in ``extra``: a bracket is shrunk by linear interpolation
+    between its ends (with the Illinois rule against an end that does not move), and halved
+    whenever two probes did not halve it, so it takes at most about twice bisection's
+    log2(most) probes, and far fewer on real shards (tests/test_cache_adaptive.py)."""
+    low, size_low = 0, size(0)
+    if size_low > limit or most == 0:
+        return 0
+    high, size_high = most, size(most)
+    if size_high <= limit:
+        return most
+    # invariant: size(low) <= limit < size(high); the guesses interpolate between at_low and
+    # at_high, which start as those sizes and are moved to limit by the Illinois rule
+    at_low, at_high = size_low, size_high
+    widths, kept_end = [high - low], None
+    while high - low > 1 and size_low < limit * (1 - SLACK):
+        if len(widths) >= 3 and widths[-1] > widths[-3] / 2:
+            probe = (low + high) // 2
+        else:
+            step = (limit - at_low) / (at_high - at_low) * (high - low)
+            probe = min(max(low + int(step), low + 1), high - 1)
+        size_probe = size(probe)
+        if size_probe <= limit:
+            low, size_low, at_low = probe, size_probe, size_probe
+            if kept_end == "high":  # the end kept twice pulls the next guess towards it
+                at_high = limit + (at_high - limit) / 2
+            kept_end = "high"
+        else:
+            high, at_high = probe, size_probe
+            if kept_end == "low":
+                at_low = limit - (limit - at_low) / 2
+            kept_end = "low"
+        widths.append(high - low)
+    return low
 
-    low, _ = jax.lax.while_loop(lambda b: b[0] < b[1], bisect,
-                                (jnp.int32(0), jnp.int32(tokens * (k - spec.min_k))))
-    return counts_with_extra(logprobs, low, spec)
+
+def cut(candidates: dict[str, np.ndarray], spec: TargetSpec, *,
+        shard: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """The stored arrays ``{name: [S, L, ...]}`` (padded) of S sequences' candidates
+    ``{name: [S, L, ...]}`` under ``spec.bytes_per_token`` (the module docstring).
+
+    shard: ``(shard_sequences, chunk_sequences)`` of the cache whose one shard the S sequences
+    are: a format-5 spec then shares the budget over them. None (live scoring), or a spec of
+    format 4 or before: each sequence has its own.
+    """
+    logprobs = candidates["cand_relative"] - candidates["cand_log_total"][..., None]
+    by_shard = shard is not None and spec.shard_budget
+    groups = [slice(None)] if by_shard else [slice(s, s + 1) for s in range(len(logprobs))]
+    shard_sequences, chunk_sequences = shard if by_shard else (1, 1)
+    out = []
+    for group in groups:  # each group cut in a program of its own size, as it was measured
+        part = {name: a[group] for name, a in candidates.items()}
+
+        def stored_size(counts, part=part):
+            return stored_bytes(compress.cut(part, counts, spec), spec,
+                                shard_sequences=shard_sequences,
+                                chunk_sequences=chunk_sequences)
+        counts = _group_counts(logprobs[group], spec,
+                               stored_size if spec.stored_budget else None)
+        out.append(compress.cut(part, counts, spec))
+    return {name: np.concatenate([o[name] for o in out]) for name in out[0]}

@@ -1,7 +1,8 @@
 """Pure, jittable encode/decode of teacher targets (no I/O).
 
 ``encode(logits [B, L, V], sequence_indices [B], spec)`` returns the stored arrays of
-:func:`pipeline.cache.format.array_layout` (each ``[B, L, *trailing]``) and
+:func:`pipeline.cache.format.array_layout` (each ``[B, L, *trailing]``; a ``bytes_per_token``
+spec's candidates, :func:`encoded_layout`, which :func:`cut` turns into stored arrays) and
 ``decode(stored, spec)`` returns the batch keys of pipeline/losses/targets.py. ``spec`` is
 static. Both are jitted (encode one sequence per compiled call, see :func:`encode`).
 
@@ -29,10 +30,13 @@ Codes, per token:
   the KL they add is a few percent of top-64's truncation KL). The tail log-mass
   log(sum_{v not in top k} p_v) is summed directly (so it is exactly -inf when k covers the
   vocab). Lossy values are renormalised at decode so that the k values and the tail sum to 1.
-- adaptive topk (``top_p`` / ``bytes_per_token``): the k candidates are cut to k_t per token
-  (:func:`kept_counts`; a budget of format 3 and later: ``pipeline.cache.budget``); the cut
-  ones join the tail (summed directly), the unused slots hold zeros and ``id_count`` holds k_t
-  (pipeline/cache/ragged.py stores only the used slots).
+- adaptive topk (``top_p`` / ``bytes_per_token``): the k candidates are cut to k_t per token;
+  the cut ones join the tail (summed directly), the unused slots hold zeros and ``id_count``
+  holds k_t (pipeline/cache/ragged.py stores only the used slots). ``top_p`` cuts each token
+  on its own, here (:func:`kept_counts`). ``bytes_per_token`` shares bytes between tokens, so
+  the encoder gives the k **candidates** (:func:`candidate_layout`) and
+  ``pipeline.cache.budget.cut`` picks k_t on the host, over a sequence or a whole shard, and
+  cuts them (:func:`cut`).
 - sampled: n ids drawn i.i.d. from p by inverse CDF with a key per (seed, sequence, position),
   so a re-run draws the same ids; stored as sorted unique ids, counts (uint8, unused slots 0
   with id 0) and the teacher entropy H(p) in f32. (A cumulative sum in f32 resolves
@@ -48,9 +52,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pipeline.cache import budget
 from pipeline.cache.format import (PADDED_LOGIT, TargetSpec, array_layout, id_bits,
-                                   mantissa_bytes, raw_token_bytes)
+                                   mantissa_bytes)
 from pipeline.losses import restrict_to_vocab
 
 # q8 log-probs are clamped here so that the per-token scale stays finite (e^-100 ~ 0 in f32);
@@ -169,8 +172,29 @@ def dequantize_sqrt_logprobs(q: jax.Array) -> jax.Array:
                      _SQRT_LAST_LOGPROB - (n - SQRT_LEVELS) * _LOG_STEP)
 
 
+def candidate_layout(spec: TargetSpec) -> dict[str, tuple[tuple[int, ...], str]]:
+    """What the encoder gives per token for a ``bytes_per_token`` spec, {name: (trailing
+    shape, dtype)}: the k candidates by descending probability (``cand_ids``), their logits
+    less the peak (``cand_relative``), the other ids' exp(logit - peak) summed
+    (``cand_tail_mass``), the log of all of it (``cand_log_total``), and the statistic of the
+    other ids that the audit needs (``cand_tail_kl``, ``pipeline.cache.audit``), all exact
+    float32 (never recomputed from stored values)."""
+    return {"cand_ids": ((spec.k,), "int32"), "cand_relative": ((spec.k,), "float32"),
+            "cand_tail_mass": ((), "float32"), "cand_log_total": ((), "float32"),
+            "cand_tail_kl": ((), "float32")}
+
+
+def encoded_layout(spec: TargetSpec) -> dict[str, tuple[tuple[int, ...], str]]:
+    """What :func:`encode` gives per token, {name: (trailing shape, dtype)}: the stored arrays
+    (``array_layout``), or a ``bytes_per_token`` spec's candidates (:func:`candidate_layout`)."""
+    if spec.bytes_per_token is not None:
+        return candidate_layout(spec)
+    return {a.name: (a.trailing, a.dtype) for a in array_layout(spec)}
+
+
 def _encode_topk(x: jax.Array, spec: TargetSpec) -> dict[str, jax.Array]:
-    """[T, V] scaled logits -> stored arrays. One top-k and one fused pass over the vocab."""
+    """[T, V] scaled logits -> stored arrays (``bytes_per_token``: the candidates). One top-k
+    and one fused pass over the vocab."""
     top, ids = jax.lax.top_k(x, spec.k)
     # without the barrier XLA:CPU fuses top_k into the passes below and runs ~30x slower
     top, x = jax.lax.optimization_barrier((top, x))
@@ -179,18 +203,33 @@ def _encode_topk(x: jax.Array, spec: TargetSpec) -> dict[str, jax.Array]:
     total = jnp.sum(weights, axis=-1)
     # the tail summed directly (precise when it is tiny, exactly 0 when k covers the vocab):
     # ids strictly below the k-th value, plus ids tied with it that top_k left out
-    below = jnp.sum(jnp.where(x < kth, weights, 0.0), axis=-1)
+    below = x < kth
+    tail_mass = jnp.sum(jnp.where(below, weights, 0.0), axis=-1)
     left_out_ties = jnp.sum(x == kth, axis=-1) - jnp.sum(top == kth, axis=-1)
-    tail_mass = below + left_out_ties * jnp.exp(kth - peak)[:, 0]
-    candidates = (ids, top - peak, tail_mass, jnp.log(total))
-    if not spec.adaptive:
-        return _cut_topk(*candidates, None, spec)
-    logprobs = candidates[1] - candidates[3][:, None]
-    if spec.stored_budget:
-        count = budget.stored_counts(lambda c: _cut_topk(*candidates, c, spec), logprobs, spec)
-    else:
-        count = kept_counts(logprobs, spec)
-    return _cut_topk(*candidates, count, spec)
+    kth_weight = jnp.exp(kth - peak)[:, 0]
+    tail_mass = tail_mass + left_out_ties * kth_weight
+    relative, log_total = top - peak, jnp.log(total)
+    if spec.bytes_per_token is not None:
+        # sum over the other real ids of p_v (log p_v - c), c = log(their mean probability),
+        # term by term: with it the audit's KL of any cut needs no logits (pipeline.cache.audit)
+        shift = (jnp.log(tail_mass) - jnp.log(float(spec.tokenizer_vocab_size - spec.k)))[:, None]
+        terms = jnp.where(below & (weights > 0), weights * (x - peak - shift), 0.0)
+        ties = jnp.where(left_out_ties > 0,
+                         left_out_ties * kth_weight * (kth - peak - shift)[:, 0], 0.0)
+        return {"cand_ids": ids, "cand_relative": relative, "cand_tail_mass": tail_mass,
+                "cand_log_total": log_total,
+                "cand_tail_kl": (jnp.sum(terms, axis=-1) + ties) / total}
+    count = kept_counts(relative - log_total[:, None], spec) if spec.adaptive else None
+    return _cut_topk(ids, relative, tail_mass, log_total, count, spec)
+
+
+def kept_order(ids: jax.Array, used: jax.Array, spec: TargetSpec) -> jax.Array | None:
+    """The order in which the stored slots hold a token's kept candidates ``[..., k]``
+    (``ids`` by descending probability, ``used`` the kept ones): ascending ids with the unused
+    slots last for the gap code; None (as they come) for the packed one."""
+    if spec.id_encoding != "gap":
+        return None
+    return jnp.argsort(jnp.where(used, ids, spec.vocab_size), axis=-1)
 
 
 def _cut_topk(ids: jax.Array, relative: jax.Array, tail_mass: jax.Array, log_total: jax.Array,
@@ -206,9 +245,8 @@ def _cut_topk(ids: jax.Array, relative: jax.Array, tail_mass: jax.Array, log_tot
         tail_mass = tail_mass + jnp.sum(jnp.where(used, 0.0, jnp.exp(relative)), axis=-1)
         values = jnp.where(used, values, 0.0)
     tail = jnp.log(tail_mass) - log_total
-    if spec.id_encoding == "gap":
-        # ascending ids, the unused slots last
-        order = jnp.argsort(jnp.where(used, ids, spec.vocab_size), axis=-1)
+    order = kept_order(ids, used, spec)
+    if order is not None:
         ids = jnp.take_along_axis(ids, order, axis=-1)
         values = jnp.take_along_axis(values, order, axis=-1)
     out = encode_ids(ids, used, spec)
@@ -227,24 +265,30 @@ def _cut_topk(ids: jax.Array, relative: jax.Array, tail_mass: jax.Array, log_tot
 
 
 def kept_counts(logprobs: jax.Array, spec: TargetSpec) -> jax.Array:
-    """Ids kept per token, ``[T]`` int32 in [min_k, k], from the k largest log-probs ``[T, k]``
-    (descending) of the T positions of one sequence.
+    """``top_p``'s ids kept per token, ``[T]`` int32 in [min_k, k]: the fewest of the k largest
+    log-probs ``[T, k]`` (descending) whose mass reaches top_p, each token on its own."""
+    below_p = jnp.cumsum(jnp.exp(logprobs), axis=-1)[:, :-1] < spec.top_p
+    return jnp.clip(1 + jnp.sum(below_p, axis=-1), spec.min_k, spec.k)
 
-    - ``top_p``: the fewest ids whose mass reaches top_p (each token on its own);
-    - ``bytes_per_token`` = B of formats 1 and 2: with (c_t, c_id) =
-      :func:`~pipeline.cache.spec.raw_token_bytes`, the sequence keeps
-      ``n = floor(T (B - c_t) / c_id)`` ids in all (:func:`budget.counts_with_extra`: ``min_k``
-      per token, then the most probable remaining candidates of the sequence), so each
-      sequence's raw bytes per token are at most B. Format 3 and later measure stored bytes instead
-      (``pipeline.cache.budget.stored_counts``).
-    """
-    if spec.top_p is not None:
-        below_p = jnp.cumsum(jnp.exp(logprobs), axis=-1)[:, :-1] < spec.top_p
-        return jnp.clip(1 + jnp.sum(below_p, axis=-1), spec.min_k, spec.k)
-    tokens, k = logprobs.shape
-    per_token, per_id = raw_token_bytes(spec)
-    extra = int(tokens * (spec.bytes_per_token - per_token) // per_id) - tokens * spec.min_k
-    return budget.counts_with_extra(logprobs, min(extra, tokens * (k - spec.min_k)), spec)
+
+@functools.partial(jax.jit, static_argnames="spec")
+def _cut_sequences(candidates: dict[str, jax.Array], counts: jax.Array,
+                   spec: TargetSpec) -> dict[str, jax.Array]:
+    return jax.vmap(lambda c, n: _cut_topk(c["cand_ids"], c["cand_relative"],
+                                           c["cand_tail_mass"], c["cand_log_total"], n, spec))(
+        candidates, counts)
+
+
+def cut(candidates: dict[str, np.ndarray], counts: np.ndarray,
+        spec: TargetSpec) -> dict[str, np.ndarray]:
+    """A ``bytes_per_token`` spec's candidates ``{name: [S, L, ...]}`` (:func:`candidate_layout`)
+    cut to ``counts`` ``[S, L]`` ids per token -> the stored arrays ``{name: [S, L, ...]}``
+    (padded, as :func:`encode` gives other specs'). Runs on the host's CPU, the same program
+    for the same S whatever device the teacher ran on."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        out = _cut_sequences({name: jnp.asarray(a) for name, a in candidates.items()},
+                             jnp.asarray(counts, jnp.int32), spec)
+        return {name: np.asarray(a) for name, a in out.items()}
 
 
 def array_dtype(spec: TargetSpec, name: str) -> str:
@@ -333,7 +377,8 @@ def _encode_row(logits: jax.Array, sequence_indices: jax.Array, row: jax.Array,
 
 def encode(logits: jax.Array, sequence_indices, spec: TargetSpec) -> dict[str, jax.Array]:
     """Teacher logits [B, L, V] of sequences ``sequence_indices`` [B] -> stored arrays
-    {name: [B, L, *trailing]} (names and dtypes of ``array_layout(spec)``).
+    {name: [B, L, *trailing]} (names and dtypes of :func:`encoded_layout`: a
+    ``bytes_per_token`` spec's candidates).
 
     One compiled call per sequence (row ``b`` is sliced inside the call, dispatched
     asynchronously), so the float reductions over a sequence's [L, V] run in the same order

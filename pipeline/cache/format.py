@@ -15,11 +15,12 @@ A cache is a kvstore prefix (a local directory or any TensorStore kvstore URL su
 
 The layout depends only on (sequence index, position), never on how many hosts wrote or read.
 
-Versions (manifest.json's ``format_version``, carried by the target spec): 4 is written; 1 to
-3 are read with their own arrays and codecs (:func:`array_layout`, :func:`inner_codecs`); a
+Versions (manifest.json's ``format_version``, carried by the target spec): 5 is written; 1 to
+4 are read with their own arrays and codecs (:func:`array_layout`, :func:`inner_codecs`); a
 newer one is refused. Version 3 stores the gap code's ids as plain gaps, token-major and
 byte-shuffled, and bounds ``bytes_per_token`` on stored bytes (pipeline/cache/budget.py).
-Version 4 adds the ``q8sqrt`` value code (pipeline/cache/compress.py), topk's default.
+Version 4 adds the ``q8sqrt`` value code (pipeline/cache/compress.py), topk's default. Version
+5 shares ``bytes_per_token`` over each shard instead of each sequence; its arrays are 4's.
 
 Modes (``TargetSpec.mode``), with the batch keys the reader produces (pipeline/losses/targets.py):
 

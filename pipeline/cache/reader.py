@@ -75,7 +75,8 @@ class CacheReader:
 
     def read_stored(self, sequence_indices: Sequence[int]) -> dict[str, np.ndarray]:
         """The stored (encoded) arrays {name: [B, L, *trailing]} of these sequences, as
-        ``compress.encode`` gave them (ragged arrays padded back: pipeline/cache/ragged.py)."""
+        ``compress.encode`` gives them (``compress.cut``'s for a ``bytes_per_token`` cache;
+        ragged arrays padded back: pipeline/cache/ragged.py)."""
         indices = np.asarray(sequence_indices, np.int64)
         m = self.manifest
         if indices.ndim != 1 or not len(indices):

@@ -11,12 +11,12 @@ import numpy as np
 
 from pipeline.errors import CacheError
 
-# Version 4: topk values default to q8sqrt (pipeline/cache/compress.py). Version 3: the gap
+# Version 5: bytes_per_token shared over a shard (pipeline/cache/budget.py). Version 4: topk values default to q8sqrt (pipeline/cache/compress.py). Version 3: the gap
 # code's ids as plain gaps (:func:`gap_dtype`), token-major and byte-shuffled; budgets on
 # stored bytes. Version 2: adaptive top-k (ragged arrays). Version 1: fixed top-k / sampled /
-# full. Arrays of versions 1 to 3 read unchanged (:func:`array_layout`).
-FORMAT_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
+# full. Arrays of versions 1 to 4 read unchanged (:func:`array_layout`; 5's are 4's).
+FORMAT_VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 MODES = ("topk", "sampled", "full")
 VALUE_DTYPES = ("float32", "bfloat16", "q8", "q8sqrt")
 # 8-bit codes of log-probs (topk only), and the first format version that has each
@@ -54,8 +54,9 @@ class TargetSpec:
     Adaptive top-k (topk only; None otherwise): top_p keeps each token's most probable ids
     until their mass reaches top_p; bytes_per_token stores at most that many bytes per token
     on average (format 3 and later: stored bytes, measured; formats 1 and 2: raw bytes before
-    compression, :func:`raw_token_bytes`), on each sequence's most probable ids; either way
-    between min_k and k ids per token.
+    compression, :func:`raw_token_bytes`) on the most probable ids of each shard (format 5)
+    or sequence (before; pipeline/cache/budget.py); either way between min_k and k ids per
+    token.
     format_version: the cache format whose arrays these are (manifest.json keeps it beside
     the target, not in it: :class:`pipeline.cache.format.CacheManifest`).
     """
@@ -161,6 +162,12 @@ class TargetSpec:
         return self.bytes_per_token is not None and self.format_version >= 3
 
     @property
+    def shard_budget(self) -> bool:
+        """Whether a cache shares bytes_per_token over each shard (format >= 5) rather than
+        each sequence."""
+        return self.bytes_per_token is not None and self.format_version >= 5
+
+    @property
     def gap_ids(self) -> bool:
         """Whether ids are stored as plain gaps (:func:`gap_dtype`; gap code of format 3)."""
         return self.id_encoding == "gap" and self.format_version >= 3
@@ -176,7 +183,8 @@ class TargetSpec:
         kept = (f"{self.min_k}..{self.k} ids per token to mass {self.top_p}"
                  if self.top_p is not None else
                  f"{self.min_k}..{self.k} ids per token, <= {self.bytes_per_token:g} "
-                 f"{'stored' if self.stored_budget else 'raw'} B/token"
+                 f"{'stored' if self.stored_budget else 'raw'} B/token over each "
+                 f"{'shard' if self.shard_budget else 'sequence'}"
                  if self.adaptive else f"top-{self.k}")
         return {"topk": f"{kept} log-probs + tail mass",
                 "sampled": f"{self.n_draws} sampled draws (ids + counts) + teacher entropy",

@@ -14,6 +14,8 @@ re-run produces the same bytes as an uninterrupted one, and disjoint shard sets 
 several processes equal one process writing them all.
 A topk shard's commit record also carries the fidelity audit of pipeline/cache/audit.py,
 measured on the logits ``write`` sees (deterministic too: the killed-writer guarantee covers it).
+A ``cache.bytes_per_token`` shard is buffered as its tokens' candidates and cut once complete
+(pipeline/cache/budget.py: format 5 shares the budget over the shard), then audited.
 Sequences of already committed shards are dropped; :meth:`CacheWriter.pending_shards` lets
 the teacher loop skip their forward passes altogether.
 
@@ -36,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pipeline.cache import audit, compress, ragged
+from pipeline.cache import audit, budget, compress, ragged
 from pipeline.cache.format import (MANIFEST_KEY, CacheManifest, ShardCommit, array_layout,
                                    check_same_header, commit_key, load_manifest, open_array,
                                    read_commits, shard_file_key)
@@ -132,7 +134,7 @@ class CacheWriter:
                              f"{list(expected)}, got {list(logits.shape)}")
         target = self.manifest.target
         encoded = compress.encode(logits, indices, target)
-        if target.mode == "topk":
+        if target.mode == "topk" and target.bytes_per_token is None:  # else: once cut
             encoded.update(zip(_AUDIT_KEYS, audit.audit_batch(logits, encoded, target)))
         self._queue.put((encoded, indices, first_nonfinite(logits)))
 
@@ -143,10 +145,11 @@ class CacheWriter:
         *trailing]} as ``compress.encode`` gives them (``pipeline.teacher_head`` computes them
         without the logits), ``check`` the logits' :func:`first_nonfinite` ([2] int32),
         ``fidelity`` the audit's (KL, mass) ``[B, n]`` (``pipeline.cache.audit.audit_batch``)
-        or None (the shards' records then carry the mean k only)."""
+        or None (the shards' records then carry the mean k only; a ``bytes_per_token`` cache
+        audits its candidates itself)."""
         indices = self._checked_indices(sequence_indices)
-        expected = {a.name: (len(indices), self.manifest.seq_len, *a.trailing)
-                    for a in self._layout}
+        expected = {name: (len(indices), self.manifest.seq_len, *trailing)
+                    for name, (trailing, _) in compress.encoded_layout(self.manifest.target).items()}
         got = {name: tuple(a.shape) for name, a in encoded.items()}
         if got != expected:
             raise CacheError(f"cache write: encoded arrays expected shapes {expected}, got {got}")
@@ -248,7 +251,13 @@ class CacheWriter:
         keys = {a.name: shard_file_key(a, shard) for a in self._layout}
         target = self.manifest.target
         fidelity = None
-        if target.mode == "topk":
+        if target.bytes_per_token is not None:
+            candidates = data
+            data = budget.cut(candidates, target, shard=(self.manifest.shard_sequences,
+                                                         self.manifest.chunk_sequences))
+            fidelity = audit.shard_audit(*audit.candidate_audit(candidates, data, target),
+                                         data["id_count"])
+        elif target.mode == "topk":
             counts = data["id_count"] if target.adaptive else np.full(1, target.k)
             fidelity = audit.shard_audit(*(data.get(key) for key in _AUDIT_KEYS), counts)
         # a killed earlier run may have left files of this shard: remove them so the new

@@ -79,10 +79,12 @@ class CacheConfig(Section):
                                 "them); the rest joins the exact tail bucket. null: k ids.",
                                 gt=0.0, le=1.0)
     bytes_per_token: float | None = field(
-        None, "Adaptive top-k by a bytes budget (mode topk; not with top_p): each sequence keeps "
-        "min_k ids per token, then as many of its most probable remaining candidates (of the "
-        "top k) as keep its stored bytes per token (as written, compressed) <= this; min_k ids "
-        "are kept even past it. null: no budget.", gt=0.0)
+        None, "Adaptive top-k by a bytes budget (mode topk; not with top_p): each cache shard "
+        "keeps min_k ids per token, then as many of its most probable remaining candidates (of "
+        "the top k, over all its tokens) as keep its stored bytes per token (as written, "
+        "compressed) <= this; min_k ids are kept even past it. A live teacher's targets for "
+        "uncached rows (hybrid) keep it per sequence. The cache writer holds a shard's "
+        "candidates, shard_sequences x seq_len x k x 8 bytes. null: no budget.", gt=0.0)
     min_k: int = field(1, "Fewest ids a token keeps under top_p or bytes_per_token.", gt=0)
     n_draws: int = field(64, "Draws per token (mode sampled).", gt=0, le=255)
     value_dtype: Literal["q8sqrt", "q8", "bfloat16", "float32"] | None = field(
