@@ -1,6 +1,7 @@
 """Teacher replicas of several hosts (``cluster.teacher.hosts_per_replica``) on a multi-node
 ``ray.cluster_utils.Cluster`` (one node per teacher host, Ray actors with num_cpus=0, JAX over
-gloo): 2 replicas x 2 hosts fill a cache byte-identical to one teacher on one device, with a
+gloo): 2 replicas x 2 hosts fill a cache (its bytes_per_token budget shared over each shard,
+format 5's, so the writer cuts on the host) byte-identical to one teacher on one device, with a
 replica's writing host SIGKILLed mid-fill (a shard's files written, its commit record not):
 the replica is formed again on new hosts and the shard rewritten once. One run shows both (a
 run without the kill costs CI another ~40 s and shows nothing more: every other shard of this
@@ -40,7 +41,8 @@ def tiny(tmp_path_factory):
 
     work = tmp_path_factory.mktemp("teacher-replicas")
     overrides = make_tiny_run(work) + ["train.steps=2", "optimizer.warmup_steps=1", "eval.every_steps=0",
-                                       "checkpoint.every_steps=2"]
+                                       "checkpoint.every_steps=2", "cache.bytes_per_token=24",
+                                       "cache.min_k=1"]
     reference = load_config(TINY, [*overrides, f"cache.path={work / 'reference'}"])
     teacher = build_model(reference.model.teacher, frozen=True, mesh=teacher_mesh(reference.mesh))
     for split in ("train", "eval"):
