@@ -82,3 +82,32 @@ def test_chunk_choice_and_bad_arguments(teacher_outputs):
         encode_from_hidden(hidden, head, np.arange(B), spec, chunk=0)
     with pytest.raises(ValueError, match=rf"head: expected {V} rows"):
         encode_from_hidden(hidden, head[:50], np.arange(B), spec, chunk=2)
+
+
+def test_live_targets_of_a_budget_keep_it_per_sequence():
+    """``encode_targets`` (a remote teacher scoring rows no cache holds) hands back stored
+    arrays, each row cut to the budget on its own (``budget.cut`` without a shard)."""
+    from pipeline.cache import budget
+    from pipeline.cache.format import array_layout
+    from pipeline.step import TrainState
+    from pipeline.teacher import _run_teacher, encode_targets
+    from toy_model import ToyDecoder
+
+    vocab, seq = 96, 16
+    state = TrainState.create(ToyDecoder(vocab, hidden=24, seed=3))
+    spec = TargetSpec("topk", vocab, vocab, k=12, min_k=1, bytes_per_token=20.0)
+    rng = np.random.default_rng(0)
+    batch = {"input_ids": rng.integers(0, vocab, (3, seq)).astype(np.int32),
+             "attention_mask": np.ones((3, seq), np.int32)}
+    rows = np.array([7, 2, 40])
+    got = encode_targets(state, batch, rows, spec)
+    assert set(got) == {a.name for a in array_layout(spec)}
+    candidates = {n: np.asarray(a) for n, a in _run_teacher(state, batch, rows, spec)
+                  .encoded.items()}
+    for name, want in budget.cut(candidates, spec).items():
+        np.testing.assert_array_equal(got[name], want, err_msg=name)
+    counts = got["id_count"].astype(int)
+    assert len(np.unique(counts)) > 2 and counts.max() < spec.k
+    for row in range(3):
+        one = {n: a[row:row + 1] for n, a in got.items()}
+        assert budget.stored_bytes(one, spec, shard_sequences=1) <= spec.bytes_per_token * seq
