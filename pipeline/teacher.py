@@ -132,13 +132,14 @@ def encode_targets(teacher: TrainState, batch: dict[str, np.ndarray], rows: np.n
                    spec: TargetSpec) -> dict[str, np.ndarray]:
     """The teacher's targets for ``batch`` (rows ``rows`` [B] of a split), encoded as a cache
     of ``spec`` stores them: {name: [B, L, *trailing]} (``pipeline.cache.compress.decode``
-    turns them into batch keys). The same ids as the cache holds for these rows; the values and
-    tail are the same bytes only when the request has the fill's rows per device: XLA compiles
-    another batch size into another program, whose float32 results differ in the last one or
-    two ulps (measured on XLA:CPU; a hybrid run's uncached rows, requested a few at a time,
-    differ from the cached ones by that much). A ``bytes_per_token`` spec's budget applies to
-    each row on its own here (``pipeline.cache.budget.cut``): a format-5 cache shares it over
-    a shard, so its rows may keep other ids than a live row would."""
+    turns them into batch keys). The same ids as the cache holds for these rows (but for a
+    format-5 budget, below); the values and tail are the same bytes only when the request has
+    the fill's rows per device: XLA compiles another batch size into another program, whose
+    float32 results differ in the last one or two ulps (measured on XLA:CPU; a hybrid run's
+    uncached rows, requested a few at a time, differ from the cached ones by that much). A
+    ``bytes_per_token`` spec's budget applies to each row on its own here
+    (``pipeline.cache.budget.cut``): a format-5 cache shares it over a shard, so its rows may
+    keep other ids than a live row would."""
     encoded = {name: np.asarray(a) for name, a in _run_teacher(teacher, batch, rows, spec)
                .encoded.items()}
     return encoded if spec.bytes_per_token is None else budget.cut(encoded, spec)

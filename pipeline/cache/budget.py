@@ -11,11 +11,10 @@ the teacher is unsure, across tokens and across sequences.
   whose shard, written as the cache writes it (:func:`stored_bytes`: the ragged packing, each
   array's codecs and the shard index, in a memory kvstore), takes at most ``B * S * L`` bytes
   and at least 0.999 of that, or all that fits (:func:`largest_fitting`): B bounds exactly
-  what a user reads off the disk. Sharing over a shard's S sequences rather than one lets a sequence the teacher is
-  sure of lend bytes to one it is not (measured on the real teacher of ``bench_cache.py
-  --real``: about 0.65x top-64's bytes at its KL, against 0.71x per sequence). The shard is a
-  fixed set of sequences, so its bytes never depend on the batching, the devices or which host
-  wrote it. The writer holds a shard's candidates until it is complete: ``shard_sequences * L
+  what a user reads off the disk. Sharing over a shard's S sequences rather than one lets a
+  sequence the teacher is sure of lend bytes to one it is not (``bench_cache.py --real``
+  measures what it gains on a real teacher's outputs). The shard is a fixed set of
+  sequences, so its bytes never depend on the batching, the devices or which host wrote it. The writer holds a shard's candidates until it is complete: ``shard_sequences * L
   * k * 8`` bytes (256 sequences of 2,048 tokens at k = 64: 268 MB).
 - **Formats 3 and 4**, and **live scoring** (a remote teacher's targets for rows no cache
   holds, ``pipeline.teacher.encode_targets``, where no shard exists): the group is one
@@ -82,9 +81,9 @@ def stored_bytes(stored: dict[str, np.ndarray], spec: TargetSpec, *, shard_seque
 
 
 def _group_counts(logprobs: np.ndarray, spec: TargetSpec, stored_size) -> np.ndarray:
-    """Ids kept per token ``[S, L]`` of one group (logprobs ``[S, L, k]``): an ``extra`` whose
-    cut ``stored_size(counts)`` fits ``B * S * L`` bytes and ``extra + 1``'s does not
-    (:func:`largest_fitting`), or formats 1 and 2's raw ``extra`` (``stored_size`` None)."""
+    """Ids kept per token ``[S, L]`` of one group (logprobs ``[S, L, k]``): the ``extra`` of
+    :func:`largest_fitting` for the bytes ``stored_size(counts)`` of its cut and a limit of
+    ``B * S * L``, or formats 1 and 2's raw ``extra`` (``stored_size`` None)."""
     ranks = candidate_ranks(logprobs, spec.min_k)
     tokens = logprobs.shape[0] * logprobs.shape[1]
     most = tokens * (spec.k - spec.min_k)

@@ -11,9 +11,9 @@ import numpy as np
 
 from pipeline.errors import CacheError
 
-# Version 5: bytes_per_token shared over a shard (pipeline/cache/budget.py). Version 4: topk values default to q8sqrt (pipeline/cache/compress.py). Version 3: the gap
-# code's ids as plain gaps (:func:`gap_dtype`), token-major and byte-shuffled; budgets on
-# stored bytes. Version 2: adaptive top-k (ragged arrays). Version 1: fixed top-k / sampled /
+# Version 5: bytes_per_token shared over a shard (pipeline/cache/budget.py). Version 4: topk
+# values default to q8sqrt (pipeline/cache/compress.py). Version 3: the gap code's ids as
+# plain gaps (:func:`gap_dtype`), token-major and byte-shuffled; budgets on stored bytes. Version 2: adaptive top-k (ragged arrays). Version 1: fixed top-k / sampled /
 # full. Arrays of versions 1 to 4 read unchanged (:func:`array_layout`; 5's are 4's).
 FORMAT_VERSION = 5
 READABLE_VERSIONS = (1, 2, 3, 4, 5)

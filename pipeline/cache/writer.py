@@ -148,8 +148,9 @@ class CacheWriter:
         or None (the shards' records then carry the mean k only; a ``bytes_per_token`` cache
         audits its candidates itself)."""
         indices = self._checked_indices(sequence_indices)
+        layout = compress.encoded_layout(self.manifest.target)
         expected = {name: (len(indices), self.manifest.seq_len, *trailing)
-                    for name, (trailing, _) in compress.encoded_layout(self.manifest.target).items()}
+                    for name, (trailing, _) in layout.items()}
         got = {name: tuple(a.shape) for name, a in encoded.items()}
         if got != expected:
             raise CacheError(f"cache write: encoded arrays expected shapes {expected}, got {got}")
