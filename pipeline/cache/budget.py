@@ -62,10 +62,11 @@ def counts_with_extra(ranks: np.ndarray, extra: int, min_k: int) -> np.ndarray:
 def stored_bytes(stored: dict[str, np.ndarray], spec: TargetSpec, *, shard_sequences: int,
                  chunk_sequences: int = 1) -> int:
     """Bytes that sequences' stored arrays ``{name: [S, L, ...]}`` (padded, as
-    ``compress.cut`` gives them) take as one shard of a cache of ``shard_sequences`` and
-    ``chunk_sequences`` (S <= shard_sequences: a short last shard): written with the cache's
-    own layout (``pipeline.cache.format.zarr3_spec``) to a memory kvstore, the files' sizes."""
-    sequences, seq_len = stored["id_count"].shape
+    ``compress.cut`` or ``compress.encode`` give them) take as one shard of a cache of
+    ``shard_sequences`` and ``chunk_sequences`` (S <= shard_sequences: a short last shard):
+    written with the cache's own layout (``pipeline.cache.format.zarr3_spec``) to a memory
+    kvstore, the files' sizes."""
+    sequences, seq_len = next(iter(stored.values())).shape[:2]
     manifest = CacheManifest(spec, "", "", "", seq_len=seq_len, num_sequences=sequences,
                              shard_sequences=shard_sequences, chunk_sequences=chunk_sequences)
     packed = ragged.pack(stored, spec)
