@@ -180,6 +180,28 @@ def test_audit_kl_and_mass_match_float64():
     assert record["k_mean"] == pytest.approx(np.asarray(encoded["id_count"]).mean())
 
 
+@pytest.mark.parametrize("fields", [
+    dict(k=K, value_dtype="q8", id_encoding="packed"), dict(k=K, value_dtype="bfloat16"),
+    dict(k=REAL_V, value_dtype="float32")])  # k = the real vocab: no id beyond the candidates
+def test_candidate_audit_matches_the_logits_audit_for_every_code(fields):
+    spec = TargetSpec("topk", V, REAL_V, min_k=1, bytes_per_token=40.0, temperature=0.7,
+                      **fields)
+    logits = _logits(8, 2)
+    candidates = {n: np.asarray(a) for n, a in
+                  compress.encode(jnp.asarray(logits), jnp.arange(2), spec).items()}
+    counts = np.random.default_rng(0).integers(1, spec.k + 1, (2, L))
+    stored = compress.cut(candidates, counts, spec)
+    np.testing.assert_array_equal(stored["id_count"], counts)
+    kl, mass = audit.candidate_audit(candidates, stored, spec)
+    decoded = compress.decode(stored, spec)
+    for row in range(2):
+        want_kl, want_mass = audit.reconstruction_kl(
+            jnp.asarray(logits[row]), {n: a[row] for n, a in decoded.items()}, spec)
+        np.testing.assert_allclose(kl[row], want_kl, rtol=2e-4, atol=2e-6)
+        np.testing.assert_allclose(mass[row], want_mass, rtol=1e-5)
+    assert np.all(np.isfinite(kl)) and kl.max() > 1e-3
+
+
 def _reads_as_encoded(location, logits, spec, run, stored=None):
     got = CacheReader(location, run).read(list(range(len(logits))))
     want = compress.decode(stored or _stored(logits, spec), spec)
