@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_cache import realistic_teacher_logits  # noqa: E402
+from bench_cache import (add_teacher_arguments, add_teacher_overrides,  # noqa: E402
+                         realistic_teacher_logits)
 
 from pipeline.cache import TargetSpec, audit, budget, compress  # noqa: E402
 
@@ -55,7 +56,7 @@ def real_outputs(args) -> tuple[list[np.ndarray], int, float, np.ndarray]:
 
     workdir = Path(args.real_workdir)
     config, sources, teacher_dir = cache_real.prepare_teacher(
-        workdir, args.real_vocab, args.teacher_steps, args.real_kb, [])
+        workdir, args.real_vocab, args.teacher_steps, args.real_kb, args.real_set)
     base = cache_real.bench_config(config, sources, teacher_dir, workdir, args.real_kb, 1)
     if not (Path(base.data.prepared_dir) / "metadata.json").exists():
         prepare_dataset(base.data, progress=False)
@@ -68,7 +69,7 @@ def real_outputs(args) -> tuple[list[np.ndarray], int, float, np.ndarray]:
         batch = dataset.read_rows(np.arange(first, min(first + REFERENCE_SHARD, rows)))
         batches.append(np.asarray(forward(state, batch), np.float32))
         masks.append(batch["attention_mask"] > 0)
-    return batches, info.vocab_size, base.loss.temperature, np.concatenate(masks)
+    return batches, info.vocab_size, base.cache_temperature, np.concatenate(masks)
 
 
 def encoded(batches: list[np.ndarray], spec: TargetSpec) -> dict[str, np.ndarray]:
@@ -140,12 +141,11 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=128, help="candidates per token (cache.k)")
     parser.add_argument("--budgets", default="40,60,70,80", help="B/token, comma-separated")
     parser.add_argument("--groups", default="1,16", help="sequences sharing a budget")
-    parser.add_argument("--real", action="store_true", help="bench_cache.py --real's teacher")
-    parser.add_argument("--real-workdir", default="runs/bench_cache_real")
-    parser.add_argument("--real-vocab", type=int, default=32768)
-    parser.add_argument("--teacher-steps", type=int, default=300)
-    parser.add_argument("--real-kb", type=float, default=48)
+    real = parser.add_argument_group("bench_cache.py --real's teacher (--real)")
+    real.add_argument("--real", action="store_true", help="its outputs instead of synthetic")
+    add_teacher_arguments(real)
     args = parser.parse_args()
+    add_teacher_overrides(args)
 
     if args.real:
         batches, vocab, temperature, real = real_outputs(args)

@@ -233,6 +233,31 @@ def student_loop(args, root, manifest, ids):
     return memory, prefetched
 
 
+def add_teacher_arguments(group) -> None:
+    """The options of --real's teacher and cached text (benchmarks/cache_real.py), which
+    bench_budget.py --real shares."""
+    group.add_argument("--real-workdir", default="runs/bench_cache_real",
+                       help="tokenizer, data, teacher, caches and students (reused by re-runs)")
+    group.add_argument("--real-vocab", type=int, default=32768, help="tokenizer ids")
+    group.add_argument("--teacher-steps", type=int, default=300,
+                       help="the teacher's steps on the cached text (all of it)")
+    group.add_argument("--teacher-lr", type=float, default=1e-2,
+                       help="the teacher's peak learning rate (demo.teacher_learning_rate)")
+    group.add_argument("--temperature", type=float, default=0.5,
+                       help="loss.temperature, so the caches' T: 0.5 sharpens this small "
+                            "teacher to a real 135M teacher's top-1 mass (about 0.6)")
+    group.add_argument("--real-kb", type=float, default=48,
+                       help="the cached data: the demo's smallest files up to this many kB")
+    group.add_argument("--real-set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                       help="an override of configs/demo.yaml (repeatable)")
+
+
+def add_teacher_overrides(args) -> None:
+    """--teacher-lr and --temperature as overrides of configs/demo.yaml, before --real-set's."""
+    args.real_set[:0] = [f"demo.teacher_learning_rate={args.teacher_lr}",
+                         f"loss.temperature={args.temperature}"]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -256,35 +281,21 @@ def main():
     real = parser.add_argument_group("real teacher outputs (--real; benchmarks/cache_real.py)")
     real.add_argument("--real", action="store_true",
                       help="the frontier on the demo's trained teacher instead of part 1-3")
-    real.add_argument("--real-workdir", default="runs/bench_cache_real",
-                      help="tokenizer, data, teacher, caches and students (reused by re-runs)")
-    real.add_argument("--real-vocab", type=int, default=32768, help="tokenizer ids")
-    real.add_argument("--teacher-steps", type=int, default=300,
-                      help="the teacher's steps on the cached text (all of it)")
-    real.add_argument("--teacher-lr", type=float, default=1e-2,
-                      help="the teacher's peak learning rate (demo.teacher_learning_rate)")
-    real.add_argument("--temperature", type=float, default=0.5,
-                      help="loss.temperature, so the caches' T: 0.5 sharpens this small "
-                           "teacher to a real 135M teacher's top-1 mass (about 0.6)")
+    add_teacher_arguments(real)
     real.add_argument("--student-steps", type=int, default=30,
                       help="steps of each setting's distilled student (0: no students)")
-    real.add_argument("--real-kb", type=float, default=48,
-                      help="the cached data: the demo's smallest files up to this many kB")
     real.add_argument("--real-kmax", type=int, default=128,
                       help="cache.k (most ids a token keeps) of the top-p and budget settings")
     real.add_argument("--real-fidelity-seqs", type=int, default=None,
                       help="held-out sequences the reconstruction is measured on (default: "
                            "all of them)")
-    real.add_argument("--real-set", action="append", default=[], metavar="KEY.PATH=VALUE",
-                      help="an override of configs/demo.yaml (repeatable)")
     real.add_argument("--real-code-seqs", type=int, default=64,
                       help="cached sequences the id codes are compared on")
     args = parser.parse_args()
     if args.real:
         import cache_real
 
-        args.real_set[:0] = [f"demo.teacher_learning_rate={args.teacher_lr}",
-                             f"loss.temperature={args.temperature}"]
+        add_teacher_overrides(args)
         if args.quick:
             args.real_workdir += "-quick"
             args.real_vocab, args.teacher_steps, args.student_steps = 4096, 2, 0
