@@ -34,6 +34,7 @@ from bench_cache import (add_teacher_arguments, add_teacher_overrides,  # noqa: 
                          realistic_teacher_logits)
 
 from pipeline.cache import TargetSpec, audit, budget, compress  # noqa: E402
+from pipeline.cache.writer import default_shard_workers  # noqa: E402
 
 # Fixed top-64's shards (bench_cache.py --real's SHARD_SEQUENCES).
 REFERENCE_SHARD = 16
@@ -124,6 +125,26 @@ def top64(batches, vocab: int, temperature: float, candidates: dict, real: np.nd
     return {"bytes_per_token": size / real.size, "kl": float(kl[real].astype(np.float64).mean())}
 
 
+def writer_seconds(candidates: dict, spec: TargetSpec, shard: int, workers: int | None) -> float:
+    """Seconds a CacheWriter of ``workers`` shard workers takes to store the candidates
+    (already encoded: the host's share of a fill alone) in shards of ``shard`` sequences."""
+    import tempfile
+
+    from pipeline.cache import CacheManifest, CacheWriter
+
+    sequences, seq_len = candidates["cand_ids"].shape[:2]
+    manifest = CacheManifest(spec, "teacher", "tok", "data", seq_len=seq_len,
+                             num_sequences=sequences, shard_sequences=shard)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        with CacheWriter(tmp, manifest, shard_workers=workers) as writer:
+            for first in range(0, sequences, shard):
+                rows = np.arange(first, min(first + shard, sequences))
+                writer.write_encoded({n: a[rows] for n, a in candidates.items()}, rows,
+                                     np.array([-1, 0], np.int32))
+        return time.perf_counter() - start
+
+
 def reaches(points: list[tuple[float, float]], kl: float) -> float | None:
     """Bytes at which the (bytes, KL) frontier reaches ``kl``, linear between points."""
     points = sorted(points)
@@ -141,6 +162,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=128, help="candidates per token (cache.k)")
     parser.add_argument("--budgets", default="40,60,70,80", help="B/token, comma-separated")
     parser.add_argument("--groups", default="1,16", help="sequences sharing a budget")
+    parser.add_argument("--writer-shard", type=int, default=4,
+                        help="shard size of the CacheWriter timing (0: none)")
     real = parser.add_argument_group("bench_cache.py --real's teacher (--real)")
     real.add_argument("--real", action="store_true", help="its outputs instead of synthetic")
     add_teacher_arguments(real)
@@ -174,6 +197,13 @@ def main() -> None:
             print(f"{b:5g} {g:5d} {r['bytes_per_token']:8.2f} {r['kl']:8.4f} {r['kl_p99']:7.3f} "
                   f"{r['mass']:6.3f} {r['mean_k']:6.1f} {r['probes']:6d} {r['seconds']:7.2f} "
                   f"{real.size / r['seconds']:7.0f}")
+    if args.writer_shard:
+        writer_seconds(candidates, spec, args.writer_shard, 1)  # compiles the cut of a shard
+        one = writer_seconds(candidates, spec, args.writer_shard, 1)
+        several = writer_seconds(candidates, spec, args.writer_shard, None)
+        print(f"CacheWriter, shards of {args.writer_shard} at {spec.bytes_per_token:g} B: 1 "
+              f"worker {real.size / one:.0f} tok/s, the default ({default_shard_workers()}) "
+              f"{real.size / several:.0f} tok/s: {one / several:.2f}x")
     for g in groups:
         at = reaches(frontier[g], ref["kl"])
         print(f"budgets shared over {g} sequences reach top-64's KL "

@@ -261,6 +261,40 @@ def test_killed_writer_rerun_equals_uninterrupted(tmp_path):
         np.testing.assert_array_equal(got_arrays[name], ref_arrays[name])
 
 
+def test_shard_workers_write_the_bytes_of_one(tmp_path):
+    """Shards written by several worker threads at once (a budget's cut on the host among
+    them) are the bytes one worker writes; every sequence in one batch, so that all shards
+    are complete together."""
+    m = manifest(TargetSpec("topk", V, REAL_V, k=7, bytes_per_token=68.0, min_k=1))
+    for name, workers in (("one", 1), ("three", 3)):
+        with CacheWriter(tmp_path / name, m, shard_workers=workers) as writer:
+            writer.write(jnp.asarray(teacher_logits(range(N))), np.arange(N))
+    ref_arrays, ref_commits = stored_and_commits(tmp_path / "one", m)
+    got_arrays, got_commits = stored_and_commits(tmp_path / "three", m)
+    assert got_commits == ref_commits and len(got_commits) == m.num_shards
+    for name in ref_arrays:
+        np.testing.assert_array_equal(got_arrays[name], ref_arrays[name])
+
+
+def test_a_failed_shard_write_surfaces_and_the_others_commit(tmp_path, monkeypatch):
+    m = manifest()
+    write = CacheWriter._write_shard
+
+    def failing(self, shard, data):
+        if shard == 1:
+            raise OSError("disk full")
+        write(self, shard, data)
+
+    monkeypatch.setattr(CacheWriter, "_write_shard", failing)
+    writer = CacheWriter(tmp_path / "c", m, shard_workers=2)
+    writer.write(jnp.asarray(teacher_logits(range(N))), np.arange(N))
+    with pytest.raises(CacheError, match="background write failed: OSError..disk full"):
+        writer.flush()
+    with pytest.raises(CacheError, match="disk full"):
+        writer.close()
+    assert read_manifest(tmp_path / "c").committed == {0, 2}
+
+
 def test_two_writer_processes_equal_one(tmp_path):
     m = manifest()
     write_shards(tmp_path / "one", m, range(m.num_shards))

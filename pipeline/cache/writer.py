@@ -3,8 +3,11 @@
 The teacher calls :meth:`CacheWriter.write` with a batch of logits ``[B, L, V]`` and the
 sequence indices ``[B]`` they belong to. ``write`` only dispatches the jitted encoder
 (asynchronously on the device) and queues the result; a background thread copies the encoded
-rows into per-shard buffers and, once a shard is complete, writes its arrays, reads their files
-back for the crc32, and writes the shard's commit record last.
+rows into per-shard buffers and, once a shard is complete, hands it to one of ``shard_workers``
+threads, which writes its arrays, reads their files back for the crc32, and writes the shard's
+commit record last. At most ``shard_workers`` complete shards wait or are being written (the
+buffering thread waits for one to finish before handing over another), so memory stays bounded
+when storing, or a budget's cut on the host, is slower than the teacher.
 
 Exactly-once at shard granularity: a shard is visible only through its commit record, which
 exists only after all of its files are durable; a shard being rewritten has its stale files
@@ -29,10 +32,12 @@ naming the sequence and the position.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import threading
 import zlib
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +72,12 @@ def first_flagged(nonfinite: jax.Array, has_nan: jax.Array) -> jax.Array:
                       has_nan[first]]).astype(jnp.int32)
 
 
+def default_shard_workers() -> int:
+    """How many complete shards a CacheWriter writes at once by default: one per CPU core,
+    up to 4."""
+    return min(4, os.cpu_count() or 1)
+
+
 def create_or_join(location: str | dict, manifest: CacheManifest):
     """Write manifest.json if absent (conditionally, so concurrent creators cannot race);
     otherwise require that the existing header equals ``manifest``'s. Returns the kvstore."""
@@ -92,10 +103,12 @@ class CacheWriter:
     this writer declares (commits ignored); an existing cache must have the same header.
     max_queued_batches: encoded batches waiting for the writer thread before ``write`` blocks.
     name: what messages call the sequences' set (e.g. "split train"); default: the location.
+    shard_workers: complete shards written at once (default: :func:`default_shard_workers`).
     """
 
     def __init__(self, location: str | dict, manifest: CacheManifest, *,
-                 max_queued_batches: int = 8, name: str | None = None):
+                 max_queued_batches: int = 8, name: str | None = None,
+                 shard_workers: int | None = None):
         self.location = location
         self.name = name or f"cache {location}"
         self._kvstore = create_or_join(location, manifest)
@@ -105,6 +118,11 @@ class CacheWriter:
         self._arrays = {a.name: open_array(self._root, manifest, a, create=True)
                         for a in self._layout}
         self._committed = {c.shard for c in read_commits(self._kvstore)}
+        self._committed_lock = threading.Lock()  # shard workers add to it
+        workers = shard_workers or default_shard_workers()
+        self._workers = ThreadPoolExecutor(workers, thread_name_prefix="kdpipe-cache-shard")
+        self._max_writes = workers
+        self._writes: list[Future] = []
         self._buffers: dict[int, dict[str, np.ndarray]] = {}
         self._filled: dict[int, np.ndarray] = {}
         self._queue: queue.Queue = queue.Queue(max_queued_batches)
@@ -114,7 +132,8 @@ class CacheWriter:
 
     @property
     def committed_shards(self) -> frozenset[int]:
-        return frozenset(self._committed)
+        with self._committed_lock:
+            return frozenset(self._committed)
 
     def pending_shards(self, shards: Iterable[int]) -> list[int]:
         """Those of ``shards`` not committed when this writer opened or since."""
@@ -172,10 +191,11 @@ class CacheWriter:
     def flush(self) -> None:
         """Wait until every queued batch is in a shard buffer or written."""
         self._queue.join()
+        self._collect_writes(wait=True)
         self._raise_background_error()
 
     def close(self) -> None:
-        """Finish queued work and stop the thread. Incomplete shards stay uncommitted."""
+        """Finish queued work and stop the threads. Incomplete shards stay uncommitted."""
         self._stop_thread()
         self._raise_background_error()
 
@@ -183,6 +203,16 @@ class CacheWriter:
         if self._thread.is_alive():
             self._queue.put(_STOP)
             self._thread.join()
+        self._collect_writes(wait=True)
+        self._workers.shutdown()
+
+    def _collect_writes(self, *, wait: bool, keep: int = 0) -> None:
+        """Forget the finished shard writes (all of them with ``wait``; with ``keep``, wait
+        until at most that many are unfinished), keeping the first error."""
+        while self._writes and (wait or self._writes[0].done() or len(self._writes) > keep):
+            error = self._writes.pop(0).exception()
+            if error is not None and self._error is None:
+                self._error = error
 
     @property
     def incomplete_shards(self) -> list[int]:
@@ -235,7 +265,9 @@ class CacheWriter:
                 self._buffers[shard][name][sequence - start] = a[row]
             self._filled[shard][sequence - start] = True
             if self._filled[shard].all():
-                self._write_shard(shard, self._buffers.pop(shard))
+                self._collect_writes(wait=False, keep=self._max_writes - 1)
+                self._writes.append(self._workers.submit(self._write_shard, shard,
+                                                         self._buffers.pop(shard)))
                 del self._filled[shard]
         if first_bad >= 0:
             sequence = int(indices[good_rows])
@@ -276,4 +308,5 @@ class CacheWriter:
             files.append((name, len(record.value), zlib.crc32(record.value)))
         commit = ShardCommit(shard, tuple(files), fidelity)
         self._kvstore.write(commit_key(shard), json.dumps(commit.to_json()).encode()).result()
-        self._committed.add(shard)
+        with self._committed_lock:
+            self._committed.add(shard)
