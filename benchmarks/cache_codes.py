@@ -44,8 +44,8 @@ def stored_bytes(a: np.ndarray, codec: dict, slot_major: bool) -> int:
 def id_codes(stored: dict[str, np.ndarray], ids: np.ndarray, spec,
              q8: dict[str, np.ndarray]) -> dict[str, float]:
     """Bytes/token of fixed top-k ids and values under several codes. ``stored``: the cache's
-    arrays (``CacheReader.read_stored``, format 4, q8sqrt values), ``ids``: the decoded sorted
-    ids ``[S, L, k]`` of the same sequences, ``spec`` their TargetSpec; ``q8``: the same
+    arrays (``CacheReader.read_stored``, format 4 or later, q8sqrt values), ``ids``: the decoded
+    sorted ids ``[S, L, k]`` of the same sequences, ``spec`` their TargetSpec; ``q8``: the same
     sequences' arrays in the q8 reference cache."""
     import jax.numpy as jnp
 
