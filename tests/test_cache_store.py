@@ -269,6 +269,8 @@ def test_shard_workers_write_the_bytes_of_one(tmp_path):
     for name, workers in (("one", 1), ("three", 3)):
         with CacheWriter(tmp_path / name, m, shard_workers=workers) as writer:
             writer.write(jnp.asarray(teacher_logits(range(N))), np.arange(N))
+            # the same rows again, while their shards may still be being written: dropped
+            writer.write(jnp.asarray(teacher_logits(range(N))), np.arange(N))
     ref_arrays, ref_commits = stored_and_commits(tmp_path / "one", m)
     got_arrays, got_commits = stored_and_commits(tmp_path / "three", m)
     assert got_commits == ref_commits and len(got_commits) == m.num_shards

@@ -19,8 +19,8 @@ A topk shard's commit record also carries the fidelity audit of pipeline/cache/a
 measured on the logits ``write`` sees (deterministic too: the killed-writer guarantee covers it).
 A ``cache.bytes_per_token`` shard is buffered as its tokens' candidates and cut once complete
 (pipeline/cache/budget.py: format 5 shares the budget over the shard), then audited.
-Sequences of already committed shards are dropped; :meth:`CacheWriter.pending_shards` lets
-the teacher loop skip their forward passes altogether.
+Sequences of shards already committed (or being written) are dropped;
+:meth:`CacheWriter.pending_shards` lets the teacher loop skip their forward passes altogether.
 
 Teacher logits that are not finite are refused: ``write`` also dispatches one reduction over
 the batch (``first_nonfinite``), read by the background thread with the encoded rows, so the
@@ -123,6 +123,7 @@ class CacheWriter:
         self._workers = ThreadPoolExecutor(workers, thread_name_prefix="kdpipe-cache-shard")
         self._max_writes = workers
         self._writes: list[Future] = []
+        self._submitted: set[int] = set()  # handed to a worker: later rows of it are dropped
         self._buffers: dict[int, dict[str, np.ndarray]] = {}
         self._filled: dict[int, np.ndarray] = {}
         self._queue: queue.Queue = queue.Queue(max_queued_batches)
@@ -254,7 +255,7 @@ class CacheWriter:
         good_rows = len(indices) if first_bad < 0 else first_bad // self.manifest.seq_len
         for row, sequence in enumerate(indices[:good_rows].tolist()):
             shard = self.manifest.shard_of(sequence)
-            if shard in self._committed:
+            if shard in self._committed or shard in self._submitted:
                 continue
             start, stop = self.manifest.shard_range(shard)
             if shard not in self._buffers:
@@ -268,6 +269,7 @@ class CacheWriter:
                 self._collect_writes(wait=False, keep=self._max_writes - 1)
                 self._writes.append(self._workers.submit(self._write_shard, shard,
                                                          self._buffers.pop(shard)))
+                self._submitted.add(shard)
                 del self._filled[shard]
         if first_bad >= 0:
             sequence = int(indices[good_rows])
