@@ -278,7 +278,7 @@ def test_shard_budget_cache_roundtrip_audit_and_versions_1_to_4_still_read(tmp_p
     assert f"KL(teacher || reconstruction) mean {kl_mean:.4g} nats over {tokens} audited" in printed
     assert f"largest shard p99 {max(a['kl_p99'] for a in audits):.4g}" in printed
     assert "format      version 5" in printed
-    assert "ids per token, <= 14 stored B/token over each shard" in printed
+    assert "1..9 ids per token (<= 14 stored B/token over each shard) log-probs" in printed
     # format 4 kept the budget per sequence: each one's measure within B, the shard's file
     # their sum less one index crc (4 bytes) per array
     v4 = TargetSpec("topk", V, REAL_V, k=K, bytes_per_token=budget_b, min_k=1, format_version=4)
@@ -293,7 +293,7 @@ def test_shard_budget_cache_roundtrip_audit_and_versions_1_to_4_still_read(tmp_p
     assert _on_disk(tmp_path / "v4", v4, 0) == sum(measured) - 4 * len(array_layout(v4))
     _reads_as_encoded(tmp_path / "v4", logits[:2], v4, run)
     assert "format      version 4" in describe(str(tmp_path / "v4"))
-    assert "<= 14 stored B/token over each sequence" in describe(str(tmp_path / "v4"))
+    assert "(<= 14 stored B/token over each sequence)" in describe(str(tmp_path / "v4"))
     # version 3 (q8 values with a per-token scale), version 2 (raw budget, gap lengths + extra
     # bits, slot-major) and version 1 (fixed top-k) caches read unchanged
     v3 = TargetSpec("topk", V, REAL_V, k=5, format_version=3)
@@ -317,7 +317,7 @@ def test_shard_budget_cache_roundtrip_audit_and_versions_1_to_4_still_read(tmp_p
     (tmp_path / "v1" / MANIFEST_KEY).write_text(json.dumps(header))
     run = RunDeclaration("tok", "data", V, L, 1.0)
     assert CacheReader(tmp_path / "v1", run).manifest.format_version == 1
-    assert "<= 18 raw B/token" in describe(str(tmp_path / "v2"))
+    assert "(<= 18 raw B/token over each sequence)" in describe(str(tmp_path / "v2"))
     assert "format      version 3" in describe(str(tmp_path / "f3"))
     for name, old in (("f3", v3), ("v2", v2), ("v1", fixed)):
         _reads_as_encoded(tmp_path / name, short, old, run)

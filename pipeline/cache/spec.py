@@ -182,9 +182,9 @@ class TargetSpec:
         """What is stored per token, in words (``kdpipe inspect``)."""
         kept = (f"{self.min_k}..{self.k} ids per token to mass {self.top_p}"
                  if self.top_p is not None else
-                 f"{self.min_k}..{self.k} ids per token, <= {self.bytes_per_token:g} "
+                 f"{self.min_k}..{self.k} ids per token (<= {self.bytes_per_token:g} "
                  f"{'stored' if self.stored_budget else 'raw'} B/token over each "
-                 f"{'shard' if self.shard_budget else 'sequence'}"
+                 f"{'shard' if self.shard_budget else 'sequence'})"
                  if self.adaptive else f"top-{self.k}")
         return {"topk": f"{kept} log-probs + tail mass",
                 "sampled": f"{self.n_draws} sampled draws (ids + counts) + teacher entropy",
