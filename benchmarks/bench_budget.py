@@ -7,10 +7,12 @@ For each budget B and group size G it cuts the candidates of consecutive groups 
 group written with the cache's own layout), KL(teacher || reconstruction) and captured mass at
 every real token (``audit.candidate_audit``: bytes and KL on the same tokens), the mean k, the
 size probes of the search and the host seconds, then, per G, the bytes at which its budgets
-reach fixed top-64's KL (interpolated), as a ratio to top-64's bytes (shards of 16).
+reach fixed top-64's KL (interpolated), as a ratio to top-64's bytes (in bench_cache.py --real's
+shards).
 
-- default: bench_cache.py's synthetic teacher (``realistic_teacher_logits``), one group of
-  ``--sequences``: the host's cost, and the direction of the gain;
+- default: bench_cache.py's synthetic teacher (``realistic_teacher_logits``), ``--sequences``
+  sequences: the host's cost and the direction of the gain, and a CacheWriter's throughput
+  storing them in shards of ``--writer-shard`` with one shard worker and with the default;
 - ``--real``: the trained teacher of ``bench_cache.py --real`` (its work dir, teacher steps and
   text, reused or trained as that bench does) on the train split of its cached text.
 
@@ -30,15 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cache_real  # noqa: E402
 from bench_cache import (add_teacher_arguments, add_teacher_overrides,  # noqa: E402
                          realistic_teacher_logits)
 
 from pipeline.cache import TargetSpec, audit, budget, compress  # noqa: E402
 from pipeline.cache.writer import default_shard_workers  # noqa: E402
-
-# Fixed top-64's shards (bench_cache.py --real's SHARD_SEQUENCES).
-REFERENCE_SHARD = 16
-
 
 def synthetic_outputs(args) -> tuple[list[np.ndarray], int, float]:
     """bench_cache.py's synthetic teacher logits: ([one [S, L, V] batch], vocab, T_cache)."""
@@ -50,7 +49,6 @@ def synthetic_outputs(args) -> tuple[list[np.ndarray], int, float]:
 def real_outputs(args) -> tuple[list[np.ndarray], int, float, np.ndarray]:
     """The real teacher's logits on the train split, in batches, its tokenizer's vocab, the
     caches' temperature and the real tokens' mask ``[S, L]``."""
-    import cache_real
     from pipeline.data import TokenDataset, prepare_dataset, read_info
     from pipeline.models.build import build_model
     from pipeline.step import TrainState
@@ -66,8 +64,9 @@ def real_outputs(args) -> tuple[list[np.ndarray], int, float, np.ndarray]:
     dataset = TokenDataset(base.data.prepared_dir, "train", vocab_size=teacher.config.vocab_size)
     forward, state = cache_real.teacher_forward(), TrainState.create(teacher)
     rows, batches, masks = info.splits["train"]["num_rows"], [], []
-    for first in range(0, rows, REFERENCE_SHARD):
-        batch = dataset.read_rows(np.arange(first, min(first + REFERENCE_SHARD, rows)))
+    shard = cache_real.SHARD_SEQUENCES
+    for first in range(0, rows, shard):
+        batch = dataset.read_rows(np.arange(first, min(first + shard, rows)))
         batches.append(np.asarray(forward(state, batch), np.float32))
         masks.append(batch["attention_mask"] > 0)
     return batches, info.vocab_size, base.cache_temperature, np.concatenate(masks)
@@ -110,14 +109,14 @@ def cut_in_groups(candidates: dict, spec: TargetSpec, group: int, real: np.ndarr
 
 
 def top64(batches, vocab: int, temperature: float, candidates: dict, real: np.ndarray) -> dict:
-    """Fixed top-64 (the default value code): its bytes in shards of REFERENCE_SHARD, and its
-    KL, that of the candidates' first 64 (the same ids, values and tail)."""
+    """Fixed top-64 (the default value code): its bytes in bench_cache.py --real's shards
+    (``cache_real.SHARD_SEQUENCES``), and its KL, that of the candidates' first 64 (the same
+    ids, values and tail)."""
     spec = TargetSpec("topk", vocab, vocab, k=64, temperature=temperature)
-    stored = encoded(batches, spec)
-    size = sum(budget.stored_bytes({n: a[first:first + REFERENCE_SHARD]
-                                    for n, a in stored.items()}, spec,
-                                   shard_sequences=REFERENCE_SHARD)
-               for first in range(0, len(real), REFERENCE_SHARD))
+    stored, shard = encoded(batches, spec), cache_real.SHARD_SEQUENCES
+    size = sum(budget.stored_bytes({n: a[first:first + shard] for n, a in stored.items()}, spec,
+                                   shard_sequences=shard)
+               for first in range(0, len(real), shard))
     adaptive = TargetSpec("topk", vocab, vocab, k=candidates["cand_ids"].shape[-1], min_k=1,
                           bytes_per_token=1e9, temperature=temperature)
     cut = compress.cut(candidates, np.full(real.shape, 64), adaptive)
@@ -143,15 +142,6 @@ def writer_seconds(candidates: dict, spec: TargetSpec, shard: int, workers: int 
                 writer.write_encoded({n: a[rows] for n, a in candidates.items()}, rows,
                                      np.array([-1, 0], np.int32))
         return time.perf_counter() - start
-
-
-def reaches(points: list[tuple[float, float]], kl: float) -> float | None:
-    """Bytes at which the (bytes, KL) frontier reaches ``kl``, linear between points."""
-    points = sorted(points)
-    for (b0, k0), (b1, k1) in zip(points, points[1:]):
-        if k0 > kl >= k1:
-            return b0 + (b1 - b0) * (k0 - kl) / (k0 - k1)
-    return None
 
 
 def main() -> None:
@@ -205,7 +195,7 @@ def main() -> None:
               f"worker {real.size / one:.0f} tok/s, the default ({default_shard_workers()}) "
               f"{real.size / several:.0f} tok/s: {one / several:.2f}x")
     for g in groups:
-        at = reaches(frontier[g], ref["kl"])
+        at = cache_real.frontier_reaches(frontier[g], ref["kl"])
         print(f"budgets shared over {g} sequences reach top-64's KL "
               + (f"at {at:.1f} B/token: {at / ref['bytes_per_token']:.3f}x its bytes"
                  if at is not None else "outside the budgets measured"))

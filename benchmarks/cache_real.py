@@ -468,6 +468,16 @@ def _on_fixed_frontier(fixed: list[dict], x: float, key: str) -> float | None:
     return float(np.interp(x, xs, ys)) if xs[0] <= x <= xs[-1] else None
 
 
+def frontier_reaches(points: list[tuple[float, float]], kl: float) -> float | None:
+    """Bytes/token at which a (bytes/token, KL) frontier first reaches ``kl``, linear between
+    its points (None: not within them)."""
+    points = sorted(points)
+    for (b0, k0), (b1, k1) in zip(points, points[1:]):
+        if k0 > kl >= k1:
+            return b0 + (b1 - b0) * (k0 - kl) / (k0 - k1)
+    return None
+
+
 def goals(out: dict) -> None:
     """Prints the issue's goals as measured: met or not, with the figures."""
     rows = {r["setting"]: r for r in out["settings"]}
@@ -495,12 +505,10 @@ def goals(out: dict) -> None:
     # tokens the KL is measured on
     for key, basis in (("bytes_per_token", ""), ("held_out_bytes_per_token",
                                                  " on the held-out tokens' own bytes")):
-        points = sorted((r[key], r["kl_mean"]) for r in budgets)
-        for (b0, k0), (b1, k1) in zip(points, points[1:]):
-            if k0 > ref["kl_mean"] >= k1:
-                at = b0 + (b1 - b0) * (k0 - ref["kl_mean"]) / (k0 - k1)
-                print(f"  the budgets' frontier reaches top-64's KL{basis} at {at:.1f} B/token "
-                      f"(interpolated): {at / ref[key]:.2f}x its {ref[key]:.1f}")
+        at = frontier_reaches([(r[key], r["kl_mean"]) for r in budgets], ref["kl_mean"])
+        if at is not None:
+            print(f"  the budgets' frontier reaches top-64's KL{basis} at {at:.1f} B/token "
+                  f"(interpolated): {at / ref[key]:.2f}x its {ref[key]:.1f}")
     for key, what in (("kl_mean", "KL"), ("student_ce_loss", "student CE")):
         if not all(key in r for r in fixed + budgets):
             print(f"  {what}: not measured (no students in this run)")
