@@ -142,7 +142,7 @@ def encode_targets(teacher: TrainState, batch: dict[str, np.ndarray], rows: np.n
     keep other ids than a live row would."""
     encoded = {name: np.asarray(a) for name, a in _run_teacher(teacher, batch, rows, spec)
                .encoded.items()}
-    return encoded if spec.bytes_per_token is None else budget.cut(encoded, spec)
+    return budget.cut(encoded, spec) if spec.cut_on_host else encoded
 
 
 @dataclasses.dataclass(frozen=True)

@@ -113,7 +113,7 @@ def encode_from_hidden(hidden: jax.Array, head: jax.Array, sequence_indices: jax
         lambda s: jnp.zeros((batch, seq_len, *s.shape[2:]), s.dtype), shapes)
     stored, flags = jax.lax.fori_loop(0, -(-seq_len // chunk), body, outputs)
     fidelity = None
-    if spec.mode == "topk" and spec.bytes_per_token is None:
+    if spec.mode == "topk" and not spec.cut_on_host:
         # audit_batch on the audited positions alone audits all of them: the same figures
         positions = audit.audit_positions(seq_len)
         fidelity = audit.audit_batch(logits_of(hidden[:, positions]),

@@ -14,8 +14,9 @@ the teacher is unsure, across tokens and across sequences.
   what a user reads off the disk. Sharing over a shard's S sequences rather than one lets a
   sequence the teacher is sure of lend bytes to one it is not (``bench_cache.py --real``
   measures what it gains on a real teacher's outputs). The shard is a fixed set of
-  sequences, so its bytes never depend on the batching, the devices or which host wrote it. The writer holds a shard's candidates until it is complete: ``shard_sequences * L
-  * k * 8`` bytes (256 sequences of 2,048 tokens at k = 64: 268 MB).
+  sequences, so its bytes never depend on the batching, the devices or which host wrote it.
+  The writer holds a shard's candidates until it is complete: ``shard_sequences * L * k * 8``
+  bytes (256 sequences of 2,048 tokens at k = 64: 268 MB).
 - **Formats 3 and 4**, and **live scoring** (a remote teacher's targets for rows no cache
   holds, ``pipeline.teacher.encode_targets``, where no shard exists): the group is one
   sequence, measured the same way as a one-sequence shard.
@@ -81,21 +82,37 @@ def stored_bytes(stored: dict[str, np.ndarray], spec: TargetSpec, *, shard_seque
     return total
 
 
-def _group_counts(logprobs: np.ndarray, spec: TargetSpec, stored_size) -> np.ndarray:
-    """Ids kept per token ``[S, L]`` of one group (logprobs ``[S, L, k]``): the ``extra`` of
-    :func:`largest_fitting` for the bytes ``stored_size(counts)`` of its cut and a limit of
-    ``B * S * L``, or formats 1 and 2's raw ``extra`` (``stored_size`` None)."""
+def _cut_group(candidates: dict[str, np.ndarray], spec: TargetSpec, shard_sequences: int,
+               chunk_sequences: int) -> dict[str, np.ndarray]:
+    """The stored arrays of one group's candidates ``{name: [S, L, ...]}``: cut at the
+    ``extra`` :func:`largest_fitting` finds for a limit of ``B * S * L`` stored bytes (the
+    group measured as one shard of ``shard_sequences`` and ``chunk_sequences``), or at formats
+    1 and 2's raw ``extra``."""
+    logprobs = candidates["cand_relative"] - candidates["cand_log_total"][..., None]
     ranks = candidate_ranks(logprobs, spec.min_k)
     tokens = logprobs.shape[0] * logprobs.shape[1]
     most = tokens * (spec.k - spec.min_k)
-    if stored_size is None:
+
+    def cut_at(extra: int) -> dict[str, np.ndarray]:
+        return compress.cut(candidates, counts_with_extra(ranks, extra, spec.min_k), spec)
+
+    if not spec.stored_budget:
         per_token, per_id = raw_token_bytes(spec)
         extra = int(tokens * (spec.bytes_per_token - per_token) // per_id) - tokens * spec.min_k
-        return counts_with_extra(ranks, min(extra, most), spec.min_k)
+        return cut_at(min(extra, most))
     limit = int(spec.bytes_per_token * tokens)
-    extra = largest_fitting(lambda e: stored_size(counts_with_extra(ranks, e, spec.min_k)),
-                            limit, most)
-    return counts_with_extra(ranks, extra, spec.min_k)
+    fitted: dict = {}  # the largest extra that fitted so far, and its cut: what is returned
+
+    def stored_size(extra: int) -> int:
+        stored = cut_at(extra)
+        size = stored_bytes(stored, spec, shard_sequences=shard_sequences,
+                            chunk_sequences=chunk_sequences)
+        if size <= limit and extra >= fitted.get("extra", -1):
+            fitted.update(extra=extra, stored=stored)
+        return size
+
+    extra = largest_fitting(stored_size, limit, most)
+    return fitted["stored"] if fitted.get("extra") == extra else cut_at(extra)
 
 
 def largest_fitting(size, limit: int, most: int) -> int:
@@ -146,19 +163,11 @@ def cut(candidates: dict[str, np.ndarray], spec: TargetSpec, *,
     are: a format-5 spec then shares the budget over them. None (live scoring), or a spec of
     format 4 or before: each sequence has its own.
     """
-    logprobs = candidates["cand_relative"] - candidates["cand_log_total"][..., None]
     by_shard = shard is not None and spec.shard_budget
-    groups = [slice(None)] if by_shard else [slice(s, s + 1) for s in range(len(logprobs))]
+    sequences = len(candidates["cand_ids"])
+    groups = [slice(None)] if by_shard else [slice(s, s + 1) for s in range(sequences)]
     shard_sequences, chunk_sequences = shard if by_shard else (1, 1)
-    out = []
-    for group in groups:  # each group cut in a program of its own size, as it was measured
-        part = {name: a[group] for name, a in candidates.items()}
-
-        def stored_size(counts, part=part):
-            return stored_bytes(compress.cut(part, counts, spec), spec,
-                                shard_sequences=shard_sequences,
-                                chunk_sequences=chunk_sequences)
-        counts = _group_counts(logprobs[group], spec,
-                               stored_size if spec.stored_budget else None)
-        out.append(compress.cut(part, counts, spec))
+    # each group cut in a program of its own size, as it was measured
+    out = [_cut_group({name: a[group] for name, a in candidates.items()}, spec,
+                      shard_sequences, chunk_sequences) for group in groups]
     return {name: np.concatenate([o[name] for o in out]) for name in out[0]}

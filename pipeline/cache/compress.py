@@ -187,7 +187,7 @@ def candidate_layout(spec: TargetSpec) -> dict[str, tuple[tuple[int, ...], str]]
 def encoded_layout(spec: TargetSpec) -> dict[str, tuple[tuple[int, ...], str]]:
     """What :func:`encode` gives per token, {name: (trailing shape, dtype)}: the stored arrays
     (``array_layout``), or a ``bytes_per_token`` spec's candidates (:func:`candidate_layout`)."""
-    if spec.bytes_per_token is not None:
+    if spec.cut_on_host:
         return candidate_layout(spec)
     return {a.name: (a.trailing, a.dtype) for a in array_layout(spec)}
 
@@ -209,7 +209,7 @@ def _encode_topk(x: jax.Array, spec: TargetSpec) -> dict[str, jax.Array]:
     kth_weight = jnp.exp(kth - peak)[:, 0]
     tail_mass = tail_mass + left_out_ties * kth_weight
     relative, log_total = top - peak, jnp.log(total)
-    if spec.bytes_per_token is not None:
+    if spec.cut_on_host:
         # sum over the other real ids of p_v (log p_v - c), c = log(their mean probability),
         # term by term: with it the audit's KL of any cut needs no logits (pipeline.cache.audit)
         shift = (jnp.log(tail_mass) - jnp.log(float(spec.tokenizer_vocab_size - spec.k)))[:, None]

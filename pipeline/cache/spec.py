@@ -13,8 +13,9 @@ from pipeline.errors import CacheError
 
 # Version 5: bytes_per_token shared over a shard (pipeline/cache/budget.py). Version 4: topk
 # values default to q8sqrt (pipeline/cache/compress.py). Version 3: the gap code's ids as
-# plain gaps (:func:`gap_dtype`), token-major and byte-shuffled; budgets on stored bytes. Version 2: adaptive top-k (ragged arrays). Version 1: fixed top-k / sampled /
-# full. Arrays of versions 1 to 4 read unchanged (:func:`array_layout`; 5's are 4's).
+# plain gaps (:func:`gap_dtype`), token-major and byte-shuffled; budgets on stored bytes.
+# Version 2: adaptive top-k (ragged arrays). Version 1: fixed top-k / sampled / full. Arrays of
+# versions 1 to 4 read unchanged (:func:`array_layout`; 5's are 4's).
 FORMAT_VERSION = 5
 READABLE_VERSIONS = (1, 2, 3, 4, 5)
 MODES = ("topk", "sampled", "full")
@@ -160,6 +161,13 @@ class TargetSpec:
     def stored_budget(self) -> bool:
         """Whether bytes_per_token bounds stored bytes (format >= 3) rather than raw ones."""
         return self.bytes_per_token is not None and self.format_version >= 3
+
+    @property
+    def cut_on_host(self) -> bool:
+        """Whether the encoder gives the k candidates of every token (``bytes_per_token``:
+        ``compress.candidate_layout``), which ``pipeline.cache.budget.cut`` turns into the
+        stored arrays on the host, and audits there."""
+        return self.bytes_per_token is not None
 
     @property
     def shard_budget(self) -> bool:

@@ -154,7 +154,7 @@ class CacheWriter:
                              f"{list(expected)}, got {list(logits.shape)}")
         target = self.manifest.target
         encoded = compress.encode(logits, indices, target)
-        if target.mode == "topk" and target.bytes_per_token is None:  # else: once cut
+        if target.mode == "topk" and not target.cut_on_host:
             encoded.update(zip(_AUDIT_KEYS, audit.audit_batch(logits, encoded, target)))
         self._queue.put((encoded, indices, first_nonfinite(logits)))
 
@@ -286,7 +286,7 @@ class CacheWriter:
         keys = {a.name: shard_file_key(a, shard) for a in self._layout}
         target = self.manifest.target
         fidelity = None
-        if target.bytes_per_token is not None:
+        if target.cut_on_host:
             candidates = data
             data = budget.cut(candidates, target, shard=(self.manifest.shard_sequences,
                                                          self.manifest.chunk_sequences))
